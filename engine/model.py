@@ -1,0 +1,5 @@
+"""Placeholder: the Model class lands here."""
+
+
+class Model:
+    """A validated ConvNet: spec plus weights."""
