@@ -1,0 +1,17 @@
+PYTHON ?= python3
+
+.PHONY: test lint bench warmup
+
+test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, browser
+	bash scripts/system-deps.sh
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check engine worker service tests bench
+
+bench:
+	$(PYTHON) bench/engine.py
+	$(PYTHON) bench/service.py
+
+warmup:
+	convq warmup
