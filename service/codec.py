@@ -1,0 +1,221 @@
+"""Decode V2 (Open Inference Protocol) inference requests and encode responses.
+
+JSON tensors and the binary tensor extension: a JSON header of Inference-Header-Content-Length
+bytes, then each binary input's raw bytes in input order (its size in parameters.binary_data_size).
+Images are (N, H, W, C) or (N, H, W); datatype UINT8 or FP32, row-major, little-endian.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+
+from .body import json_object
+from .errors import BadRequest
+
+DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+_REQUEST_KEYS = {"id", "inputs", "outputs", "parameters"}
+_INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
+_OUTPUT_KEYS = {"name", "parameters"}
+INPUT_NAME = "input"
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: the images and which outputs to return, and how."""
+
+    images: np.ndarray
+    outputs: list[str] | None = None        # None: the model's default (its last layer)
+    binary: dict[str, bool] = field(default_factory=dict)  # per requested output
+    binary_default: bool | None = None       # request-level binary_data_output
+    id: str | None = None
+
+
+def parse_header_length(value: str | None, body_size: int) -> int | None:
+    """Check Inference-Header-Content-Length against the body size; None when absent."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadRequest("Inference-Header-Content-Length must be an integer",
+                         field="Inference-Header-Content-Length") from None
+    if not 0 < n <= body_size:
+        raise BadRequest(f"Inference-Header-Content-Length {n} is outside the body "
+                         f"({body_size} bytes)", field="Inference-Header-Content-Length")
+    return n
+
+
+def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise BadRequest(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(sorted(allowed))}", field=unknown[0])
+
+
+def _shape(value, where: str) -> tuple[int, ...]:
+    ok = isinstance(value, list) and len(value) in (3, 4) and all(
+        type(d) is int and 0 < d < 1 << 31 for d in value)
+    if not ok:
+        raise BadRequest(f"{where}.shape must be [N, H, W, C] or [N, H, W] of positive integers, "
+                         f"got {json.dumps(value)[:80]}", field="shape")
+    return tuple(value)
+
+
+def _json_data(data, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+    """Turn a (flat or nested) JSON list of numbers into an array of shape and dtype."""
+    if not isinstance(data, list):
+        raise BadRequest(f"{where}.data must be a list of numbers", field="data")
+    try:
+        flat = np.array(data, dtype=object).ravel()
+    except ValueError as e:  # numpy refuses some ragged or over-deep nestings outright
+        raise BadRequest(f"{where}.data is not a regular array: {e}", field="data") from None
+    # A ragged nesting leaves lists inside the object array; numbers only (bool is not a number).
+    for v in flat:
+        if type(v) not in (int, float):
+            raise BadRequest(f"{where}.data must hold numbers only, found {json.dumps(v)[:40]}",
+                             field="data")
+    if flat.size != prod(shape):
+        raise BadRequest(f"{where}.data has {flat.size} values but shape {list(shape)} needs "
+                         f"{prod(shape)}", field="data")
+    if dtype == np.uint8:
+        if any(type(v) is not int or not 0 <= v <= 255 for v in flat):
+            raise BadRequest(f"{where}.data: UINT8 values must be integers 0..255", field="data")
+    values = flat.astype(np.float64)
+    if dtype != np.uint8 and not np.all(np.abs(values) <= np.finfo(np.float32).max):
+        raise BadRequest(f"{where}.data: FP32 values must be finite float32 numbers", field="data")
+    return values.astype(dtype).reshape(shape)
+
+
+def _outputs(value, request: InferRequest) -> None:
+    if not isinstance(value, list):
+        raise BadRequest("outputs must be a list of {name, parameters}", field="outputs")
+    names = []
+    for i, out in enumerate(value):
+        where = f"outputs[{i}]"
+        if not isinstance(out, dict):
+            raise BadRequest(f"{where} must be an object", field="outputs")
+        _check_keys(out, _OUTPUT_KEYS, where)
+        name = out.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"{where}.name must be a layer name", field="name")
+        if name in names:
+            raise BadRequest(f"output {name!r} is requested twice", field="outputs")
+        names.append(name)
+        params = out.get("parameters", {})
+        if not isinstance(params, dict):
+            raise BadRequest(f"{where}.parameters must be an object", field="parameters")
+        if "classification" in params:
+            raise BadRequest("the classification extension is not supported; request the "
+                             "layer itself", field="classification")
+        binary = params.get("binary_data")
+        if binary is not None:
+            if not isinstance(binary, bool):
+                raise BadRequest(f"{where}.parameters.binary_data must be true or false",
+                                 field="binary_data")
+            request.binary[name] = binary
+    request.outputs = names or None
+
+
+def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
+    """Decode a V2 inference request (JSON, or JSON header + binary tensors) into images."""
+    header = body if header_length is None else body[:header_length]
+    blob = memoryview(body)[len(header):]
+    req = json_object(header, "inference request")
+    _check_keys(req, _REQUEST_KEYS, "inference request")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(f"inputs must be a list with one tensor named {INPUT_NAME!r}",
+                         field="inputs")
+    tensor = inputs[0]
+    _check_keys(tensor, _INPUT_KEYS, "inputs[0]")
+    if tensor.get("name") != INPUT_NAME:
+        raise BadRequest(f"the model's input is named {INPUT_NAME!r}, not "
+                         f"{json.dumps(tensor.get('name'))[:40]}", field="name")
+    dtype = DTYPES.get(tensor.get("datatype"))
+    if dtype is None:
+        raise BadRequest(f"datatype must be one of {', '.join(DTYPES)}, not "
+                         f"{json.dumps(tensor.get('datatype'))[:40]}", field="datatype")
+    shape = _shape(tensor.get("shape"), "inputs[0]")
+    params = tensor.get("parameters", {})
+    if not isinstance(params, dict):
+        raise BadRequest("inputs[0].parameters must be an object", field="parameters")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise BadRequest("inputs[0] has both data and binary_data_size", field="data")
+        want = prod(shape) * dtype.itemsize
+        if type(size) is not int or size != want:
+            raise BadRequest(f"inputs[0].binary_data_size is {json.dumps(size)[:20]} but shape "
+                             f"{list(shape)} of {tensor['datatype']} is {want} bytes",
+                             field="binary_data_size")
+        if len(blob) != size:
+            raise BadRequest(f"the body carries {len(blob)} bytes of binary tensor data but "
+                             f"binary_data_size says {size}", field="binary_data_size")
+        images = np.frombuffer(blob, dtype=dtype).reshape(shape)
+    else:
+        if len(blob):
+            raise BadRequest("binary data follows the header but no input declares "
+                             "binary_data_size", field="binary_data_size")
+        if "data" not in tensor:
+            raise BadRequest("inputs[0] needs data or parameters.binary_data_size", field="data")
+        images = _json_data(tensor["data"], shape, dtype, "inputs[0]")
+    request = InferRequest(images=images)
+    if "id" in req:
+        if not isinstance(req["id"], str):
+            raise BadRequest("id must be a string", field="id")
+        request.id = req["id"]
+    if "outputs" in req:
+        _outputs(req["outputs"], request)
+    rparams = req.get("parameters", {})
+    if not isinstance(rparams, dict):
+        raise BadRequest("parameters must be an object", field="parameters")
+    if "binary_data_output" in rparams:
+        if not isinstance(rparams["binary_data_output"], bool):
+            raise BadRequest("parameters.binary_data_output must be true or false",
+                             field="binary_data_output")
+        request.binary_default = rparams["binary_data_output"]
+    return request
+
+
+def npy_payload(npy: bytes) -> tuple[tuple[int, ...], memoryview]:
+    """Return (shape, raw little-endian float32 bytes) of a C-order float32 .npy; no copy."""
+    stream = io.BytesIO(npy)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    if fortran or dtype != np.dtype("<f4"):
+        raise ValueError(f"stored result is {dtype} fortran={fortran}, expected C-order <f4")
+    offset = stream.tell()
+    return shape, memoryview(npy)[offset:]
+
+
+def encode_infer(model: str, version: int, outputs: list[tuple[str, tuple, memoryview]],
+                 binary: set[str], request_id: str | None = None) -> tuple[list, dict]:
+    """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes."""
+    described, tails = [], []
+    for name, shape, raw in outputs:
+        entry = {"name": name, "datatype": "FP32", "shape": list(shape)}
+        if name in binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tails.append(raw)
+        else:
+            entry["data"] = np.frombuffer(raw, dtype="<f4").tolist()
+        described.append(entry)
+    doc = {"model_name": model, "model_version": str(version), "outputs": described}
+    if request_id is not None:
+        doc["id"] = request_id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    headers = {"Content-Length": str(len(head) + sum(len(t) for t in tails))}
+    if tails:
+        headers["Inference-Header-Content-Length"] = str(len(head))
+        headers["Content-Type"] = "application/octet-stream"
+    else:
+        headers["Content-Type"] = "application/json"
+    return [head, *tails], headers

@@ -1,0 +1,34 @@
+"""The service's default settings; each can be overridden by a CONVQ_<NAME> environment variable."""
+
+MAX_CONTENT_LENGTH = 64 * 1024 * 1024
+"""Bytes of one request body (inference and job submissions)."""
+
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+"""Bytes of one model upload request (spec plus weights, base64 included)."""
+
+MAX_IMAGES = 256
+"""Images in one job."""
+
+MAX_PIXELS = 4096 * 4096
+"""Pixels (height x width) of one image; guards against decompression bombs."""
+
+MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
+"""Float32 bytes a job's requested outputs may take, predicted before enqueueing."""
+
+MAX_QUEUE = 1000
+"""Jobs waiting in the queue before submissions get 503 + Retry-After."""
+
+INFER_TIMEOUT = 120.0
+"""Seconds POST .../infer waits for its job before answering 504."""
+
+RETRY_AFTER = 5
+"""Seconds a client is told to wait (Retry-After) when Redis is down or the queue is full."""
+
+API_KEYS = ""
+"""Comma-separated bearer keys; empty means no auth."""
+
+SOCKET_TIMEOUT = 2.0
+"""Seconds a Redis call may take before the API answers 503."""
+
+MODEL_CACHE = 8
+"""Validated models (spec + weights) the API keeps in memory for shape checks."""

@@ -1,0 +1,115 @@
+"""Decode uploaded images (PNG, JPEG, .npy uint8/float32) safely into one (N, H, W, C) batch.
+
+The format comes from the bytes' magic number, not the file name. Pixel counts are checked from
+the header before anything is decoded (decompression bombs); .npy headers are checked against the
+bytes that follow and loaded with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BadRequest, TooLarge, UnsupportedMediaType
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+_NPY = b"\x93NUMPY"
+_NPY_DTYPES = (np.dtype(np.uint8), np.dtype("<f4"))
+
+
+def sniff(data: bytes) -> str | None:
+    """Return "png", "jpeg", "npy" or None from the leading bytes."""
+    for kind, magic in (("png", _PNG), ("jpeg", _JPEG), ("npy", _NPY)):
+        if data.startswith(magic):
+            return kind
+    return None
+
+
+def _check_pixels(h: int, w: int, max_pixels: int, name: str) -> None:
+    if h * w > max_pixels:
+        raise TooLarge(f"{name}: {w}x{h} is {h * w} pixels; the limit is {max_pixels} per image",
+                       field="images")
+
+
+def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes to (H, W, channels) uint8; channels 1 is grey, 3 RGB."""
+    try:
+        # Pillow raises DecompressionBombError past 2x its own cap and warns past 1x; under
+        # warnings-as-errors the warning is raised too, so both are caught below.
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
+            w, h = im.size
+            _check_pixels(h, w, max_pixels, name)
+            im.load()
+            if channels == 1:
+                im = im.convert("L")
+            elif channels == 3:
+                im = im.convert("RGB")
+            elif channels == 4:
+                im = im.convert("RGBA")
+            else:
+                raise BadRequest(f"{name}: the model takes {channels} channels; send .npy "
+                                 "arrays, pictures carry 1, 3 or 4", field="images")
+            array = np.asarray(im, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise TooLarge(f"{name}: {e}", field="images") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadRequest(f"{name}: not a readable PNG/JPEG image ({e})", field="images") from None
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Decode .npy bytes holding (H, W) or (H, W, C) uint8 or float32 to (H, W, C)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = reader(stream)
+    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+        raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
+    if dtype.hasobject or dtype.newbyteorder("<") not in _NPY_DTYPES:
+        raise BadRequest(f"{name}: .npy dtype {dtype} is not accepted; use uint8 or float32",
+                         field="images")
+    if len(shape) not in (2, 3) or any(d < 1 for d in shape):
+        raise BadRequest(f"{name}: .npy shape {shape} is not (H, W) or (H, W, C)", field="images")
+    _check_pixels(shape[0], shape[1], max_pixels, name)
+    need = int(np.prod(shape)) * dtype.itemsize
+    have = len(data) - stream.tell()
+    if have != need:
+        raise BadRequest(f"{name}: .npy header says {shape} {dtype} ({need} bytes) but "
+                         f"{have} bytes follow", field="images")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    array = np.ascontiguousarray(array, dtype=dtype.newbyteorder("="))
+    return array.reshape(shape[0], shape[1], -1)
+
+
+def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode one uploaded file into (H, W, C) uint8 or float32."""
+    kind = sniff(data)
+    if kind == "npy":
+        return _decode_npy(data, name, max_pixels)
+    if kind in ("png", "jpeg"):
+        return _decode_picture(data, name, channels, max_pixels)
+    raise UnsupportedMediaType(f"{name}: not a PNG, JPEG or .npy file", field="images")
+
+
+def stack_images(files: list[tuple[str, bytes]], *, channels: int, max_pixels: int,
+                 max_images: int) -> np.ndarray:
+    """Decode every file and stack them into (N, H, W, C); all must share size and dtype."""
+    if not files:
+        raise BadRequest("send at least one file in the images field", field="images")
+    if len(files) > max_images:
+        raise TooLarge(f"{len(files)} images in one job; the limit is {max_images}",
+                       field="images")
+    arrays = [decode_image(data, name, channels=channels, max_pixels=max_pixels)
+              for name, data in files]
+    first_name, first = files[0][0], arrays[0]
+    for (name, _), array in zip(files, arrays, strict=True):
+        if array.shape != first.shape or array.dtype != first.dtype:
+            raise BadRequest(f"images of one job must share size and dtype: {first_name} is "
+                             f"{first.shape} {first.dtype}, {name} is {array.shape} "
+                             f"{array.dtype}", field="images")
+    return np.stack(arrays)
