@@ -1,5 +1,328 @@
-"""Placeholder: the Model class lands here."""
+"""A validated ConvNet: a checked spec plus its checked weights, run layer by layer on NHWC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from . import ops
+from .errors import InputError, ModelError, ShapeError, WeightsError
+from .spec import MAX_SPEC_BYTES, WEIGHTED, Layer, Spec, parse_spec, parse_spec_json
+from .summary import summarize
+from .weights import load_weights, read_weights, to_ohwi, to_safetensors
+
+OnLayer = Callable[[int, int, str], object]
+
+
+def _expected_shapes(layer: Layer, c: int, out_hw) -> tuple[tuple, tuple]:
+    """Return the (weights, bias) shapes a layer needs in OHWI, None where not yet known."""
+    win, k = layer.window, layer.filters
+    if layer.type == "conv":
+        return (k, win.fh, win.fw, c), (k,)
+    hout, wout = out_hw
+    return (hout, wout, k, win.fh, win.fw, c), (hout, wout, k)
+
+
+def _as_layout(shape: tuple, layout: str) -> tuple:
+    """Show an OHWI shape as the spec's layout would spell it."""
+    if layout == "OIHW" and len(shape) >= 3:
+        return (*shape[:-3], shape[-1], shape[-3], shape[-2])
+    return shape
+
+
+def _matches(shape: tuple, expected: tuple) -> bool:
+    if len(shape) != len(expected):
+        return False
+    return all(e is None or s == e for s, e in zip(shape, expected, strict=True))
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+
+
+def _check_array(layer: Layer, field: str, array, expected: tuple, layout: str) -> np.ndarray:
+    """Return array as float32 OHWI after checking type, shape and finiteness."""
+    name = layer.name
+    if not isinstance(array, np.ndarray):
+        raise WeightsError(
+            f"{name}: {field} must be an array, got {type(array).__name__}", layer=name, field=field
+        )
+    if array.dtype.kind != "f":
+        raise WeightsError(
+            f"{name}: {field} must be float, got {array.dtype}", layer=name, field=field
+        )
+    want = _as_layout(expected, layout) if field == "weights" else expected
+    if not _matches(array.shape, want):
+        raise WeightsError(
+            f"{name}: {field} shape should be {_fmt(want)}"
+            f"{' (' + layout + ')' if field == 'weights' else ''}, got {_fmt(array.shape)}",
+            layer=name,
+            field=field,
+        )
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise WeightsError(
+            f"{name}: {field} holds {bad} non-finite values (NaN or inf)", layer=name, field=field
+        )
+    if field == "weights" and layout == "OIHW":
+        array = to_ohwi(array, layer.type)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+    """Return (float32 OHWI arrays, each local layer's (Hout, Wout)) after checking all of them."""
+    if not isinstance(arrays, Mapping):
+        raise WeightsError(
+            f"weights must be a mapping of name to array, got {type(arrays).__name__}",
+            field="weights",
+        )
+    sizes = spec.shapes(spec.height, spec.width) if spec.height is not None else None
+    needed = {}
+    for layer in spec.layers:
+        if layer.type in WEIGHTED:
+            needed[layer.weights] = (layer, "weights")
+            if layer.bias is not None:
+                needed[layer.bias] = (layer, "bias")
+    for key, (layer, field) in needed.items():
+        if key not in arrays:
+            have = ", ".join(sorted(map(str, arrays))[:10]) or "none"
+            raise WeightsError(
+                f"{layer.name}: {field} array {key!r} is missing (the file has: {have})",
+                layer=layer.name,
+                field=field,
+            )
+    extra = sorted(str(k) for k in arrays if k not in needed)
+    if extra:
+        raise WeightsError(
+            f"weights hold arrays no layer uses: {', '.join(extra[:10])}", field="weights"
+        )
+    out, local_hw = {}, {}
+    for i, (layer, c) in enumerate(zip(spec.layers, spec.channels_in(), strict=True)):
+        if layer.type not in WEIGHTED:
+            continue
+        hw = (sizes[i][0], sizes[i][1]) if sizes else (None, None)
+        w_shape, b_shape = _expected_shapes(layer, c, hw)
+        out[layer.weights] = _check_array(
+            layer, "weights", arrays[layer.weights], w_shape, spec.layout
+        )
+        if layer.type == "local":
+            hw = out[layer.weights].shape[:2]
+            local_hw[layer.name] = hw
+            b_shape = (*hw, layer.filters)
+        if layer.bias is not None:
+            out[layer.bias] = _check_array(layer, "bias", arrays[layer.bias], b_shape, spec.layout)
+    return out, local_hw
 
 
 class Model:
-    """A validated ConvNet: spec plus weights."""
+    """A validated ConvNet: spec plus weights (held as float32, OHWI)."""
+
+    def __init__(self, spec: Spec, arrays: Mapping[str, np.ndarray]):
+        self._spec = spec
+        self._arrays, self._local_hw = _check_arrays(spec, arrays)
+
+    @classmethod
+    def from_arrays(cls, spec: dict | Spec, arrays: Mapping[str, np.ndarray]) -> Model:
+        """Build a model from a spec dict and {name: ndarray}."""
+        return cls(spec if isinstance(spec, Spec) else parse_spec(spec), arrays)
+
+    @classmethod
+    def load(cls, spec_path, weights_path) -> Model:
+        """Load spec.json and its .npz or .safetensors weights from disk."""
+        try:
+            if os.path.getsize(spec_path) > MAX_SPEC_BYTES:
+                raise ModelError(
+                    f"{spec_path}: over the {MAX_SPEC_BYTES}-byte spec limit", field="spec"
+                )
+            with open(spec_path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise ModelError(
+                f"cannot read spec {spec_path}: {err.strerror or err}", field="spec"
+            ) from None
+        spec = parse_spec(parse_spec_json(raw))  # check the spec before reading big weights
+        return cls(spec, load_weights(weights_path))
+
+    @classmethod
+    def from_bytes(cls, spec, weights: bytes, filename: str = "weights.npz") -> Model:
+        """Build a model from uploaded spec JSON (bytes, str or dict) and weight file bytes."""
+        parsed = parse_spec(parse_spec_json(spec))
+        return cls(parsed, read_weights(weights, filename))
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def spec(self) -> dict:
+        """The normalised spec as held: layout is always OHWI (weights were converted at load)."""
+        out = self._spec.to_dict()
+        out["layout"] = "OHWI"
+        return out
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._spec.layers]
+
+    @property
+    def input_shape(self) -> tuple[int | None, int | None, int]:
+        """(H, W, C), or (None, None, C) when the spec declares no input size."""
+        return self._spec.height, self._spec.width, self._spec.channels
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Return the weights as held ({name: float32 OHWI array}); do not modify them."""
+        return dict(self._arrays)
+
+    def output_shapes(self, h: int, w: int) -> dict[str, tuple[int, int, int]]:
+        """Return {layer: (Hout, Wout, K)} for h x w images; ShapeError when they do not fit."""
+        shapes = self._spec.shapes(h, w)
+        for layer, shape in zip(self._spec.layers, shapes, strict=True):
+            want = self._local_hw.get(layer.name)
+            if want is not None and tuple(want) != shape[:2]:
+                raise ShapeError(
+                    f"{layer.name}: local weights are for a {want[0]}x{want[1]} output, "
+                    f"but a {h}x{w} input gives "
+                    f"{shape[0]}x{shape[1]}",
+                    layer=layer.name,
+                    field="weights",
+                )
+        return dict(zip(self.layer_names, shapes, strict=True))
+
+    def output_bytes(self, n: int, h: int, w: int, outputs=None) -> int:
+        """Return the float32 bytes the requested outputs take for n images of h x w."""
+        shapes = self.output_shapes(h, w)
+        return sum(4 * n * int(np.prod(shapes[name])) for name in self.resolve_outputs(outputs))
+
+    def resolve_outputs(self, outputs=None) -> list[str]:
+        """Return layer names: None -> [last], "all" -> every layer, a name or list -> checked."""
+        names = self.layer_names
+        if outputs is None:
+            return [names[-1]]
+        if outputs == "all":
+            return list(names)
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(outputs, (list, tuple)) or not outputs:
+            raise ModelError(
+                "outputs must be a layer name, a non-empty list of them, or 'all'", field="outputs"
+            )
+        for out in outputs:
+            if out not in names:
+                raise ModelError(
+                    f"unknown output {out!r}; layers are: {', '.join(names)}", field="outputs"
+                )
+        return list(dict.fromkeys(outputs))
+
+    def summary(self, h: int | None = None, w: int | None = None) -> list[dict]:
+        """Return one row per layer (engine.summary.summarize) for h x w or the declared input."""
+        if h is None or w is None:
+            h, w = self._spec.height, self._spec.width
+        if h is not None:
+            self.output_shapes(h, w)
+        return summarize(self._spec, h, w, local_hw=self._local_hw)
+
+    def to_safetensors(self) -> bytes:
+        """Return the weights (float32, OHWI) as safetensors bytes."""
+        return to_safetensors(self._arrays)
+
+    def prepare(self, images) -> np.ndarray:
+        """Return images as float32 (N, H, W, C): uint8 preprocessed by the spec, float32 as is."""
+        if not isinstance(images, np.ndarray):
+            raise InputError(
+                f"images must be a numpy array, got {type(images).__name__}", field="input"
+            )
+        if images.dtype not in (np.uint8, np.float32):
+            raise InputError(
+                f"images must be uint8 (preprocessed) or float32 (as is), got {images.dtype}",
+                field="input",
+            )
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or 0 in images.shape:
+            raise InputError(
+                f"images must be (N, H, W, C) or (N, H, W) and non-empty, got shape {images.shape}",
+                field="input",
+            )
+        h, w, c = self.input_shape
+        if images.shape[3] != c:
+            hint = " (convert grey images to RGB first)" if images.shape[3] == 1 else ""
+            raise InputError(
+                f"images have {images.shape[3]} channels; the model takes {c}{hint}", field="input"
+            )
+        if h is not None and images.shape[1:3] != (h, w):
+            raise InputError(
+                f"images are {images.shape[1]}x{images.shape[2]}; the model takes {h}x{w}",
+                field="input",
+            )
+        if images.dtype == np.float32:
+            if not np.isfinite(images).all():
+                raise InputError("float images hold NaN or inf values", field="input")
+            return images
+        p = self._spec.preprocess
+        x = images.astype(np.float32)
+        x *= np.float32(p.scale)
+        x -= np.asarray(p.mean, np.float32)
+        x /= np.asarray(p.std, np.float32)
+        return x
+
+    def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
+        """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.
+
+        Only the requested outputs are kept; layers past the last requested one are not run.
+        on_layer(i, n, name) is called before layer i (0-based) of the n layers this run computes;
+        it may raise to abort the run.
+        """
+        wanted = self.resolve_outputs(outputs)
+        x = self.prepare(images)
+        try:
+            self.output_shapes(x.shape[1], x.shape[2])
+        except ShapeError as err:
+            raise InputError(
+                f"images of {x.shape[1]}x{x.shape[2]} do not fit: {err.message}",
+                layer=err.layer,
+                field=err.field,
+            ) from None
+        layers = self._spec.layers
+        n = max(self.layer_names.index(name) for name in wanted) + 1
+        results: dict[str, np.ndarray] = {}
+        i = 0
+        while i < n:
+            layer = layers[i]
+            if on_layer is not None:
+                on_layer(i, n, layer.name)
+            # Fold a following ReLU into the conv's epilogue unless the conv's own output is wanted.
+            fuse = (
+                layer.type in WEIGHTED
+                and i + 1 < n
+                and layers[i + 1].type == "relu"
+                and layer.name not in wanted
+            )
+            x = self._apply(layer, x, relu=fuse)
+            if fuse:
+                i += 1
+                if on_layer is not None:
+                    on_layer(i, n, layers[i].name)
+            if layers[i].name in wanted:
+                results[layers[i].name] = x
+            i += 1
+        return {name: results[name] for name in wanted}
+
+    def _apply(self, layer: Layer, x: np.ndarray, *, relu: bool = False) -> np.ndarray:
+        """Run one layer through the fast path."""
+        win = layer.window
+        if layer.type == "relu":
+            return ops.relu(x)
+        stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
+        size = (win.fh, win.fw)
+        if layer.type == "maxpool":
+            return ops.max_pool2d(x, size, stride, pad, dilation)
+        if layer.type == "avgpool":
+            return ops.avg_pool2d(x, size, stride, pad, count_pad=layer.count_pad)
+        fn = ops.conv2d if layer.type == "conv" else ops.local2d
+        bias = self._arrays[layer.bias] if layer.bias is not None else None
+        return fn(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, layers={self.layer_names})"
