@@ -1,26 +1,204 @@
-"""Fast-path layers (placeholder: delegates to the reference until the Numba kernels land)."""
+"""Fast-path layers: the same arguments and results as engine.reference, computed by Numba kernels.
 
-from .reference import avg_pool2d_reference as avg_pool2d
-from .reference import conv2d_reference as conv2d
-from .reference import local2d_reference as local2d
-from .reference import max_pool2d_reference as max_pool2d
-from .reference import relu_reference as relu
+x is (N, H, W, C) float32 NHWC; conv weights w are (K, FH, FW, C) (OHWI) with bias (K,); local
+weights are (Hout, Wout, K, FH, FW, C) with bias (Hout, Wout, K). stride and dilation are an int
+or (h, w); pad an int, (h, w) or (top, left, bottom, right). Output sizes floor like PyTorch:
+Hout = (H + top + bottom - DH*(FH-1) - 1)//SH + 1. Every function matches its *_reference to
+float32 rounding (tests/unit/test_ops*.py); threading is explained in engine._threads.
+"""
 
-_threads = 1
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import _conv, _pool, _threads
+from ._threads import get_threads, set_threads
+from .errors import InputError, ShapeError
+from .geometry import Window
+
+# Rows of im2col packed per tile: tile_bytes / (Kc * 4), so a tile's columns stay in L2 whatever
+# Kc is; measured in bench/engine.py (see bench/README.md).
+TILE_BYTES = 512 * 1024
+MIN_TILE_ROWS = 16
+LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
+
+_workspace = threading.local()
 
 
-def set_threads(n: int) -> None:
-    """Set how many threads the kernels use."""
-    global _threads
-    _threads = n
+def _columns(nthreads: int, rows: int, width: int) -> np.ndarray:
+    """Return a reused (nthreads, rows, width) float32 buffer, one slot per thread (trap 2)."""
+    need = nthreads * rows * width
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.size < need:
+        buf = np.empty(max(need, 1), np.float32)
+        _workspace.buf = buf
+    return buf[:need].reshape(nthreads, rows, width)
 
 
-def get_threads() -> int:
-    return _threads
+def _input(x, name: str = "x") -> np.ndarray:
+    """Return x as C-contiguous float32 (N, H, W, C), or raise InputError naming the field."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise InputError(f"{name} must be a float32 array, got dtype {arr.dtype}", field=name)
+    if arr.ndim != 4:
+        raise InputError(
+            f"{name} must be 4-d (N, H, W, C), got shape {arr.shape}", field=name
+        )
+    if arr.shape[3] == 0:
+        raise InputError(f"{name} has no channels: shape {arr.shape}", field=name)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _param(value, shape: tuple, name: str) -> np.ndarray:
+    """Return weights/bias as C-contiguous float32 of the given shape, or raise ShapeError."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiub":
+        raise ShapeError(f"{name} must be a float32 array, got dtype {arr.dtype}", field=name)
+    if arr.shape != shape:
+        raise ShapeError(f"{name} must have shape {shape}, got {arr.shape}", field=name)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _weights(w, ndim: int, layout: str) -> np.ndarray:
+    arr = np.asarray(w)
+    if arr.ndim != ndim:
+        raise ShapeError(f"w must be {ndim}-d {layout}, got shape {arr.shape}", field="w")
+    if 0 in arr.shape:
+        raise ShapeError(f"w has an empty axis: shape {arr.shape}", field="w")
+    return _param(arr, arr.shape, "w")
+
+
+def _channels(x: np.ndarray, c: int) -> None:
+    if x.shape[3] != c:
+        raise ShapeError(
+            f"x has {x.shape[3]} channels but w expects {c} (the last axis of both)", field="w"
+        )
+
+
+def _tile_rows(m: int, width: int, nthreads: int) -> int:
+    """Pick rows per tile: about TILE_BYTES of columns, and at least one tile per thread."""
+    rows = max(MIN_TILE_ROWS, TILE_BYTES // (4 * width))
+    per_thread = -(-m // nthreads)
+    return max(1, min(rows, per_thread))
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
+    """Convolve x (N, H, W, C) with w (K, FH, FW, C) plus b (K,); return (N, Hout, Wout, K).
+
+    Matches conv2d_reference. With relu=True the ReLU is applied in the same pass.
+    """
+    x = _input(x)
+    w = _weights(w, 4, "(K, FH, FW, C)")
+    k, fh, fw, c = w.shape
+    _channels(x, c)
+    bias = np.zeros(k, np.float32) if b is None else _param(b, (k,), "b")
+    win = Window.make([fh, fw], stride, pad, dilation)
+    n, h, w_in, _ = x.shape
+    hout, wout = win.out_hw(h, w_in)
+    out = np.empty((n, hout, wout, k), np.float32)
+    m = n * hout * wout
+    if m == 0:
+        return out
+    nthreads = _threads.enter()
+    wmat = np.ascontiguousarray(w.reshape(k, fh * fw * c).T)
+    out2d = out.reshape(m, k)
+    if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
+        tile = _tile_rows(m, c, nthreads)
+        _conv.conv_pointwise(x.reshape(m, c), wmat, bias, out2d, nthreads, tile, bool(relu))
+        return out
+    width = fh * fw * c
+    tile = _tile_rows(m, width, nthreads)
+    cols = _columns(nthreads, tile, width)
+    _conv.conv_im2col(
+        x, wmat, bias, out2d, cols, tile, hout, wout, fh, fw,
+        win.sh, win.sw, win.dh, win.dw, win.top, win.left, bool(relu),
+    )
+    return out
+
+
+def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
+    """Locally-connected layer: w (Hout, Wout, K, FH, FW, C) unshared, b (Hout, Wout, K).
+
+    Matches local2d_reference; returns (N, Hout, Wout, K).
+    """
+    x = _input(x)
+    w = _weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
+    hout, wout, k, fh, fw, c = w.shape
+    _channels(x, c)
+    bias = np.zeros((hout, wout, k), np.float32) if b is None else _param(b, (hout, wout, k), "b")
+    win = Window.make([fh, fw], stride, pad, dilation)
+    got = win.out_hw(x.shape[1], x.shape[2])
+    if got != (hout, wout):
+        raise ShapeError(
+            f"w is for a {hout}x{wout} output but x ({x.shape[1]}x{x.shape[2]}) gives "
+            f"{got[0]}x{got[1]} with this window",
+            field="w",
+        )
+    n = x.shape[0]
+    out = np.empty((n, hout, wout, k), np.float32)
+    if n == 0:
+        return out
+    nthreads = _threads.enter()
+    width = fh * fw * c
+    cols = _columns(nthreads, min(n, LOCAL_BLOCK), width)
+    _conv.local_gemm(
+        x, w.reshape(hout, wout, k, width), bias, out, cols, fh, fw,
+        win.sh, win.sw, win.dh, win.dw, win.top, win.left, bool(relu),
+    )
+    return out
+
+
+def max_pool2d(x, size, stride=None, pad=0, dilation=1) -> np.ndarray:
+    """Max over each window of x (N, H, W, C), pads as -inf; matches max_pool2d_reference."""
+    x = _input(x)
+    win = Window.make(size, size if stride is None else stride, pad, dilation)
+    hout, wout = win.out_hw(x.shape[1], x.shape[2])
+    out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
+    if out.size:
+        _threads.enter()
+        _pool.max_pool(x, out, win.fh, win.fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
+    return out
+
+
+def avg_pool2d(x, size, stride=None, pad=0, count_pad=False) -> np.ndarray:
+    """Mean over each window of x (N, H, W, C); pads leave the divisor unless count_pad."""
+    x = _input(x)
+    win = Window.make(size, size if stride is None else stride, pad)
+    hout, wout = win.out_hw(x.shape[1], x.shape[2])
+    out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
+    if out.size:
+        _threads.enter()
+        _pool.avg_pool(x, out, win.fh, win.fw, win.sh, win.sw, win.top, win.left, bool(count_pad))
+    return out
+
+
+def relu(x) -> np.ndarray:
+    """max(x, 0) elementwise into a new array (any shape); matches relu_reference."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise InputError(f"x must be a float32 array, got dtype {arr.dtype}", field="x")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    out = np.empty_like(arr)
+    if arr.size:
+        _threads.enter()
+        _pool.relu_flat(arr.reshape(-1), out.reshape(-1))
+    return out
 
 
 def warmup() -> None:
-    """Compile (or load from cache) every kernel."""
+    """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+    conv2d(x, np.ones((2, 3, 3, 2), np.float32), stride=2, pad=1, relu=True)
+    conv2d(x, np.ones((2, 1, 1, 2), np.float32))
+    local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
+    max_pool2d(x, 3, 2)
+    avg_pool2d(x, 3, 2)
+    relu(x)
 
 
-__all__ = ["avg_pool2d", "conv2d", "local2d", "max_pool2d", "relu", "set_threads", "get_threads", "warmup"]
+__all__ = [
+    "avg_pool2d", "conv2d", "local2d", "max_pool2d", "relu", "set_threads", "get_threads", "warmup",
+]

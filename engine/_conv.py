@@ -1,0 +1,128 @@
+"""Numba kernels for conv: tiled im2col + per-tile GEMM, bias and ReLU in the tile's epilogue.
+
+Shapes (NHWC, float32): x (N, H, W, C); wmat (FH*FW*C, K), the OHWI weights flattened and
+transposed once; bias (K,); out2d (N*Hout*Wout, K), the output viewed as one row per position.
+Row r of the virtual im2col matrix is position (n, y, x) = divmod chain of r, its columns ordered
+(fy, fx, c) like the weights. Work is split into tiles of `tile` rows; thread t takes tiles t,
+t+T, t+2T, ... and packs each into its own slot cols[t] (T, tile, FH*FW*C) of a workspace the
+caller owns and reuses, so the column buffer is T*tile*Kc floats whatever N is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _epilogue(o, bias, relu):
+    """Add bias to every row of an (m, K) tile and, when asked, clamp it at 0 (NaN stays NaN)."""
+    m, k = o.shape
+    for r in range(m):
+        for j in range(k):
+            v = o[r, j] + bias[j]
+            if relu and v < 0.0:
+                v = 0.0
+            o[r, j] = v
+
+
+@njit(cache=True, inline="always")
+def _pack(x, buf, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left):
+    """Write im2col rows r0..r1 into buf (r1-r0, FH*FW*C), zeros where the window is padding."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    per_image = hout * wout
+    run = fw * c  # one window row: contiguous in x when dilation is 1 and it is inside the image
+    for r in range(r0, r1):
+        n = r // per_image
+        rem = r - n * per_image
+        y = rem // wout
+        xo = rem - y * wout
+        row = buf[r - r0]
+        iy0 = y * sh - top
+        ix0 = xo * sw - left
+        inside_x = dw == 1 and ix0 >= 0 and ix0 + fw <= w
+        for fy in range(fh):
+            iy = iy0 + fy * dh
+            j0 = fy * run
+            if iy < 0 or iy >= h:
+                row[j0 : j0 + run] = 0.0
+            elif inside_x:
+                src = x[n, iy]
+                for fx in range(fw):
+                    row[j0 + fx * c : j0 + (fx + 1) * c] = src[ix0 + fx]
+            else:
+                src = x[n, iy]
+                for fx in range(fw):
+                    ix = ix0 + fx * dw
+                    j = j0 + fx * c
+                    if ix < 0 or ix >= w:
+                        row[j : j + c] = 0.0
+                    else:
+                        row[j : j + c] = src[ix]
+
+
+@njit(parallel=True, cache=True)
+def conv_im2col(
+    x, wmat, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
+):
+    """Fill out2d (N*Hout*Wout, K) with conv(x) + bias, packing one tile of im2col at a time."""
+    m = out2d.shape[0]
+    nthreads = cols.shape[0]
+    ntiles = (m + tile - 1) // tile
+    for t in prange(nthreads):
+        slot = cols[t]
+        for i in range(t, ntiles, nthreads):
+            r0 = i * tile
+            r1 = min(m, r0 + tile)
+            buf = slot[: r1 - r0]
+            _pack(x, buf, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
+            o = out2d[r0:r1]
+            np.dot(buf, wmat, o)
+            _epilogue(o, bias, relu)
+
+
+@njit(parallel=True, cache=True)
+def conv_pointwise(x2d, wmat, bias, out2d, nthreads, tile, relu):
+    """1x1, stride 1, no pad: out2d (M, K) = x2d (M, C) @ wmat (C, K) + bias, no im2col at all."""
+    m = out2d.shape[0]
+    ntiles = (m + tile - 1) // tile
+    for t in prange(nthreads):
+        for i in range(t, ntiles, nthreads):
+            r0 = i * tile
+            r1 = min(m, r0 + tile)
+            o = out2d[r0:r1]
+            np.dot(x2d[r0:r1], wmat, o)
+            _epilogue(o, bias, relu)
+
+
+@njit(parallel=True, cache=True)
+def local_gemm(x, w2d, bias, out, cols, fh, fw, sh, sw, dh, dw, top, left, relu):
+    """Locally-connected: out (N, Hout, Wout, K) from w2d (Hout, Wout, K, Kc), bias (Hout, Wout, K).
+
+    Each output position has its own (K, Kc) weights, so the GEMM is per position: the patches of
+    a block of images (cols[t] holds up to `block` of them) times that position's weights.
+    """
+    n_img, hout, wout, k = out.shape
+    nthreads, block = cols.shape[0], cols.shape[1]
+    positions = hout * wout
+    for t in prange(nthreads):
+        slot = cols[t]
+        res = np.empty((block, k), np.float32)
+        for p in range(t, positions, nthreads):
+            y = p // wout
+            xo = p - y * wout
+            wt = w2d[y, xo].T  # (Kc, K), F-contiguous: np.dot reads it as a transposed GEMM
+            for n0 in range(0, n_img, block):
+                n1 = min(n_img, n0 + block)
+                for n in range(n0, n1):
+                    r = (n * hout + y) * wout + xo
+                    _pack(x, slot[n - n0 : n - n0 + 1], r, r + 1, hout, wout,
+                          fh, fw, sh, sw, dh, dw, top, left)
+                tmp = res[: n1 - n0]
+                np.dot(slot[: n1 - n0], wt, tmp)
+                for n in range(n0, n1):
+                    for j in range(k):
+                        v = tmp[n - n0, j] + bias[y, xo, j]
+                        if relu and v < 0.0:
+                            v = 0.0
+                        out[n, y, xo, j] = v

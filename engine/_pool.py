@@ -1,0 +1,74 @@
+"""Numba kernels for pooling and ReLU, parallel over output rows, vectorised over channels.
+
+x is (N, H, W, C) float32, out is (N, Hout, Wout, C); window geometry as in engine.geometry.
+Windows are clipped to the image instead of padding it: a max over the clipped window equals a
+max with -inf pads, and an average divides by the clipped count (or FH*FW with count_pad).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def max_pool(x, out, fh, fw, sh, sw, dh, dw, top, left):
+    """Fill out with the max of each window; an all-padding window gives -inf."""
+    n_img, h, w, c = x.shape
+    hout, wout = out.shape[1], out.shape[2]
+    for row in prange(n_img * hout):
+        n = row // hout
+        y = row - n * hout
+        iy0 = y * sh - top
+        for xo in range(wout):
+            ix0 = xo * sw - left
+            acc = out[n, y, xo]
+            acc[:] = -np.inf
+            for fy in range(fh):
+                iy = iy0 + fy * dh
+                if iy < 0 or iy >= h:
+                    continue
+                for fx in range(fw):
+                    ix = ix0 + fx * dw
+                    if ix < 0 or ix >= w:
+                        continue
+                    src = x[n, iy, ix]
+                    for ch in range(c):
+                        # `v > acc` alone would let a NaN lose; PyTorch and the reference keep it
+                        v = src[ch]
+                        if v > acc[ch] or v != v:
+                            acc[ch] = v
+
+
+@njit(parallel=True, cache=True)
+def avg_pool(x, out, fh, fw, sh, sw, top, left, count_pad):
+    """Fill out with the mean of each window, over FH*FW (count_pad) or the in-image cells."""
+    n_img, h, w, c = x.shape
+    hout, wout = out.shape[1], out.shape[2]
+    for row in prange(n_img * hout):
+        n = row // hout
+        y = row - n * hout
+        iy0 = y * sh - top
+        y_lo, y_hi = max(iy0, 0), min(iy0 + fh, h)
+        for xo in range(wout):
+            ix0 = xo * sw - left
+            x_lo, x_hi = max(ix0, 0), min(ix0 + fw, w)
+            acc = out[n, y, xo]
+            acc[:] = 0.0
+            for iy in range(y_lo, y_hi):
+                for ix in range(x_lo, x_hi):
+                    src = x[n, iy, ix]
+                    for ch in range(c):
+                        acc[ch] += src[ch]
+            count = fh * fw if count_pad else max(1, (y_hi - y_lo) * (x_hi - x_lo))
+            scale = np.float32(1.0 / count)
+            for ch in range(c):
+                acc[ch] *= scale
+
+
+@njit(parallel=True, cache=True)
+def relu_flat(x, out):
+    """out = x where x > 0 else 0 over flat arrays (NaN -> 0, like the reference)."""
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = v if v > 0.0 else np.float32(0.0)

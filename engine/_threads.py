@@ -1,0 +1,85 @@
+"""Who owns the cores: Numba's thread pool does, and BLAS runs single-threaded inside it.
+
+Decision (PERF-NOTES trap 1): every kernel splits its work into per-thread tiles with `prange`,
+and each tile's GEMM is one single-threaded sgemm call (Numba's `np.dot` -> SciPy's OpenBLAS).
+So only one pool of threads ever runs: Numba's. OpenBLAS's own threads never wake, and Numba's
+OpenMP workers are told to sleep (not spin) once a parallel loop ends, so they leave the cores to
+whatever runs between layers — other worker processes, NumPy in the service. Measured on 2 cores
+(bench/engine.py): 2 tiles x 1-thread sgemm reach what one 2-thread sgemm reaches on the same
+matrices (~190 GFLOP/s with OPENBLAS_CORETYPE=Haswell), without the ~ms hand-over between pools.
+
+`set_threads(n)` caps both Numba's tiles and the workspace slots; Numba's own setting is
+thread-local, so each op re-applies it before launching a kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+# Read by libgomp when Numba's OpenMP pool first starts, so it must be set before any kernel
+# runs; an explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+
+_state = {"threads": numba.config.NUMBA_NUM_THREADS, "blas_single": False}
+
+
+def max_threads() -> int:
+    """Return the most threads a kernel can use (NUMBA_NUM_THREADS, by default the core count)."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def set_threads(n: int) -> int:
+    """Set how many threads every kernel uses, clamped to [1, max_threads()]; return the count."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"threads must be an int, got {n!r}")
+    _state["threads"] = max(1, min(n, max_threads()))
+    return _state["threads"]
+
+
+def get_threads() -> int:
+    """Return how many threads every kernel uses."""
+    return _state["threads"]
+
+
+def _scipy_openblas() -> ctypes.CDLL | None:
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba's np.dot calls)
+
+    with open("/proc/self/maps") as maps:
+        # NumPy ships its own OpenBLAS (libscipy_openblas64_ under numpy.libs); leave that one be
+        paths = {ln.split()[-1] for ln in maps if "scipy_openblas" in ln and "numpy" not in ln}
+    if not paths:
+        import scipy
+
+        root = os.path.dirname(os.path.dirname(scipy.__file__))
+        paths = set(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so")))
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def single_threaded_blas() -> None:
+    """Make the BLAS under Numba's np.dot run in the calling thread (once per process)."""
+    if _state["blas_single"]:
+        return
+    _state["blas_single"] = True
+    lib = _scipy_openblas()
+    for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+        fn = getattr(lib, name, None) if lib is not None else None
+        if fn is not None:
+            fn(1)
+            return
+
+
+def enter() -> int:
+    """Apply the thread settings for a kernel launched from this thread; return the count."""
+    single_threaded_blas()
+    n = _state["threads"]
+    numba.set_num_threads(n)
+    return n
