@@ -1,0 +1,59 @@
+"""Worker settings, read once from the environment into a frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import defaults
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker (and the service's queue side) needs to know; times in seconds."""
+
+    redis_url: str | None = None
+    queue: str = defaults.QUEUE_NAME
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    job_timeout: int = defaults.JOB_TIMEOUT
+    result_ttl: int = defaults.RESULT_TTL
+    input_ttl: int = defaults.INPUT_TTL
+    model_cache_bytes: int = defaults.MODEL_CACHE_BYTES
+    retries: int = defaults.RETRIES
+    heartbeat: int = defaults.HEARTBEAT_SECONDS
+    heartbeat_grace: int = defaults.HEARTBEAT_GRACE
+    maintenance_interval: int = defaults.MAINTENANCE_SECONDS
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Settings:
+        """Read REDIS_URL and the CONVQ_* variables; anything unset keeps its default."""
+        env = dict(os.environ if env is None else env)
+        return cls(
+            redis_url=env.get("REDIS_URL") or None,
+            queue=env.get("CONVQ_QUEUE") or defaults.QUEUE_NAME,
+            threads=max(1, _int(env, "CONVQ_THREADS", os.cpu_count() or 1)),
+            job_timeout=max(1, _int(env, "CONVQ_JOB_TIMEOUT", defaults.JOB_TIMEOUT)),
+            result_ttl=max(1, _int(env, "CONVQ_RESULT_TTL", defaults.RESULT_TTL)),
+            input_ttl=max(1, _int(env, "CONVQ_INPUT_TTL", defaults.INPUT_TTL)),
+            model_cache_bytes=_int(env, "CONVQ_MODEL_CACHE_BYTES", defaults.MODEL_CACHE_BYTES),
+            retries=_int(env, "CONVQ_RETRIES", defaults.RETRIES),
+            heartbeat=max(1, _int(env, "CONVQ_HEARTBEAT", defaults.HEARTBEAT_SECONDS)),
+            heartbeat_grace=max(1, _int(env, "CONVQ_HEARTBEAT_GRACE", defaults.HEARTBEAT_GRACE)),
+            maintenance_interval=max(
+                1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)),
+            log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
+        )

@@ -1,0 +1,49 @@
+"""Every worker default in one place, each a named constant with its unit."""
+
+QUEUE_NAME = "convq"
+"""Name of the RQ queue the service enqueues on and the workers listen to."""
+
+KEY_PREFIX = "convq:"
+"""Prefix of every blob key convq writes to Redis (rq's own keys start with 'rq:')."""
+
+JOB_TIMEOUT = 600
+"""Seconds a job may run before it fails with a timeout error."""
+
+RESULT_TTL = 3600
+"""Seconds results (and the job record) are kept after a job ends."""
+
+INPUT_TTL = 86400
+"""Seconds an uploaded input is kept; long enough to wait in a deep queue."""
+
+MODEL_CACHE_BYTES = 512 * 1024 * 1024
+"""Bytes of model weights a worker keeps in memory (LRU over name+version)."""
+
+RETRIES = 3
+"""Times a job is re-run after its worker died under it (never for a bad job)."""
+
+HEARTBEAT_SECONDS = 5
+"""Seconds between a busy worker's heartbeats (rq's job_monitoring_interval)."""
+
+HEARTBEAT_GRACE = 20
+"""Seconds a started job may go without a heartbeat before it counts as abandoned."""
+
+MAINTENANCE_SECONDS = 5
+"""Seconds between a worker's sweeps for abandoned jobs and stale registry entries."""
+
+POLL_SECONDS = 2
+"""Seconds an idle worker blocks on the queue before it looks at stop requests again."""
+
+WORKER_TTL = 60
+"""Seconds an idle worker's registration lives without a heartbeat."""
+
+TIMEOUT_GRACE = 10
+"""Seconds past a job's timeout before the worker kills a horse stuck inside a kernel."""
+
+SOCKET_TIMEOUT = 2.0
+"""Seconds a Redis command may take before the client gives up (connect and read)."""
+
+BLOCKING_SOCKET_TIMEOUT = POLL_SECONDS + 10
+"""Seconds a worker's socket may wait; above POLL_SECONDS so a blocking pop is not cut short."""
+
+BACKOFF_MAX = 30.0
+"""Longest pause in seconds between reconnection attempts while Redis is down."""

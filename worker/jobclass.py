@@ -1,0 +1,65 @@
+"""ConvqJob: an rq Job that runs only convq's own job functions and fails bad jobs for good."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from rq.job import Job
+
+from . import telemetry
+from .jobs import JOB_FUNCTIONS
+
+log = logging.getLogger("convq.worker")
+
+
+class UnsafeJob(Exception):
+    """A job record names a function outside worker.jobs."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Return 'Type: message' for a job's error field."""
+    text = str(exc).strip() or "no message"
+    return f"{type(exc).__name__}: {text}"
+
+
+class ConvqJob(Job):
+    """A job that refuses any function but worker.jobs.JOB_FUNCTIONS and never retries bad input.
+
+    Retries (rq Retry) are for a worker that died under the job; an exception raised by the job
+    itself means the job cannot succeed, so retries_left drops to 0 and it fails at once.
+    """
+
+    @property
+    def func(self):
+        name = self.func_name
+        if self.instance is not None or name not in JOB_FUNCTIONS:
+            raise UnsafeJob(f"refusing to run {name!r}: convq workers only run "
+                            f"{', '.join(sorted(JOB_FUNCTIONS))}")
+        return JOB_FUNCTIONS[name]
+
+    def perform(self):
+        try:
+            return super().perform()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis went away mid-job: a retry may well succeed
+        except BaseException as exc:
+            self.retries_left = 0
+            self.meta["error"] = one_line(exc)
+            try:
+                self.save_meta()
+            except redis.RedisError:
+                pass
+            raise
+
+    def ended(self, state: str) -> None:
+        """Report a job that ended in state ('finished'/'failed') to telemetry."""
+        queue_s = compute_s = None
+        if self.enqueued_at and self.started_at:
+            queue_s = max(0.0, (self.started_at - self.enqueued_at).total_seconds())
+        if self.started_at and self.ended_at:
+            compute_s = max(0.0, (self.ended_at - self.started_at).total_seconds())
+        try:
+            telemetry.record_job(self.connection, state, queue_s, compute_s)
+        except Exception:  # noqa: BLE001 - metrics must never fail a job
+            log.exception("telemetry.record_job failed for job %s", self.id)

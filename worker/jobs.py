@@ -1,0 +1,96 @@
+"""The job functions a convq worker runs; nothing else may run (see jobclass.ConvqJob).
+
+Arguments are small JSON values; images and results are blobs in the Store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from rq import get_current_job
+
+from engine import EngineError
+
+from . import runtime
+from .cache import ModelGone
+from .store import Store
+
+log = logging.getLogger("convq.worker")
+
+
+class JobFailed(Exception):
+    """A job cannot succeed however often it runs (bad input, missing model); never retried."""
+
+
+class JobTimeout(JobFailed):
+    """The job ran past its timeout."""
+
+
+class JobCanceled(JobFailed):
+    """The client canceled the job while it ran."""
+
+
+def _save_progress(job, progress: dict | None) -> None:
+    # Progress is advisory: a Redis hiccup must not fail the computation.
+    job.meta["progress"] = progress
+    try:
+        job.save_meta()
+    except redis.RedisError as exc:
+        log.warning("job %s: progress not saved (%s)", job.id, exc)
+
+
+def _store_for(job) -> Store:
+    settings = runtime.current().settings
+    return Store(job.connection, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl)
+
+
+def run_model(model: str, version: int, outputs: list[str] | str | None, input_id: str) -> dict:
+    """Run model version on the images stored under input_id; store the requested outputs.
+
+    Writes job.meta["progress"] = {"layer": i (1-based), "of": n, "name"} before each layer and
+    stops between layers once the job's timeout has passed or the job was canceled.
+    """
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("run_model runs inside an rq job")
+    store = _store_for(job)
+    timeout = job.timeout if job.timeout and job.timeout > 0 else None
+    timeout = timeout or runtime.current().settings.job_timeout
+    started = time.monotonic()
+    retries = int(job.meta.get("retries") or 0)
+    job.meta["attempt"] = retries - (job.retries_left or 0) + 1
+    _save_progress(job, None)  # a retried job starts over
+
+    try:
+        net = runtime.current().cache.get(store, model, version)
+    except ModelGone as exc:
+        raise JobFailed(str(exc)) from None
+    except EngineError as exc:
+        raise JobFailed(f"model {model!r} version {version} does not load: {exc}") from None
+    images = store.get_input(input_id)
+    if images is None:
+        raise JobFailed(f"the input of job {job.id} expired before it ran; submit it again")
+
+    def on_layer(i: int, n: int, name: str) -> None:
+        elapsed = time.monotonic() - started
+        if elapsed > timeout:
+            raise JobTimeout(f"job timed out: {elapsed:.1f} s is past its {timeout} s timeout "
+                             f"before layer {i + 1} of {n} ({name})")
+        if store.is_canceled(job.id):
+            raise JobCanceled(f"job {job.id} was canceled")
+        _save_progress(job, {"layer": i + 1, "of": n, "name": name})
+
+    try:
+        result = net.run(images, outputs=outputs, on_layer=on_layer)
+    except EngineError as exc:
+        raise JobFailed(str(exc)) from None
+    if store.is_canceled(job.id):
+        raise JobCanceled(f"job {job.id} was canceled")
+    store.put_result(job.id, result)
+    return {"outputs": list(result)}
+
+
+JOB_FUNCTIONS = {"worker.jobs.run_model": run_model}
+"""Dotted name -> function: the only code a convq job record can make a worker run."""

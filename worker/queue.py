@@ -1,0 +1,141 @@
+"""The service's side of the queue: submit a job, read its status, cancel it."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import rq
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import JobStatus, Retry
+from rq.serializers import JSONSerializer
+
+from . import defaults
+from .jobclass import ConvqJob
+
+RUN_MODEL = "worker.jobs.run_model"
+
+# rq statuses a client sees, folded onto the five of the API.
+_STATUS = {
+    JobStatus.QUEUED: "queued", JobStatus.CREATED: "queued", JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued", JobStatus.READY_TO_ENQUEUE: "queued",
+    JobStatus.RATE_LIMITED: "queued", JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "canceled", JobStatus.CANCELED: "canceled",
+}
+
+
+def make_queue(redis, name: str = defaults.QUEUE_NAME) -> rq.Queue:
+    """Return the convq queue: JSON serializer (nothing pickled) and ConvqJob."""
+    return rq.Queue(name, connection=redis, serializer=JSONSerializer, job_class=ConvqJob)
+
+
+def submit(queue: rq.Queue, store, *, model: str, version: int, images: np.ndarray,
+           outputs: list[str] | None, owner: str | None, job_timeout: int | None = None,
+           meta: dict | None = None, retries: int = defaults.RETRIES) -> str:
+    """Store images, enqueue a run of model version on them; return the job id.
+
+    The record and the input share the store's TTLs; a worker death re-runs the job up to
+    `retries` times, a bad job fails at once.
+    """
+    job_id = uuid.uuid4().hex
+    store.put_input(job_id, images)
+    job_meta = {"owner": owner, "model": model, "version": int(version),
+                "outputs": outputs, "retries": retries, "progress": None, **(meta or {})}
+    try:
+        queue.enqueue_call(
+            RUN_MODEL, kwargs={"model": model, "version": int(version),
+                               "outputs": outputs, "input_id": job_id},
+            timeout=job_timeout or defaults.JOB_TIMEOUT, job_id=job_id, meta=job_meta,
+            result_ttl=store.result_ttl, failure_ttl=store.result_ttl, ttl=store.input_ttl,
+            retry=Retry(max=retries) if retries > 0 else None,
+            description=f"run {model} v{version}")
+    except BaseException:
+        store.delete_job(job_id)
+        raise
+    return job_id
+
+
+def _fetch(queue: rq.Queue, job_id: str) -> ConvqJob | None:
+    try:
+        return queue.job_class.fetch(job_id, connection=queue.connection,
+                                     serializer=queue.serializer)
+    except (NoSuchJobError, ValueError):
+        return None
+
+
+def _error(job: ConvqJob, status: str) -> str | None:
+    if status != "failed":
+        return None
+    if job.meta.get("error"):
+        return job.meta["error"]
+    result = job.latest_result()
+    text = (result.exc_string if result is not None else None) or ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # The last traceback line is "Type: message"; abandoned jobs leave no traceback at all.
+    return lines[-1] if lines else "the job failed (its worker died and no retries were left)"
+
+
+def _seconds(a, b) -> float | None:
+    return None if a is None or b is None else max(0.0, (b - a).total_seconds())
+
+
+def _iso(t) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def job_status(queue: rq.Queue, job_id: str) -> dict | None:
+    """Return the job's status, progress, timings and error; None for an unknown job."""
+    job = _fetch(queue, job_id)
+    if job is None:
+        return None
+    try:
+        status = _STATUS.get(job.get_status(refresh=False), "queued")
+    except InvalidJobOperation:
+        return None
+    meta = job.meta or {}
+    retries = int(meta.get("retries") or 0)
+    left = job.retries_left if job.retries_left is not None else retries
+    ended = job.ended_at if status in ("finished", "failed") else None
+    started = job.started_at if status != "queued" else None
+    return {
+        "id": job.id, "status": status,
+        "model": meta.get("model"), "version": meta.get("version"),
+        "outputs": meta.get("outputs"), "owner": meta.get("owner"),
+        "progress": meta.get("progress") if status == "started" else None,
+        "timings": {
+            "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(started),
+            "ended_at": _iso(ended),
+            "queue_seconds": _seconds(job.enqueued_at, started),
+            "compute_seconds": _seconds(started, ended),
+        },
+        "error": _error(job, status),
+        "attempt": (meta.get("attempt") if status != "queued" and meta.get("attempt")
+                    else max(1, retries - left + 1)),
+    }
+
+
+def cancel(queue: rq.Queue, store, job_id: str) -> bool:
+    """Cancel a queued or running job and delete its blobs and record; False if unknown."""
+    job = _fetch(queue, job_id)
+    if job is None:
+        store.delete_job(job_id)
+        return False
+    status = job.get_status(refresh=False)
+    if status == JobStatus.STARTED:
+        # The worker sees the mark between layers, stops, and drops the record itself.
+        store.mark_canceled(job_id)
+        store.delete_job(job_id)
+        return True
+    store.mark_canceled(job_id)  # a retry re-queued meanwhile must not run either
+    try:
+        job.delete(remove_from_queue=True)
+    except (NoSuchJobError, InvalidJobOperation):
+        pass
+    store.delete_job(job_id)
+    return True
+
+
+def queue_depth(queue: rq.Queue) -> int:
+    """Return how many jobs wait in the queue (not counting running ones)."""
+    return queue.count

@@ -1,0 +1,60 @@
+"""Find started jobs whose worker stopped heartbeating and re-queue them (or fail them).
+
+rq's own StartedJobRegistry.cleanup does this only every 10 minutes and trusts the
+registry's expiry score alone. convq workers heartbeat every few seconds with a short TTL,
+sweep every few seconds, and skip the sweep until their own Redis link has been healthy for a
+full heartbeat TTL: after an outage every live worker gets to heartbeat first, so a job that
+is still running is never re-queued beside itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.registry import StartedJobRegistry
+from rq.utils import as_text, current_timestamp, parse_composite_key
+
+log = logging.getLogger("convq.worker")
+
+
+def reap_abandoned(queue, *, now: float | None = None) -> list[str]:
+    """Re-queue (or fail, with no retries left) the started jobs of queue whose heartbeat expired.
+
+    Returns the ids handled. Registry entries of jobs that already ended are dropped.
+    """
+    registry = StartedJobRegistry(queue.name, connection=queue.connection,
+                                  job_class=queue.job_class, serializer=queue.serializer)
+    cutoff = now if now is not None else current_timestamp()
+    entries = [as_text(e) for e in queue.connection.zrangebyscore(registry.key, 0, cutoff)]
+    handled: list[str] = []
+    for entry in entries:
+        job_id, _execution_id = parse_composite_key(entry)
+        with queue.connection.pipeline() as pipe:
+            # Remove first: if another sweeper got here already, zrem returns 0 and we stop.
+            if not queue.connection.zrem(registry.key, entry):
+                continue
+            try:
+                job = queue.job_class.fetch(job_id, connection=queue.connection,
+                                            serializer=queue.serializer)
+            except NoSuchJobError:
+                continue
+            if job.get_status(refresh=False) != JobStatus.STARTED:
+                continue
+            job.meta = job.get_meta(refresh=True)
+            job.meta["progress"] = None
+            if job.retries_left and job.retries_left > 0:
+                log.warning("job %s: its worker stopped heartbeating; re-queued (%d retries left)",
+                            job.id, job.retries_left - 1)
+                job.retry(queue, pipe)
+            else:
+                message = "the job's worker died and no retries were left"
+                job.meta["error"] = f"AbandonedJob: {message}"
+                log.warning("job %s: %s; failed", job.id, message)
+                record_job_failure(job, job.meta["error"], pipe)
+                pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+            pipe.execute()
+            handled.append(job.id)
+    return handled

@@ -1,0 +1,97 @@
+"""`convq worker`: read settings once, warm the engine, then take jobs until told to stop.
+
+A Redis outage never ends the process: whatever part of rq gives up, the loop below backs off,
+reconnects and starts a fresh worker registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import redis
+from rq.exceptions import StopRequested
+
+import engine
+
+from . import defaults
+from .config import Settings
+from .connection import connect
+from .runtime import Runtime, current, install
+from .workers import build
+
+log = logging.getLogger("convq.worker")
+
+
+def _runtime_for(settings: Settings) -> Runtime:
+    rt = current()
+    if rt.settings != settings:
+        rt = install(Runtime(settings))
+    return rt
+
+
+def warm(settings: Settings) -> None:
+    """Set the engine's thread count and compile (or load from cache) every kernel."""
+    engine.set_threads(settings.threads)
+    engine.warmup()
+
+
+def make_worker(redis_client, settings: Settings, *, kind: str = "fork", warm_engine: bool = True):
+    """Return a convq worker (JSONSerializer, ConvqJob) on settings.queue; warm the engine first."""
+    if warm_engine:
+        warm(settings)
+    return build(kind, redis_client, settings, _runtime_for(settings))
+
+
+def burst(redis_client, settings: Settings | None = None) -> None:
+    """Run every queued job in this process and thread, then return (tests, fakeredis)."""
+    settings = settings or Settings()
+    worker = build("thread", redis_client, settings, _runtime_for(settings))
+    worker.work(burst=True, logging_level="WARNING")
+
+
+def _use_fork_safe_threads() -> None:
+    # GNU OpenMP aborts a forked child once the parent has used it, and warmup uses it in
+    # the parent; Numba's workqueue layer survives fork. Must run before the first kernel.
+    import numba
+
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker process until SIGTERM/SIGINT (after its current job); return 0."""
+    parser = argparse.ArgumentParser(prog="convq worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", action="store_true", help="quit once the queue is empty")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    _use_fork_safe_threads()
+    started = time.monotonic()
+    warm(settings)
+    log.info("engine warm in %.1f s (%d threads); queue %r", time.monotonic() - started,
+             settings.threads, settings.queue)
+
+    pause = 1.0
+    while True:
+        worker = None
+        began = time.monotonic()
+        try:
+            client = connect(settings.redis_url)
+            worker = make_worker(client, settings, warm_engine=False)
+            worker.work(burst=args.burst, logging_level="WARNING")
+        except redis.RedisError as exc:
+            log.warning("Redis unavailable (%s); retrying in %.0f s", exc, pause)
+        except StopRequested:
+            return 0
+        stopping = worker is not None and (worker._stop_requested
+                                          or worker._shutdown_requested_date is not None)
+        if stopping or args.burst:
+            return 0
+        if time.monotonic() - began > defaults.BACKOFF_MAX:
+            pause = 1.0  # it ran fine for a while: this is a new outage
+        try:
+            time.sleep(pause)
+        except StopRequested:  # rq's SIGTERM handler is still installed
+            return 0
+        pause = min(pause * 2, defaults.BACKOFF_MAX)
