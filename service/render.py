@@ -1,0 +1,33 @@
+"""Draw one image's activation maps as a PNG grid: each channel min-max scaled, tiled in rows."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+
+def grid(maps: np.ndarray, pad: int = 1) -> np.ndarray:
+    """Tile (H, W, K) maps into a (rows*(H+pad)-pad, cols*(W+pad)-pad) uint8 picture."""
+    h, w, k = maps.shape
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    lo = maps.min(axis=(0, 1), keepdims=True)
+    span = maps.max(axis=(0, 1), keepdims=True) - lo
+    # A constant map has no contrast to show: draw it black rather than divide by zero.
+    scaled = np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0.0)
+    tiles = np.round(scaled * 255).astype(np.uint8)
+    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), 64, np.uint8)
+    for i in range(k):
+        r, c = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[..., i]
+    return out
+
+
+def grid_png(maps: np.ndarray) -> bytes:
+    """Return the grid of (H, W, K) maps as PNG bytes (grey, 8 bits)."""
+    buf = io.BytesIO()
+    Image.fromarray(grid(maps)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,167 @@
+"""V2 inference and the jobs extension: submit, wait (infer), status, results, cancel."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+from flask import Blueprint, Response, current_app, request, url_for
+
+from worker.queue import cancel, job_status
+
+from .app import convq
+from .auth import check_visible
+from .codec import encode_infer, npy_payload
+from .errors import ApiError, BadRequest, Conflict, InferTimeout, NotFound
+from .render import grid_png
+from .submit import enqueue, find_model, parse_request
+
+bp = Blueprint("v2_jobs", __name__, url_prefix="/v2")
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+FORMATS = ("binary", "json", "npy", "png")
+
+
+class JobFailed(ApiError):
+    status = 422
+
+
+def _status(job_id: str) -> dict:
+    """Return the caller's job status; 404 for unknown ids and other keys' jobs."""
+    status = job_status(convq().queue, job_id) if JOB_ID.fullmatch(job_id) else None
+    if status is None:
+        raise NotFound(f"job {job_id[:40]!r} not found (unknown, expired or deleted)")
+    check_visible(status.get("owner"), f"job {job_id!r}")
+    return status
+
+
+def _public(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k != "owner"}
+
+
+def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
+             request_id: str | None = None) -> tuple[list[bytes], dict]:
+    """Return (body chunks, headers) of a V2 inference response with the job's outputs names."""
+    store = convq().store
+    outputs = []
+    for name in names:
+        npy = store.result_npy(job_id, name)
+        if npy is None:
+            raise NotFound(f"the result of job {job_id} has expired")
+        shape, raw = npy_payload(npy)
+        outputs.append((name, shape, raw))
+    chunks, headers = encode_infer(status["model"], status["version"], outputs, binary,
+                                   request_id)
+    return [bytes(c) for c in chunks], headers
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer(name: str, version: str | None = None):
+    ext, cfg = convq(), current_app.config
+    target = find_model(name, version)
+    parsed = parse_request(target.model)
+    job_id, outputs = enqueue(target, parsed)
+    deadline = time.monotonic() + float(cfg["INFER_TIMEOUT"])
+    delay = 0.001
+    while True:
+        status = job_status(ext.queue, job_id)
+        if status is None or status["status"] in ("finished", "failed", "canceled"):
+            break
+        if time.monotonic() > deadline:
+            cancel(ext.queue, ext.store, job_id)
+            raise InferTimeout(f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
+                               "it to /v2/models/{m}/jobs to wait without a deadline")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)  # fast answers for fast jobs, few polls for slow ones
+    try:
+        if status is None or status["status"] != "finished":
+            error = (status or {}).get("error") or "the job was canceled"
+            raise JobFailed(f"the job failed: {error}")
+        # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
+        default = parsed.binary_default
+        if default is None:
+            default = request.headers.get("Inference-Header-Content-Length") is not None
+        binary = {n for n in outputs if parsed.binary.get(n, default)}
+        chunks, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
+    finally:
+        cancel(ext.queue, ext.store, job_id)  # an infer result is read once: free it now
+    return Response(chunks, status=200, headers=headers)
+
+
+@bp.post("/models/<name>/jobs")
+def submit_job(name: str):
+    target = find_model(name)
+    parsed = parse_request(target.model)
+    job_id, outputs = enqueue(target, parsed)
+    location = url_for("v2_jobs.get_job", job_id=job_id)
+    return {"id": job_id, "status": "queued", "model": target.name,
+            "version": target.version, "outputs": outputs}, 202, {"Location": location}
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    return _public(_status(job_id))
+
+
+@bp.delete("/jobs/<job_id>")
+def delete_job(job_id: str):
+    status = _status(job_id)
+    ext = convq()
+    cancel(ext.queue, ext.store, job_id)
+    was = status["status"]
+    return {"id": job_id, "status": "canceled" if was in ("queued", "started") else "deleted"}
+
+
+def _query() -> tuple[str, list[str], int]:
+    args = request.args
+    unknown = sorted(set(args) - {"format", "output", "image"})
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
+    fmt = args.get("format", "binary")
+    if fmt not in FORMATS:
+        raise BadRequest(f"format must be one of {', '.join(FORMATS)}", field="format")
+    outputs = [o for raw in args.getlist("output") for o in raw.split(",") if o]
+    image = args.get("image", "0")
+    if not image.isdigit() or len(image) > 9:
+        raise BadRequest("image must be an image index (0, 1, ...)", field="image")
+    if fmt in ("npy", "png") and len(outputs) != 1:
+        raise BadRequest(f"format={fmt} needs exactly one output=NAME", field="output")
+    return fmt, outputs, int(image)
+
+
+@bp.get("/jobs/<job_id>/result")
+def get_result(job_id: str):
+    fmt, wanted, image = _query()
+    status = _status(job_id)
+    if status["status"] in ("queued", "started"):
+        raise ApiError(f"job {job_id} is {status['status']}; its result is not ready",
+                       status=409, retry_after=1)
+    if status["status"] != "finished":
+        raise Conflict(f"job {job_id} is {status['status']}; it has no result: "
+                       f"{status.get('error') or ''}".rstrip(": "))
+    store = convq().store
+    names = store.result_names(job_id)
+    if names is None:
+        raise NotFound(f"the result of job {job_id} has expired")
+    for name in wanted:
+        if name not in names:
+            raise NotFound(f"job {job_id} has no output {name[:80]!r}; it has: "
+                           f"{', '.join(names)}", field="output")
+    names = wanted or names
+    if fmt in ("binary", "json"):
+        chunks, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
+        return Response(chunks, status=200, headers=headers)
+    npy = store.result_npy(job_id, names[0])
+    if npy is None:
+        raise NotFound(f"the result of job {job_id} has expired")
+    if fmt == "npy":
+        return Response(npy, mimetype="application/octet-stream", headers={
+            "Content-Disposition": f"attachment; filename={job_id}-{names[0]}.npy"})
+    shape, raw = npy_payload(npy)
+    if image >= shape[0]:
+        raise NotFound(f"job {job_id} has {shape[0]} image(s); image={image} is past the end",
+                       field="image")
+    maps = np.frombuffer(raw, "<f4").reshape(shape)[image]
+    return Response(grid_png(maps), mimetype="image/png")

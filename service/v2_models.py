@@ -1,0 +1,146 @@
+"""V2 routes about the server and its models: health, metadata, the repository extension."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+from rq import Worker
+
+from .app import convq
+from .auth import check_visible, current_owner
+from .body import json_object, read_body
+from .codec import INPUT_NAME
+from .errors import BadRequest, Conflict, NotFound, Unavailable
+from .submit import find_model
+from .upload import check_name, parse_upload
+
+bp = Blueprint("v2_models", __name__, url_prefix="/v2")
+
+SERVER_NAME = "convq"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "jobs"]
+
+
+@bp.get("/health/live")
+def live():
+    return {"live": True}
+
+
+@bp.get("/health/ready")
+def ready():
+    ext = convq()
+    retry = int(current_app.config["RETRY_AFTER"])
+    try:
+        ext.redis.ping()
+        workers = Worker.count(connection=ext.redis, queue=ext.queue)
+    except Exception as e:  # readiness answers 503 for any Redis trouble, never raises
+        raise Unavailable(f"the job store (Redis) is unreachable: {type(e).__name__}",
+                          retry_after=retry) from None
+    if workers < 1:
+        raise Unavailable("no worker is running; start one with `convq worker`",
+                          retry_after=retry)
+    return {"ready": True, "workers": workers}
+
+
+@bp.get("")
+def server_metadata():
+    from importlib.metadata import version
+
+    return {"name": SERVER_NAME, "version": version("convq"), "extensions": EXTENSIONS}
+
+
+def _visible(info: dict) -> bool:
+    return info.get("owner") is None or info.get("owner") == current_owner()
+
+
+@bp.post("/repository/index")
+def repository_index():
+    body = read_body(1 << 16)
+    doc = json_object(body, "index request") if body.strip() else {}
+    unknown = sorted(set(doc) - {"ready"})
+    if unknown:
+        raise BadRequest(f"index request: unknown field(s) {', '.join(unknown)}",
+                         field=unknown[0])
+    if not isinstance(doc.get("ready", False), bool):
+        raise BadRequest("ready must be true or false", field="ready")
+    return [{"name": info["name"], "version": str(info["version"]), "state": "READY",
+             "reason": ""} for info in convq().store.list_models() if _visible(info)]
+
+
+@bp.post("/repository/models/<name>/load")
+def load(name: str):
+    ext = convq()
+    model = parse_upload(name)
+    info = ext.store.model_info(name)
+    if model is None:  # Triton's plain "load": nothing uploaded, report what is there
+        if info is None or not _visible(info):
+            raise NotFound(f"model {name!r} is not in the repository; send parameters.config "
+                           "and a parameters['file:<name>'] weights file to upload it")
+        return {"name": name, "version": str(info["version"]), "state": "READY"}
+    if info is not None and info.get("owner") != current_owner():
+        # A name belongs to whoever uploaded it first; the server's own models have no owner.
+        raise Conflict(f"model name {name!r} is taken by another owner; choose another name",
+                       field="name")
+    version = ext.store.put_model(name, model.spec, model.to_safetensors(),
+                                  owner=current_owner())
+    return {"name": name, "version": str(version), "state": "READY"}
+
+
+@bp.post("/repository/models/<name>/unload")
+def unload(name: str):
+    check_name(name)
+    body = read_body(1 << 16)
+    if body.strip():
+        json_object(body, "unload request")  # Triton sends unload_dependents; nothing to do
+    ext = convq()
+    info = ext.store.model_info(name)
+    if info is None:
+        raise NotFound(f"model {name!r} not found")
+    check_visible(info.get("owner"), f"model {name!r}")
+    if info.get("owner") != current_owner():
+        raise Conflict(f"model {name!r} belongs to the server; it cannot be unloaded with a key")
+    ext.store.delete_model(name)
+    return {"name": name, "state": "UNAVAILABLE"}
+
+
+def _dim(d) -> int:
+    return -1 if d is None else int(d)
+
+
+def metadata(name: str, version: str | None):
+    target = find_model(name, version)
+    model = target.model
+    h, w, c = model.input_shape
+    shapes = model.output_shapes(h, w) if h is not None else {}
+    summary = model.summary(h, w)
+    outputs = []
+    for row in summary:
+        shape = shapes.get(row["name"]) or tuple(row.get("output_shape") or (None, None, None))
+        outputs.append({"name": row["name"], "datatype": "FP32",
+                        "shape": [-1, *(_dim(d) for d in tuple(shape)[-3:])]})
+    return {"name": target.name, "versions": [str(target.version)], "platform": "convq",
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8",
+                        "shape": [-1, _dim(h), _dim(w), int(c)],
+                        "parameters": {"datatypes": ["UINT8", "FP32"]}}],
+            "outputs": outputs, "summary": summary}
+
+
+@bp.get("/models/<name>")
+def model_metadata(name: str):
+    return metadata(name, None)
+
+
+@bp.get("/models/<name>/versions/<version>")
+def model_version_metadata(name: str, version: str):
+    return metadata(name, version)
+
+
+@bp.get("/models/<name>/ready")
+def model_ready(name: str):
+    target = find_model(name)
+    return {"name": target.name, "version": str(target.version), "ready": True}
+
+
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_version_ready(name: str, version: str):
+    target = find_model(name, version)
+    return {"name": target.name, "version": str(target.version), "ready": True}
+

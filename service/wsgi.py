@@ -1,0 +1,5 @@
+"""The WSGI entry point for gunicorn: `gunicorn service.wsgi:app` (REDIS_URL and CONVQ_* from env)."""
+
+from .app import create_app
+
+app = create_app()
