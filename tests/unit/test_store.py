@@ -1,0 +1,132 @@
+"""Store: models, inputs and results as Redis blobs (fakeredis), never pickled."""
+
+from __future__ import annotations
+
+import io
+
+import fakeredis
+import numpy as np
+import pytest
+
+from worker.cache import ModelCache, ModelGone
+from worker.config import Settings
+from worker.store import Store, from_npy, to_npy
+
+
+@pytest.fixture
+def store():
+    return Store(fakeredis.FakeRedis(), result_ttl=100, input_ttl=200)
+
+
+SPEC = {"name": "m", "layers": [{"name": "conv1", "type": "conv", "filters": 2, "size": 1}]}
+
+
+def test_model_versions_count_up_and_survive_delete(store):
+    assert store.put_model("m", SPEC, b"w1", owner="alice") == 1
+    assert store.put_model("m", SPEC, b"w22", owner=None) == 2
+    info = store.model_info("m")
+    assert (info["version"], info["owner"], info["weights_bytes"]) == (2, None, 3)
+    assert info["spec"] == SPEC
+    assert store.model_weights("m", 2) == b"w22"
+    # The replaced version stays readable for queued jobs, but only until its TTL.
+    assert store.model_weights("m", 1) == b"w1"
+    assert 0 < store.redis.ttl("convq:weights:m:1") <= 200
+    assert store.redis.ttl("convq:weights:m:2") == -1
+    assert store.delete_model("m") is True
+    assert store.model_info("m") is None and store.list_models() == []
+    assert store.delete_model("m") is False
+    # A new upload after a delete never reuses a version number (worker caches key on it).
+    assert store.put_model("m", SPEC, b"w3", owner=None) == 3
+
+
+def test_list_models_sorted(store):
+    store.put_model("b", SPEC, b"x", owner=None)
+    store.put_model("a", SPEC, b"y", owner="k")
+    assert [m["name"] for m in store.list_models()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_input_round_trip_with_ttl(store, dtype):
+    images = (np.arange(2 * 3 * 4 * 3) % 251).astype(dtype).reshape(2, 3, 4, 3)
+    store.put_input("j1", images)
+    back = store.get_input("j1")
+    assert back.dtype == dtype and np.array_equal(back, images)
+    assert 0 < store.redis.ttl("convq:input:j1") <= 200
+    assert store.get_input("missing") is None
+
+
+def test_result_round_trip_keeps_order_and_ttl(store):
+    outs = {"pool": np.full((1, 2, 2, 3), 2.5, np.float32),
+            "conv": np.ones((1, 4, 4, 3), np.float32)}
+    store.put_result("j", outs)
+    assert store.result_names("j") == ["pool", "conv"]
+    assert np.array_equal(np.load(io.BytesIO(store.result_npy("j", "conv"))), outs["conv"])
+    assert store.result_npy("j", "nope") is None
+    assert store.result_npy("j", "__names__") is None
+    assert 0 < store.redis.ttl("convq:result:j") <= 100
+    assert store.result_names("other") is None
+    store.delete_job("j")
+    assert store.result_names("j") is None
+
+
+def test_npy_refuses_object_arrays():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        from_npy(buf.getvalue())
+    assert np.array_equal(from_npy(to_npy(np.eye(3))), np.eye(3))
+
+
+def test_cancel_mark(store):
+    assert not store.is_canceled("j")
+    store.mark_canceled("j")
+    assert store.is_canceled("j")
+
+
+class _FakeStore:
+    def __init__(self):
+        self.calls = 0
+
+    def model_spec(self, name, version):
+        self.calls += 1
+        return None if name == "gone" else {
+            "name": name, "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+
+    def model_weights(self, name, version):
+        from engine import Model
+        if name == "gone":
+            return None
+        w = {"c.w": np.ones((1, 1, 1, 1), np.float32) * version, "c.b": np.zeros(1, np.float32)}
+        return Model.from_arrays(self.model_spec(name, version), w).to_safetensors()
+
+
+def test_model_cache_is_lru_and_byte_bounded():
+    fake = _FakeStore()
+    size = len(fake.model_weights("a", 1))
+    cache = ModelCache(max_bytes=2 * size)
+    a = cache.get(fake, "a", 1)
+    assert cache.get(fake, "a", 1) is a and cache.hits == 1
+    cache.get(fake, "b", 1)
+    cache.get(fake, "a", 1)           # a is now the most recent
+    cache.get(fake, "c", 1)           # evicts b, not a
+    assert ("a", 1) in cache and ("c", 1) in cache and ("b", 1) not in cache
+    assert cache.bytes <= 2 * size
+    with pytest.raises(ModelGone, match="no longer available"):
+        cache.get(fake, "gone", 1)
+
+
+def test_model_bigger_than_cache_is_not_kept():
+    fake = _FakeStore()
+    cache = ModelCache(max_bytes=1)
+    cache.get(fake, "a", 1)
+    assert cache.bytes == 0
+
+
+def test_settings_from_env():
+    s = Settings.from_env({"REDIS_URL": "redis://x:1/0", "CONVQ_THREADS": "3",
+                           "CONVQ_JOB_TIMEOUT": "7", "CONVQ_RETRIES": "0"})
+    assert (s.redis_url, s.threads, s.job_timeout, s.retries) == ("redis://x:1/0", 3, 7, 0)
+    assert Settings.from_env({}).redis_url is None
+    with pytest.raises(ValueError, match="CONVQ_THREADS"):
+        Settings.from_env({"CONVQ_THREADS": "many"})
