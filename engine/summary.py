@@ -51,11 +51,14 @@ def summarize(
     spec: Spec, h: int | None = None, w: int | None = None, *, local_hw=None
 ) -> list[dict]:
     """Return one dict per layer: name, type, output_shape, params, flops, receptive_field,
-    activation_bytes, im2col (conv/local). Size-dependent fields are None without h and w.
+    activation_bytes, im2col (conv/local), for h x w or the spec's input; size-dependent fields
+    are None when neither is known.
 
     local_hw maps a local layer to its (Hout, Wout) when known from its weights.
     """
-    shapes = spec.shapes(h, w) if h is not None and w is not None else [None] * len(spec.layers)
+    if h is None or w is None:
+        h, w = spec.height, spec.width
+    shapes = spec.shapes(h, w) if h is not None else [None] * len(spec.layers)
     local_hw = local_hw or {}
     rows = []
     rf, jump = [1, 1], [1, 1]
