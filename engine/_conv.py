@@ -3,9 +3,11 @@
 Shapes (NHWC, float32): x (N, H, W, C); wmat (FH*FW*C, K), the OHWI weights flattened and
 transposed once; bias (K,); out2d (N*Hout*Wout, K), the output viewed as one row per position.
 Row r of the virtual im2col matrix is position (n, y, x) = divmod chain of r, its columns ordered
-(fy, fx, c) like the weights. Work is split into tiles of `tile` rows; thread t takes tiles t,
-t+T, t+2T, ... and packs each into its own slot cols[t] (T, tile, FH*FW*C) of a workspace the
-caller owns and reuses, so the column buffer is T*tile*Kc floats whatever N is.
+(fy, fx, c) like the weights. Each image's Hout*Wout rows are split the same way into tiles of
+at most `tile` rows, never across images, so an image's result does not depend on the batch it
+came in (BLAS sums a row in an order that depends on where the row sits in its GEMM). Thread t
+takes tiles t, t+T, t+2T, ... and packs each into its own slot cols[t] (T, tile, FH*FW*C) of a
+workspace the caller owns and reuses, so the column buffer is T*tile*Kc floats whatever N is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ def _epilogue(o, bias, relu):
             if relu and v < 0.0:
                 v = 0.0
             o[r, j] = v
+
+
+@njit(cache=True, inline="always")
+def _tile_rows(i, per_image, tile, tiles_per_image):
+    """Return rows [r0, r1) of tile i: tile i % tiles_per_image of image i // tiles_per_image."""
+    n = i // tiles_per_image
+    r0 = n * per_image + (i - n * tiles_per_image) * tile
+    return r0, min(n * per_image + per_image, r0 + tile)
 
 
 @njit(cache=True, inline="always")
@@ -66,14 +76,14 @@ def conv_im2col(
     x, wmat, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
 ):
     """Fill out2d (N*Hout*Wout, K) with conv(x) + bias, packing one tile of im2col at a time."""
-    m = out2d.shape[0]
+    per_image = hout * wout
+    tiles_per_image = (per_image + tile - 1) // tile
+    ntiles = x.shape[0] * tiles_per_image
     nthreads = cols.shape[0]
-    ntiles = (m + tile - 1) // tile
     for t in prange(nthreads):
         slot = cols[t]
         for i in range(t, ntiles, nthreads):
-            r0 = i * tile
-            r1 = min(m, r0 + tile)
+            r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             buf = slot[: r1 - r0]
             _pack(x, buf, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
             o = out2d[r0:r1]
@@ -82,14 +92,13 @@ def conv_im2col(
 
 
 @njit(parallel=True, cache=True)
-def conv_pointwise(x2d, wmat, bias, out2d, nthreads, tile, relu):
+def conv_pointwise(x2d, wmat, bias, out2d, per_image, nthreads, tile, relu):
     """1x1, stride 1, no pad: out2d (M, K) = x2d (M, C) @ wmat (C, K) + bias, no im2col at all."""
-    m = out2d.shape[0]
-    ntiles = (m + tile - 1) // tile
+    tiles_per_image = (per_image + tile - 1) // tile
+    ntiles = (out2d.shape[0] // per_image) * tiles_per_image
     for t in prange(nthreads):
         for i in range(t, ntiles, nthreads):
-            r0 = i * tile
-            r1 = min(m, r0 + tile)
+            r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             o = out2d[r0:r1]
             np.dot(x2d[r0:r1], wmat, o)
             _epilogue(o, bias, relu)

@@ -77,11 +77,15 @@ def _channels(x: np.ndarray, c: int) -> None:
         )
 
 
-def _tile_rows(m: int, width: int, nthreads: int) -> int:
-    """Pick rows per tile: about TILE_BYTES of columns, and at least one tile per thread."""
+def _tile_rows(per_image: int, width: int) -> int:
+    """Pick rows per tile: about TILE_BYTES of columns, and an image split over every core.
+
+    Depends on neither N nor set_threads(), so results are bit-identical whatever the batch
+    and thread count (tests/unit/test_ops.py).
+    """
     rows = max(MIN_TILE_ROWS, TILE_BYTES // (4 * width))
-    per_thread = -(-m // nthreads)
-    return max(1, min(rows, per_thread))
+    tiles = max(_threads.max_threads(), -(-per_image // rows))
+    return -(-per_image // tiles)
 
 
 def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -105,11 +109,13 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     wmat = np.ascontiguousarray(w.reshape(k, fh * fw * c).T)
     out2d = out.reshape(m, k)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
-        tile = _tile_rows(m, c, nthreads)
-        _conv.conv_pointwise(x.reshape(m, c), wmat, bias, out2d, nthreads, tile, bool(relu))
+        tile = _tile_rows(hout * wout, c)
+        _conv.conv_pointwise(
+            x.reshape(m, c), wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu)
+        )
         return out
     width = fh * fw * c
-    tile = _tile_rows(m, width, nthreads)
+    tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
     _conv.conv_im2col(
         x, wmat, bias, out2d, cols, tile, hout, wout, fh, fw,

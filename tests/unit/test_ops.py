@@ -1,0 +1,269 @@
+"""The fast path against the plain-loop reference: awkward shapes, tiling, threads, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import InputError, ModelError, ShapeError, _conv, _pool, ops
+from engine import reference as ref
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def assert_matches(fast, reference, rtol=RTOL, atol=ATOL):
+    """Check shape and dtype first, then values, so a wrong geometry is reported as such."""
+    assert fast.shape == reference.shape, f"shape {fast.shape} != reference {reference.shape}"
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(fast, reference, rtol=rtol, atol=atol)
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = ops.get_threads()
+    ops.set_threads(request.param)
+    yield request.param
+    ops.set_threads(before)
+
+
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation)
+CONV_CASES = {
+    "1x1": (2, 5, 4, 3, 4, (1, 1), 1, 0, 1),
+    "1x1-stride2": (1, 5, 5, 3, 2, (1, 1), 2, 0, 1),
+    "1x1-padded": (1, 3, 4, 2, 3, (1, 1), 1, 1, 1),
+    "3x3-same": (2, 6, 6, 3, 4, (3, 3), 1, 1, 1),
+    "stride2-odd": (1, 9, 7, 2, 3, (3, 3), 2, 0, 1),
+    "C1": (3, 6, 5, 1, 2, (2, 2), 1, 0, 1),
+    "K1": (2, 5, 5, 3, 1, (3, 3), 1, 1, 1),
+    "dilation2": (1, 9, 9, 2, 3, (3, 3), 1, 2, 2),
+    "dilation-nonsquare": (1, 8, 10, 2, 2, (2, 3), 1, 0, (2, 3)),
+    "asymmetric-pads": (2, 5, 6, 2, 3, (3, 2), 1, (0, 2, 1, 0), 1),
+    "nonsquare-stride": (1, 9, 8, 2, 3, (3, 3), (2, 3), 1, 1),
+    "nonsquare-size": (1, 7, 6, 3, 2, (5, 2), 1, (2, 0), 1),
+    "window-equals-input": (2, 4, 5, 3, 6, (4, 5), 1, 0, 1),
+    "stride-beyond-window": (1, 11, 11, 2, 2, (2, 2), 4, 0, 1),
+    "alexnet-like": (1, 19, 19, 3, 4, (11, 11), 4, 0, 1),
+}
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+def test_conv2d_matches_reference(case, relu, threads):
+    n, h, w, c, k, (fh, fw), stride, pad, dilation = case
+    x, wt, b = rand(n, h, w, c, seed=1), rand(k, fh, fw, c, seed=2), rand(k, seed=3)
+    got = ops.conv2d(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
+    want = ref.conv2d_reference(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
+    assert_matches(got, want)
+    if relu:
+        assert (got >= 0).all() and (got == 0).any()
+
+
+def test_conv2d_without_bias_matches_reference():
+    x, wt = rand(2, 6, 5, 3, seed=4), rand(4, 3, 3, 3, seed=5)
+    assert_matches(ops.conv2d(x, wt, pad=1), ref.conv2d_reference(x, wt, pad=1))
+
+
+@pytest.mark.parametrize("pointwise", [True, False], ids=["1x1", "3x3"])
+def test_conv2d_many_small_tiles(monkeypatch, pointwise, threads):
+    # 1-byte tiles force MIN_TILE_ROWS (16) rows per tile: each 5x5 image is 2 tiles of 13 + 12
+    # rows, 14 tiles over the batch, more than the threads, each thread reusing its slot.
+    monkeypatch.setattr(ops, "TILE_BYTES", 1)
+    f = 1 if pointwise else 3
+    x, wt, b = rand(7, 5, 5, 3, seed=6), rand(4, f, f, 3, seed=7), rand(4, seed=8)
+    pad = 0 if pointwise else 1
+    assert_matches(ops.conv2d(x, wt, b, pad=pad, relu=True),
+                   ref.conv2d_reference(x, wt, b, pad=pad, relu=True))
+
+
+@pytest.mark.parametrize("f,pad", [(1, 0), (3, 1), (5, 2)])
+def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad):
+    monkeypatch.setattr(ops, "TILE_BYTES", 4096)
+    x, wt, b = rand(9, 12, 12, 8, seed=9), rand(16, f, f, 8, seed=10), rand(16, seed=11)
+    batch = ops.conv2d(x, wt, b, pad=pad)
+    for i in (0, 4, 8):
+        np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], wt, b, pad=pad)[0], batch[i])
+
+
+def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
+    monkeypatch.setattr(ops._workspace, "buf", None, raising=False)
+    wt = rand(8, 5, 5, 4, seed=12)
+    ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
+    small = ops._workspace.buf.size
+    ops.conv2d(rand(24, 40, 40, 4), wt, pad=2)
+    assert ops._workspace.buf.size == small
+    assert small * 4 <= ops.get_threads() * ops.TILE_BYTES + 4 * 5 * 5 * 4
+
+
+def test_conv2d_one_thread_and_two_threads_agree():
+    x, wt, b = rand(3, 14, 13, 5, seed=13), rand(7, 3, 3, 5, seed=14), rand(7, seed=15)
+    before = ops.get_threads()
+    try:
+        ops.set_threads(1)
+        one = ops.conv2d(x, wt, b, stride=2, pad=1)
+        ops.set_threads(2)
+        two = ops.conv2d(x, wt, b, stride=2, pad=1)
+    finally:
+        ops.set_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation): the weights fix Hout, Wout
+LOCAL_CASES = {
+    "3x3": (2, 6, 6, 3, 4, (3, 3), 1, 0, 1),
+    "stride2-pad": (1, 7, 6, 2, 3, (3, 2), 2, (1, 0), 1),
+    "1x1-C1": (3, 4, 5, 1, 2, (1, 1), 1, 0, 1),
+    "dilated": (1, 8, 8, 2, 1, (2, 2), 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("case", LOCAL_CASES.values(), ids=LOCAL_CASES.keys())
+def test_local2d_matches_reference(case, relu, threads):
+    n, h, w, c, k, (fh, fw), stride, pad, dilation = case
+    ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    hout = (h + 2 * ph - dilation * (fh - 1) - 1) // stride + 1
+    wout = (w + 2 * pw - dilation * (fw - 1) - 1) // stride + 1
+    x = rand(n, h, w, c, seed=16)
+    wt, b = rand(hout, wout, k, fh, fw, c, seed=17), rand(hout, wout, k, seed=18)
+    got = ops.local2d(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
+    want = ref.local2d_reference(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
+    assert_matches(got, want)
+
+
+def test_local2d_batch_larger_than_one_block(monkeypatch):
+    monkeypatch.setattr(ops, "LOCAL_BLOCK", 2)
+    x, wt = rand(5, 4, 4, 2, seed=19), rand(2, 2, 3, 3, 3, 2, seed=20)
+    assert_matches(ops.local2d(x, wt, stride=1), ref.local2d_reference(x, wt, stride=1))
+
+
+# (N, H, W, C, size, stride, pad, dilation)
+POOL_CASES = {
+    "3/2": (2, 7, 7, 3, 3, 2, 0, 1),
+    "2/2-odd": (1, 5, 7, 2, 2, 2, 0, 1),
+    "3/1-pad1": (2, 5, 5, 1, 3, 1, 1, 1),
+    "nonsquare": (1, 8, 9, 2, (2, 3), (1, 2), (1, 0, 0, 1), 1),
+    "dilated": (1, 9, 9, 2, 3, 1, 2, (2, 1)),
+    "default-stride": (3, 6, 6, 4, 3, None, 0, 1),
+    "global": (2, 4, 5, 3, (4, 5), 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", POOL_CASES.values(), ids=POOL_CASES.keys())
+def test_max_pool2d_matches_reference(case, threads):
+    n, h, w, c, size, stride, pad, dilation = case
+    x = rand(n, h, w, c, seed=21) - 3.0  # mostly negative: a pad read as 0 would win
+    assert_matches(ops.max_pool2d(x, size, stride, pad, dilation),
+                   ref.max_pool2d_reference(x, size, stride, pad, dilation))
+
+
+# avg_pool2d takes no dilation, like PyTorch's AvgPool2d
+AVG_CASES = {name: case for name, case in POOL_CASES.items() if case[-1] == 1}
+
+
+@pytest.mark.parametrize("count_pad", [False, True], ids=["exclude-pad", "count-pad"])
+@pytest.mark.parametrize("case", AVG_CASES.values(), ids=AVG_CASES.keys())
+def test_avg_pool2d_matches_reference(case, count_pad, threads):
+    n, h, w, c, size, stride, pad, _ = case
+    x = rand(n, h, w, c, seed=22) + 2.0
+    assert_matches(ops.avg_pool2d(x, size, stride, pad, count_pad),
+                   ref.avg_pool2d_reference(x, size, stride, pad, count_pad))
+
+
+def test_max_pool2d_keeps_nan_like_the_reference():
+    x = rand(1, 4, 4, 2, seed=23)
+    x[0, 1, 1, 0] = np.nan
+    got = ops.max_pool2d(x, 2, 2)
+    assert np.isnan(got[0, 0, 0, 0]) and not np.isnan(got[0, 0, 0, 1])
+    assert_matches(got, ref.max_pool2d_reference(x, 2, 2))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 3), (7,), (3, 1000)])
+def test_relu_matches_reference(shape):
+    x = rand(*shape, seed=24)
+    got = ops.relu(x)
+    assert_matches(got, ref.relu_reference(x), rtol=0, atol=0)
+    assert (x < 0).any(), "input must have negatives to test anything"
+
+
+def test_relu_does_not_modify_its_input():
+    x = rand(2, 3, 3, 2, seed=25)
+    before = x.copy()
+    ops.relu(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_integer_and_float64_inputs_are_cast():
+    x = np.arange(2 * 5 * 5 * 2).reshape(2, 5, 5, 2) % 7
+    wt = rand(3, 3, 3, 2, seed=26)
+    want = ref.conv2d_reference(x.astype(np.float32), wt)
+    assert_matches(ops.conv2d(x, wt.astype(np.float64)), want)
+
+
+def test_non_contiguous_input_matches_reference():
+    x = rand(2, 8, 8, 6, seed=27)[:, ::2, 1:, ::2]
+    wt = rand(2, 2, 2, 3, seed=28)
+    assert_matches(ops.conv2d(x, wt), ref.conv2d_reference(np.ascontiguousarray(x), wt))
+
+
+def test_empty_batch_gives_empty_output():
+    assert ops.conv2d(np.zeros((0, 5, 5, 2), np.float32), rand(3, 3, 3, 2)).shape == (0, 3, 3, 3)
+    assert ops.max_pool2d(np.zeros((0, 5, 5, 2), np.float32), 2).shape == (0, 2, 2, 2)
+
+
+F32 = np.float32
+BAD_CALLS = {
+    "x-3d": (lambda: ops.conv2d(rand(5, 5, 3), rand(2, 3, 3, 3)), InputError, "x"),
+    "x-strings": (lambda: ops.conv2d(np.full((1, 3, 3, 1), "a"), rand(1, 1, 1, 1)), InputError,
+                  "x"),
+    "x-complex": (lambda: ops.max_pool2d(np.ones((1, 3, 3, 1), complex), 2), InputError, "x"),
+    "x-no-channels": (lambda: ops.max_pool2d(np.ones((1, 2, 2, 0), F32), 1), InputError, "x"),
+    "w-3d": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(3, 3, 3)), ShapeError, "w"),
+    "channel-mismatch": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(2, 3, 3, 4)), ShapeError, "w"),
+    "bias-shape": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(2, 3, 3, 3), rand(3)), ShapeError,
+                   "b"),
+    "window-too-big": (lambda: ops.conv2d(rand(1, 4, 4, 1), rand(1, 5, 5, 1)), ShapeError, "size"),
+    "dilated-too-big": (
+        lambda: ops.conv2d(rand(1, 6, 6, 1), rand(1, 3, 3, 1), dilation=3), ShapeError, "size"
+    ),
+    "pool-too-big": (lambda: ops.max_pool2d(rand(1, 2, 2, 1), 3), ShapeError, "size"),
+    "stride-0": (lambda: ops.conv2d(rand(1, 5, 5, 1), rand(1, 3, 3, 1), stride=0), ModelError,
+                 "stride"),
+    "negative-pad": (lambda: ops.avg_pool2d(rand(1, 5, 5, 1), 2, pad=-1), ModelError, "pad"),
+    "pad-3-values": (lambda: ops.max_pool2d(rand(1, 5, 5, 1), 2, pad=[1, 1, 1]), ModelError, "pad"),
+    "local-wrong-output": (
+        lambda: ops.local2d(rand(1, 6, 6, 2), rand(3, 3, 1, 3, 3, 2)), ShapeError, "w"
+    ),
+    "local-bias-shape": (
+        lambda: ops.local2d(rand(1, 5, 5, 2), rand(3, 3, 1, 3, 3, 2), rand(1)), ShapeError, "b"
+    ),
+}
+
+
+@pytest.mark.parametrize("call,error,field", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_input_raises_a_typed_error_naming_the_field(call, error, field):
+    with pytest.raises(error) as info:
+        call()
+    assert info.value.field == field
+    assert isinstance(info.value, ValueError)
+
+
+def test_set_threads_clamps_and_rejects_non_ints():
+    before = ops.get_threads()
+    try:
+        assert ops.set_threads(10_000) == ops._threads.max_threads()
+        assert ops.set_threads(0) == 1 and ops.get_threads() == 1
+        with pytest.raises(TypeError):
+            ops.set_threads(1.5)
+    finally:
+        ops.set_threads(before)
+
+
+def test_warmup_compiles_every_kernel():
+    ops.warmup()
+    kernels = [_conv.conv_im2col, _conv.conv_pointwise, _conv.local_gemm,
+               _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
+    assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
