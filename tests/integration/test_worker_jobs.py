@@ -1,0 +1,256 @@
+"""Jobs end to end in one process: fakeredis, submit(), burst(); results equal Model.run."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+
+import fakeredis
+import numpy as np
+import pytest
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from engine import Model
+from worker import jobs
+from worker.config import Settings
+from worker.queue import cancel, job_status, make_queue, queue_depth, submit
+from worker.reaper import reap_abandoned
+from worker.runner import burst
+from worker.store import Store
+
+SPEC = {
+    "name": "tiny", "input": {"channels": 3},
+    "preprocess": {"scale": 0.00392156862745098, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+    "layers": [
+        {"name": "conv1", "type": "conv", "filters": 5, "size": 3, "stride": 1, "pad": 1},
+        {"name": "relu1", "type": "relu"},
+        {"name": "pool1", "type": "maxpool", "size": 2},
+        {"name": "conv2", "type": "conv", "filters": 3, "size": [2, 1], "pad": [0, 1]},
+    ],
+}
+SETTINGS = Settings(result_ttl=300, input_ttl=600)
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"conv1.w": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+            "conv1.b": rng.standard_normal(5).astype(np.float32),
+            "conv2.w": rng.standard_normal((3, 2, 1, 5)).astype(np.float32),
+            "conv2.b": rng.standard_normal(3).astype(np.float32)}
+
+
+@pytest.fixture
+def env():
+    redis = fakeredis.FakeRedis()
+    store = Store(redis, result_ttl=SETTINGS.result_ttl, input_ttl=SETTINGS.input_ttl)
+    queue = make_queue(redis)
+    model = Model.from_arrays(SPEC, _arrays())
+    version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
+    images = np.random.default_rng(1).integers(0, 256, (3, 10, 12, 3), dtype=np.uint8)
+    return redis, store, queue, model, version, images
+
+
+def _submit(env, **kw):
+    _redis, store, queue, _model, version, images = env
+    args = {"model": "tiny", "version": version, "images": images, "outputs": ["conv1", "conv2"],
+            "owner": "key1", **kw}
+    return submit(queue, store, **args)
+
+
+def test_results_equal_model_run(env):
+    redis, store, queue, model, version, images = env
+    job_id = _submit(env)
+    assert job_status(queue, job_id)["status"] == "queued" and queue_depth(queue) == 1
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    assert status["status"] == "finished", status
+    assert (status["error"], status["attempt"], status["owner"]) == (None, 1, "key1")
+    assert status["timings"]["compute_seconds"] >= 0 and status["timings"]["queue_seconds"] >= 0
+    expected = model.run(images, outputs=["conv1", "conv2"])
+    assert store.result_names(job_id) == ["conv1", "conv2"]
+    for name, want in expected.items():
+        got = store.result_array(job_id, name)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.array_equal(got, want)
+    assert queue_depth(queue) == 0
+
+
+def test_float_input_and_all_outputs(env):
+    redis, store, queue, model, version, _ = env
+    x = np.random.default_rng(2).standard_normal((1, 6, 6, 3)).astype(np.float32)
+    job_id = _submit(env, images=x, outputs="all")
+    burst(redis, SETTINGS)
+    assert store.result_names(job_id) == model.layer_names
+    assert np.array_equal(store.result_array(job_id, "pool1"), model.run(x, "all")["pool1"])
+
+
+def test_every_blob_and_record_has_a_ttl(env):
+    redis, store, queue, *_ = env
+    ok, bad = _submit(env), _submit(env, outputs=["nope"])
+    burst(redis, SETTINGS)
+    assert job_status(queue, ok)["status"] == "finished"
+    assert job_status(queue, bad)["status"] == "failed"
+    keys = [k.decode() for k in redis.keys("convq:input:*") + redis.keys("convq:result:*")
+            + redis.keys("rq:job:*") + redis.keys("rq:results:*")]
+    assert any(k.startswith("convq:result:") for k in keys) and len(keys) >= 5
+    for key in keys:
+        assert 0 < redis.ttl(key) <= 600, key
+
+
+@pytest.mark.parametrize("case, message", [
+    ("model", "no longer available"),
+    ("input", "expired"),
+    ("outputs", "nope"),
+    ("channels", "channel"),
+])
+def test_bad_job_fails_once_with_a_clear_error(env, case, message):
+    redis, store, queue, model, version, images = env
+    kw = {"model": {"model": "ghost"}, "outputs": {"outputs": ["nope"]},
+          "channels": {"images": images[..., :2]}}.get(case, {})
+    job_id = _submit(env, **kw)
+    if case == "input":
+        redis.delete(store.input_key(job_id))
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    assert status["status"] == "failed"
+    assert message in status["error"].lower() or message in status["error"]
+    assert status["attempt"] == 1  # not retried: a bad job cannot get better
+    assert queue_depth(queue) == 0 and store.result_names(job_id) is None
+    assert job_id in FailedJobRegistry(queue=queue)
+
+
+def test_progress_is_written_each_layer_and_reset_per_attempt(env, monkeypatch):
+    redis, store, queue, *_ = env
+    seen = []
+    original = Job.save_meta
+
+    def spy(self):
+        seen.append(json.loads(json.dumps(self.meta.get("progress"))))
+        original(self)
+
+    monkeypatch.setattr(Job, "save_meta", spy)
+    job_id = _submit(env)
+    burst(redis, SETTINGS)
+    # Reset first, then one entry per layer computed (conv2 is last requested: all 4 run).
+    assert seen[0] is None
+    assert seen[1:] == [{"layer": i + 1, "of": 4, "name": n}
+                        for i, n in enumerate(["conv1", "relu1", "pool1", "conv2"])]
+    stored = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).meta
+    assert stored["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+
+
+def test_cancel_queued_job_deletes_everything(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    assert cancel(queue, store, job_id) is True
+    assert job_status(queue, job_id) is None and queue_depth(queue) == 0
+    assert store.get_input(job_id) is None
+    burst(redis, SETTINGS)
+    assert store.result_names(job_id) is None
+    assert cancel(queue, store, "no-such-job") is False
+
+
+def test_cancel_running_job_stops_between_layers(env, monkeypatch):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    layers = []
+    original = jobs._save_progress
+
+    def cancel_at_layer_two(job, progress):
+        original(job, progress)
+        layers.append(progress and progress["layer"])
+        if progress and progress["layer"] == 2:
+            assert job_status(queue, job.id)["status"] == "started"
+            assert cancel(queue, store, job.id) is True
+
+    monkeypatch.setattr(jobs, "_save_progress", cancel_at_layer_two)
+    burst(redis, SETTINGS)
+    assert layers == [None, 1, 2]  # layer 3 never started
+    assert job_status(queue, job_id) is None
+    assert store.result_names(job_id) is None and store.get_input(job_id) is None
+    assert job_id not in FailedJobRegistry(queue=queue)
+
+
+def test_timeout_between_layers_fails_with_timeout_error(env, monkeypatch):
+    redis, store, queue, *_ = env
+    clock = iter(range(0, 10_000, 4))  # every look at the clock is 4 s later
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
+    job_id = _submit(env, job_timeout=5)
+    follower = _submit(env)
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    assert status["status"] == "failed" and "timed out" in status["error"]
+    assert "5 s timeout" in status["error"] and status["attempt"] == 1
+    # The worker went on to the next job, whose default timeout (600 s) is not reached.
+    assert job_status(queue, follower)["status"] == "finished"
+
+
+def test_hand_written_record_naming_os_system_never_runs(env, tmp_path):
+    redis, store, queue, *_ = env
+    target = tmp_path / "pwned"
+    job_id = "evil0001"
+    data = json.dumps(["os.system", None, [f"touch {target}"], {}]).encode()
+    now = "2026-01-01T00:00:00.000000Z"
+    redis.hset(f"rq:job:{job_id}", mapping={
+        "data": zlib.compress(data), "status": "queued", "origin": queue.name,
+        "created_at": now, "enqueued_at": now, "description": "x", "timeout": 60})
+    redis.rpush(queue.key, job_id)
+    # The same through stock rq's own API, and a name that only looks like ours.
+    import rq
+    plain = rq.Queue(queue.name, connection=redis, serializer=JSONSerializer)
+    sneaky = plain.enqueue_call("worker.jobs.os.system", args=[f"touch {target}"]).id
+    burst(redis, SETTINGS)
+    assert not target.exists()
+    for jid in (job_id, sneaky):
+        status = job_status(queue, jid)
+        assert status["status"] == "failed" and "refusing to run" in status["error"], status
+
+
+def test_abandoned_job_is_requeued_then_finishes(env):
+    redis, store, queue, model, version, images = env
+    job_id = _submit(env)
+    job = _pretend_a_dead_worker_started(redis, queue, job_id)
+    assert reap_abandoned(queue, now=time.time() + 1) == [job_id]
+    assert job_status(queue, job_id)["status"] == "queued" and queue_depth(queue) == 1
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    assert status["status"] == "finished" and status["attempt"] == 2
+    assert job.id not in FailedJobRegistry(queue=queue)
+    want = model.run(images, outputs=["conv2"])["conv2"]
+    assert np.array_equal(store.result_array(job_id, "conv2"), want)
+
+
+def test_abandoned_job_without_retries_fails(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env, retries=0)
+    _pretend_a_dead_worker_started(redis, queue, job_id)
+    assert reap_abandoned(queue, now=time.time() + 1) == [job_id]
+    status = job_status(queue, job_id)
+    assert status["status"] == "failed" and "worker died" in status["error"]
+
+
+def test_reaper_leaves_fresh_and_finished_jobs_alone(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    _pretend_a_dead_worker_started(redis, queue, job_id, expires_in=60)
+    assert reap_abandoned(queue) == []  # heartbeat still valid
+    burst(redis, SETTINGS)  # nothing queued: the job is "running elsewhere"
+    done = _submit(env)
+    burst(redis, SETTINGS)
+    registry = StartedJobRegistry(queue=queue)
+    redis.zadd(registry.key, {f"{done}:stale": 1})  # a leftover entry of a finished job
+    assert reap_abandoned(queue, now=time.time() + 120) == [job_id]
+    assert job_status(queue, done)["status"] == "finished"
+    assert done not in FailedJobRegistry(queue=queue)
+
+
+def _pretend_a_dead_worker_started(redis, queue, job_id, expires_in=-5):
+    job = queue.fetch_job(job_id)
+    redis.lrem(queue.key, 0, job_id)
+    job.set_status(JobStatus.STARTED)
+    registry = StartedJobRegistry(queue=queue)
+    redis.zadd(registry.key, {f"{job_id}:deadbeef": time.time() + expires_in})
+    return job
