@@ -1,0 +1,7 @@
+"""`python -m worker` is `convq worker`."""
+
+import sys
+
+from .runner import main
+
+sys.exit(main())
