@@ -120,5 +120,6 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
                           retry_after=retry)
     job_id = submit(ext.queue, ext.store, model=target.name, version=target.version,
                     images=np.ascontiguousarray(images), outputs=list(outputs),
-                    owner=current_owner(), meta=meta)
+                    owner=current_owner(), meta=meta, job_timeout=ext.settings.job_timeout,
+                    retries=ext.settings.retries)
     return job_id, list(outputs)

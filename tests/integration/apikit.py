@@ -1,0 +1,123 @@
+"""Helpers for the API integration tests: an app over fakeredis, a small model, V2 bodies."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import fakeredis
+import numpy as np
+
+from engine import Model
+from service.app import create_app
+from worker.config import Settings
+from worker.runner import burst
+
+SPEC = {
+    "name": "tiny",
+    "input": {"height": 9, "width": 9, "channels": 3},
+    "preprocess": {"scale": 0.00392156862745098, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25]},
+    "layers": [
+        {"name": "conv1", "type": "conv", "filters": 4, "size": 3, "stride": 2, "pad": 1},
+        {"name": "relu1", "type": "relu"},
+        {"name": "pool1", "type": "maxpool", "size": 2, "stride": 1},
+        {"name": "fc", "type": "conv", "filters": 5, "size": 4},
+    ],
+}
+
+
+def arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv1.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+            "conv1.b": rng.standard_normal(4).astype(np.float32),
+            "fc.w": rng.standard_normal((5, 4, 4, 4)).astype(np.float32),
+            "fc.b": rng.standard_normal(5).astype(np.float32)}
+
+
+def npz_bytes(arrs: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrs)
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def reference_model(seed: int = 0) -> Model:
+    return Model.from_arrays(SPEC, arrays(seed))
+
+
+def load_body(spec: dict = SPEC, seed: int = 0, filename: str = "weights.npz",
+              data: bytes | None = None) -> dict:
+    data = npz_bytes(arrays(seed)) if data is None else data
+    return {"parameters": {"config": json.dumps(spec),
+                           f"file:{filename}": base64.b64encode(data).decode()}}
+
+
+def images(n: int = 2, seed: int = 1, h: int = 9, w: int = 9) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def v2_json(imgs: np.ndarray, outputs: list[str] | None = None, **params) -> dict:
+    datatype = "UINT8" if imgs.dtype == np.uint8 else "FP32"
+    body: dict = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(imgs.shape),
+                              "data": imgs.ravel().tolist()}]}
+    if outputs is not None:
+        body["outputs"] = [{"name": o} for o in outputs]
+    if params:
+        body["parameters"] = params
+    return body
+
+
+def v2_binary(imgs: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes, dict]:
+    datatype = "UINT8" if imgs.dtype == np.uint8 else "FP32"
+    raw = imgs.tobytes()
+    header: dict = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(imgs.shape),
+                                "parameters": {"binary_data_size": len(raw)}}]}
+    if outputs is not None:
+        header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
+    head = json.dumps(header).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)),
+                        "Content-Type": "application/octet-stream"}
+
+
+def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """Decode a V2 response (binary or JSON outputs) to {name: array}."""
+    n = len(data) if header_length is None else int(header_length)
+    doc = json.loads(data[:n])
+    out, offset = {}, n
+    for o in doc["outputs"]:
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = np.array(o["data"], np.float32).reshape(o["shape"])
+        else:
+            out[o["name"]] = np.frombuffer(data[offset:offset + size], np.float32).reshape(
+                o["shape"])
+            offset += size
+    assert offset == len(data)
+    return out
+
+
+class Api:
+    """A Flask test client over a fresh fakeredis, with a burst() worker at hand."""
+
+    def __init__(self, **config):
+        self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.settings = Settings(threads=1, retries=0)
+        self.app = create_app({"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings,
+                               **config})
+        self.client = self.app.test_client()
+
+    def burst(self) -> None:
+        burst(self.redis, self.settings)
+
+    def load(self, name: str = "tiny", headers: dict | None = None, **kw):
+        return self.client.post(f"/v2/repository/models/{name}/load", json=load_body(**kw),
+                                headers=headers or {})
+
+    def queue_keys(self) -> int:
+        return self.redis.llen("rq:queue:convq")
