@@ -1,0 +1,248 @@
+"""`convq submit`: upload a model if asked, run images as one job, save the activations.
+
+    convq submit --url URL [--model NAME] [--spec spec.json --weights w.npz | --onnx m.onnx]
+                 [--outputs all|a,b] [--out DIR] [--api-key KEY] IMAGES_OR_FOLDERS...
+
+Saves DIR/<job>.npz (one float32 (N, Hout, Wout, K) array per requested layer) and
+DIR/<job>/<layer>/<i>-<image>.png (that layer's maps as a grid, one picture per image).
+Exit status: 0 done, 1 the server or the job refused, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+DONE = ("finished", "failed", "canceled")
+
+
+class ClientError(Exception):
+    """What went wrong, worded for the terminal."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="convq submit", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGES_OR_FOLDERS",
+        help="PNG/JPEG/.npy files, or folders of them (same size within one job)",
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CONVQ_URL", "http://127.0.0.1:8000"),
+        help="the convq server (default $CONVQ_URL or http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--model", help="model name (default: the spec's name, the .onnx file's stem, or 'demo')"
+    )
+    p.add_argument("--spec", type=Path, help="spec.json to upload (with --weights)")
+    p.add_argument("--weights", type=Path, help=".npz or .safetensors weights to upload")
+    p.add_argument("--onnx", type=Path, help="an .onnx model to upload instead of spec+weights")
+    p.add_argument("--outputs", default="all", help="'all' or comma-separated layer names")
+    p.add_argument("--out", type=Path, default=Path("convq-out"), help="where to save results")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("CONVQ_API_KEY"),
+        help="bearer key (default $CONVQ_API_KEY)",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    p.add_argument("--no-png", action="store_true", help="save the .npz only")
+    args = p.parse_args(argv)
+    if (args.spec is None) != (args.weights is None):
+        p.error("--spec and --weights go together")
+    if args.onnx is not None and args.spec is not None:
+        p.error("give --onnx or --spec/--weights, not both")
+    return args
+
+
+def find_images(paths: list[str]) -> list[Path]:
+    """Expand folders (recursively, sorted) into image files; keep files as given."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(
+                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ClientError(f"{raw}: no such file or folder")
+    if not found:
+        raise ClientError("no images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+    return found
+
+
+class Api:
+    """The few convq routes the client needs, over one requests.Session."""
+
+    def __init__(self, url: str, key: str | None):
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def call(self, method: str, path: str, **kw) -> requests.Response:
+        try:
+            resp = self.session.request(
+                method, self.url + path, timeout=kw.pop("timeout", 60), **kw
+            )
+        except requests.RequestException as exc:
+            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:200] or resp.reason
+            raise ClientError(f"{method} {path}: {resp.status_code} {message}")
+        return resp
+
+
+def upload(api: Api, name: str, args: argparse.Namespace) -> str:
+    """Upload the model given on the command line; return its version."""
+    if args.onnx is not None:
+        files = {"weights": (args.onnx.name, args.onnx.read_bytes())}
+    else:
+        files = {
+            "spec": ("spec.json", args.spec.read_bytes()),
+            "weights": (args.weights.name, args.weights.read_bytes()),
+        }
+    answer = api.call("POST", f"/v2/repository/models/{name}/load", files=files).json()
+    return str(answer.get("version", "?"))
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    if args.spec is not None:
+        try:
+            name = json.loads(args.spec.read_text()).get("name")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ClientError(f"{args.spec}: not a readable spec ({exc})") from None
+        if name:
+            return str(name)
+    if args.onnx is not None:
+        return args.onnx.stem
+    return "demo"
+
+
+def submit(api: Api, model: str, images: list[Path], outputs: str) -> str:
+    """POST the images as one multipart job; return the job id."""
+    files = [("images", (p.name, p.read_bytes())) for p in images]
+    resp = api.call("POST", f"/v2/models/{model}/jobs", files=files, data={"outputs": outputs})
+    return resp.json()["id"]
+
+
+def wait(api: Api, job: str, timeout: float, out=None) -> dict:
+    """Poll the job, feeding a progress bar with its per-layer progress; return the last status."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    with tqdm(
+        total=1, unit="layer", desc=f"job {job[:8]} queued", file=out or sys.stderr, leave=True
+    ) as bar:
+        while True:
+            status = api.call("GET", f"/v2/jobs/{job}").json()
+            progress = status.get("progress") or {}
+            if progress.get("of"):
+                bar.total = progress["of"]
+                bar.n = progress["layer"]
+                bar.set_description(f"job {job[:8]} {progress.get('name', '')}")
+            if status["status"] in DONE:
+                if status["status"] == "finished":
+                    bar.n = bar.total
+                bar.set_description(f"job {job[:8]} {status['status']}")
+                bar.refresh()
+                return status
+            bar.refresh()
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"job {job} still {status['status']} after {timeout:g} s "
+                    f"(it keeps running; GET /v2/jobs/{job})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+
+def save(
+    api: Api, job: str, names: list[str], images: list[Path], out: Path, png: bool
+) -> list[Path]:
+    """Fetch each output as .npy into out/<job>.npz and, unless png is False, PNG grids."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    written = []
+    for name in names:
+        raw = api.call(
+            "GET", f"/v2/jobs/{job}/result", params={"output": name, "format": "npy"}
+        ).content
+        arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not png:
+            continue
+        folder = out / job / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            grid = api.call(
+                "GET",
+                f"/v2/jobs/{job}/result",
+                params={"output": name, "format": "png", "image": i},
+            ).content
+            path = folder / f"{i:03d}-{image.stem}.png"
+            path.write_bytes(grid)
+            written.append(path)
+    npz = out / f"{job}.npz"
+    np.savez(npz, **arrays)
+    return [npz, *written]
+
+
+def run(args: argparse.Namespace) -> int:
+    images = find_images(args.images)
+    api = Api(args.url, args.api_key)
+    name = model_name(args)
+    if args.spec is not None or args.onnx is not None:
+        print(f"uploaded {name} version {upload(api, name, args)}", file=sys.stderr)
+    job = submit(api, name, images, args.outputs)
+    print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
+    status = wait(api, job, args.timeout)
+    if status["status"] != "finished":
+        print(
+            f"job {job} {status['status']}: {status.get('error') or 'no reason given'}",
+            file=sys.stderr,
+        )
+        return 1
+    names = status.get("outputs") or []
+    saved = save(api, job, names, images, args.out, png=not args.no_png)
+    print(f"saved {saved[0]} ({', '.join(names)})", file=sys.stderr)
+    if len(saved) > 1:
+        print(f"saved {len(saved) - 1} PNG grid(s) under {args.out / job}", file=sys.stderr)
+    print(saved[0])  # stdout: the one path a script wants
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `convq submit` with argv (without the 'submit' word); return the exit status."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse's --help and usage errors; callers want a status
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return run(args)
+    except ClientError as exc:
+        print(f"convq submit: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"convq submit: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

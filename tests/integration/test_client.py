@@ -1,0 +1,173 @@
+"""`convq submit` against a live in-process server: real HTTP, embedded worker threads."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import fakeredis
+import numpy as np
+import pytest
+from PIL import Image
+from werkzeug.serving import make_server
+
+from engine import Model
+from service import client
+from service.app import create_app
+from service.demo import demo_images, demo_model
+from worker.config import Settings
+from worker.embedded import start_workers
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A convq API on a free port with one embedded worker, sharing one fakeredis."""
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    settings = Settings(threads=1)
+    app = create_app({"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1,k2"})
+    http = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    workers = start_workers(redis, settings, 1)
+    yield f"http://127.0.0.1:{http.server_port}"
+    workers.stop(timeout=10)
+    http.shutdown()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """spec.json + weights.npz of the demo model, and a folder with two sample pictures."""
+    root = tmp_path_factory.mktemp("demo")
+    spec, arrays = demo_model()
+    (root / "spec.json").write_text(json.dumps(spec))
+    np.savez(root / "weights.npz", **arrays)
+    pics = root / "pics"
+    pics.mkdir()
+    for name, data in demo_images()[:2]:
+        (pics / name).write_bytes(data)
+    (pics / "notes.txt").write_text("not an image: skipped")
+    return root
+
+
+def test_uploads_runs_and_saves_npz_and_png_grids(server, demo_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = client.main(
+        [
+            "--url",
+            server,
+            "--api-key",
+            "k1",
+            "--spec",
+            str(demo_files / "spec.json"),
+            "--weights",
+            str(demo_files / "weights.npz"),
+            "--outputs",
+            "all",
+            "--out",
+            str(out),
+            str(demo_files / "pics"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    npz_path = out / captured.out.strip().rsplit("/", 1)[-1]
+    assert npz_path.suffix == ".npz" and npz_path.exists()
+    job = npz_path.stem
+    assert "uploaded demo version 1" in captured.err
+    assert "3/3" in captured.err  # the bar reached the last of the demo's three layers
+
+    with np.load(npz_path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["conv1", "pool1", "relu1"]
+        assert saved["conv1"].shape == (2, 55, 55, 96)
+        assert saved["pool1"].shape == (2, 27, 27, 96)
+        pool1 = saved["pool1"]
+    # The activations are the model's: recompute them with the engine directly.
+    pictures = sorted(demo_images()[:2])  # the folder is read in sorted order
+    batch = np.stack([np.asarray(Image.open(io.BytesIO(data))) for _, data in pictures])
+    expected = Model.from_arrays(*demo_model()).run(batch, outputs=["pool1"])["pool1"]
+    np.testing.assert_allclose(pool1, expected, rtol=1e-4, atol=1e-4)
+
+    grids = sorted(p.relative_to(out / job).as_posix() for p in (out / job).rglob("*.png"))
+    assert grids == [
+        f"{layer}/{i:03d}-{name[:-4]}.png"
+        for layer in ("conv1", "pool1", "relu1")
+        for i, (name, _) in enumerate(pictures)
+    ]
+    with Image.open(out / job / "pool1" / "000-scene.png") as grid:
+        assert grid.format == "PNG"
+
+
+def test_existing_model_selected_outputs_and_no_png(server, demo_files, tmp_path, capsys):
+    spec, arrays = demo_model()
+    client.main(
+        [
+            "--url",
+            server,
+            "--api-key",
+            "k2",
+            "--model",
+            "mine",
+            "--spec",
+            str(demo_files / "spec.json"),
+            "--weights",
+            str(demo_files / "weights.npz"),
+            "--no-png",
+            "--out",
+            str(tmp_path),
+            str(demo_files / "pics" / "stripes.png"),
+        ]
+    )
+    capsys.readouterr()
+    status = client.main(
+        [
+            "--url",
+            server,
+            "--api-key",
+            "k2",
+            "--model",
+            "mine",
+            "--outputs",
+            "relu1",
+            "--no-png",
+            "--out",
+            str(tmp_path),
+            str(demo_files / "pics" / "stripes.png"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    with np.load(captured.out.strip(), allow_pickle=False) as saved:
+        assert saved.files == ["relu1"]
+        assert saved["relu1"].min() >= 0
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "nope"], "nope"),  # unknown model: the server's 404 message
+        (["--outputs", "conv9"], "conv9"),  # unknown layer: the server's 400 message
+        (["--api-key", "wrong"], "401"),
+    ],
+)
+def test_server_refusals_end_with_status_1_and_the_reason(
+    server, demo_files, capsys, extra, message
+):
+    argv = ["--url", server, "--api-key", "k1", *extra, str(demo_files / "pics")]
+    assert client.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_local_mistakes_need_no_server(tmp_path, capsys):
+    assert client.main(["--url", "http://127.0.0.1:9", str(tmp_path / "missing.png")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert client.main(["--url", "http://127.0.0.1:9", str(tmp_path)]) == 1
+    assert "no images found" in capsys.readouterr().err
+    assert client.main(["--spec", "s.json", str(tmp_path)]) == 2  # --weights missing
+    img = tmp_path / "a.png"
+    img.write_bytes(demo_images()[0][1])
+    assert client.main(["--url", "http://127.0.0.1:9", str(img)]) == 1
+    assert "cannot reach" in capsys.readouterr().err
