@@ -121,3 +121,27 @@ class Api:
 
     def queue_keys(self) -> int:
         return self.redis.llen("rq:queue:convq")
+
+
+class Live:
+    """The app served by werkzeug on a free loopback port, with embedded worker threads."""
+
+    def __init__(self, workers: int = 1, **config):
+        import threading
+
+        from werkzeug.serving import make_server
+
+        from worker.embedded import start_workers
+
+        self.api = Api(**config)
+        self.handle = (start_workers(self.api.redis, self.api.settings, n=workers)
+                       if workers else None)
+        self.server = make_server("127.0.0.1", 0, self.api.app, threaded=True)
+        self.url = f"127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        if self.handle is not None:
+            self.handle.stop()

@@ -1,0 +1,93 @@
+"""Bearer keys: required on /v2 except health; jobs, results and models belong to their key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.apikit import Api, images, load_body, v2_json
+
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+
+
+@pytest.fixture
+def api():
+    return Api(API_KEYS="key-a, key-b")
+
+
+def test_health_needs_no_key_everything_else_does(api):
+    assert api.client.get("/v2/health/live").status_code == 200
+    assert api.client.get("/v2/health/ready").status_code == 503  # no worker, but not 401
+    for method, path in [("get", "/v2"), ("post", "/v2/repository/index"),
+                         ("get", "/v2/models/tiny"), ("post", "/v2/models/tiny/jobs"),
+                         ("get", "/v2/jobs/" + "0" * 32), ("post", "/v2/models/tiny/infer"),
+                         ("post", "/v2/repository/models/tiny/load")]:
+        rv = getattr(api.client, method)(path)
+        assert rv.status_code == 401, path
+        assert rv.headers["WWW-Authenticate"] == "Bearer" and "error" in rv.json
+    for bad in ("Bearer nope", "Basic a2V5LWE=", "Bearer ", "key-a"):
+        assert api.client.get("/v2", headers={"Authorization": bad}).status_code == 401
+    assert api.client.get("/v2", headers=A).status_code == 200
+
+
+def test_keys_never_reach_redis(api):
+    api.load(headers=A)
+    rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=A)
+    assert rv.status_code == 202
+    for key in api.redis.keys("*"):
+        kind = api.redis.type(key)
+        values = {b"string": lambda k: [api.redis.get(k)],
+                  b"hash": lambda k: list(api.redis.hgetall(k).values())}.get(kind, lambda k: [])
+        for value in values(key):
+            assert b"key-a" not in value
+
+
+def test_another_keys_jobs_and_results_are_404(api):
+    assert api.load(headers=A).status_code == 200
+    job_id = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)),
+                             headers=A).json["id"]
+    api.burst()
+    for path in (f"/v2/jobs/{job_id}", f"/v2/jobs/{job_id}/result"):
+        assert api.client.get(path, headers=B).status_code == 404
+        assert api.client.get(path, headers=A).status_code == 200
+    assert api.client.delete(f"/v2/jobs/{job_id}", headers=B).status_code == 404
+    assert api.client.get(f"/v2/jobs/{job_id}", headers=A).json["status"] == "finished"
+    assert api.client.delete(f"/v2/jobs/{job_id}", headers=A).status_code == 200
+
+
+def test_another_keys_models_are_invisible_and_untouchable(api):
+    assert api.load(headers=A).status_code == 200
+    assert api.client.get("/v2/models/tiny", headers=B).status_code == 404
+    assert api.client.get("/v2/models/tiny/ready", headers=B).status_code == 404
+    assert api.client.post("/v2/repository/index", headers=B).json == []
+    assert [m["name"] for m in api.client.post("/v2/repository/index", headers=A).json] == [
+        "tiny"]
+    rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=B)
+    assert rv.status_code == 404 and api.queue_keys() == 0
+    assert api.client.post("/v2/repository/models/tiny/unload", headers=B).status_code == 404
+    rv = api.client.post("/v2/repository/models/tiny/load", json=load_body(seed=9), headers=B)
+    assert rv.status_code == 409  # the name is taken; B cannot replace A's model
+    assert api.client.get("/v2/models/tiny", headers=A).json["versions"] == ["1"]
+
+
+def test_server_models_are_shared_but_read_only():
+    api = Api(API_KEYS="key-a")
+    store = api.app.extensions["convq"].store
+    from tests.integration.apikit import reference_model
+
+    model = reference_model()
+    store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
+    assert api.client.get("/v2/models/tiny", headers=A).status_code == 200
+    assert api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)),
+                           headers=A).status_code == 202
+    assert api.load(headers=A).status_code == 409
+    assert api.client.post("/v2/repository/models/tiny/unload", headers=A).status_code == 409
+
+
+def test_without_keys_everything_is_open():
+    api = Api()
+    assert api.load().status_code == 200
+    job_id = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1))).json["id"]
+    assert api.client.get(f"/v2/jobs/{job_id}").status_code == 200
+    # A stray Authorization header changes nothing when auth is off.
+    assert api.client.get(f"/v2/jobs/{job_id}", headers=B).status_code == 200
