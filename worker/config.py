@@ -36,6 +36,7 @@ class Settings:
     heartbeat: int = defaults.HEARTBEAT_SECONDS
     heartbeat_grace: int = defaults.HEARTBEAT_GRACE
     maintenance_interval: int = defaults.MAINTENANCE_SECONDS
+    timeout_grace: int = defaults.TIMEOUT_GRACE
     log_level: str = "INFO"
 
     @classmethod
@@ -55,5 +56,6 @@ class Settings:
             heartbeat_grace=max(1, _int(env, "CONVQ_HEARTBEAT_GRACE", defaults.HEARTBEAT_GRACE)),
             maintenance_interval=max(
                 1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)),
+            timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
         )

@@ -175,7 +175,9 @@ class ConvqWorker(_ConvqMixin, Worker):
         ret_val = None
         timed_out = False
         job.started_at = now()
-        limit = job.timeout + defaults.TIMEOUT_GRACE if job.timeout and job.timeout > 0 else None
+        limit = None
+        if job.timeout and job.timeout > 0:
+            limit = job.timeout + self.settings.timeout_grace
         while True:
             try:
                 with self.death_penalty_class(self.job_monitoring_interval,
@@ -209,8 +211,8 @@ class ConvqWorker(_ConvqMixin, Worker):
             job.retries_left = 0
             job.meta = job.get_meta(refresh=True)
             job.meta["error"] = (f"JobTimeout: job timed out: still inside one layer "
-                                 f"{defaults.TIMEOUT_GRACE} s past its {job.timeout} s timeout; "
-                                 "the worker killed it")
+                                 f"{self.settings.timeout_grace} s past its {job.timeout} s "
+                                 "timeout; the worker killed it")
             job.save_meta()
             self.handle_job_failure(job, queue, exc_string=job.meta["error"], execution=execution)
         elif self._stopped_job_id == job.id:

@@ -1,0 +1,236 @@
+"""Faults a production queue meets, against real redis-server and `convq worker` processes.
+
+Each test kills or stops something while a job is known to be mid-way (its progress shows a
+started layer) and checks the job still ends right: same numbers as Model.run, never lost,
+never failed when it finished.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from rq.registry import FailedJobRegistry
+
+from engine import Model
+from tests.system.procs import pid_alive, start_worker, worker_pids
+from worker.connection import connect
+from worker.queue import job_status, make_queue, submit
+from worker.store import Store
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+LAYERS = 30
+
+
+@functools.cache
+def slow_model() -> Model:
+    """30 3x3 convs, 64 channels: a few seconds per job at 256x256, 0.1-0.2 s per layer."""
+    rng = np.random.default_rng(0)
+    spec = {"name": "slow", "input": {"channels": 3}, "layers": []}
+    arrays, cin = {}, 3
+    for i in range(LAYERS):
+        spec["layers"].append({"name": f"c{i}", "type": "conv", "filters": 64, "size": 3,
+                               "pad": 1})
+        arrays[f"c{i}.w"] = (rng.standard_normal((64, 3, 3, cin)) / np.sqrt(9 * cin)).astype(
+            np.float32)
+        arrays[f"c{i}.b"] = rng.standard_normal(64).astype(np.float32) * 0.1
+        cin = 64
+    return Model.from_arrays(spec, arrays)
+
+
+@functools.cache
+def slow_images() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+
+
+@functools.cache
+def slow_expected() -> np.ndarray:
+    return slow_model().run(slow_images(), outputs=["c29"])["c29"]
+
+
+def tiny_model() -> Model:
+    rng = np.random.default_rng(2)
+    spec = {"name": "tiny", "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3},
+                       {"name": "p", "type": "maxpool", "size": 2}]}
+    return Model.from_arrays(spec, {"c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
+                                    "c.b": np.zeros(2, np.float32)})
+
+
+class Bench:
+    """The client side of one test: queue, store and a model uploaded under a name."""
+
+    def __init__(self, server):
+        self.redis = connect(server.url)
+        self.store = Store(self.redis)
+        self.queue = make_queue(self.redis)
+
+    def upload(self, name: str, model: Model) -> int:
+        return self.store.put_model(name, model.spec, model.to_safetensors(), owner=None)
+
+    def submit(self, name, version, images, outputs, **kw) -> str:
+        return submit(self.queue, self.store, model=name, version=version, images=images,
+                      outputs=outputs, owner=None, **kw)
+
+    def status(self, job_id):
+        return job_status(self.queue, job_id)
+
+    def wait(self, job_id, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.status(job_id)
+            if predicate(status):
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}: {status}")
+
+    def wait_layer(self, job_id, layer: int, timeout: float = 60.0):
+        return self.wait(job_id, lambda s: s and s["status"] == "started" and s["progress"]
+                         and s["progress"]["layer"] >= layer, timeout, f"layer {layer}")
+
+    def wait_end(self, job_id, timeout: float = 90.0):
+        return self.wait(job_id, lambda s: s and s["status"] in ("finished", "failed"), timeout,
+                         "the job to end")
+
+
+@pytest.fixture
+def workers(tmp_path):
+    procs = []
+
+    def start(url, **kw):
+        proc = start_worker(url, tmp_path, name=f"w{len(procs)}", **kw)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.close()
+
+
+def _submit_slow(bench, **kw):
+    version = bench.upload("slow", slow_model())
+    return bench.submit("slow", version, slow_images(), ["c29"], **kw)
+
+
+def _assert_right(bench, job_id):
+    got = bench.store.result_array(job_id, "c29")
+    assert got is not None and np.array_equal(got, slow_expected())
+    assert job_id not in FailedJobRegistry(queue=bench.queue)
+
+
+def test_killed_horse_is_retried_and_restarts_progress(redis_server, workers):
+    bench = Bench(redis_server)
+    worker = workers(redis_server.url)
+    job_id = _submit_slow(bench)
+    bench.wait_layer(job_id, 3)
+    horses = worker.children()
+    assert len(horses) == 1
+    os.kill(horses[0], signal.SIGKILL)
+    # Progress starts over on the second attempt.
+    again = bench.wait(job_id, lambda s: s["status"] == "started" and s["attempt"] == 2
+                       and s["progress"] and s["progress"]["layer"] < 3, 60, "attempt 2")
+    assert again["progress"]["of"] == LAYERS
+    status = bench.wait_end(job_id)
+    assert status["status"] == "finished" and status["attempt"] == 2, status
+    _assert_right(bench, job_id)
+    assert worker.alive()
+
+
+def test_killed_worker_job_finishes_on_another_within_90s(redis_server, workers):
+    bench = Bench(redis_server)
+    first, second = workers(redis_server.url), workers(redis_server.url)
+    job_id = _submit_slow(bench)
+    bench.wait_layer(job_id, 2)
+    job = bench.queue.fetch_job(job_id)
+    victim = first if worker_pids(redis_server.url).get(job.worker_name) == first.pid else second
+    survivor = second if victim is first else first
+    horse = victim.children()
+    killed_at = time.monotonic()
+    victim.kill()
+    # The horse dies with its worker, so the job never runs twice at once.
+    deadline = time.monotonic() + 5
+    while horse and pid_alive(horse[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (horse and pid_alive(horse[0]))
+    status = bench.wait_end(job_id, timeout=90)
+    assert status["status"] == "finished", (status, survivor.log()[-3000:])
+    assert time.monotonic() - killed_at < 90
+    assert status["attempt"] == 2
+    _assert_right(bench, job_id)
+
+
+def test_sigterm_while_busy_finishes_the_job_then_exits_0(redis_server, workers):
+    bench = Bench(redis_server)
+    worker = workers(redis_server.url)
+    job_id = _submit_slow(bench)
+    bench.wait_layer(job_id, 2)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(90) == 0, worker.log()[-3000:]
+    status = bench.status(job_id)
+    assert status["status"] == "finished" and status["attempt"] == 1
+    _assert_right(bench, job_id)
+
+
+def test_job_timeout_fails_and_worker_takes_the_next(redis_server, workers):
+    bench = Bench(redis_server)
+    workers(redis_server.url)
+    between_layers = _submit_slow(bench, job_timeout=1)
+    # One layer far longer than timeout + grace: only the worker's kill can stop it.
+    rng = np.random.default_rng(3)
+    big = Model.from_arrays(
+        {"name": "big", "input": {"channels": 256},
+         "layers": [{"name": "big", "type": "conv", "filters": 256, "size": 7, "pad": 3}]},
+        {"big.w": (rng.standard_normal((256, 7, 7, 256)) * 0.01).astype(np.float32),
+         "big.b": np.zeros(256, np.float32)})
+    x = rng.standard_normal((6, 96, 96, 256)).astype(np.float32)
+    in_kernel = bench.submit("big", bench.upload("big", big), x, ["big"], job_timeout=1)
+    tiny = tiny_model()
+    after = bench.submit("tiny", bench.upload("tiny", tiny), np.ones((1, 6, 6), np.uint8), ["p"])
+    for job_id in (between_layers, in_kernel):
+        status = bench.wait_end(job_id, timeout=60)
+        assert status["status"] == "failed" and "timed out" in status["error"], status
+        assert status["attempt"] == 1
+        # Bounded: timeout 1 s + grace 2 s + one heartbeat, not the kernel's full run.
+        assert status["timings"]["compute_seconds"] < 8, status
+    assert bench.wait_end(after, timeout=30)["status"] == "finished"
+
+
+def test_redis_killed_and_restarted_with_aof_loses_no_job(redis_server_factory, workers):
+    server = redis_server_factory(aof=True)
+    bench = Bench(server)
+    w1, w2 = workers(server.url), workers(server.url)
+    tiny = tiny_model()
+    version = bench.upload("tiny", tiny)
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (1, 12, 12), dtype=np.uint8) for _ in range(100)]
+    ids = [bench.submit("tiny", version, x, ["p"]) for x in images]
+    time.sleep(1.5)  # appendfsync everysec: the submissions are on disk
+    server.restart()
+    bench = Bench(server)
+    for job_id in ids:
+        status = bench.wait_end(job_id, timeout=120)
+        assert status["status"] == "finished", status
+    for job_id, x in zip(ids, images, strict=True):
+        assert np.array_equal(bench.store.result_array(job_id, "p"), tiny.run(x, ["p"])["p"])
+    assert len(FailedJobRegistry(queue=bench.queue)) == 0
+    assert w1.alive() and w2.alive()
+
+
+def test_worker_survives_redis_outage(redis_server, workers):
+    worker = workers(redis_server.url)
+    redis_server.kill()
+    time.sleep(4)
+    assert worker.alive()
+    redis_server.start()
+    bench = Bench(redis_server)
+    tiny = tiny_model()
+    job_id = bench.submit("tiny", bench.upload("tiny", tiny), np.ones((1, 6, 6), np.uint8), ["p"])
+    status = bench.wait_end(job_id, timeout=60)
+    assert status["status"] == "finished", worker.log()[-3000:]
+    assert worker.alive()
