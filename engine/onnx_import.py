@@ -397,10 +397,10 @@ def convert(onnx_bytes: bytes, *, name: str | None = None) -> tuple[dict, dict[s
     tensor, c, h, w = _input(graph, consts)
     chain = _Chain(tensor, c, h, w)
     _walk(graph, chain, consts)
-    if not chain.layers:
-        raise _fail("the graph has no layers convq can run", field="layers")
     if chain.flat:
         raise _fail("the graph ends in Flatten/Reshape with no Gemm after it", field="layers")
+    if not chain.layers:
+        raise _fail("the graph has no layers convq can run", field="layers")
     outputs = [o.name for o in graph.output]
     if chain.tensor not in outputs:
         raise _fail(f"the chain ends at {chain.tensor!r}, which is not a graph output {outputs}")

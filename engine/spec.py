@@ -29,7 +29,8 @@ LAYER_KEYS = {
 MODEL_KEYS = {"name", "input", "preprocess", "fit", "layout", "layers"}
 MAX_LAYERS = 256
 MAX_DIM = 1 << 16  # caps every size, stride, pad, filter count and input side: keeps sizes sane
-_SPEC_FIELD = {"f": "size", "s": "stride", "d": "dilation", "t": "pad", "l": "pad", "b": "pad", "r": "pad"}
+_SPEC_FIELD = {"f": "size", "s": "stride", "d": "dilation", "t": "pad", "l": "pad", "b": "pad"}
+_SPEC_FIELD["r"] = "pad"  # Window's attributes by first letter: fh, sw, dh, top, left, ...
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
 
 
@@ -232,7 +233,8 @@ def _layer(raw, index: int, seen: set[str], arrays: set[str]) -> Layer:
     for attr, value in vars(window).items():
         if value > MAX_DIM:
             field = _SPEC_FIELD[attr[0]]
-            raise _fail(f"{name}: {field} must be between 0 and {MAX_DIM}, got {value}", name, field)
+            message = f"{name}: {field} must be between 0 and {MAX_DIM}, got {value}"
+            raise _fail(message, name, field)
     if pooled:
         count_pad = raw.get("count_pad", False)
         if not isinstance(count_pad, bool):
