@@ -6,6 +6,7 @@ import logging
 
 import redis
 from rq.job import Job
+from rq.timeouts import JobTimeoutException
 
 from . import telemetry
 from .jobs import JOB_FUNCTIONS
@@ -45,7 +46,11 @@ class ConvqJob(Job):
             raise  # Redis went away mid-job: a retry may well succeed
         except BaseException as exc:
             self.retries_left = 0
-            self.meta["error"] = one_line(exc)
+            if isinstance(exc, JobTimeoutException):  # rq's SIGALRM, between two Python lines
+                self.meta["error"] = (f"JobTimeout: job timed out: ran past its {self.timeout} s "
+                                      "timeout")
+            else:
+                self.meta["error"] = one_line(exc)
             try:
                 self.save_meta()
             except redis.RedisError:

@@ -198,6 +198,7 @@ def test_job_timeout_fails_and_worker_takes_the_next(redis_server, workers):
         assert status["attempt"] == 1
         # Bounded: timeout 1 s + grace 2 s + one heartbeat, not the kernel's full run.
         assert status["timings"]["compute_seconds"] < 8, status
+    assert "worker killed it" in bench.status(in_kernel)["error"]
     assert bench.wait_end(after, timeout=30)["status"] == "finished"
 
 
