@@ -9,6 +9,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from engine import Model
 from service.demo import demo_images, demo_model, filter_labels
 from service.demo.images import colour_blobs, grating, stripes_quadrants
 
@@ -117,3 +118,14 @@ def test_sample_pictures_are_distinct_227_pngs():
     assert all(d.shape == (227, 227, 3) and d.dtype == np.uint8 for d in decoded)
     assert all(d.std() > 20 for d in decoded)  # not blank
     assert demo_images() == pictures  # byte-for-byte reproducible
+
+
+def test_the_engine_accepts_the_demo_with_the_seeds_numbers():
+    model = Model.from_arrays(SPEC, ARRAYS)
+    assert model.output_shapes(227, 227) == {
+        "conv1": (55, 55, 96),
+        "relu1": (55, 55, 96),
+        "pool1": (27, 27, 96),
+    }
+    conv = model.summary()[0]
+    assert conv["params"] == 34_944  # 96 * 11 * 11 * 3 weights + 96 biases, as the seed counts
