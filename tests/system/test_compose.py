@@ -124,6 +124,9 @@ def test_every_variable_is_documented_in_env_example():
     code = "".join(p.read_text() for p in (ROOT / "worker").glob("*.py"))
     worker_vars = set(re.findall(r"\"(CONVQ_[A-Z_]+)\"", code))
     assert service_vars | worker_vars <= documented, (service_vars | worker_vars) - documented
+    table = set(re.findall(r"^\| `([A-Z_]+)`", (ROOT / "docs/configuration.md").read_text(), re.M))
+    assert documented <= table, documented - table
+    assert service_vars | worker_vars <= table, (service_vars | worker_vars) - table
 
 
 def test_dockerfile_builds_a_warm_non_root_image():
