@@ -259,7 +259,7 @@ class Model:
         if images.dtype == np.float32:
             if not np.isfinite(images).all():
                 raise InputError("float images hold NaN or inf values", field="input")
-            return images
+            return np.ascontiguousarray(images)
         p = self._spec.preprocess
         x = images.astype(np.float32)
         x *= np.float32(p.scale)

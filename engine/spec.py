@@ -29,8 +29,8 @@ LAYER_KEYS = {
 MODEL_KEYS = {"name", "input", "preprocess", "fit", "layout", "layers"}
 MAX_LAYERS = 256
 MAX_DIM = 1 << 16  # caps every size, stride, pad, filter count and input side: keeps sizes sane
-_SPEC_FIELD = {"f": "size", "s": "stride", "d": "dilation", "t": "pad", "l": "pad", "b": "pad"}
-_SPEC_FIELD["r"] = "pad"  # Window's attributes by first letter: fh, sw, dh, top, left, ...
+# The spec field behind each Window attribute, by its first letter (fh, sw, dh, top, left, ...).
+_SPEC_FIELD = dict(f="size", s="stride", d="dilation", t="pad", l="pad", b="pad", r="pad")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
 
 
@@ -144,9 +144,12 @@ class Spec:
         for layer in self.layers:
             if layer.window is not None:
                 try:
-                    h, w = layer.window.out_hw(h, w, self.fit, layer=layer.name)
+                    hout, wout = layer.window.out_hw(h, w, self.fit, layer=layer.name)
                 except ShapeError as err:
                     raise self._with_input_hint(err, h0, w0) from None
+                if layer.type == "maxpool" or (layer.type == "avgpool" and not layer.count_pad):
+                    _check_pool_windows(layer, h, w, hout, wout)
+                h, w = hout, wout
             if layer.filters is not None:
                 c = layer.filters
             out.append((h, w, c))
@@ -195,6 +198,29 @@ class Spec:
             return err
         msg = f"{err.message}; the whole network fits input {' and '.join(hints)}"
         return ShapeError(msg, layer=err.layer, field=err.field)
+
+
+def _check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> None:
+    """Raise ShapeError if some pooling window holds only padding (its max or mean is undefined)."""
+    win = layer.window
+    for axis, n, out, f, s, lo, d in (
+        ("height", h, hout, win.fh, win.sh, win.top, win.dh),
+        ("width", w, wout, win.fw, win.sw, win.left, win.dw),
+    ):
+        # Only windows starting in the leading pad or past the input can miss it.
+        edges = [*range(min(out, -(-lo // s))), *range(max(0, (n + lo) // s), out)]
+        for o in edges:
+            start = o * s - lo
+            # the first tap at or after pixel 0
+            first = start if start >= 0 else start + (-start + d - 1) // d * d
+            if not (first < n and first <= start + d * (f - 1)):
+                raise ShapeError(
+                    f"{layer.name}: output {axis} index {o} of {out} pools only padding "
+                    f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
+                    "use less pad, e.g. at most half the window",
+                    layer=layer.name,
+                    field="pad",
+                )
 
 
 def _layer(raw, index: int, seen: set[str], arrays: set[str]) -> Layer:

@@ -173,3 +173,20 @@ def test_parse_spec_json_errors_are_model_errors():
     assert parse_spec_json(json.dumps(BASE).encode()) == BASE
     with pytest.raises(ModelError, match="JSON object"):
         parse_spec([1, 2])
+
+
+def test_pool_windows_holding_only_padding_are_refused():
+    spec = {
+        "input": {"height": 4, "width": 4, "channels": 1},
+        "fit": "floor",
+        "layers": [{"name": "p", "type": "maxpool", "size": 1, "stride": 1, "pad": [1, 0, 0, 0]}],
+    }
+    with pytest.raises(ShapeError, match="output height index 0 of 5 pools only padding") as err:
+        parse_spec(spec)
+    assert (err.value.layer, err.value.field) == ("p", "pad")
+    # an average that counts its pads is defined (zero) there; one that does not is not
+    spec["layers"][0] |= {"type": "avgpool", "count_pad": True}
+    assert parse_spec(spec).shapes(4, 4) == [(5, 4, 1)]
+    spec["layers"][0]["count_pad"] = False
+    with pytest.raises(ShapeError, match="pools only padding"):
+        parse_spec(spec)
