@@ -11,8 +11,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import ModelError, ShapeError
-from .geometry import FITS, Window, out_size
+from . import sizing
+from .errors import ModelError
+from .geometry import FITS, Window
 
 LAYER_TYPES = ("conv", "relu", "maxpool", "avgpool", "local")
 WINDOWED = ("conv", "local", "maxpool", "avgpool")
@@ -140,87 +141,11 @@ class Spec:
 
     def shapes(self, h: int, w: int) -> list[tuple[int, int, int]]:
         """Return each layer's (Hout, Wout, K) for an h x w input; ShapeError where it misfits."""
-        out, c, h0, w0 = [], self.channels, h, w
-        for layer in self.layers:
-            if layer.window is not None:
-                try:
-                    hout, wout = layer.window.out_hw(h, w, self.fit, layer=layer.name)
-                except ShapeError as err:
-                    raise self._with_input_hint(err, h0, w0) from None
-                if layer.type == "maxpool" or (layer.type == "avgpool" and not layer.count_pad):
-                    _check_pool_windows(layer, h, w, hout, wout)
-                h, w = hout, wout
-            if layer.filters is not None:
-                c = layer.filters
-            out.append((h, w, c))
-        return out
-
-    def axis_fits(self, n: int, axis: str) -> bool:
-        """Return whether an input of n pixels along axis ("height"/"width") fits every layer."""
-        for layer in self.layers:
-            win = layer.window
-            if win is None:
-                continue
-            f, s, lo, hi, d = (
-                (win.fh, win.sh, win.top, win.bottom, win.dh)
-                if axis == "height"
-                else (win.fw, win.sw, win.left, win.right, win.dw)
-            )
-            try:
-                n = out_size(n, f, s, lo, hi, d, self.fit, layer=layer.name, axis=axis)
-            except ShapeError:
-                return False
-        return True
+        return sizing.layer_shapes(self, h, w)
 
     def fitting_inputs(self, n: int, axis: str) -> list[int]:
         """Return the nearest input sizes below and above n for which the whole network fits."""
-        period = math.prod(
-            (lay.window.sh if axis == "height" else lay.window.sw)
-            for lay in self.layers
-            if lay.window
-        )
-        reach = min(max(period, 1) * 2 + 64, 2048)
-        below = next(
-            (m for m in range(n - 1, max(n - reach, 0), -1) if self.axis_fits(m, axis)), None
-        )
-        above = next((m for m in range(n + 1, n + reach) if self.axis_fits(m, axis)), None)
-        return [m for m in (below, above) if m is not None]
-
-    def _with_input_hint(self, err: ShapeError, h: int, w: int) -> ShapeError:
-        """Add the input sizes for which the whole network fits to a geometry error."""
-        hints = []
-        for axis, n in (("height", h), ("width", w)):
-            if not self.axis_fits(n, axis):
-                sizes = self.fitting_inputs(n, axis)
-                if sizes:
-                    hints.append(f"{axis} {' or '.join(map(str, sizes))}")
-        if not hints:
-            return err
-        msg = f"{err.message}; the whole network fits input {' and '.join(hints)}"
-        return ShapeError(msg, layer=err.layer, field=err.field)
-
-
-def _check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> None:
-    """Raise ShapeError if some pooling window holds only padding (its max or mean is undefined)."""
-    win = layer.window
-    for axis, n, out, f, s, lo, d in (
-        ("height", h, hout, win.fh, win.sh, win.top, win.dh),
-        ("width", w, wout, win.fw, win.sw, win.left, win.dw),
-    ):
-        # Only windows starting in the leading pad or past the input can miss it.
-        edges = [*range(min(out, -(-lo // s))), *range(max(0, (n + lo) // s), out)]
-        for o in edges:
-            start = o * s - lo
-            # the first tap at or after pixel 0
-            first = start if start >= 0 else start + (-start + d - 1) // d * d
-            if not (first < n and first <= start + d * (f - 1)):
-                raise ShapeError(
-                    f"{layer.name}: output {axis} index {o} of {out} pools only padding "
-                    f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
-                    "use less pad, e.g. at most half the window",
-                    layer=layer.name,
-                    field="pad",
-                )
+        return sizing.fitting_inputs(self, n, axis)
 
 
 def _layer(raw, index: int, seen: set[str], arrays: set[str]) -> Layer:

@@ -1,0 +1,101 @@
+"""Size a network along its layers: output shapes, where it does not fit, and what would.
+
+The arithmetic per window is engine.geometry's; this module follows it through a whole Spec,
+adds "the whole network fits input height 223 or 227" hints to strict-fit errors, and refuses
+pooling windows that would see only padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .errors import ShapeError
+from .geometry import out_size
+
+if TYPE_CHECKING:
+    from .spec import Layer, Spec
+
+
+def layer_shapes(spec: Spec, h: int, w: int) -> list[tuple[int, int, int]]:
+    """Return each layer's (Hout, Wout, K) for an h x w input; ShapeError where it misfits."""
+    out, c, h0, w0 = [], spec.channels, h, w
+    for layer in spec.layers:
+        if layer.window is not None:
+            try:
+                hout, wout = layer.window.out_hw(h, w, spec.fit, layer=layer.name)
+            except ShapeError as err:
+                raise _with_input_hint(spec, err, h0, w0) from None
+            if layer.type == "maxpool" or (layer.type == "avgpool" and not layer.count_pad):
+                check_pool_windows(layer, h, w, hout, wout)
+            h, w = hout, wout
+        if layer.filters is not None:
+            c = layer.filters
+        out.append((h, w, c))
+    return out
+
+
+def axis_fits(spec: Spec, n: int, axis: str) -> bool:
+    """Return whether an input of n pixels along axis ("height"/"width") fits every layer."""
+    for layer in spec.layers:
+        win = layer.window
+        if win is None:
+            continue
+        f, s, lo, hi, d = (
+            (win.fh, win.sh, win.top, win.bottom, win.dh)
+            if axis == "height"
+            else (win.fw, win.sw, win.left, win.right, win.dw)
+        )
+        try:
+            n = out_size(n, f, s, lo, hi, d, spec.fit, layer=layer.name, axis=axis)
+        except ShapeError:
+            return False
+    return True
+
+
+def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
+    """Return the nearest input sizes below and above n for which the whole network fits."""
+    period = math.prod(
+        (lay.window.sh if axis == "height" else lay.window.sw) for lay in spec.layers if lay.window
+    )
+    reach = min(max(period, 1) * 2 + 64, 2048)
+    below = next((m for m in range(n - 1, max(n - reach, 0), -1) if axis_fits(spec, m, axis)), None)
+    above = next((m for m in range(n + 1, n + reach) if axis_fits(spec, m, axis)), None)
+    return [m for m in (below, above) if m is not None]
+
+
+def _with_input_hint(spec: Spec, err: ShapeError, h: int, w: int) -> ShapeError:
+    """Add the input sizes for which the whole network fits to a geometry error."""
+    hints = []
+    for axis, n in (("height", h), ("width", w)):
+        if not axis_fits(spec, n, axis):
+            sizes = fitting_inputs(spec, n, axis)
+            if sizes:
+                hints.append(f"{axis} {' or '.join(map(str, sizes))}")
+    if not hints:
+        return err
+    msg = f"{err.message}; the whole network fits input {' and '.join(hints)}"
+    return ShapeError(msg, layer=err.layer, field=err.field)
+
+
+def check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> None:
+    """Raise ShapeError if some pooling window holds only padding (its max or mean is undefined)."""
+    win = layer.window
+    for axis, n, out, f, s, lo, d in (
+        ("height", h, hout, win.fh, win.sh, win.top, win.dh),
+        ("width", w, wout, win.fw, win.sw, win.left, win.dw),
+    ):
+        # Only windows starting in the leading pad or past the input can miss it.
+        edges = [*range(min(out, -(-lo // s))), *range(max(0, (n + lo) // s), out)]
+        for o in edges:
+            start = o * s - lo
+            # the first tap at or after pixel 0
+            first = start if start >= 0 else start + (-start + d - 1) // d * d
+            if not (first < n and first <= start + d * (f - 1)):
+                raise ShapeError(
+                    f"{layer.name}: output {axis} index {o} of {out} pools only padding "
+                    f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
+                    "use less pad, e.g. at most half the window",
+                    layer=layer.name,
+                    field="pad",
+                )
