@@ -9,7 +9,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from . import telemetry
-from .jobs import JOB_FUNCTIONS
+from .jobs import JOB_FUNCTIONS, JobSuperseded
 
 log = logging.getLogger("convq.worker")
 
@@ -31,6 +31,8 @@ class ConvqJob(Job):
     itself means the job cannot succeed, so retries_left drops to 0 and it fails at once.
     """
 
+    superseded = False  # set when a newer attempt of this job took over from this run
+
     @property
     def func(self):
         name = self.func_name
@@ -44,6 +46,9 @@ class ConvqJob(Job):
             return super().perform()
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # Redis went away mid-job: a retry may well succeed
+        except JobSuperseded:
+            self.superseded = True  # the worker leaves the job's state to the newer attempt
+            raise
         except BaseException as exc:
             self.retries_left = 0
             if isinstance(exc, JobTimeoutException):  # rq's SIGALRM, between two Python lines

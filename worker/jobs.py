@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import redis
 from rq import get_current_job
@@ -30,6 +31,10 @@ class JobTimeout(JobFailed):
 
 class JobCanceled(JobFailed):
     """The client canceled the job while it ran."""
+
+
+class JobSuperseded(Exception):
+    """A newer attempt of this job started (this run was presumed dead); leave quietly."""
 
 
 def _save_progress(job, progress: dict | None) -> None:
@@ -62,6 +67,21 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     retries = int(job.meta.get("retries") or 0)
     job.meta["attempt"] = retries - (job.retries_left or 0) + 1
     _save_progress(job, None)  # a retried job starts over
+    # Fencing: should this run be presumed dead and re-queued, the new attempt claims the job
+    # and this one stops at its next layer instead of racing it.
+    token = uuid.uuid4().hex
+    store.claim_run(job.id, token)
+
+    def check() -> None:
+        try:
+            ours, canceled = store.run_state(job.id, token)
+        except redis.RedisError as exc:
+            log.warning("job %s: could not check for cancel (%s)", job.id, exc)
+            return
+        if canceled:
+            raise JobCanceled(f"job {job.id} was canceled")
+        if not ours:
+            raise JobSuperseded(f"job {job.id}: a newer attempt took over")
 
     try:
         net = runtime.current().cache.get(store, model, version)
@@ -78,18 +98,30 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
         if elapsed > timeout:
             raise JobTimeout(f"job timed out: {elapsed:.1f} s is past its {timeout} s timeout "
                              f"before layer {i + 1} of {n} ({name})")
-        if store.is_canceled(job.id):
-            raise JobCanceled(f"job {job.id} was canceled")
+        check()
         _save_progress(job, {"layer": i + 1, "of": n, "name": name})
 
     try:
         result = net.run(images, outputs=outputs, on_layer=on_layer)
     except EngineError as exc:
         raise JobFailed(str(exc)) from None
-    if store.is_canceled(job.id):
-        raise JobCanceled(f"job {job.id} was canceled")
-    store.put_result(job.id, result)
+    check()
+    _with_redis_retries(lambda: store.put_result(job.id, result), started + timeout)
     return {"outputs": list(result)}
+
+
+def _with_redis_retries(write, deadline: float) -> None:
+    """Run write(), retrying through a Redis outage until deadline (monotonic seconds)."""
+    pause = 0.5
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("Redis unavailable while storing a result; retrying in %.1f s", pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 JOB_FUNCTIONS = {"worker.jobs.run_model": run_model}

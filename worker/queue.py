@@ -102,7 +102,8 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
         "id": job.id, "status": status,
         "model": meta.get("model"), "version": meta.get("version"),
         "outputs": meta.get("outputs"), "owner": meta.get("owner"),
-        "progress": meta.get("progress") if status == "started" else None,
+        # The last layer reached stays visible once the job ended (where it failed, or n of n).
+        "progress": meta.get("progress") if status != "queued" else None,
         "timings": {
             "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(started),
             "ended_at": _iso(ended),

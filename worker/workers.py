@@ -104,6 +104,12 @@ class _ConvqMixin:
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="",
                            execution=None):
+        if job.superseded:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            log.warning("job %s: stopped, a newer attempt runs it", job.id)
+            return
         if self._canceled(job):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)

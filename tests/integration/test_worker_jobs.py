@@ -68,6 +68,7 @@ def test_results_equal_model_run(env):
     status = job_status(queue, job_id)
     assert status["status"] == "finished", status
     assert (status["error"], status["attempt"], status["owner"]) == (None, 1, "key1")
+    assert status["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
     assert status["timings"]["compute_seconds"] >= 0 and status["timings"]["queue_seconds"] >= 0
     expected = model.run(images, outputs=["conv1", "conv2"])
     assert store.result_names(job_id) == ["conv1", "conv2"]
@@ -254,3 +255,24 @@ def _pretend_a_dead_worker_started(redis, queue, job_id, expires_in=-5):
     registry = StartedJobRegistry(queue=queue)
     redis.zadd(registry.key, {f"{job_id}:deadbeef": time.time() + expires_in})
     return job
+
+
+def test_superseded_run_stops_without_touching_the_job(env, monkeypatch):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    original = jobs._save_progress
+
+    def newer_attempt_at_layer_two(job, progress):
+        original(job, progress)
+        if progress and progress["layer"] == 2:
+            store.claim_run(job.id, "a-newer-attempt")
+
+    monkeypatch.setattr(jobs, "_save_progress", newer_attempt_at_layer_two)
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    # Left as the newer attempt will find it: started, no error, no result, not failed.
+    assert status["status"] == "started" and status["error"] is None
+    assert status["progress"]["layer"] == 2
+    assert store.result_names(job_id) is None
+    assert job_id not in FailedJobRegistry(queue=queue)
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
