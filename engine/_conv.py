@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._gemm import MR, tile_gemm
+
 
 @njit(cache=True, inline="always")
 def _epilogue(o, bias, relu):
@@ -37,38 +39,50 @@ def _tile_rows(i, per_image, tile, tiles_per_image):
 
 
 @njit(cache=True, inline="always")
+def _copy(dst, d0, src, s0, count):
+    """dst[d0:d0+count] = src[s0:s0+count] on flat arrays, indices unsigned so LLVM vectorises."""
+    for j in range(count):
+        dst[np.uintp(d0 + j)] = src[np.uintp(s0 + j)]
+
+
+@njit(cache=True, inline="always")
+def _zero(dst, d0, count):
+    for j in range(count):
+        dst[np.uintp(d0 + j)] = 0.0
+
+
+@njit(cache=True, inline="always")
 def _pack(x, buf, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left):
     """Write im2col rows r0..r1 into buf (r1-r0, FH*FW*C), zeros where the window is padding."""
     h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(x.size)
     per_image = hout * wout
+    width = buf.shape[1]
+    flat = buf.reshape(buf.size)
     run = fw * c  # one window row: contiguous in x when dilation is 1 and it is inside the image
     for r in range(r0, r1):
         n = r // per_image
         rem = r - n * per_image
         y = rem // wout
         xo = rem - y * wout
-        row = buf[r - r0]
+        row0 = (r - r0) * width
         iy0 = y * sh - top
         ix0 = xo * sw - left
         inside_x = dw == 1 and ix0 >= 0 and ix0 + fw <= w
         for fy in range(fh):
             iy = iy0 + fy * dh
-            j0 = fy * run
+            j0 = row0 + fy * run
             if iy < 0 or iy >= h:
-                row[j0 : j0 + run] = 0.0
+                _zero(flat, j0, run)
             elif inside_x:
-                src = x[n, iy]
-                for fx in range(fw):
-                    row[j0 + fx * c : j0 + (fx + 1) * c] = src[ix0 + fx]
+                _copy(flat, j0, xf, ((n * h + iy) * w + ix0) * c, run)
             else:
-                src = x[n, iy]
                 for fx in range(fw):
                     ix = ix0 + fx * dw
-                    j = j0 + fx * c
                     if ix < 0 or ix >= w:
-                        row[j : j + c] = 0.0
+                        _zero(flat, j0 + fx * c, c)
                     else:
-                        row[j : j + c] = src[ix]
+                        _copy(flat, j0 + fx * c, xf, ((n * h + iy) * w + ix) * c, c)
 
 
 @njit(parallel=True, cache=True)
@@ -102,6 +116,44 @@ def conv_pointwise(x2d, wmat, bias, out2d, per_image, nthreads, tile, relu):
             o = out2d[r0:r1]
             np.dot(x2d[r0:r1], wmat, o)
             _epilogue(o, bias, relu)
+
+
+@njit(parallel=True, cache=True)
+def conv_im2col_mk(
+    x, bp, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
+):
+    """conv_im2col with the micro-kernel: bp (Kp/NR, Kc, NR) packed weights, slots of cols
+    rounded up to a multiple of MR rows (rows past the tile are read, never stored)."""
+    per_image = hout * wout
+    tiles_per_image = (per_image + tile - 1) // tile
+    ntiles = x.shape[0] * tiles_per_image
+    nthreads = cols.shape[0]
+    for t in prange(nthreads):
+        slot = cols[t]
+        for i in range(t, ntiles, nthreads):
+            r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
+            _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
+            tile_gemm(slot, 0, r1 - r0, bp, bias, out2d, r0, relu)
+
+
+@njit(parallel=True, cache=True)
+def conv_pointwise_mk(x2d, bp, bias, out2d, cols, per_image, tile, relu):
+    """conv_pointwise with the micro-kernel, reading x2d in place; only a tile whose last
+    MR-row block would run past the end of x2d is first copied into its thread's slot."""
+    m_all = x2d.shape[0]
+    tiles_per_image = (per_image + tile - 1) // tile
+    ntiles = (m_all // per_image) * tiles_per_image
+    nthreads = cols.shape[0]
+    for t in prange(nthreads):
+        slot = cols[t]
+        for i in range(t, ntiles, nthreads):
+            r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
+            m = r1 - r0
+            if r0 + (m + MR - 1) // MR * MR <= m_all:
+                tile_gemm(x2d, r0, m, bp, bias, out2d, r0, relu)
+            else:
+                slot[:m] = x2d[r0:r1]
+                tile_gemm(slot, 0, m, bp, bias, out2d, r0, relu)
 
 
 @njit(parallel=True, cache=True)

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import _conv, _pool, _threads
+from . import _conv, _gemm, _pool, _threads
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
@@ -23,6 +23,8 @@ from .geometry import Window
 TILE_BYTES = 512 * 1024
 MIN_TILE_ROWS = 16
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
+# The Numba micro-kernel where the CPU has AVX-512 (engine._gemm); BLAS sgemm per tile elsewhere.
+MICROKERNEL = _gemm.available()
 
 _workspace = threading.local()
 
@@ -85,7 +87,12 @@ def _tile_rows(per_image: int, width: int) -> int:
     """
     rows = max(MIN_TILE_ROWS, TILE_BYTES // (4 * width))
     tiles = max(_threads.max_threads(), -(-per_image // rows))
-    return -(-per_image // tiles)
+    return _round_up(-(-per_image // tiles))
+
+
+def _round_up(rows: int) -> int:
+    """Round rows up to whole micro-kernel blocks (MR rows)."""
+    return -(-rows // _gemm.MR) * _gemm.MR
 
 
 def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -108,19 +115,25 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     nthreads = _threads.enter()
     wmat = np.ascontiguousarray(w.reshape(k, fh * fw * c).T)
     out2d = out.reshape(m, k)
+    geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
         tile = _tile_rows(hout * wout, c)
-        _conv.conv_pointwise(
-            x.reshape(m, c), wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu)
-        )
+        x2d = x.reshape(m, c)
+        if MICROKERNEL:
+            cols = _columns(nthreads, tile, c)
+            bp = _gemm.pack_weights(wmat)
+            _conv.conv_pointwise_mk(x2d, bp, bias, out2d, cols, hout * wout, tile, bool(relu))
+        else:
+            _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
         return out
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
-    _conv.conv_im2col(
-        x, wmat, bias, out2d, cols, tile, hout, wout, fh, fw,
-        win.sh, win.sw, win.dh, win.dw, win.top, win.left, bool(relu),
-    )
+    if MICROKERNEL:
+        bp = _gemm.pack_weights(wmat)
+        _conv.conv_im2col_mk(x, bp, bias, out2d, cols, tile, *geometry, bool(relu))
+    else:
+        _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
     return out
 
 

@@ -30,6 +30,17 @@ def threads(request):
     ops.set_threads(before)
 
 
+@pytest.fixture(params=[True, False], ids=["microkernel", "blas"])
+def gemm_path(request, monkeypatch):
+    """Run a conv test through the Numba micro-kernel and through per-tile BLAS sgemm.
+
+    Both are forced regardless of the CPU: the micro-kernel is only slow, not wrong, without
+    AVX-512.
+    """
+    monkeypatch.setattr(ops, "MICROKERNEL", request.param)
+    return request.param
+
+
 # (N, H, W, C, K, (FH, FW), stride, pad, dilation)
 CONV_CASES = {
     "1x1": (2, 5, 4, 3, 4, (1, 1), 1, 0, 1),
@@ -47,12 +58,15 @@ CONV_CASES = {
     "window-equals-input": (2, 4, 5, 3, 6, (4, 5), 1, 0, 1),
     "stride-beyond-window": (1, 11, 11, 2, 2, (2, 2), 4, 0, 1),
     "alexnet-like": (1, 19, 19, 3, 4, (11, 11), 4, 0, 1),
+    "K130-column-blocks": (1, 4, 5, 3, 130, (1, 1), 1, 0, 1),
+    "K70-3x3": (2, 4, 4, 2, 70, (3, 3), 1, 1, 1),
+    "Kc630-depth-chunks": (1, 5, 5, 70, 3, (3, 3), 1, 1, 1),
 }
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
-def test_conv2d_matches_reference(case, relu, threads):
+def test_conv2d_matches_reference(case, relu, threads, gemm_path):
     n, h, w, c, k, (fh, fw), stride, pad, dilation = case
     x, wt, b = rand(n, h, w, c, seed=1), rand(k, fh, fw, c, seed=2), rand(k, seed=3)
     got = ops.conv2d(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
@@ -62,13 +76,13 @@ def test_conv2d_matches_reference(case, relu, threads):
         assert (got >= 0).all() and (got == 0).any()
 
 
-def test_conv2d_without_bias_matches_reference():
+def test_conv2d_without_bias_matches_reference(gemm_path):
     x, wt = rand(2, 6, 5, 3, seed=4), rand(4, 3, 3, 3, seed=5)
     assert_matches(ops.conv2d(x, wt, pad=1), ref.conv2d_reference(x, wt, pad=1))
 
 
 @pytest.mark.parametrize("pointwise", [True, False], ids=["1x1", "3x3"])
-def test_conv2d_many_small_tiles(monkeypatch, pointwise, threads):
+def test_conv2d_many_small_tiles(monkeypatch, pointwise, threads, gemm_path):
     # 1-byte tiles force MIN_TILE_ROWS (16) rows per tile: each 5x5 image is 2 tiles of 13 + 12
     # rows, 14 tiles over the batch, more than the threads, each thread reusing its slot.
     monkeypatch.setattr(ops, "TILE_BYTES", 1)
@@ -80,7 +94,7 @@ def test_conv2d_many_small_tiles(monkeypatch, pointwise, threads):
 
 
 @pytest.mark.parametrize("f,pad", [(1, 0), (3, 1), (5, 2)])
-def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad):
+def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad, gemm_path):
     monkeypatch.setattr(ops, "TILE_BYTES", 4096)
     x, wt, b = rand(9, 12, 12, 8, seed=9), rand(16, f, f, 8, seed=10), rand(16, seed=11)
     batch = ops.conv2d(x, wt, b, pad=pad)
@@ -98,7 +112,7 @@ def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     assert small * 4 <= ops.get_threads() * ops.TILE_BYTES + 4 * 5 * 5 * 4
 
 
-def test_conv2d_one_thread_and_two_threads_agree():
+def test_conv2d_one_thread_and_two_threads_agree(gemm_path):
     x, wt, b = rand(3, 14, 13, 5, seed=13), rand(7, 3, 3, 5, seed=14), rand(7, seed=15)
     before = ops.get_threads()
     try:
@@ -264,6 +278,7 @@ def test_set_threads_clamps_and_rejects_non_ints():
 
 def test_warmup_compiles_every_kernel():
     ops.warmup()
-    kernels = [_conv.conv_im2col, _conv.conv_pointwise, _conv.local_gemm,
-               _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
+    convs = ([_conv.conv_im2col_mk, _conv.conv_pointwise_mk] if ops.MICROKERNEL
+             else [_conv.conv_im2col, _conv.conv_pointwise])
+    kernels = [*convs, _conv.local_gemm, _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
     assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
