@@ -85,7 +85,10 @@ def _json_data(data, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.
     if dtype == np.uint8:
         if any(type(v) is not int or not 0 <= v <= 255 for v in flat):
             raise BadRequest(f"{where}.data: UINT8 values must be integers 0..255", field="data")
-    values = flat.astype(np.float64)
+    try:
+        values = flat.astype(np.float64)
+    except OverflowError:  # a JSON integer too large for a float
+        raise BadRequest(f"{where}.data holds a number out of float range", field="data") from None
     if dtype != np.uint8 and not np.all(np.abs(values) <= np.finfo(np.float32).max):
         raise BadRequest(f"{where}.data: FP32 values must be finite float32 numbers", field="data")
     return values.astype(dtype).reshape(shape)

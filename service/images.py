@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import BadRequest, TooLarge, UnsupportedMediaType
+from .errors import ApiError, BadRequest, TooLarge, UnsupportedMediaType
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _JPEG = b"\xff\xd8\xff"
@@ -55,8 +55,11 @@ def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> n
             array = np.asarray(im, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise TooLarge(f"{name}: {e}", field="images") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadRequest(f"{name}: not a readable PNG/JPEG image ({e})", field="images") from None
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow fails on crafted files in many ways
+        raise BadRequest(f"{name}: not a readable PNG/JPEG image ({type(e).__name__}: {e})",
+                         field="images") from None
     return array.reshape(array.shape[0], array.shape[1], -1)
 
 
@@ -68,7 +71,7 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                   else np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = reader(stream)
-    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - numpy's header parser has many failure types
         raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
     if dtype.hasobject or dtype.newbyteorder("<") not in _NPY_DTYPES:
         raise BadRequest(f"{name}: .npy dtype {dtype} is not accepted; use uint8 or float32",

@@ -133,8 +133,8 @@ def _query() -> tuple[str, list[str], int]:
 
 @bp.get("/jobs/<job_id>/result")
 def get_result(job_id: str):
-    fmt, wanted, image = _query()
     status = _status(job_id)
+    fmt, wanted, image = _query()
     if status["status"] in ("queued", "started"):
         raise ApiError(f"job {job_id} is {status['status']}; its result is not ready",
                        status=409, retry_after=1)

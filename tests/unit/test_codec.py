@@ -85,6 +85,8 @@ BAD_JSON = [
      "0..255"),
     (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1,1,1], "data": [1e300]}]}',
      "finite"),
+    (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1,1,1], "data": [1'
+     + b"0" * 400 + b"]}]}", "float range"),
     (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1,1,2], "data": ["1", 2]}]}',
      "numbers only"),
     (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1,1,2], "data": [true, 2]}]}',
