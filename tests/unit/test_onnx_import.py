@@ -303,3 +303,18 @@ def test_torch_export_of_a_small_cnn_matches_torch():
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+def test_global_pools_then_gemm(op):
+    data = graph_bytes(
+        [
+            conv("x", "c", "w", "b", kernel_shape=[3, 3], strides=[2, 2]),
+            helper.make_node(op, ["c"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1),
+        ],
+        [tensor("w", (4, 3, 3, 3)), tensor("b", (4,)), tensor("fc", (2, 4)), tensor("fcb", (2,))],
+    )
+    spec = assert_same_as_onnxruntime(data)
+    assert spec["layers"][1]["size"] == [4, 4] and spec["layers"][2]["size"] == [1, 1]
