@@ -61,14 +61,18 @@ def _check_array(layer: Layer, field: str, array, expected: tuple, layout: str) 
             layer=name,
             field=field,
         )
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise WeightsError(
-            f"{name}: {field} holds {bad} non-finite values (NaN or inf)", layer=name, field=field
-        )
     if field == "weights" and layout == "OIHW":
         array = to_ohwi(array, layer.type)
-    return np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 past float32's range becomes inf, refused below
+        held = np.ascontiguousarray(array, dtype=np.float32)
+    bad = int(held.size - np.count_nonzero(np.isfinite(held)))
+    if bad:
+        raise WeightsError(
+            f"{name}: {field} holds {bad} values that are NaN, inf or beyond float32's range",
+            layer=name,
+            field=field,
+        )
+    return held
 
 
 def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:

@@ -227,7 +227,7 @@ def _with(key, value):
             _with("conv1.b", np.array([0, np.inf, 0, 0], np.float32)),
             "conv1",
             "bias",
-            "1 non-finite",
+            "1 values that are NaN, inf",
         ),
         (_with("conv1.b", [0.0, 1.0, 2.0, 3.0]), "conv1", "bias", "must be an array"),
     ],
@@ -237,6 +237,12 @@ def test_bad_weights_name_layer_and_field(arrays, layer, field, fragment):
         Model.from_arrays(SPEC, arrays)
     assert (err.value.layer, err.value.field) == (layer, field)
     assert fragment in err.value.message
+
+
+def test_float64_beyond_float32_range_is_refused():
+    with pytest.raises(WeightsError, match="beyond float32's range") as err:
+        Model.from_arrays(SPEC, _with("conv1.b", np.array([0, 1e300, 0, 0])))
+    assert (err.value.layer, err.value.field) == ("conv1", "bias")
 
 
 def test_float64_and_float16_weights_are_held_as_float32(images):
