@@ -248,11 +248,19 @@ def _preprocess(raw, channels: int) -> Preprocess:
             extra[0],
         )
     (scale,) = _floats(raw.get("scale", 1.0), n=1, field="scale", positive=True)
-    return Preprocess(
-        scale,
-        _floats(raw.get("mean", 0.0), n=channels, field="mean", positive=False),
-        _floats(raw.get("std", 1.0), n=channels, field="std", positive=True),
-    )
+    mean = _floats(raw.get("mean", 0.0), n=channels, field="mean", positive=False)
+    std = _floats(raw.get("std", 1.0), n=channels, field="std", positive=True)
+    # Pixels 0 and 255 bound what uint8 images become; they must stay finite in float32.
+    for pixel in (0, 255):
+        for m, sd in zip(mean, std, strict=True):
+            value = (pixel * scale - m) / sd
+            if not abs(value) < 3e38:
+                raise _fail(
+                    f"preprocess: pixel {pixel} becomes {value:g}, beyond float32's range",
+                    "preprocess",
+                    "std",
+                )
+    return Preprocess(scale, mean, std)
 
 
 def _input(raw) -> tuple[int | None, int | None, int]:

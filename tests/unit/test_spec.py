@@ -113,6 +113,7 @@ BAD = [
     (_set(["preprocess", "mean"], [1, 2]), "preprocess", "mean", "list of 3"),
     (_set(["preprocess", "std"], [1, 0, 1]), "preprocess", "std", "> 0"),
     (_set(["preprocess", "std"], float("nan")), "preprocess", "std", "finite"),
+    (_set(["preprocess", "std"], 1e-300), "preprocess", "std", "beyond float32's range"),
     (_set(["preprocess", "scale"], "1/255"), "preprocess", "scale", "finite numbers"),
     (_set(["preprocess", "shift"], 1), "preprocess", "shift", "unknown key"),
     (_set(["input", "depth"], 3), "input", "depth", "unknown key"),
