@@ -120,9 +120,9 @@ def conv_pointwise(x2d, wmat, bias, out2d, per_image, nthreads, tile, relu):
 
 @njit(parallel=True, cache=True)
 def conv_im2col_mk(
-    x, bp, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
+    x, blocks, table, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
 ):
-    """conv_im2col with the micro-kernel: bp (Kp/NR, Kc, NR) packed weights, slots of cols
+    """conv_im2col with the micro-kernel: weights packed by _gemm.pack_weights, slots of cols
     rounded up to a multiple of MR rows (rows past the tile are read, never stored)."""
     per_image = hout * wout
     tiles_per_image = (per_image + tile - 1) // tile
@@ -133,11 +133,11 @@ def conv_im2col_mk(
         for i in range(t, ntiles, nthreads):
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
-            tile_gemm(slot, 0, r1 - r0, bp, bias, out2d, r0, relu)
+            tile_gemm(slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu)
 
 
 @njit(parallel=True, cache=True)
-def conv_pointwise_mk(x2d, bp, bias, out2d, cols, per_image, tile, relu):
+def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, relu):
     """conv_pointwise with the micro-kernel, reading x2d in place; only a tile whose last
     MR-row block would run past the end of x2d is first copied into its thread's slot."""
     m_all = x2d.shape[0]
@@ -150,10 +150,10 @@ def conv_pointwise_mk(x2d, bp, bias, out2d, cols, per_image, tile, relu):
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             m = r1 - r0
             if r0 + (m + MR - 1) // MR * MR <= m_all:
-                tile_gemm(x2d, r0, m, bp, bias, out2d, r0, relu)
+                tile_gemm(x2d, r0, m, blocks, table, bias, out2d, r0, relu)
             else:
                 slot[:m] = x2d[r0:r1]
-                tile_gemm(slot, 0, m, bp, bias, out2d, r0, relu)
+                tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu)
 
 
 @njit(parallel=True, cache=True)

@@ -1,13 +1,14 @@
 """A register-blocked GEMM micro-kernel in Numba for AVX-512 CPUs, with the conv epilogue fused.
 
-Computes out[r, j] = sum_p a[r, p] * bp[p, j] (+ bias[j], then ReLU) for one tile: a is (rows,
-Kc) row-major (im2col rows, or NHWC pixels for 1x1), bp is the weights packed as (Kp/NR, Kc, NR)
-with K zero-padded to Kp, a multiple of NR. Each MR x NR block of the output is held in 24
-zmm registers (an `alloca`d array that LLVM promotes once the loops over r and j are unrolled)
-while p runs over Kc in chunks of KC, so a streams from L1 and one bp block from L2. Index
-arithmetic is unsigned: NumPy-style negative-index wraparound would otherwise turn every load
-of bp into a gather. Measured: 240 GFLOP/s on one Zen 5 core vs 115 for OpenBLAS's Haswell
-kernels (the OPENBLAS_CORETYPE this environment sets), 100 on NR=32 variants (not vectorised).
+Computes out[r, j] = sum_p a[r, p] * w[p, j] (+ bias[j], then ReLU) for one tile: a is (rows,
+Kc) row-major (im2col rows, or NHWC pixels for 1x1); the weights w (Kc, K) are packed into
+contiguous (Kc, NR) column blocks, NR 64 or 48, zero-padded past K. Each block of mr x NR
+outputs is held in 24 zmm registers (an `alloca`d array that LLVM promotes once the loops over
+r and j are unrolled) while p runs over Kc in chunks of KC, so a streams from L1 and the weight
+block from L2. Index arithmetic is unsigned: NumPy-style negative-index wraparound would
+otherwise turn every weight load into a gather. Measured on one Zen 5 core: 250 GFLOP/s for
+6x64 and 8x48 blocks vs 115 for OpenBLAS's Haswell kernels (the OPENBLAS_CORETYPE this
+environment sets); 12x32 blocks reach 145 at best, so K=32 is padded to 48 instead.
 
 Every element is one FMA chain over p in order, so a row's result does not depend on which tile
 or block it lands in: results are bit-identical whatever the batch or thread count.
@@ -21,9 +22,11 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-MR = 6  # output rows per block
-NR = 64  # output channels per block: 4 zmm of float32
-KC = 512  # depth of one pass over p: keeps one (KC, NR) block of bp (128 KiB) in L2
+# Block shapes (rows, channels) that LLVM turns into 24 zmm accumulators; NR=32 variants do not
+# vectorise (9 GFLOP/s), so K is covered by blocks of 64 and 48 channels, zero-padded.
+SHAPES = {64: 6, 48: 8}
+MR = 24  # rows per tile step: a multiple of every block's row count
+KC = 1024  # depth of one pass over p: one (KC, NR) weight block (<= 256 KiB) stays in L2
 
 
 def available() -> bool:
@@ -44,53 +47,93 @@ def _stack_block(typingctx, size):
     return types.CPointer(types.float32)(size), codegen
 
 
-def pack_weights(wmat: np.ndarray) -> np.ndarray:
-    """Return (Kp/NR, Kc, NR) float32 blocks of wmat (Kc, K), K zero-padded to a multiple of NR."""
+def plan_blocks(k: int) -> list[int]:
+    """Return block widths (64s then 48s) covering k channels with the least zero padding."""
+    best: tuple[int, int, int, int] | None = None
+    for a in range(-(-k // 64) + 1):
+        b = max(0, -(-(k - 64 * a) // 48))
+        cand = (64 * a + 48 * b - k, a + b, a, b)
+        best = cand if best is None or cand < best else best
+    assert best is not None
+    return [64] * best[2] + [48] * best[3]
+
+
+def pack_weights(wmat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pack wmat (Kc, K) into flat blocks; return (blocks, table).
+
+    blocks holds each (Kc, NR) block contiguously, channels past K zero; table rows are
+    (offset into blocks, NR, first channel j0).
+    """
     kc, k = wmat.shape
-    blocks = -(-k // NR)
-    padded = np.zeros((kc, blocks * NR), np.float32)
-    padded[:, :k] = wmat
-    return np.ascontiguousarray(padded.reshape(kc, blocks, NR).transpose(1, 0, 2))
+    widths = plan_blocks(k)
+    blocks = np.zeros(kc * sum(widths), np.float32)
+    table = np.empty((len(widths), 3), np.int64)
+    offset = j0 = 0
+    for i, nr in enumerate(widths):
+        part = wmat[:, j0 : j0 + nr]
+        view = blocks[offset : offset + kc * nr].reshape(kc, nr)
+        view[:, : part.shape[1]] = part
+        table[i] = offset, nr, j0
+        offset += kc * nr
+        j0 += nr
+    return blocks, table
 
 
-@njit(fastmath={"contract"}, cache=True)
-def _block(a, ar0, bblk, p0, p1, out, or0, m, j0, k, bias, first, last, relu):
-    """Accumulate one MR x NR block over p0..p1; store rows < m, columns j0+j < k of out."""
-    acc = carray(_stack_block(384), (MR, NR))  # 384 = MR * NR
-    if first:
-        for r in range(MR):
-            for j in range(NR):
-                acc[np.uintp(r), np.uintp(j)] = 0.0
-    else:
-        for r in range(MR):
-            for j in range(NR):
-                ok = r < m and j0 + j < k
-                acc[np.uintp(r), np.uintp(j)] = out[or0 + r, j0 + j] if ok else 0.0
-    for p in range(p0, p1):
-        up = np.uintp(p)
-        for r in range(MR):
-            v = a[np.uintp(ar0 + r), up]
-            for j in range(NR):
-                acc[np.uintp(r), np.uintp(j)] += v * bblk[up, np.uintp(j)]
-    for r in range(min(m, MR)):
-        for j in range(min(NR, k - j0)):
-            v = acc[np.uintp(r), np.uintp(j)]
-            if last:
-                v += bias[j0 + j]
-                if relu and v < 0.0:
-                    v = 0.0
-            out[or0 + r, j0 + j] = v
+def _make_block(mr: int, nr: int):
+    """Build the kernel for one mr x nr block (constants baked in so the loops fully unroll)."""
+    size = mr * nr
+
+    @njit(fastmath={"contract"}, cache=True)
+    def block(a, ar0, bblk, p0, p1, out, or0, m, j0, k, bias, first, last, relu):
+        """Accumulate an mr x nr block over p0..p1; store rows < m, columns j0+j < k of out."""
+        acc = carray(_stack_block(size), (mr, nr))
+        if first:
+            for r in range(mr):
+                for j in range(nr):
+                    acc[np.uintp(r), np.uintp(j)] = 0.0
+        else:
+            for r in range(mr):
+                for j in range(nr):
+                    ok = r < m and j0 + j < k
+                    acc[np.uintp(r), np.uintp(j)] = out[or0 + r, j0 + j] if ok else 0.0
+        for p in range(p0, p1):
+            up = np.uintp(p)
+            for r in range(mr):
+                v = a[np.uintp(ar0 + r), up]
+                for j in range(nr):
+                    acc[np.uintp(r), np.uintp(j)] += v * bblk[up, np.uintp(j)]
+        for r in range(min(m, mr)):
+            for j in range(min(nr, k - j0)):
+                v = acc[np.uintp(r), np.uintp(j)]
+                if last:
+                    v += bias[j0 + j]
+                    if relu and v < 0.0:
+                        v = 0.0
+                out[or0 + r, j0 + j] = v
+
+    return block
+
+
+_block64 = _make_block(SHAPES[64], 64)
+_block48 = _make_block(SHAPES[48], 48)
 
 
 @njit(cache=True, inline="always")
-def tile_gemm(a, ar0, m, bp, bias, out, or0, relu):
+def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
     """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there."""
     kc = a.shape[1]
     k = out.shape[1]
-    for jb in range(bp.shape[0]):
-        bblk = bp[jb]
+    for b in range(table.shape[0]):
+        offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
+        bblk = blocks[offset : offset + kc * nr].reshape((kc, nr))
         for p0 in range(0, kc, KC):
             p1 = min(kc, p0 + KC)
-            for r in range(0, m, MR):
-                _block(a, ar0 + r, bblk, p0, p1, out, or0 + r, m - r, jb * NR, k, bias,
-                       p0 == 0, p1 == kc, relu)
+            first, last = p0 == 0, p1 == kc
+            if nr == 64:
+                for r in range(0, m, 6):
+                    _block64(a, ar0 + r, bblk, p0, p1, out, or0 + r, m - r, j0, k, bias,
+                             first, last, relu)
+            else:
+                for r in range(0, m, 8):
+                    _block48(a, ar0 + r, bblk, p0, p1, out, or0 + r, m - r, j0, k, bias,
+                             first, last, relu)

@@ -121,8 +121,10 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
         x2d = x.reshape(m, c)
         if MICROKERNEL:
             cols = _columns(nthreads, tile, c)
-            bp = _gemm.pack_weights(wmat)
-            _conv.conv_pointwise_mk(x2d, bp, bias, out2d, cols, hout * wout, tile, bool(relu))
+            blocks, table = _gemm.pack_weights(wmat)
+            _conv.conv_pointwise_mk(
+                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu)
+            )
         else:
             _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
         return out
@@ -130,8 +132,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
-        bp = _gemm.pack_weights(wmat)
-        _conv.conv_im2col_mk(x, bp, bias, out2d, cols, tile, *geometry, bool(relu))
+        blocks, table = _gemm.pack_weights(wmat)
+        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu))
     else:
         _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
     return out

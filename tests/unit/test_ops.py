@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _pool, ops
+from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, ops
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -60,7 +60,7 @@ CONV_CASES = {
     "alexnet-like": (1, 19, 19, 3, 4, (11, 11), 4, 0, 1),
     "K130-column-blocks": (1, 4, 5, 3, 130, (1, 1), 1, 0, 1),
     "K70-3x3": (2, 4, 4, 2, 70, (3, 3), 1, 1, 1),
-    "Kc630-depth-chunks": (1, 5, 5, 70, 3, (3, 3), 1, 1, 1),
+    "Kc1080-depth-chunks": (1, 4, 4, 120, 3, (3, 3), 1, 1, 1),
 }
 
 
@@ -282,3 +282,19 @@ def test_warmup_compiles_every_kernel():
              else [_conv.conv_im2col, _conv.conv_pointwise])
     kernels = [*convs, _conv.local_gemm, _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
     assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
+
+
+@pytest.mark.parametrize("k,widths", [(1, [48]), (32, [48]), (64, [64]), (96, [48, 48]),
+                                      (112, [64, 48]), (128, [64, 64]), (200, [64, 48, 48, 48])])
+def test_weight_blocks_cover_k_with_least_padding(k, widths):
+    assert _gemm.plan_blocks(k) == widths
+
+
+def test_packed_weight_blocks_hold_every_weight_once():
+    wmat = rand(7, 112, seed=29)
+    blocks, table = _gemm.pack_weights(wmat)
+    rebuilt = np.concatenate(
+        [blocks[off : off + 7 * nr].reshape(7, nr) for off, nr, _ in table], axis=1
+    )
+    np.testing.assert_array_equal(rebuilt[:, :112], wmat)
+    assert not rebuilt[:, 112:].any() and list(table[:, 2]) == [0, 64]
