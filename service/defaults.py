@@ -27,8 +27,9 @@ RETRY_AFTER = 5
 API_KEYS = ""
 """Comma-separated bearer keys; empty means no auth."""
 
-SOCKET_TIMEOUT = 2.0
-"""Seconds a Redis call may take before the API answers 503."""
+SOCKET_TIMEOUT = 1.0
+"""Seconds one Redis socket wait may take; the client retries once, so a dead or paused Redis
+is a 503 in about 2 s."""
 
 MODEL_CACHE = 8
 """Validated models (spec + weights) the API keeps in memory for shape checks."""

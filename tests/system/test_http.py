@@ -1,0 +1,165 @@
+"""The whole stack over HTTP: redis-server, one `convq api` (gunicorn), two `convq worker`s."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from rq.job import Job
+
+from engine import Model
+from tests.system.procs import start_api, start_worker, worker_pids
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+LAYERS = 24
+
+
+@functools.cache
+def slow_model() -> tuple[dict, dict]:
+    """24 3x3 convs, 64 channels: a few seconds per 2-image 256x256 job on one thread."""
+    rng = np.random.default_rng(7)
+    spec = {"name": "slow", "input": {"channels": 3}, "layers": []}
+    arrays, cin = {}, 3
+    for i in range(LAYERS):
+        spec["layers"].append({"name": f"c{i}", "type": "conv", "filters": 64, "size": 3,
+                               "pad": 1})
+        arrays[f"c{i}.w"] = (rng.standard_normal((64, 3, 3, cin)) / np.sqrt(9 * cin)).astype(
+            np.float32)
+        arrays[f"c{i}.b"] = (rng.standard_normal(64) * 0.1).astype(np.float32)
+        cin = 64
+    return spec, arrays
+
+
+def npz(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def stack(redis_server_factory, tmp_path):
+    server = redis_server_factory(aof=True)
+    procs = []
+    try:
+        api, base = start_api(server.url, tmp_path, env={"CONVQ_API_PROCESSES": "1"})
+        procs.append(api)
+        for i in range(2):
+            procs.append(start_worker(server.url, tmp_path, name=f"w{i}"))
+        yield server, base, procs[1:]
+    finally:
+        for proc in procs:
+            proc.close()
+
+
+def upload(base: str, name: str, spec: dict, arrays: dict) -> None:
+    rv = requests.post(f"{base}/v2/repository/models/{name}/load", timeout=60, files={
+        "spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", npz(arrays))})
+    assert rv.status_code == 200, rv.text
+
+
+def wait_status(base: str, job_id: str, predicate, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = requests.get(f"{base}/v2/jobs/{job_id}", timeout=10).json()
+        if predicate(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {status}")
+
+
+def test_job_survives_its_worker_being_killed(stack):
+    server, base, workers = stack
+    spec, arrays = slow_model()
+    upload(base, "slow", spec, arrays)
+    images = np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    files = [("images", (f"{i}.npy", _npy(img))) for i, img in enumerate(images)]
+    rv = requests.post(f"{base}/v2/models/slow/jobs", files=files, data={"outputs": "c23"},
+                       timeout=30)
+    assert rv.status_code == 202, rv.text
+    job_id = rv.json()["id"]
+    wait_status(base, job_id, lambda s: s["status"] == "started" and s["progress"]
+                and s["progress"]["layer"] >= 2, 60)
+    busy = Job.fetch(job_id, connection=server.client()).worker_name
+    pid = worker_pids(server.url)[busy]
+    os.kill(pid, signal.SIGKILL)
+    status = wait_status(base, job_id, lambda s: s["status"] in ("finished", "failed"), 120)
+    assert status["status"] == "finished" and status["attempt"] >= 2, status
+    rv = requests.get(f"{base}/v2/jobs/{job_id}/result?output=c23&format=npy", timeout=30)
+    got = np.load(io.BytesIO(rv.content), allow_pickle=False)
+    expect = Model.from_arrays(spec, arrays).run(images, outputs=["c23"])["c23"]
+    np.testing.assert_array_equal(got, expect)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_redis_outage_is_503_then_recovers(stack):
+    server, base, _ = stack
+    spec = {"name": "t", "input": {"height": 8, "width": 8, "channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3}]}
+    arrays = {"c.w": np.ones((2, 3, 3, 1), np.float32), "c.b": np.zeros(2, np.float32)}
+    upload(base, "t", spec, arrays)
+    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 8, 8, 1],
+                        "data": list(range(64))}]}
+    assert requests.post(f"{base}/v2/models/t/infer", json=body, timeout=30).status_code == 200
+    for outage in ("pause", "kill"):
+        getattr(server, outage)()
+        for method, path in (("get", "/v2/health/ready"), ("post", "/v2/models/t/jobs"),
+                             ("get", "/v2/models/t")):
+            started = time.monotonic()
+            rv = requests.request(method, base + path, json=body, timeout=30)
+            took = time.monotonic() - started
+            assert rv.status_code == 503, (outage, path, rv.text)
+            assert int(rv.headers["Retry-After"]) > 0 and "error" in rv.json()
+            assert took < 3.0, (outage, path, took)  # 1 s socket timeout, retried once
+        assert requests.get(f"{base}/v2/health/live", timeout=5).status_code == 200
+        if outage == "pause":
+            server.resume()
+        else:
+            server.start()  # AOF kept the model
+        deadline = time.monotonic() + 30
+        while requests.get(f"{base}/v2/health/ready", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "not ready again"
+            time.sleep(0.2)
+        rv = requests.post(f"{base}/v2/models/t/infer", json=body, timeout=60)
+        assert rv.status_code == 200, rv.text
+        assert rv.json()["outputs"][0]["shape"] == [1, 6, 6, 2]
+
+
+def test_tritonclient_against_real_processes(stack):
+    _, base, _ = stack
+    client = httpclient.InferenceServerClient(base.removeprefix("http://"), network_timeout=60)
+    spec = {"name": "m", "input": {"height": 16, "width": 16, "channels": 3},
+            "layers": [{"name": "conv", "type": "conv", "filters": 4, "size": 3, "pad": 1},
+                       {"name": "relu", "type": "relu"},
+                       {"name": "pool", "type": "avgpool", "size": 2}]}
+    rng = np.random.default_rng(3)
+    arrays = {"conv.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+              "conv.b": rng.standard_normal(4).astype(np.float32)}
+    client.load_model("m", config=json.dumps(spec), files={"file:w.npz": npz(arrays)})
+    assert client.is_server_ready() and client.is_model_ready("m")
+    assert [o["name"] for o in client.get_model_metadata("m")["outputs"]] == [
+        "conv", "relu", "pool"]
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    expect = Model.from_arrays(spec, arrays).run(images, outputs="all")
+    for binary in (True, False):
+        tensor = httpclient.InferInput("input", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in expect]
+        result = client.infer("m", [tensor], outputs=outputs)
+        for name, array in expect.items():
+            np.testing.assert_array_equal(result.as_numpy(name), array)
+    client.close()
