@@ -144,26 +144,31 @@ def submit(api: Api, model: str, images: list[Path], outputs: str) -> str:
     return resp.json()["id"]
 
 
-def wait(api: Api, job: str, timeout: float, out=None) -> dict:
+def layer_count(api: Api, model: str) -> int:
+    """Return how many layers the model has (its V2 metadata lists every layer as an output)."""
+    return max(1, len(api.call("GET", f"/v2/models/{model}").json().get("outputs") or []))
+
+
+def wait(api: Api, job: str, timeout: float, layers: int = 1, out=None) -> dict:
     """Poll the job, feeding a progress bar with its per-layer progress; return the last status."""
     deadline = time.monotonic() + timeout
     delay = 0.1
     with tqdm(
-        total=1, unit="layer", desc=f"job {job[:8]} queued", file=out or sys.stderr, leave=True
+        total=layers, unit="layer", desc=f"job {job[:8]} queued", file=out or sys.stderr, leave=True
     ) as bar:
         while True:
             status = api.call("GET", f"/v2/jobs/{job}").json()
             progress = status.get("progress") or {}
             if progress.get("of"):
+                # "layer" is 1-based and written as that layer starts: the ones before it are done
                 bar.total = progress["of"]
-                bar.n = progress["layer"]
-                bar.set_description(f"job {job[:8]} {progress.get('name', '')}")
+                bar.n = max(0, progress["layer"] - 1)
+                bar.set_description(f"job {job[:8]} {progress.get('name', '')}", refresh=False)
             if status["status"] in DONE:
                 if status["status"] == "finished":
                     bar.n = bar.total
-                bar.set_description(f"job {job[:8]} {status['status']}")
-                bar.refresh()
-                return status
+                bar.set_description(f"job {job[:8]} {status['status']}", refresh=False)
+                return status  # closing the bar draws it once more, final
             bar.refresh()
             if time.monotonic() > deadline:
                 raise ClientError(
@@ -210,9 +215,10 @@ def run(args: argparse.Namespace) -> int:
     name = model_name(args)
     if args.spec is not None or args.onnx is not None:
         print(f"uploaded {name} version {upload(api, name, args)}", file=sys.stderr)
+    layers = layer_count(api, name)
     job = submit(api, name, images, args.outputs)
     print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
-    status = wait(api, job, args.timeout)
+    status = wait(api, job, args.timeout, layers)
     if status["status"] != "finished":
         print(
             f"job {job} {status['status']}: {status.get('error') or 'no reason given'}",

@@ -217,8 +217,9 @@ async function waitFor(id) {
     if (["finished", "failed", "canceled"].includes(status.status)) return status;
     const p = status.progress;
     if (p && p.of) {
-      $("progress").value = p.layer / p.of;
-      setStatus(`Job ${id}: layer ${p.layer + 1} of ${p.of} (${p.name})`);
+      // layer is 1-based and written as that layer starts: the ones before it are done
+      $("progress").value = (p.layer - 1) / p.of;
+      setStatus(`Job ${id}: layer ${p.layer} of ${p.of} (${p.name})`);
     } else {
       setStatus(`Job ${id} ${status.status}`);
     }
