@@ -194,3 +194,31 @@ def test_upload_a_model_from_the_page_and_run_a_sample(server, browser, tmp_path
     grids = browser.find_elements(By.CSS_SELECTOR, "#maps figure img")
     wait(browser, lambda d: all(loaded(d, g) for g in grids))
     browser.save_screenshot(str(ARTIFACTS / "browser-upload.png"))
+
+
+def test_dropping_a_picture_chooses_it_and_fits_it_to_the_model(server, browser):
+    browser.get(server + "/")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#summary tbody tr"))
+    # Drop a 300x200 picture, built in the page, the way a file dragged from the desktop arrives.
+    browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const canvas = document.createElement("canvas");
+        canvas.width = 300; canvas.height = 200;
+        const ctx = canvas.getContext("2d");
+        ctx.fillStyle = "#c03020"; ctx.fillRect(0, 0, 300, 200);
+        canvas.toBlob((blob) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+            const zone = document.getElementById("drop-zone");
+            zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true}));
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+            done();
+        }, "image/png");
+    """)
+    note = browser.find_element(By.ID, "image-note")
+    wait(browser, lambda d: "dropped.png" in note.text)
+    assert "300×200" in note.text and "227×227" in note.text  # scaled and cropped to fit
+    preview = browser.find_element(By.ID, "preview")
+    wait(browser, lambda d: loaded(d, preview))
+    assert browser.execute_script("return arguments[0].naturalWidth", preview) == 227
+    assert browser.find_element(By.ID, "run-button").is_enabled()
