@@ -4,9 +4,11 @@
 - `GET /ui/models/<name>/filters.png[?layer=NAME]` a conv layer's filters as colour tiles (the
   seed's Krizhevsky figure); the first conv layer by default.
 - `GET /ui/samples` and `/ui/samples/<file>` the demo's sample pictures, so a newcomer has
-  something to drop.
+  something to drop; `GET /ui/demo/spec.json` and `/ui/demo/weights.npz` the demo model as
+  upload-ready files, so a stack started without it (docker compose) gets it in one click.
 With CONVQ_API_KEYS set, the model route wants the same bearer key as /v2 and shows only models
-that key may see; the page itself, its assets and the samples are public.
+that key may see; the page itself, its assets, the samples and the demo files
+are public.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import hmac
 import io
+import json
 import math
 import threading
 from collections import OrderedDict
@@ -25,7 +28,7 @@ from PIL import Image
 from engine import Model
 
 from .auth import api_keys, check_visible, owner_id
-from .demo import demo_images
+from .demo import demo_images, demo_model
 from .errors import BadRequest, NotFound, Unauthorized
 
 bp = Blueprint("web", __name__, static_folder="static", static_url_path="/ui/static")
@@ -136,6 +139,26 @@ def filters_png(name: str):
 @functools.cache
 def _samples() -> dict[str, bytes]:
     return dict(demo_images())  # drawn once per process: they never change
+
+
+@functools.cache
+def _demo_files() -> dict[str, bytes]:
+    spec, arrays = demo_model()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return {"spec.json": json.dumps(spec, indent=1).encode(), "weights.npz": buf.getvalue()}
+
+
+@bp.get("/ui/demo/<filename>")
+def demo_file(filename: str):
+    """Serve the demo model as an upload-ready spec.json or weights.npz."""
+    data = _demo_files().get(filename)
+    if data is None:
+        raise NotFound(f"no demo file {filename[:80]!r}; there are spec.json and weights.npz")
+    mimetype = "application/json" if filename.endswith(".json") else "application/octet-stream"
+    response = Response(data, mimetype=mimetype)
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
 
 
 @bp.get("/ui/samples")

@@ -46,7 +46,8 @@ async function loadModels(prefer) {
     const names = models.map((m) => m.name);
     const choice = [prefer, select.dataset.current, "demo"].find((n) => n && names.includes(n));
     if (choice) select.value = choice;
-    if (!models.length) setStatus("No models yet: upload one above.");
+    $("add-demo").hidden = names.includes("demo");
+    if (!models.length) setStatus("No models yet: add the demo or upload one above.");
     await showModel();
   } catch (err) {
     setStatus("Could not list models: " + err.message, true);
@@ -110,6 +111,25 @@ async function uploadModel(event) {
   } catch (err) {
     $("upload-status").textContent = err.message;
     $("upload-status").className = "error";
+  }
+}
+
+// Upload the server's own demo files (AlexNet conv1 -> ReLU -> maxpool) as the model "demo".
+async function addDemo() {
+  $("add-demo").disabled = true;
+  try {
+    const form = new FormData();
+    for (const name of ["spec.json", "weights.npz"]) {
+      const blob = await (await api(`/ui/demo/${name}`)).blob();
+      form.append(name === "spec.json" ? "spec" : "weights", blob, name);
+    }
+    await api("/v2/repository/models/demo/load", { method: "POST", body: form });
+    setStatus("Added the demo model.");
+    await loadModels("demo");
+  } catch (err) {
+    setStatus("Could not add the demo: " + err.message, true);
+  } finally {
+    $("add-demo").disabled = false;
   }
 }
 
@@ -276,6 +296,7 @@ function main() {
   });
   $("model-select").addEventListener("change", showModel);
   $("refresh-models").addEventListener("click", () => loadModels());
+  $("add-demo").addEventListener("click", addDemo);
   $("upload-form").addEventListener("submit", uploadModel);
   $("run-button").addEventListener("click", run);
   wireDropZone();

@@ -202,3 +202,17 @@ def test_the_pages_calls_end_in_one_grid_per_layer(demo, redis_conn):
         sizes[name] = grid.size
         assert np.asarray(grid).std() > 0  # the maps are not blank
     assert sizes["conv1"] == sizes["relu1"]
+
+
+def test_demo_model_files_upload_as_they_are(client):
+    spec = client.get("/ui/demo/spec.json")
+    weights = client.get("/ui/demo/weights.npz")
+    assert spec.status_code == 200 and spec.get_json() == demo_model()[0]
+    with np.load(io.BytesIO(weights.data), allow_pickle=False) as arrays:
+        np.testing.assert_array_equal(arrays["conv1.w"], demo_model()[1]["conv1.w"])
+    data = {
+        "spec": (io.BytesIO(spec.data), "spec.json"),
+        "weights": (io.BytesIO(weights.data), "weights.npz"),
+    }
+    assert client.post("/v2/repository/models/demo/load", data=data).status_code == 200
+    assert client.get("/ui/demo/secrets.txt").status_code == 404

@@ -222,3 +222,20 @@ def test_dropping_a_picture_chooses_it_and_fits_it_to_the_model(server, browser)
     wait(browser, lambda d: loaded(d, preview))
     assert browser.execute_script("return arguments[0].naturalWidth", preview) == 227
     assert browser.find_element(By.ID, "run-button").is_enabled()
+
+
+def test_a_stack_without_the_demo_offers_it_in_one_click(server, browser):
+    requests.post(f"{server}/v2/repository/models/demo/unload", timeout=30).raise_for_status()
+    requests.post(f"{server}/v2/repository/models/mine/unload", timeout=30)
+    browser.get(server + "/")
+    add = browser.find_element(By.ID, "add-demo")
+    wait(browser, lambda d: add.is_displayed())
+    add.click()
+    select = Select(browser.find_element(By.ID, "model-select"))
+    wait(
+        browser,
+        lambda d: select.options and select.first_selected_option.get_attribute("value") == "demo",
+    )
+    wait(browser, lambda d: not add.is_displayed())
+    filters = browser.find_element(By.ID, "filters-img")
+    wait(browser, lambda d: loaded(d, filters))
