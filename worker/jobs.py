@@ -70,7 +70,7 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     # Fencing: should this run be presumed dead and re-queued, the new attempt claims the job
     # and this one stops at its next layer instead of racing it.
     token = uuid.uuid4().hex
-    store.claim_run(job.id, token)
+    store.claim_run(job.id, token, ttl=timeout + 60)
 
     def check() -> None:
         try:
@@ -107,6 +107,10 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
         raise JobFailed(str(exc)) from None
     check()
     _with_redis_retries(lambda: store.put_result(job.id, result), started + timeout)
+    try:
+        store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
+    except redis.RedisError:
+        pass  # it expires anyway
     return {"outputs": list(result)}
 
 

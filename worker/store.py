@@ -163,14 +163,18 @@ class Store:
     def is_canceled(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
-    def claim_run(self, job_id: str, token: str) -> None:
+    def claim_run(self, job_id: str, token: str, ttl: int) -> None:
         """Record token as the one run of job_id allowed to go on (the latest attempt wins)."""
-        self.redis.set(self._key("run", job_id), token, ex=self.input_ttl)
+        self.redis.set(self._key("run", job_id), token, ex=max(1, int(ttl)))
 
     def run_state(self, job_id: str, token: str) -> tuple[bool, bool]:
         """Return (still this run's job, canceled) in one round trip."""
         run, canceled = self.redis.mget(self._key("run", job_id), self.cancel_key(job_id))
         return run is None or run.decode() == token, canceled is not None
+
+    def finish_run(self, job_id: str, input_id: str) -> None:
+        """Drop what a finished job no longer needs: its input and its run claim."""
+        self.redis.delete(self.input_key(input_id), self._key("run", job_id))
 
     def delete_job(self, job_id: str) -> None:
         """Delete a job's input and result (the cancel mark stays until it expires)."""

@@ -265,7 +265,7 @@ def test_superseded_run_stops_without_touching_the_job(env, monkeypatch):
     def newer_attempt_at_layer_two(job, progress):
         original(job, progress)
         if progress and progress["layer"] == 2:
-            store.claim_run(job.id, "a-newer-attempt")
+            store.claim_run(job.id, "a-newer-attempt", ttl=60)
 
     monkeypatch.setattr(jobs, "_save_progress", newer_attempt_at_layer_two)
     burst(redis, SETTINGS)

@@ -223,15 +223,21 @@ def test_redis_killed_and_restarted_with_aof_loses_no_job(redis_server_factory, 
     assert w1.alive() and w2.alive()
 
 
-def test_worker_survives_redis_outage(redis_server, workers):
+def test_worker_survives_redis_outage_and_pause(redis_server, workers):
     worker = workers(redis_server.url)
+    tiny = tiny_model()
     redis_server.kill()
     time.sleep(4)
     assert worker.alive()
     redis_server.start()
     bench = Bench(redis_server)
-    tiny = tiny_model()
-    job_id = bench.submit("tiny", bench.upload("tiny", tiny), np.ones((1, 6, 6), np.uint8), ["p"])
+    version = bench.upload("tiny", tiny)
+    job_id = bench.submit("tiny", version, np.ones((1, 6, 6), np.uint8), ["p"])
     status = bench.wait_end(job_id, timeout=60)
     assert status["status"] == "finished", worker.log()[-3000:]
+    redis_server.pause()  # SIGSTOP: connections hang instead of failing
+    time.sleep(4)
+    redis_server.resume()
+    job_id = bench.submit("tiny", version, np.ones((1, 6, 6), np.uint8), ["p"])
+    assert bench.wait_end(job_id, timeout=60)["status"] == "finished", worker.log()[-3000:]
     assert worker.alive()
