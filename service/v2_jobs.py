@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
+from rq.results import Result
 
 from worker.queue import cancel, job_status
 
@@ -56,6 +57,29 @@ def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
     return [bytes(c) for c in chunks], headers
 
 
+def _wait(job_id: str, deadline: float) -> dict | None | bool:
+    """Wait for job_id to end; return its status (None if it vanished), False past deadline.
+
+    Blocks on the job's rq result stream (XREAD), which the worker appends to in the same
+    transaction that marks the job finished or failed, so a fast job is answered the moment it
+    ends, without polling. Blocks are shorter than the socket timeout; between them the status
+    is read again, which also covers a retried attempt and a canceled job.
+    """
+    ext = convq()
+    stream, last = Result.get_key(job_id), "0-0"
+    block = max(0.001, float(current_app.config["SOCKET_TIMEOUT"]) / 2)
+    while True:
+        status = job_status(ext.queue, job_id)
+        if status is None or status["status"] in ("finished", "failed", "canceled"):
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        reply = ext.redis.xread({stream: last}, block=max(1, int(min(left, block) * 1000)))
+        if reply:
+            last = reply[0][1][-1][0]
+
+
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None):
@@ -63,18 +87,11 @@ def infer(name: str, version: str | None = None):
     target = find_model(name, version)
     parsed = parse_request(target.model)
     job_id, outputs = enqueue(target, parsed)
-    deadline = time.monotonic() + float(cfg["INFER_TIMEOUT"])
-    delay = 0.001
-    while True:
-        status = job_status(ext.queue, job_id)
-        if status is None or status["status"] in ("finished", "failed", "canceled"):
-            break
-        if time.monotonic() > deadline:
-            cancel(ext.queue, ext.store, job_id)
-            raise InferTimeout(f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
-                               "it to /v2/models/{m}/jobs to wait without a deadline")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)  # fast answers for fast jobs, few polls for slow ones
+    status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
+    if status is False:
+        cancel(ext.queue, ext.store, job_id)
+        raise InferTimeout(f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
+                           "it to /v2/models/{m}/jobs to wait without a deadline")
     try:
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"

@@ -1,0 +1,245 @@
+"""Time the service end to end (HTTP in, activations out) against the engine alone.
+
+    python bench/service.py [--quick] [--threads 2] [--rounds 5] [--latency 200] [--jobs 24]
+
+Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) and `convq
+worker` processes, all on this machine, and prints three tables:
+  1. a 32-image AlexNet conv1 job (227x227x3 -> 55x55x96) through POST /infer with binary
+     tensors vs Model.run on the same batch in this process, same thread count, rounds
+     alternating, medians;
+  2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
+  3. throughput (jobs/s) of 4-image demo jobs with 1 and with 2 workers of 1 thread each.
+Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import Model, set_threads  # noqa: E402
+from service.demo import demo_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """redis-server + convq api + convq workers as child processes; close() stops them all."""
+
+    def __init__(self, threads: int):
+        self.dir = Path(tempfile.mkdtemp(prefix="convq-bench-"))
+        self.redis_port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.redis = self._spawn(["redis-server", "--bind", "127.0.0.1", "--port",
+                                  str(self.redis_port), "--save", "", "--appendonly", "no",
+                                  "--dir", str(self.dir)], "redis")
+        self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env = {**os.environ, "REDIS_URL": self.url, "CONVQ_THREADS": str(threads),
+                    "PYTHONPATH": str(ROOT), "CONVQ_API_PROCESSES": "1",
+                    "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20)}
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self._spawn([sys.executable, "-c", "import sys; from service.cli import main; "
+                     "sys.exit(main())", "api", "--port", str(port)], "api")
+        self.workers: list[subprocess.Popen] = []
+        self._wait(lambda: requests.get(self.base + "/v2/health/live", timeout=1).ok, "api")
+
+    def _spawn(self, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.dir / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                env=env or getattr(self, "env", None), cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def _wait(ready, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} did not come up")
+
+    def add_worker(self, threads: int) -> None:
+        env = {**self.env, "CONVQ_THREADS": str(threads)}
+        self.workers.append(self._spawn([sys.executable, "-m", "worker"], "worker", env))
+        want = len(self.workers)
+        self._wait(lambda: requests.get(self.base + "/v2/health/ready", timeout=5).json().get(
+            "workers", 0) >= want, "worker")
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            proc.terminate()
+            proc.wait(30)
+        self.workers.clear()
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def upload(self, name: str, spec: dict, arrays: dict) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        rv = requests.post(f"{self.base}/v2/repository/models/{name}/load", timeout=120,
+                           files={"spec": ("spec.json", json.dumps(spec)),
+                                  "weights": ("w.npz", buf.getvalue())})
+        rv.raise_for_status()
+
+
+def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]:
+    raw = images.tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8",
+                                   "shape": list(images.shape),
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "outputs": [{"name": o, "parameters": {"binary_data": True}}
+                                   for o in outputs]}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)),
+                        "Content-Type": "application/octet-stream"}
+
+
+def infer(session: requests.Session, base: str, model: str, body: bytes, headers: dict,
+          name: str, shape: tuple) -> np.ndarray:
+    """POST one binary V2 inference; return the named output as an array."""
+    rv = session.post(f"{base}/v2/models/{model}/infer", data=body, headers=headers,
+                      timeout=600, stream=True)
+    rv.raise_for_status()
+    # One read of the whole body: requests' .content reads in 10 KB pieces, slow for 37 MB.
+    data = rv.raw.read(decode_content=True)
+    n = int(rv.headers["Inference-Header-Content-Length"])
+    return np.frombuffer(data, np.float32, offset=n).reshape(shape)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f}"
+
+
+def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
+    spec, arrays = demo_model()
+    stack.upload("alexnet", spec, arrays)
+    model = Model.from_arrays(spec, arrays)
+    images = np.random.default_rng(0).integers(0, 256, (32, 227, 227, 3), dtype=np.uint8)
+    body, headers = binary_request(images, ["conv1"])
+    session = requests.Session()
+    set_threads(threads)
+    expect = model.run(images, outputs=["conv1"])["conv1"]
+    got = infer(session, stack.base, "alexnet", body, headers, "conv1", expect.shape)
+    assert np.array_equal(got, expect), "service and engine disagree"
+    http, alone = [], []
+    for _ in range(rounds):  # alternate, so a noisy neighbour slows both alike
+        t = time.perf_counter()
+        model.run(images, outputs=["conv1"])
+        alone.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        infer(session, stack.base, "alexnet", body, headers, "conv1", expect.shape)
+        http.append(time.perf_counter() - t)
+    a, h = statistics.median(alone), statistics.median(http)
+    print(f"\n1. AlexNet conv1, 32 images 227x227x3 -> 32x55x55x96 ({expect.nbytes >> 20} MiB out),"
+          f" {threads} thread(s), median of {rounds}")
+    print(f"   engine alone (Model.run)          {ms(a)} ms")
+    print(f"   HTTP infer (API+Redis+worker)     {ms(h)} ms   ratio {h / a:.2f}x")
+
+
+def bench_latency(stack: Stack, count: int) -> None:
+    rng = np.random.default_rng(1)
+    spec = {"name": "small", "input": {"height": 32, "width": 32, "channels": 3},
+            "layers": [{"name": "conv", "type": "conv", "filters": 32, "size": 5, "pad": 2}]}
+    arrays = {"conv.w": (rng.standard_normal((32, 5, 5, 3)) * 0.1).astype(np.float32),
+              "conv.b": np.zeros(32, np.float32)}
+    stack.upload("small", spec, arrays)
+    image = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    body, headers = binary_request(image, ["conv"])
+    session = requests.Session()
+    for _ in range(5):
+        infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+    times = []
+    for _ in range(count):
+        t = time.perf_counter()
+        infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+        times.append(time.perf_counter() - t)
+    q = statistics.quantiles(times, n=20)
+    print(f"\n2. one 32x32x3 image, conv K32 F5 P2, POST /infer sequentially x{count}")
+    print(f"   p50 {ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   "
+          f"min {ms(min(times))} ms")
+
+
+def bench_throughput(stack: Stack, jobs: int) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (4, 227, 227, 3), dtype=np.uint8)
+    body, headers = binary_request(images, ["pool1"])
+    print(f"\n3. throughput: {jobs} jobs of 4 demo images (227x227, conv1+relu+pool), "
+          "8 concurrent clients, workers of 1 thread")
+    rates = {}
+    for n in (1, 2):
+        stack.stop_workers()
+        for _ in range(n):
+            stack.add_worker(threads=1)
+        session = requests.Session()
+        infer(session, stack.base, "alexnet", body, headers, "pool1", (4, 27, 27, 96))
+
+        def one(_):
+            with requests.Session() as s:
+                infer(s, stack.base, "alexnet", body, headers, "pool1", (4, 27, 27, 96))
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(jobs)))
+        rates[n] = jobs / (time.perf_counter() - t)
+        print(f"   {n} worker(s): {rates[n]:6.2f} jobs/s")
+    print(f"   scaling 2 vs 1: {rates[2] / rates[1]:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds and jobs")
+    p.add_argument("--threads", type=int, default=2, help="engine threads for table 1")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--latency", type=int, default=200, help="requests for table 2")
+    p.add_argument("--jobs", type=int, default=32, help="jobs per throughput run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.latency, args.jobs = 3, 50, 12
+    stack = Stack(threads=args.threads)
+    try:
+        stack.add_worker(threads=args.threads)
+        bench_alexnet(stack, args.rounds, args.threads)
+        bench_latency(stack, args.latency)
+        bench_throughput(stack, args.jobs)
+    finally:
+        stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
