@@ -299,3 +299,15 @@ def test_wrong_content_types_and_malformed_bodies(api):
     rv = api.client.post("/v2/models/tiny/jobs", data=body,
                          headers={**headers, "Inference-Header-Content-Length": "999999"})
     _rejected(api, rv, 400, "Inference-Header-Content-Length")
+
+
+def test_a_job_whose_input_expired_fails_with_a_clear_error(api):
+    rv = submit(api, v2_json(images(1)))
+    job_id = rv.json["id"]
+    store = api.app.extensions["convq"].store
+    api.redis.delete(store.input_key(job_id))  # what input_ttl does to a job queued too long
+    api.burst()
+    status = api.client.get(f"/v2/jobs/{job_id}").json
+    assert status["status"] == "failed" and "input" in status["error"]
+    rv = api.client.get(f"/v2/jobs/{job_id}/result")
+    assert rv.status_code == 409 and "failed" in rv.json["error"]

@@ -197,3 +197,35 @@ def test_weights_upload_base64_round_trip_matches_triton_client_encoding(api):
     body = {"parameters": {"config": json.dumps(SPEC),
                            "file:w.npz": base64.b64encode(npz_bytes(arrays())).decode()}}
     assert api.client.post("/v2/repository/models/tiny/load", json=body).status_code == 200
+
+
+def test_npz_zip_bomb_is_refused_before_inflating(api):
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays(), junk=np.zeros(32 << 20, np.uint8))  # 32 MB -> ~32 KB
+    assert len(buf.getvalue()) < 200_000
+    rv = api.client.post("/v2/repository/models/tiny/load",
+                         json=load_body(data=buf.getvalue()))
+    assert rv.status_code == 400 and rv.json["field"] == "weights"
+
+
+def _safetensors(header: dict, payload: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + payload
+
+
+@pytest.mark.parametrize("data", [
+    (1 << 40).to_bytes(8, "little") + b"{}",                                   # huge header
+    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3],
+                              "data_offsets": [0, 1 << 30]}}, b"\0" * 64),   # past the end
+    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 432]},
+                  "conv1.b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                 b"\0" * 432),                                                # overlapping
+    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3],
+                              "data_offsets": [8, 4]}}, b"\0" * 432),        # reversed
+    b"\x05\x00\x00",                                                           # truncated
+])
+def test_crafted_safetensors_are_4xx(api, data):
+    rv = api.client.post("/v2/repository/models/tiny/load",
+                         json=load_body(filename="w.safetensors", data=data))
+    assert rv.status_code == 400, rv.json
+    assert api.client.get("/v2/models/tiny").status_code == 404

@@ -163,3 +163,29 @@ def test_tritonclient_against_real_processes(stack):
         for name, array in expect.items():
             np.testing.assert_array_equal(result.as_numpy(name), array)
     client.close()
+
+
+def test_full_redis_is_507_with_retry_after_never_500(redis_server_factory):
+    from service.app import create_app
+
+    server = redis_server_factory("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    app = create_app({"TESTING": True, "REDIS_URL": server.url})
+    client = app.test_client()
+    spec = {"name": "t", "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    rv = client.post("/v2/repository/models/t/load", content_type="multipart/form-data", data={
+        "spec": json.dumps(spec),
+        "weights": (io.BytesIO(npz({"c.w": np.ones((1, 1, 1, 1), np.float32),
+                                    "c.b": np.zeros(1, np.float32)})), "w.npz")})
+    assert rv.status_code == 200, rv.json
+    image = _npy(np.zeros((700, 700), np.uint8))  # ~0.5 MB per job input
+    codes = []
+    for _ in range(20):
+        rv = client.post("/v2/models/t/jobs", content_type="multipart/form-data",
+                         data={"images": [(io.BytesIO(image), "a.npy")]})
+        codes.append(rv.status_code)
+        if rv.status_code != 202:
+            break
+    assert codes[-1] == 507, codes
+    assert int(rv.headers["Retry-After"]) > 0 and "full" in rv.json["error"]
+    assert set(codes) <= {202, 507}
