@@ -50,7 +50,8 @@ def stack(redis_server_factory, tmp_path):
     server = redis_server_factory(aof=True)
     procs = []
     try:
-        api, base = start_api(server.url, tmp_path, env={"CONVQ_API_PROCESSES": "1"})
+        api, base = start_api(server.url, tmp_path, env={"CONVQ_API_PROCESSES": "1",
+                                                        "CONVQ_MAX_CONTENT_LENGTH": "4000000"})
         procs.append(api)
         for i in range(2):
             procs.append(start_worker(server.url, tmp_path, name=f"w{i}"))
@@ -137,6 +138,48 @@ def test_redis_outage_is_503_then_recovers(stack):
         rv = requests.post(f"{base}/v2/models/t/infer", json=body, timeout=60)
         assert rv.status_code == 200, rv.text
         assert rv.json()["outputs"][0]["shape"] == [1, 6, 6, 2]
+
+
+def _post_chunked(base: str, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.putrequest("POST", path)
+    conn.putheader("Transfer-Encoding", "chunked")
+    for key, value in headers.items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    try:
+        for i in range(0, len(body), 65536):
+            part = body[i:i + 65536]
+            conn.send(b"%x\r\n" % len(part) + part + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may answer 413 and close before the whole body is sent
+    response = conn.getresponse()
+    out = response.status, json.loads(response.read())
+    conn.close()
+    return out
+
+
+def test_chunked_bodies_are_bounded_never_truncated(stack):
+    _, base, _ = stack
+    spec = {"name": "g", "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    upload(base, "g", spec, {"c.w": np.ones((1, 1, 1, 1), np.float32),
+                             "c.b": np.zeros(1, np.float32)})
+    for side, status in ((100, 202), (2100, 413)):  # 10 KB fits; 4.4 MB is over 4,000,000
+        images = np.zeros((1, side, side, 1), np.uint8)
+        raw = images.tobytes()
+        head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8",
+                                       "shape": list(images.shape),
+                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        code, doc = _post_chunked(base, "/v2/models/g/jobs", head + raw,
+                                  {"Inference-Header-Content-Length": str(len(head))})
+        assert code == status, doc
+        assert ("id" in doc) if status == 202 else ("error" in doc)
 
 
 def test_tritonclient_against_real_processes(stack):
