@@ -91,3 +91,14 @@ def test_without_keys_everything_is_open():
     assert api.client.get(f"/v2/jobs/{job_id}").status_code == 200
     # A stray Authorization header changes nothing when auth is off.
     assert api.client.get(f"/v2/jobs/{job_id}", headers=B).status_code == 200
+
+
+def test_keys_and_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CONVQ_API_KEYS", "k1,k2")
+    monkeypatch.setenv("CONVQ_MAX_IMAGES", "3")
+    api = Api()
+    assert api.app.config["MAX_IMAGES"] == 3
+    assert api.client.get("/v2").status_code == 401
+    assert api.client.get("/v2", headers={"Authorization": "Bearer k2"}).status_code == 200
+    # The test mapping wins over the environment.
+    assert Api(API_KEYS="").client.get("/v2").status_code == 200

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,34 @@ def test_full_redis_is_507_with_retry_after_never_500(redis_server_factory):
     assert codes[-1] == 507, codes
     assert int(rv.headers["Retry-After"]) > 0 and "full" in rv.json["error"]
     assert set(codes) <= {202, 507}
+
+
+def test_convq_up_serves_the_demo_model_embedded(tmp_path):
+    from service.demo import demo_model
+
+    # An empty REDIS_URL counts as unset: `convq up` embeds its own in-process Redis.
+    proc, base = start_api(None, tmp_path, command="up", env={"REDIS_URL": ""})
+    try:
+        deadline = time.monotonic() + 60
+        while requests.get(f"{base}/v2/health/ready", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.2)
+        log = proc.log()
+        assert "curl" in log and "convq submit" in log and "/v2/models/demo/jobs" in log
+        picture = [line for line in log.split() if line.startswith("images=@")][0][8:]
+        rv = requests.post(f"{base}/v2/models/demo/jobs", timeout=30, data={"outputs": "all"},
+                           files={"images": ("a.png", Path(picture).read_bytes())})
+        assert rv.status_code == 202, rv.text
+        job_id = rv.json()["id"]
+        wait_status(base, job_id, lambda s: s["status"] == "finished", 60)
+        rv = requests.get(f"{base}/v2/jobs/{job_id}/result?output=pool1&format=npy", timeout=30)
+        got = np.load(io.BytesIO(rv.content), allow_pickle=False)
+        from PIL import Image
+
+        with Image.open(picture) as im:
+            image = np.asarray(im.convert("RGB"))[None]
+        spec, arrays = demo_model()
+        expect = Model.from_arrays(spec, arrays).run(image, outputs=["pool1"])["pool1"]
+        np.testing.assert_array_equal(got, expect)
+    finally:
+        proc.close()
