@@ -76,9 +76,14 @@ class Client:
 
 def run_clients(url, base, version, images, latencies, accepted, rejected):
     """Each of ARGS.clients threads submits its share of images, retrying refused submits."""
+    gap = ARGS.clients / ARGS.rate if ARGS.rate > 0 else 0.0
+
     def one(share):
         client = Client(url, base, version)
+        next_at = time.monotonic()
         for i in share:
+            next_at += gap
+            time.sleep(max(0.0, next_at - time.monotonic()))
             for attempt in range(60):
                 began = time.perf_counter()
                 try:
@@ -140,24 +145,42 @@ def main() -> int:
     killer = threading.Thread(target=chaos, args=(server, procs, start, stop, events))
     killer.start()
     clients = run_clients(server.url, base, version, images, latencies, accepted, rejected)
+    watcher = Client(server.url, None, version)
+    expected = model.run(images[:, :, :, None], outputs=["p"])["p"]
+    final: dict[str, dict | None] = {}
+    ended: set[str] = set()
+    wrong = missing = 0
+    submitted_in = None
     try:
-        for t in clients:
-            t.join()
-        submitted_in = time.monotonic() - began
-        watcher = Client(server.url, None, version)
-        final: dict[str, dict | None] = {}
-        deadline = time.monotonic() + ARGS.timeout
-        pending = set(accepted)
-        while pending and time.monotonic() < deadline:
-            for job_id in list(pending):
+        deadline = None
+        while True:
+            if submitted_in is None and not any(t.is_alive() for t in clients):
+                submitted_in = time.monotonic() - began
+                deadline = time.monotonic() + ARGS.timeout
+            pending = [j for j in list(accepted) if j not in ended]
+            if submitted_in is not None and (not pending or time.monotonic() > deadline):
+                break
+            for job_id in pending:
                 try:
                     status = watcher.status(job_id)
                 except Exception:  # noqa: BLE001 - Redis may be restarting
                     break
                 final[job_id] = status
-                if status and status["status"] in DONE:
-                    pending.discard(job_id)
-            time.sleep(0.5)
+                if not status or status["status"] not in DONE:
+                    continue
+                ended.add(job_id)
+                if status["status"] == "finished":
+                    # Check at once: the result lives only result_ttl seconds.
+                    try:
+                        got = watcher.store.result_array(job_id, "p")
+                    except Exception:  # noqa: BLE001 - Redis restarting: look again later
+                        ended.discard(job_id)
+                        break
+                    if got is None:
+                        missing += 1
+                    elif not np.array_equal(got[0], expected[accepted[job_id]]):
+                        wrong += 1
+            time.sleep(0.2)
         drained_in = time.monotonic() - began
     finally:
         stop.set()
@@ -167,12 +190,6 @@ def main() -> int:
     failed = [j for j, s in final.items() if s and s["status"] == "failed"]
     reasons = collections.Counter(final[j]["error"] for j in failed)
     lost = [j for j in accepted if j not in finished and j not in failed]
-    wrong = 0
-    expected = model.run(images[:, :, :, None], outputs=["p"])["p"]
-    for job_id in finished:
-        got = watcher.store.result_array(job_id, "p")
-        if got is None or not np.array_equal(got[0], expected[accepted[job_id]]):
-            wrong += 1
     retried = sum(1 for j in finished if (final[j].get("attempt") or 1) > 1)
     mem_before = watcher.redis.info("memory")["used_memory"]
     time.sleep(ARGS.result_ttl + 5)
@@ -195,6 +212,7 @@ def main() -> int:
         ("failed", len(failed)),
         ("lost (accepted, never ended)", len(lost)),
         ("wrong results", wrong),
+        ("finished but result missing", missing),
         ("submit latency p50 / p95 ms", f"{p(0.5):.1f} / {p(0.95):.1f}"),
         ("all submitted after s", f"{submitted_in:.1f}"),
         ("all ended after s", f"{drained_in:.1f}"),
@@ -214,7 +232,7 @@ def main() -> int:
     if api:
         api.close()
     server.close()
-    return 0 if not lost and not wrong else 1
+    return 0 if not (lost or wrong or missing) else 1
 
 
 if __name__ == "__main__":
@@ -222,6 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=25.0, help="submits per second, all clients")
     parser.add_argument("--kill-every", type=float, default=10.0)
     parser.add_argument("--result-ttl", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=240.0, help="drain limit, seconds")

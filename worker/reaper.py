@@ -15,7 +15,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
-from rq.utils import as_text, current_timestamp, parse_composite_key
+from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
 log = logging.getLogger("convq.worker")
 
@@ -57,4 +57,33 @@ def reap_abandoned(queue, *, now: float | None = None) -> list[str]:
                 pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
             pipe.execute()
             handled.append(job.id)
+    return handled
+
+
+def reap_unstarted(worker, queue, *, older_than: float) -> list[str]:
+    """Re-queue jobs a worker popped but never started (it died in between).
+
+    rq leaves them in the queue's intermediate list and gives up on them after a fixed minute;
+    here the limit is older_than seconds since a sweep first saw the job there.
+    """
+    intermediate = queue.intermediate_queue
+    started = set(StartedJobRegistry(queue.name, connection=queue.connection)
+                  .get_job_ids(cleanup=False))
+    handled = []
+    for job_id in intermediate.get_job_ids():
+        if job_id in started:
+            continue
+        job = queue.fetch_job(job_id)
+        if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+            intermediate.remove(job_id)  # gone, or already taken care of
+            continue
+        if intermediate.set_first_seen(job_id):
+            continue
+        first_seen = intermediate.get_first_seen(job_id)
+        if first_seen is None or (now() - first_seen).total_seconds() < older_than:
+            continue
+        log.warning("job %s: popped by a worker that never started it; re-queued", job_id)
+        worker.handle_job_failure(job, queue, exc_string="its worker died before starting it")
+        intermediate.remove(job_id)
+        handled.append(job_id)
     return handled

@@ -26,7 +26,7 @@ from rq.worker import SimpleWorker, Worker
 from . import defaults
 from .jobclass import ConvqJob
 from .jobs import JOB_FUNCTIONS
-from .reaper import reap_abandoned
+from .reaper import reap_abandoned, reap_unstarted
 from .store import Store
 
 log = logging.getLogger("convq.worker")
@@ -88,10 +88,11 @@ class _ConvqMixin:
                     continue
                 if self._may_reap():
                     reap_abandoned(queue)
+                    reap_unstarted(self, queue, older_than=self.settings.heartbeat
+                                   + self.settings.heartbeat_grace)
                 for registry in (FinishedJobRegistry, FailedJobRegistry):
                     registry(queue=queue).cleanup()
                 worker_registration.clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(self, queue)
             except redis.RedisError as exc:
                 log.warning("sweep of queue %s skipped: %s", queue.name, exc)
         self.last_cleaned_at = now()

@@ -276,3 +276,22 @@ def test_superseded_run_stops_without_touching_the_job(env, monkeypatch):
     assert store.result_names(job_id) is None
     assert job_id not in FailedJobRegistry(queue=queue)
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_job_popped_by_a_worker_that_died_is_requeued(env):
+    from worker.reaper import reap_unstarted
+    from worker.runtime import current
+    from worker.workers import build
+
+    redis, store, queue, model, version, images = env
+    job_id = _submit(env)
+    redis.lmove(queue.key, queue.intermediate_queue.key)  # popped, then the worker died
+    assert queue_depth(queue) == 0
+    sweeper = build("thread", redis, SETTINGS, current())
+    assert reap_unstarted(sweeper, queue, older_than=0) == []  # first sighting only
+    assert reap_unstarted(sweeper, queue, older_than=3600) == []  # not old enough yet
+    assert reap_unstarted(sweeper, queue, older_than=0) == [job_id]
+    assert queue_depth(queue) == 1 and queue.intermediate_queue.get_job_ids() == []
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    assert status["status"] == "finished" and status["attempt"] == 2
