@@ -102,6 +102,17 @@ def _make_block(mr: int, nr: int):
                 v = a[np.uintp(ar0 + r), up]
                 for j in range(nr):
                     acc[np.uintp(r), np.uintp(j)] += v * bblk[up, np.uintp(j)]
+        if m >= mr and k - j0 >= nr:
+            # a whole block: constant trip counts, so the stores vectorise too
+            for r in range(mr):
+                for j in range(nr):
+                    v = acc[np.uintp(r), np.uintp(j)]
+                    if last:
+                        v += bias[np.uintp(j0 + j)]
+                        if relu and v < 0.0:
+                            v = 0.0
+                    out[np.uintp(or0 + r), np.uintp(j0 + j)] = v
+            return
         for r in range(min(m, mr)):
             for j in range(min(nr, k - j0)):
                 v = acc[np.uintp(r), np.uintp(j)]

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import _conv, _gemm, _pool, _threads
+from . import _conv, _gemm, _pool, _threads, _winograd
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
@@ -25,18 +25,26 @@ MIN_TILE_ROWS = 16
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 # The Numba micro-kernel where the CPU has AVX-512 (engine._gemm); BLAS sgemm per tile elsewhere.
 MICROKERNEL = _gemm.available()
+# 3x3 stride-1 convs with at least this many input channels go through Winograd F(2x2, 3x3)
+# (engine._winograd, micro-kernel only); below it the 16 GEMMs are too shallow to pay off.
+WINOGRAD_MIN_C = 32
 
 _workspace = threading.local()
 
 
-def _columns(nthreads: int, rows: int, width: int) -> np.ndarray:
-    """Return a reused (nthreads, rows, width) float32 buffer, one slot per thread (trap 2)."""
-    need = nthreads * rows * width
-    buf = getattr(_workspace, "buf", None)
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Return a reused float32 buffer of this shape, grown as needed, per Python thread (trap 2)."""
+    need = int(np.prod(shape))
+    buf = getattr(_workspace, name, None)
     if buf is None or buf.size < need:
         buf = np.empty(max(need, 1), np.float32)
-        _workspace.buf = buf
-    return buf[:need].reshape(nthreads, rows, width)
+        setattr(_workspace, name, buf)
+    return buf[:need].reshape(shape)
+
+
+def _columns(nthreads: int, rows: int, width: int) -> np.ndarray:
+    """Return the reused (nthreads, rows, width) im2col workspace, one slot per thread."""
+    return _scratch("buf", (nthreads, rows, width))
 
 
 def _input(x, name: str = "x") -> np.ndarray:
@@ -128,6 +136,9 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
         else:
             _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
         return out
+    if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
+        _winograd_conv(x, w, bias, out, win, nthreads, bool(relu))
+        return out
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
@@ -137,6 +148,20 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     else:
         _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
     return out
+
+
+def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
+    """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
+    k, c = w.shape[0], w.shape[3]
+    blocks, table = _winograd.pack_filters(w)
+    ty0, tyn = _winograd.tile_origins(out.shape[1], win.dh)
+    tx0, txn = _winograd.tile_origins(out.shape[2], win.dw)
+    t = _winograd.TILES
+    v = _scratch("wino_v", (nthreads, 16, t, c))
+    m = _scratch("wino_m", (nthreads, 16, t, k))
+    patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
+    _winograd.conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, win.dh, win.dw,
+                      win.top, win.left, v, m, patch, relu)
 
 
 def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -212,8 +237,13 @@ def warmup() -> None:
     """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
-    conv2d(x, np.ones((2, 3, 3, 2), np.float32), stride=2, pad=1, relu=True)
+    w3 = np.ones((2, 3, 3, 2), np.float32)
+    conv2d(x, w3, stride=2, pad=1, relu=True)
     conv2d(x, np.ones((2, 1, 1, 2), np.float32))
+    if MICROKERNEL:  # whatever WINOGRAD_MIN_C says, so a later deep 3x3 layer is ready too
+        out = np.empty((1, 5, 5, 2), np.float32)
+        bias = np.zeros(2, np.float32)
+        _winograd_conv(x, w3, bias, out, Window.make(3, 1, 1), _threads.enter(), True)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)

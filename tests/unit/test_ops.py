@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, ops
+from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, ops
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -30,14 +30,27 @@ def threads(request):
     ops.set_threads(before)
 
 
-@pytest.fixture(params=[True, False], ids=["microkernel", "blas"])
-def gemm_path(request, monkeypatch):
-    """Run a conv test through the Numba micro-kernel and through per-tile BLAS sgemm.
+CONV_PATHS = {  # name: (MICROKERNEL, WINOGRAD_MIN_C)
+    "microkernel": (True, 10**9),
+    "winograd": (True, 1),  # every 3x3 stride-1 case, whatever its channels
+    "blas": (False, 1),
+}
 
-    Both are forced regardless of the CPU: the micro-kernel is only slow, not wrong, without
+
+def force_path(name: str) -> None:
+    ops.MICROKERNEL, ops.WINOGRAD_MIN_C = CONV_PATHS[name]
+
+
+@pytest.fixture(params=list(CONV_PATHS))
+def gemm_path(request, monkeypatch):
+    """Run a conv test through im2col + micro-kernel, Winograd, and im2col + BLAS sgemm.
+
+    All are forced regardless of the CPU: the micro-kernel is only slow, not wrong, without
     AVX-512.
     """
-    monkeypatch.setattr(ops, "MICROKERNEL", request.param)
+    monkeypatch.setattr(ops, "MICROKERNEL", ops.MICROKERNEL)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_C", ops.WINOGRAD_MIN_C)
+    force_path(request.param)
     return request.param
 
 
@@ -278,7 +291,7 @@ def test_set_threads_clamps_and_rejects_non_ints():
 
 def test_warmup_compiles_every_kernel():
     ops.warmup()
-    convs = ([_conv.conv_im2col_mk, _conv.conv_pointwise_mk] if ops.MICROKERNEL
+    convs = ([_conv.conv_im2col_mk, _conv.conv_pointwise_mk, _winograd.conv3x3] if ops.MICROKERNEL
              else [_conv.conv_im2col, _conv.conv_pointwise])
     kernels = [*convs, _conv.local_gemm, _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
     assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
