@@ -52,6 +52,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class JobFailed(ApiError):
+    status = 422
+
+
 class TooLarge(ApiError):
     status = 413
 

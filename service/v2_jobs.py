@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -14,18 +15,15 @@ from worker.queue import cancel, job_status
 from .app import convq
 from .auth import check_visible
 from .codec import encode_infer, npy_payload
-from .errors import ApiError, BadRequest, Conflict, InferTimeout, NotFound
+from .errors import ApiError, BadRequest, Conflict, InferTimeout, JobFailed, NotFound
 from .render import grid_png
 from .submit import enqueue, find_model, parse_request
 
 bp = Blueprint("v2_jobs", __name__, url_prefix="/v2")
+log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 FORMATS = ("binary", "json", "npy", "png")
-
-
-class JobFailed(ApiError):
-    status = 422
 
 
 def _status(job_id: str) -> dict:
@@ -102,9 +100,20 @@ def infer(name: str, version: str | None = None):
             default = request.headers.get("Inference-Header-Content-Length") is not None
         binary = {n for n in outputs if parsed.binary.get(n, default)}
         chunks, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
-    finally:
-        cancel(ext.queue, ext.store, job_id)  # an infer result is read once: free it now
-    return Response(chunks, status=200, headers=headers)
+    except Exception:
+        cancel(ext.queue, ext.store, job_id)
+        raise
+    response = Response(chunks, status=200, headers=headers)
+    # An infer result is read once: free it, but after the answer is on its way.
+    response.call_on_close(lambda: _forget(ext, job_id))
+    return response
+
+
+def _forget(ext, job_id: str) -> None:
+    try:
+        cancel(ext.queue, ext.store, job_id)
+    except Exception:  # noqa: BLE001 - the answer is sent; the TTLs clean up what is left
+        log.warning("could not delete infer job %s", job_id, exc_info=True)
 
 
 @bp.post("/models/<name>/jobs")
