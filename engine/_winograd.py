@@ -18,11 +18,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import pack_weights, tile_gemm
+from ._gemm import plan_blocks, tile_gemm
 
-# F(2, 3): G maps a 3-tap filter to 4 points, B^T a 4-point input, A^T 4 products to 2 outputs
-G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+# F(2, 3): G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] maps a 3-tap filter to
+# 4 points, B^T a 4-point input patch to 4, A^T 4 products to 2 outputs (written out below).
 TILES = 48  # tiles per GEMM group: a multiple of the micro-kernel's MR rows
+# Floats added to each of the 16 planes of a buffer so planes are not a multiple of 4 KiB apart:
+# 16 streams at such a stride share one L1 set and evict each other (measured 10x slower).
+SKEW = 16
 
 
 def tile_origins(out: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +40,53 @@ def tile_origins(out: int, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_filters(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return U = G g G^T for w (K, 3, 3, C) as 16 packed weight sets (16, ...) and their table."""
-    u = np.einsum("ia,jb,kabc->ijck", G, G, w.astype(np.float64)).astype(np.float32)
-    packed = [pack_weights(np.ascontiguousarray(u[i, j])) for i in range(4) for j in range(4)]
-    return np.stack([blocks for blocks, _ in packed]), packed[0][1]
+    """Return U = G g G^T for w (K, 3, 3, C) as 16 packed weight sets (16, ...) and their table.
+
+    Set xi = 4*i + j is U[i, j] as a (C, K) matrix in engine._gemm's block layout.
+    """
+    k, _, _, c = w.shape
+    widths = plan_blocks(k)
+    table = np.empty((len(widths), 3), np.int64)
+    offset = j0 = 0
+    for b, nr in enumerate(widths):
+        table[b] = offset, nr, j0
+        offset, j0 = offset + c * nr, j0 + nr
+    blocks = np.zeros((16, offset + SKEW), np.float32)
+    taps = np.empty((9, c * k + SKEW), np.float32)
+    taps[:, : c * k] = w.transpose(1, 2, 3, 0).reshape(9, c * k)
+    _transform_filters(taps, c, k, blocks, table)
+    return blocks, table
+
+
+@njit(cache=True, inline="always")
+def _filter_row(blocks, i, col, a0, a1, a2, half):
+    """Write row i of U: (a0, a1, a2) times G^T = a0, (a0 + a1 + a2)/2, (a0 - a1 + a2)/2, a2."""
+    blocks[np.uintp(4 * i), col] = a0
+    blocks[np.uintp(4 * i + 1), col] = half * (a0 + a1 + a2)
+    blocks[np.uintp(4 * i + 2), col] = half * (a0 - a1 + a2)
+    blocks[np.uintp(4 * i + 3), col] = a2
+
+
+@njit(parallel=True, cache=True)
+def _transform_filters(g, c, nk, blocks, table):
+    """Write G g G^T of every 3x3 filter into its place in the 16 sets; g (9, C*K + SKEW) holds
+    tap (a, b) of filter (c, k) at g[3a + b, c*K + k]."""
+    half = np.float32(0.5)
+    for ch in prange(c):
+        for b in range(table.shape[0]):
+            offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
+            for k in range(j0, min(nk, j0 + nr)):
+                q, col = np.uintp(ch * nk + k), np.uintp(offset + ch * nr + k - j0)
+                g00, g01, g02 = g[np.uintp(0), q], g[np.uintp(1), q], g[np.uintp(2), q]
+                g10, g11, g12 = g[np.uintp(3), q], g[np.uintp(4), q], g[np.uintp(5), q]
+                g20, g21, g22 = g[np.uintp(6), q], g[np.uintp(7), q], g[np.uintp(8), q]
+                # rows of G g: g0, (g0 + g1 + g2)/2, (g0 - g1 + g2)/2, g2
+                _filter_row(blocks, 0, col, g00, g01, g02, half)
+                _filter_row(blocks, 1, col, half * (g00 + g10 + g20),
+                            half * (g01 + g11 + g21), half * (g02 + g12 + g22), half)
+                _filter_row(blocks, 2, col, half * (g00 - g10 + g20),
+                            half * (g01 - g11 + g21), half * (g02 - g12 + g22), half)
+                _filter_row(blocks, 3, col, g20, g21, g22, half)
 
 
 # Each transform step is a loop over the channels of flat arrays at explicit offsets, reading
@@ -127,7 +173,7 @@ def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, 
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
 
     blocks (16, ...) and table are the transformed filters (pack_filters); per thread t the
-    workspaces are v[t] (16, T, C), m[t] (16, T, K), patch[t] (2, 16, max(C, K)).
+    workspaces are v[t] (16, T*C + SKEW), m[t] (16, T*K + SKEW), patch[t] (2, 16, max(C, K)).
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
@@ -135,12 +181,12 @@ def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, 
     nty, ntx = ty0.shape[0], tx0.shape[0]
     per_image = nty * ntx
     total = n_img * per_image
-    group = v.shape[2]
+    group = TILES
     ngroups = (total + group - 1) // group
     zero = np.zeros(k, np.float32)
     nthreads = v.shape[0]
     for th in prange(nthreads):
-        vt, mt = v[th], m[th]
+        vt, mt = v[th], m[th]  # (16, T*C + SKEW), (16, T*K + SKEW)
         vf, mf = vt.reshape(vt.size), mt.reshape(mt.size)
         width = 16 * patch.shape[3]
         pin, ptmp = patch[th, 0].reshape(width), patch[th, 1].reshape(width)
@@ -150,12 +196,14 @@ def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, 
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
-                _input_tile(xf, h, w, c, pin, ptmp, vf, t * c, group * c, n, ty0[a] - top,
+                _input_tile(xf, h, w, c, pin, ptmp, vf, t * c, vt.shape[1], n, ty0[a] - top,
                             tx0[b] - left, dh, dw)
             for xi in range(16):
-                tile_gemm(vt[xi], 0, count, blocks[xi], table, zero, mt[xi], 0, False)
+                a_xi = vt[xi, : group * c].reshape((group, c))
+                m_xi = mt[xi, : group * k].reshape((group, k))
+                tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False)
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
-                _output_tile(mf, t * k, group * k, ptmp, bias, of, hout, wout, n, ty0[a], tx0[b],
+                _output_tile(mf, t * k, mt.shape[1], ptmp, bias, of, hout, wout, n, ty0[a], tx0[b],
                              tyn[a], txn[b], dh, dw, relu)

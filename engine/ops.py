@@ -157,8 +157,8 @@ def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> N
     ty0, tyn = _winograd.tile_origins(out.shape[1], win.dh)
     tx0, txn = _winograd.tile_origins(out.shape[2], win.dw)
     t = _winograd.TILES
-    v = _scratch("wino_v", (nthreads, 16, t, c))
-    m = _scratch("wino_m", (nthreads, 16, t, k))
+    v = _scratch("wino_v", (nthreads, 16, t * c + _winograd.SKEW))
+    m = _scratch("wino_m", (nthreads, 16, t * k + _winograd.SKEW))
     patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
     _winograd.conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, win.dh, win.dw,
                       win.top, win.left, v, m, patch, relu)
