@@ -27,9 +27,9 @@ RETRY_AFTER = 5
 API_KEYS = ""
 """Comma-separated bearer keys; empty means no auth."""
 
-SOCKET_TIMEOUT = 1.0
-"""Seconds one Redis socket wait may take; the client retries once, so a dead or paused Redis
-is a 503 in about 2 s."""
+SOCKET_TIMEOUT = 0.5
+"""Seconds one Redis socket wait may take. A paused Redis can cost up to four waits (command,
+reconnect handshake, retried command), so the API answers 503 within about 2 s."""
 
 MODEL_CACHE = 8
 """Validated models (spec + weights) the API keeps in memory for shape checks."""

@@ -126,7 +126,7 @@ def test_redis_outage_is_503_then_recovers(stack):
             took = time.monotonic() - started
             assert rv.status_code == 503, (outage, path, rv.text)
             assert int(rv.headers["Retry-After"]) > 0 and "error" in rv.json()
-            assert took < 3.0, (outage, path, took)  # 1 s socket timeout, retried once
+            assert took < 3.0, (outage, path, took)  # ~2 s (0.5 s socket waits) + slack
         assert requests.get(f"{base}/v2/health/live", timeout=5).status_code == 200
         if outage == "pause":
             server.resume()
