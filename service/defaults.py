@@ -15,6 +15,13 @@ MAX_PIXELS = 4096 * 4096
 MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
 """Float32 bytes a job's requested outputs may take, predicted before enqueueing."""
 
+MAX_JSON_OUTPUT_BYTES = 16 * 1024 * 1024
+"""Float32 bytes of outputs sent as JSON number lists (about 10x bigger as text); above it the
+client must take the binary tensor extension or .npy."""
+
+MAX_PNG_PIXELS = 32 * 1024 * 1024
+"""Values (H x W x K) of one image's maps drawn as a PNG grid."""
+
 MAX_QUEUE = 1000
 """Jobs waiting in the queue before submissions get 503 + Retry-After."""
 

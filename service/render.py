@@ -17,8 +17,8 @@ def grid(maps: np.ndarray, pad: int = 1) -> np.ndarray:
     lo = maps.min(axis=(0, 1), keepdims=True)
     span = maps.max(axis=(0, 1), keepdims=True) - lo
     # A constant map has no contrast to show: draw it black rather than divide by zero.
-    scaled = np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0.0)
-    tiles = np.round(scaled * 255).astype(np.uint8)
+    scale = np.where(span > 0, np.float32(255) / np.where(span > 0, span, 1), 0).astype(np.float32)
+    tiles = np.rint((maps - lo) * scale).astype(np.uint8)
     out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), 64, np.uint8)
     for i in range(k):
         r, c = divmod(i, cols)

@@ -15,7 +15,15 @@ from worker.queue import cancel, job_status
 from .app import convq
 from .auth import check_visible
 from .codec import encode_infer, npy_payload
-from .errors import ApiError, BadRequest, Conflict, InferTimeout, JobFailed, NotFound
+from .errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    InferTimeout,
+    JobFailed,
+    NotFound,
+    TooLarge,
+)
 from .render import grid_png
 from .submit import enqueue, find_model, parse_request
 
@@ -50,9 +58,18 @@ def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
             raise NotFound(f"the result of job {job_id} has expired")
         shape, raw = npy_payload(npy)
         outputs.append((name, shape, raw))
+    _check_json_size(sum(len(raw) for name, _, raw in outputs if name not in binary))
     chunks, headers = encode_infer(status["model"], status["version"], outputs, binary,
                                    request_id)
     return [bytes(c) for c in chunks], headers
+
+
+def _check_json_size(nbytes: int) -> None:
+    limit = int(current_app.config["MAX_JSON_OUTPUT_BYTES"])
+    if nbytes > limit:
+        raise TooLarge(f"{nbytes} bytes of outputs are too many to send as JSON numbers (limit "
+                       f"{limit}); ask for binary_data (or format=binary / format=npy)",
+                       field="binary_data")
 
 
 def _wait(job_id: str, deadline: float) -> dict | None | bool:
@@ -84,6 +101,16 @@ def infer(name: str, version: str | None = None):
     ext, cfg = convq(), current_app.config
     target = find_model(name, version)
     parsed = parse_request(target.model)
+    # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
+    default = parsed.binary_default
+    if default is None:
+        default = request.headers.get("Inference-Header-Content-Length") is not None
+    wanted = target.model.resolve_outputs(parsed.outputs)
+    binary = {n for n in wanted if parsed.binary.get(n, default)}
+    as_json = [n for n in wanted if n not in binary]
+    if as_json:
+        n, h, w = parsed.images.shape[:3]
+        _check_json_size(target.model.output_bytes(n, h, w, as_json))
     job_id, outputs = enqueue(target, parsed)
     status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
@@ -94,11 +121,6 @@ def infer(name: str, version: str | None = None):
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"
             raise JobFailed(f"the job failed: {error}")
-        # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
-        default = parsed.binary_default
-        if default is None:
-            default = request.headers.get("Inference-Header-Content-Length") is not None
-        binary = {n for n in outputs if parsed.binary.get(n, default)}
         chunks, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
@@ -189,5 +211,8 @@ def get_result(job_id: str):
     if image >= shape[0]:
         raise NotFound(f"job {job_id} has {shape[0]} image(s); image={image} is past the end",
                        field="image")
+    if int(np.prod(shape[1:])) > int(current_app.config["MAX_PNG_PIXELS"]):
+        raise TooLarge(f"{names[0]} is {shape[1:]} per image, too big to draw; fetch "
+                       "format=npy instead", field="format")
     maps = np.frombuffer(raw, "<f4").reshape(shape)[image]
     return Response(grid_png(maps), mimetype="image/png")

@@ -311,3 +311,19 @@ def test_a_job_whose_input_expired_fails_with_a_clear_error(api):
     assert status["status"] == "failed" and "input" in status["error"]
     rv = api.client.get(f"/v2/jobs/{job_id}/result")
     assert rv.status_code == 409 and "failed" in rv.json["error"]
+
+
+def test_json_and_png_results_have_size_caps():
+    api = Api(MAX_JSON_OUTPUT_BYTES=2 * 5 * 5 * 4 * 4 - 1, MAX_PNG_PIXELS=5 * 5 * 4 - 1)
+    api.load()
+    job_id = finished(api, submit(api, v2_json(images(2), ["conv1", "fc"])))
+    rv = api.client.get(f"/v2/jobs/{job_id}/result?format=json")
+    assert rv.status_code == 413 and "binary" in rv.json["error"]
+    assert api.client.get(f"/v2/jobs/{job_id}/result?format=json&output=fc").status_code == 200
+    assert api.client.get(f"/v2/jobs/{job_id}/result").status_code == 200  # binary: no cap
+    rv = api.client.get(f"/v2/jobs/{job_id}/result?format=png&output=conv1")
+    assert rv.status_code == 413 and "npy" in rv.json["error"]
+    assert api.client.get(f"/v2/jobs/{job_id}/result?format=png&output=fc").status_code == 200
+    # infer refuses a JSON answer that would be too big before running anything.
+    rv = api.client.post("/v2/models/tiny/infer", json=v2_json(images(2), ["conv1"]))
+    assert rv.status_code == 413 and api.queue_keys() == 0
