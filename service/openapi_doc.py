@@ -219,7 +219,7 @@ def _paths() -> dict:
             "The job's outputs: V2 response (binary by default), one .npy, or a PNG grid",
             {"200": {**V2_RESPONSE, "content": {**V2_RESPONSE["content"],
                                                 "image/png": {"schema": STRING_BINARY}}}},
-            "400", "401", "404", "409", "503", params=[
+            "400", "401", "404", "409", "413", "503", params=[
                 JOB, _query("format", "binary (default), json, npy or png",
                             {"enum": ["binary", "json", "npy", "png"]}),
                 _query("output", "Layer name(s); npy and png need exactly one",
