@@ -24,6 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 
+# Kernels smaller than this many multiply-adds (about 40 us on one core) run on one thread:
+# waking a passive OpenMP worker costs 15-60 us on this kind of VM (measured, bench/README.md).
+SMALL_WORK = 8e6
+
 _state = {"threads": numba.config.NUMBA_NUM_THREADS, "blas_single": False}
 
 
@@ -77,9 +81,13 @@ def single_threaded_blas() -> None:
             return
 
 
-def enter() -> int:
-    """Apply the thread settings for a kernel launched from this thread; return the count."""
+def enter(work: float = float("inf")) -> int:
+    """Apply the thread settings for a kernel launched from this thread; return the count.
+
+    work is the kernel's size in multiply-adds (or element visits); below SMALL_WORK one
+    thread runs it, since waking a sleeping worker costs more than it saves.
+    """
     single_threaded_blas()
-    n = _state["threads"]
+    n = _state["threads"] if work >= SMALL_WORK else 1
     numba.set_num_threads(n)
     return n

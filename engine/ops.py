@@ -120,7 +120,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     m = n * hout * wout
     if m == 0:
         return out
-    nthreads = _threads.enter()
+    nthreads = _threads.enter(m * k * fh * fw * c)
     wmat = np.ascontiguousarray(w.reshape(k, fh * fw * c).T)
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
@@ -186,8 +186,8 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
     out = np.empty((n, hout, wout, k), np.float32)
     if n == 0:
         return out
-    nthreads = _threads.enter()
     width = fh * fw * c
+    nthreads = _threads.enter(n * hout * wout * k * width)
     cols = _columns(nthreads, min(n, LOCAL_BLOCK), width)
     _conv.local_gemm(
         x, w.reshape(hout, wout, k, width), bias, out, cols, fh, fw,
@@ -203,7 +203,7 @@ def max_pool2d(x, size, stride=None, pad=0, dilation=1) -> np.ndarray:
     hout, wout = win.out_hw(x.shape[1], x.shape[2])
     out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
     if out.size:
-        _threads.enter()
+        _threads.enter(out.size * win.fh * win.fw)
         _pool.max_pool(x, out, win.fh, win.fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     return out
 
@@ -215,7 +215,7 @@ def avg_pool2d(x, size, stride=None, pad=0, count_pad=False) -> np.ndarray:
     hout, wout = win.out_hw(x.shape[1], x.shape[2])
     out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
     if out.size:
-        _threads.enter()
+        _threads.enter(out.size * win.fh * win.fw)
         _pool.avg_pool(x, out, win.fh, win.fw, win.sh, win.sw, win.top, win.left, bool(count_pad))
     return out
 
@@ -228,7 +228,7 @@ def relu(x) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     out = np.empty_like(arr)
     if arr.size:
-        _threads.enter()
+        _threads.enter(arr.size)
         _pool.relu_flat(arr.reshape(-1), out.reshape(-1))
     return out
 

@@ -23,7 +23,9 @@ def rand(*shape, seed=0):
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
+def threads(request, monkeypatch):
+    """Run on 1 or 2 threads, even the tiny test layers (normally below SMALL_WORK)."""
+    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)
     before = ops.get_threads()
     ops.set_threads(request.param)
     yield request.param
@@ -117,15 +119,17 @@ def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad, gemm
 
 def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     monkeypatch.setattr(ops._workspace, "buf", None, raising=False)
+    monkeypatch.setattr(ops, "MICROKERNEL", True)
     wt = rand(8, 5, 5, 4, seed=12)
-    ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
+    ops.conv2d(rand(8, 40, 40, 4), wt, pad=2)  # above SMALL_WORK, so on every thread
     small = ops._workspace.buf.size
-    ops.conv2d(rand(24, 40, 40, 4), wt, pad=2)
+    ops.conv2d(rand(64, 40, 40, 4), wt, pad=2)
     assert ops._workspace.buf.size == small
     assert small * 4 <= ops.get_threads() * ops.TILE_BYTES + 4 * 5 * 5 * 4
 
 
-def test_conv2d_one_thread_and_two_threads_agree(gemm_path):
+def test_conv2d_one_thread_and_two_threads_agree(gemm_path, monkeypatch):
+    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)
     x, wt, b = rand(3, 14, 13, 5, seed=13), rand(7, 3, 3, 5, seed=14), rand(7, seed=15)
     before = ops.get_threads()
     try:
@@ -276,6 +280,11 @@ def test_bad_input_raises_a_typed_error_naming_the_field(call, error, field):
         call()
     assert info.value.field == field
     assert isinstance(info.value, ValueError)
+
+
+def test_small_work_runs_on_one_thread():
+    assert ops._threads.enter(1000) == 1
+    assert ops._threads.enter(1e9) == ops.get_threads()
 
 
 def test_set_threads_clamps_and_rejects_non_ints():
