@@ -47,6 +47,15 @@ def _columns(nthreads: int, rows: int, width: int) -> np.ndarray:
     return _scratch("buf", (nthreads, rows, width))
 
 
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    """Return a read-only view: Numba compiles read-only and writeable arrays separately, and
+    inputs arrive both ways (np.frombuffer, safetensors), so every kernel takes read-only
+    inputs and warmup() covers them all with one signature each."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
 def _input(x, name: str = "x") -> np.ndarray:
     """Return x as C-contiguous float32 (N, H, W, C), or raise InputError naming the field."""
     arr = np.asarray(x)
@@ -58,7 +67,7 @@ def _input(x, name: str = "x") -> np.ndarray:
         )
     if arr.shape[3] == 0:
         raise InputError(f"{name} has no channels: shape {arr.shape}", field=name)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return _read_only(np.ascontiguousarray(arr, dtype=np.float32))
 
 
 def _param(value, shape: tuple, name: str) -> np.ndarray:
@@ -68,7 +77,7 @@ def _param(value, shape: tuple, name: str) -> np.ndarray:
         raise ShapeError(f"{name} must be a float32 array, got dtype {arr.dtype}", field=name)
     if arr.shape != shape:
         raise ShapeError(f"{name} must have shape {shape}, got {arr.shape}", field=name)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return _read_only(np.ascontiguousarray(arr, dtype=np.float32))
 
 
 def _weights(w, ndim: int, layout: str) -> np.ndarray:
@@ -112,7 +121,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     w = _weights(w, 4, "(K, FH, FW, C)")
     k, fh, fw, c = w.shape
     _channels(x, c)
-    bias = np.zeros(k, np.float32) if b is None else _param(b, (k,), "b")
+    bias = _read_only(np.zeros(k, np.float32)) if b is None else _param(b, (k,), "b")
     win = Window.make([fh, fw], stride, pad, dilation)
     n, h, w_in, _ = x.shape
     hout, wout = win.out_hw(h, w_in)
@@ -121,7 +130,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     if m == 0:
         return out
     nthreads = _threads.enter(m * k * fh * fw * c)
-    wmat = np.ascontiguousarray(w.reshape(k, fh * fw * c).T)
+    wmat = _read_only(np.ascontiguousarray(w.reshape(k, fh * fw * c).T))
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
@@ -173,7 +182,8 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
     w = _weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
     hout, wout, k, fh, fw, c = w.shape
     _channels(x, c)
-    bias = np.zeros((hout, wout, k), np.float32) if b is None else _param(b, (hout, wout, k), "b")
+    bias = (_read_only(np.zeros((hout, wout, k), np.float32)) if b is None
+            else _param(b, (hout, wout, k), "b"))
     win = Window.make([fh, fw], stride, pad, dilation)
     got = win.out_hw(x.shape[1], x.shape[2])
     if got != (hout, wout):
@@ -225,8 +235,8 @@ def relu(x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise InputError(f"x must be a float32 array, got dtype {arr.dtype}", field="x")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    out = np.empty_like(arr)
+    arr = _read_only(np.ascontiguousarray(arr, dtype=np.float32))
+    out = np.empty(arr.shape, np.float32)
     if arr.size:
         _threads.enter(arr.size)
         _pool.relu_flat(arr.reshape(-1), out.reshape(-1))
@@ -242,8 +252,8 @@ def warmup() -> None:
     conv2d(x, np.ones((2, 1, 1, 2), np.float32))
     if MICROKERNEL:  # whatever WINOGRAD_MIN_C says, so a later deep 3x3 layer is ready too
         out = np.empty((1, 5, 5, 2), np.float32)
-        bias = np.zeros(2, np.float32)
-        _winograd_conv(x, w3, bias, out, Window.make(3, 1, 1), _threads.enter(), True)
+        bias = _read_only(np.zeros(2, np.float32))
+        _winograd_conv(_input(x), w3, bias, out, Window.make(3, 1, 1), _threads.enter(), True)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)

@@ -298,6 +298,24 @@ def test_set_threads_clamps_and_rejects_non_ints():
         ops.set_threads(before)
 
 
+def read_only(arr):
+    arr = arr.copy()
+    arr.flags.writeable = False
+    return arr
+
+
+def test_read_only_and_writeable_inputs_share_one_compiled_kernel():
+    x, wt, b = rand(2, 6, 6, 3, seed=37), rand(4, 3, 3, 3, seed=38), rand(4, seed=39)
+    ops.warmup()
+    want = ops.conv2d(x, wt, b, pad=1)
+    got = ops.conv2d(read_only(x), read_only(wt), read_only(b), pad=1)
+    np.testing.assert_array_equal(got, want)
+    ops.max_pool2d(read_only(x), 2)
+    ops.relu(read_only(x))
+    ops.local2d(read_only(x), read_only(rand(4, 4, 2, 3, 3, 3)))
+    test_warmup_compiles_every_kernel()
+
+
 def test_warmup_compiles_every_kernel():
     ops.warmup()
     convs = ([_conv.conv_im2col_mk, _conv.conv_pointwise_mk, _winograd.conv3x3] if ops.MICROKERNEL
