@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from rq.connections import get_connection_kwargs
 
 from . import defaults
 
@@ -20,3 +21,14 @@ def connect(url: str | None, *, socket_timeout: float = defaults.SOCKET_TIMEOUT)
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
         decode_responses=False,
     )
+
+
+def own_client(client: redis.Redis) -> redis.Redis:
+    """Return a client on the same server with its own pool.
+
+    rq raises its worker's socket timeout above the blocking-pop time; a worker sharing the
+    API's client would slow the API's outage answers to match.
+    """
+    pool = client.connection_pool
+    fresh = type(pool)(connection_class=pool.connection_class, **get_connection_kwargs(client))
+    return type(client)(connection_pool=fresh)

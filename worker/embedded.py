@@ -13,6 +13,7 @@ import logging
 import threading
 
 from .config import Settings
+from .connection import own_client
 from .runner import _runtime_for, warm
 from .workers import build
 
@@ -49,7 +50,7 @@ def start_workers(redis_client, settings: Settings | None = None, n: int = 1) ->
     settings = settings or Settings()
     warm(settings)
     runtime = _runtime_for(settings)
-    workers = [build("thread", redis_client, settings, runtime) for _ in range(n)]
+    workers = [build("thread", own_client(redis_client), settings, runtime) for _ in range(n)]
     threads = [threading.Thread(target=_loop, args=(w,), name=f"convq-worker-{i}", daemon=True)
                for i, w in enumerate(workers)]
     for thread in threads:

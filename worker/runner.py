@@ -61,7 +61,9 @@ def _use_fork_safe_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker process until SIGTERM/SIGINT (after its current job); return 0."""
-    parser = argparse.ArgumentParser(prog="convq worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="convq worker", description="Run one convq worker (settings from REDIS_URL and "
+        "CONVQ_* variables) until SIGTERM; it finishes its current job first.")
     parser.add_argument("--burst", action="store_true", help="quit once the queue is empty")
     args = parser.parse_args(argv)
     settings = Settings.from_env()

@@ -40,7 +40,7 @@ def test_threads_share_the_api_server_and_stop_cleanly():
     version = store.put_model("e", model.spec, model.to_safetensors(), owner=None)
     queue = make_queue(api_side)
     before = signal.getsignal(signal.SIGTERM)
-    handle = start_workers(fakeredis.FakeRedis(server=server), Settings(), n=2)
+    handle = start_workers(api_side, Settings(), n=2)
     try:
         assert handle.alive == 2
         images = [rng.integers(0, 256, (1, 8, 8), dtype=np.uint8) for _ in range(6)]
@@ -52,6 +52,8 @@ def test_threads_share_the_api_server_and_stop_cleanly():
         # Neither thread touched the main thread's signal handlers.
         assert signal.getsignal(signal.SIGTERM) is before
         assert threading.current_thread() is threading.main_thread()
+        # The workers use their own clients: the API's short socket timeout is untouched.
+        assert api_side.connection_pool.connection_kwargs.get("socket_timeout") == 5
     finally:
         started = time.monotonic()
         handle.stop()
