@@ -154,6 +154,12 @@ class ConvqWorker(_ConvqMixin, Worker):
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat + self.settings.heartbeat_grace
 
+    def heartbeat(self, timeout=None, pipeline=None):
+        # rq keeps a worker's key 60+ s past its last heartbeat; this one beats every few
+        # seconds idle or busy, so a dead worker's key goes within one heartbeat TTL.
+        ttl = self.get_heartbeat_ttl(None) + self.poll_seconds
+        return super().heartbeat(min(timeout or ttl, ttl), pipeline)
+
     def execute_job(self, job, queue):
         # Load the model here, in the parent, so every later horse inherits it through fork.
         if job.func_name in JOB_FUNCTIONS:

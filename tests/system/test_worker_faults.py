@@ -163,6 +163,11 @@ def test_killed_worker_job_finishes_on_another_within_90s(redis_server, workers)
     assert time.monotonic() - killed_at < 90
     assert status["attempt"] == 2
     _assert_right(bench, job_id)
+    # The dead worker drops out of the registry within a heartbeat TTL (readiness counts it).
+    while victim.pid in worker_pids(redis_server.url).values():
+        assert time.monotonic() - killed_at < 30, "dead worker still registered"
+        time.sleep(0.2)
+    assert survivor.pid in worker_pids(redis_server.url).values()
 
 
 def test_sigterm_while_busy_finishes_the_job_then_exits_0(redis_server, workers):
