@@ -1,4 +1,4 @@
-"""The WSGI entry point for gunicorn: `gunicorn service.wsgi:app` (REDIS_URL and CONVQ_* from env)."""
+"""WSGI entry point for gunicorn: `gunicorn service.wsgi:app` (REDIS_URL, CONVQ_* from env)."""
 
 from .app import create_app
 
