@@ -1,6 +1,7 @@
 """Decode uploaded images (PNG, JPEG, .npy uint8/float32) safely into one (N, H, W, C) batch.
 
-The format comes from the bytes' magic number, not the file name. Pixel counts are checked from
+The format comes from the bytes' magic number; a file name that claims another format is
+refused rather than guessed at. Pixel counts are checked from
 the header before anything is decoded (decompression bombs); .npy headers are checked against the
 bytes that follow and loaded with allow_pickle=False.
 """
@@ -89,9 +90,18 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return array.reshape(shape[0], shape[1], -1)
 
 
+_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy"}
+
+
 def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> np.ndarray:
     """Decode one uploaded file into (H, W, C) uint8 or float32."""
     kind = sniff(data)
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    claimed = _SUFFIXES.get(suffix)
+    if kind is not None and claimed is not None and claimed != kind:
+        # A mislabelled file is more likely a mistake than a wish; say what it really is.
+        raise UnsupportedMediaType(f"{name}: the name says {claimed.upper()} but the bytes are "
+                                   f"{kind.upper()}; rename it or re-export it", field="images")
     if kind == "npy":
         return _decode_npy(data, name, max_pixels)
     if kind in ("png", "jpeg"):

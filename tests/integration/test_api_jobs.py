@@ -223,8 +223,19 @@ def test_non_finite_fp32_images_are_400(api):
     (b"\x93NUMPY\x01\x00\x04\x00{}  ", 400)])
 def test_bad_image_files(api, data, status):
     rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(data), "x.png")]})
+                         data={"images": [(io.BytesIO(data), "upload")]})
     _rejected(api, rv, status)
+
+
+def test_bomb_and_mislabelled_uploads(api):
+    from tests.unit.test_images import lying_png
+
+    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
+                         data={"images": [(io.BytesIO(lying_png(10000, 10000)), "bomb.png")]})
+    _rejected(api, rv, 413, "bomb.png")
+    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
+                         data={"images": [(io.BytesIO(png_bytes(images(1)[0])), "a.jpg")]})
+    _rejected(api, rv, 415, "JPEG")
 
 
 def test_multipart_needs_images_and_known_fields(api):

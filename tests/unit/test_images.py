@@ -132,3 +132,14 @@ def test_stack_needs_one_size_and_dtype_and_a_count_cap():
         stack_images([("a", a)] * 3, channels=3, max_pixels=100, max_images=2)
     with pytest.raises(BadRequest):
         stack_images([], channels=3, max_pixels=100, max_images=2)
+
+
+@pytest.mark.parametrize("name", ["a.npy", "a.JPG", "photo.jpeg"])
+def test_mislabelled_files_are_415(name):
+    with pytest.raises(UnsupportedMediaType, match="name says"):
+        decode_image(png(RGB), name, channels=3, max_pixels=100)
+
+
+@pytest.mark.parametrize("name", ["a.png", "A.PNG", "blob", "image.bin", "x"])
+def test_names_without_a_conflicting_suffix_decode(name):
+    assert decode_image(png(RGB), name, channels=3, max_pixels=100).shape == (6, 5, 3)
