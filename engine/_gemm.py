@@ -129,7 +129,7 @@ _block64 = _make_block(SHAPES[64], 64)
 _block48 = _make_block(SHAPES[48], 48)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
     """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there."""
     kc = a.shape[1]
