@@ -129,15 +129,23 @@ def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]
                         "Content-Type": "application/octet-stream"}
 
 
+LAST_TIMING: dict[str, float] = {}
+
+
 def infer(session: requests.Session, base: str, model: str, body: bytes, headers: dict,
           name: str, shape: tuple) -> np.ndarray:
-    """POST one binary V2 inference; return the named output as an array."""
+    """POST one binary V2 inference; return the named output (Server-Timing in LAST_TIMING)."""
     rv = session.post(f"{base}/v2/models/{model}/infer", data=body, headers=headers,
                       timeout=600, stream=True)
     rv.raise_for_status()
     # One read of the whole body: requests' .content reads in 10 KB pieces, slow for 37 MB.
     data = rv.raw.read(decode_content=True)
     n = int(rv.headers["Inference-Header-Content-Length"])
+    LAST_TIMING.clear()
+    for part in rv.headers.get("Server-Timing", "").split(","):
+        key, _, dur = part.strip().partition(";dur=")
+        if dur:
+            LAST_TIMING[key] = float(dur) / 1000
     return np.frombuffer(data, np.float32, offset=n).reshape(shape)
 
 
@@ -154,13 +162,14 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
     session = requests.Session()
     print(f"\n1. demo AlexNet conv1 -> relu1 -> pool1 on 32 images 227x227x3, {threads} "
           f"thread(s), median of {rounds}")
-    print("   output                     engine alone   HTTP infer (API+Redis+worker)   ratio")
+    print("   output                     engine alone   HTTP infer   ratio   of which: queue   "
+          "worker (run+blobs)   HTTP+API+Redis reads")
     for name in ("pool1", "conv1"):  # pool1 is the job's default output (the last layer)
         body, headers = binary_request(images, [name])
         expect = model.run(images, outputs=[name])[name]
         got = infer(session, stack.base, "alexnet", body, headers, name, expect.shape)
         assert np.array_equal(got, expect), "service and engine disagree"
-        http, alone = [], []
+        http, alone, queue, compute = [], [], [], []
         for _ in range(rounds):  # alternate, so a noisy neighbour slows both alike
             t = time.perf_counter()
             model.run(images, outputs=[name])
@@ -168,9 +177,13 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
             t = time.perf_counter()
             infer(session, stack.base, "alexnet", body, headers, name, expect.shape)
             http.append(time.perf_counter() - t)
+            queue.append(LAST_TIMING.get("queue", 0.0))
+            compute.append(LAST_TIMING.get("compute", 0.0))
         a, h = statistics.median(alone), statistics.median(http)
+        q, c = statistics.median(queue), statistics.median(compute)
         label = f"{name} {'x'.join(map(str, expect.shape))} ({expect.nbytes / 2**20:.0f} MiB)"
-        print(f"   {label:<26} {ms(a)} ms    {ms(h)} ms                    {h / a:5.2f}x")
+        print(f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x  {ms(q)} ms  {ms(c)} ms"
+              f"          {ms(h - q - c)} ms")
 
 
 def bench_latency(stack: Stack, count: int) -> None:
@@ -185,15 +198,21 @@ def bench_latency(stack: Stack, count: int) -> None:
     session = requests.Session()
     for _ in range(5):
         infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
-    times = []
+    times, queue, compute = [], [], []
     for _ in range(count):
         t = time.perf_counter()
         infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
         times.append(time.perf_counter() - t)
+        queue.append(LAST_TIMING.get("queue", 0.0))
+        compute.append(LAST_TIMING.get("compute", 0.0))
     q = statistics.quantiles(times, n=20)
     print(f"\n2. one 32x32x3 image, conv K32 F5 P2, POST /infer sequentially x{count}")
     print(f"   p50 {ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   "
           f"min {ms(min(times))} ms")
+    rest = [t - a - b for t, a, b in zip(times, queue, compute, strict=True)]
+    print(f"   medians: enqueued->started {ms(statistics.median(queue))} ms, started->ended "
+          f"{ms(statistics.median(compute))} ms (worker), the rest (HTTP, API, Redis) "
+          f"{ms(statistics.median(rest))} ms")
 
 
 def bench_throughput(stack: Stack, jobs: int) -> None:

@@ -125,6 +125,10 @@ def infer(name: str, version: str | None = None):
     except Exception:
         cancel(ext.queue, ext.store, job_id)
         raise
+    timings = status["timings"]
+    headers["Server-Timing"] = ", ".join(
+        f"{key};dur={1000 * timings[key + '_seconds']:.2f}" for key in ("queue", "compute")
+        if timings.get(key + "_seconds") is not None)
     response = Response(chunks, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
     response.call_on_close(lambda: _forget(ext, job_id))

@@ -32,6 +32,7 @@ def test_json_infer_answers_json_equal_to_model_run(live):
     rv = live.client.post("/v2/models/tiny/infer", json=v2_json(imgs, ["pool1", "conv1"]))
     assert rv.status_code == 200, rv.json
     assert "Inference-Header-Content-Length" not in rv.headers
+    assert rv.headers["Server-Timing"].startswith("queue;dur=")  # where the time went
     doc = rv.json
     assert doc["model_name"] == "tiny" and doc["model_version"] == "1"
     got = parse_v2(rv.data, None)
