@@ -85,7 +85,9 @@ LOAD_BODY = {"required": False, "content": {
 V2_RESPONSE = {"description": "V2 inference response; with binary outputs the JSON header "
                "(Inference-Header-Content-Length bytes) is followed by raw float32 data",
                "headers": {"Inference-Header-Content-Length": {
-                   "schema": {"type": "integer"}, "description": "JSON header bytes"}},
+                   "schema": {"type": "integer"}, "description": "JSON header bytes"},
+                   "Server-Timing": {"schema": {"type": "string"},
+                                     "description": "infer only: queue and compute ms"}},
                "content": {JSON: {"schema": _ref("InferResponse")},
                            BINARY: {"schema": STRING_BINARY}}}
 
