@@ -3,6 +3,10 @@
 MAX_CONTENT_LENGTH = 64 * 1024 * 1024
 """Bytes of one request body (inference and job submissions)."""
 
+MAX_JSON_INPUT_BYTES = 16 * 1024 * 1024
+"""Bytes of an inference request whose tensors are JSON numbers (each becomes a Python object
+while parsing, ~10x the memory); bigger inputs use the binary tensor extension."""
+
 MAX_MODEL_BYTES = 512 * 1024 * 1024
 """Bytes of one model upload request (spec plus weights, base64 included)."""
 

@@ -78,6 +78,11 @@ def parse_request(model: Model) -> InferRequest:
                                    f"{request.mimetype}")
     body = read_body(int(current_app.config["MAX_CONTENT_LENGTH"]))
     length = parse_header_length(request.headers.get("Inference-Header-Content-Length"), len(body))
+    json_bytes = len(body) if length is None else length
+    if json_bytes > int(current_app.config["MAX_JSON_INPUT_BYTES"]):
+        raise TooLarge(f"{json_bytes} bytes of JSON; the limit is "
+                       f"{current_app.config['MAX_JSON_INPUT_BYTES']}: send big tensors with the "
+                       "binary tensor extension (Inference-Header-Content-Length)", field="data")
     return decode_infer(body, length)
 
 

@@ -338,3 +338,11 @@ def test_json_and_png_results_have_size_caps():
     # infer refuses a JSON answer that would be too big before running anything.
     rv = api.client.post("/v2/models/tiny/infer", json=v2_json(images(2), ["conv1"]))
     assert rv.status_code == 413 and api.queue_keys() == 0
+
+
+def test_big_json_tensors_must_go_binary():
+    api = Api(MAX_JSON_INPUT_BYTES=500)
+    api.load()
+    _rejected(api, submit(api, v2_json(images(1))), 413, "binary tensor extension")
+    body, headers = v2_binary(images(1))
+    assert api.client.post("/v2/models/tiny/jobs", data=body, headers=headers).status_code == 202
