@@ -16,11 +16,11 @@ from .errors import register_error_handlers
 
 
 class ModelCache:
-    """Keep the last few validated models (for shape checks and metadata) keyed by name+version."""
+    """Keep recently used validated models (for shape checks and metadata), byte-bounded LRU."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._models: OrderedDict[tuple[str, int], Model] = OrderedDict()
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._models: OrderedDict[tuple[str, int], tuple[Model, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, store, name: str, version: int, spec: dict) -> Model | None:
@@ -29,14 +29,15 @@ class ModelCache:
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
-                return self._models[key]
+                return self._models[key][0]
         weights = store.model_weights(name, version)
         if weights is None:
             return None
         model = Model.from_bytes(spec, weights, filename="weights.safetensors")
         with self._lock:
-            self._models[key] = model
-            while len(self._models) > self.size:
+            self._models[key] = (model, len(weights))
+            while (len(self._models) > 1
+                   and sum(size for _, size in self._models.values()) > self.max_bytes):
                 self._models.popitem(last=False)
         return model
 
@@ -49,7 +50,7 @@ class Convq:
     queue: object
     store: object
     settings: object
-    models: ModelCache = field(default_factory=lambda: ModelCache(defaults.MODEL_CACHE))
+    models: ModelCache = field(default_factory=lambda: ModelCache(defaults.MODEL_CACHE_BYTES))
 
 
 def convq() -> Convq:
@@ -70,7 +71,7 @@ def _connect(app: Flask) -> Convq:
         redis = connect(url, socket_timeout=float(app.config["SOCKET_TIMEOUT"]))
     store = Store(redis, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl)
     return Convq(redis=redis, queue=make_queue(redis, settings.queue), store=store,
-                 settings=settings, models=ModelCache(int(app.config["MODEL_CACHE"])))
+                 settings=settings, models=ModelCache(int(app.config["MODEL_CACHE_BYTES"])))
 
 
 def create_app(test_config: dict | None = None) -> Flask:

@@ -42,5 +42,6 @@ SOCKET_TIMEOUT = 0.5
 """Seconds one Redis socket wait may take. A paused Redis can cost up to four waits (command,
 reconnect handshake, retried command), so the API answers 503 within about 2 s."""
 
-MODEL_CACHE = 8
-"""Validated models (spec + weights) the API keeps in memory for shape checks."""
+MODEL_CACHE_BYTES = 256 * 1024 * 1024
+"""Weight bytes of validated models the API keeps in memory for shape checks (the most recent
+model is kept whatever its size)."""

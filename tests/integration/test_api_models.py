@@ -229,3 +229,15 @@ def test_crafted_safetensors_are_4xx(api, data):
                          json=load_body(filename="w.safetensors", data=data))
     assert rv.status_code == 400, rv.json
     assert api.client.get("/v2/models/tiny").status_code == 404
+
+
+def test_model_cache_is_byte_bounded_and_keeps_the_latest():
+    api = Api(MODEL_CACHE_BYTES=1)
+    api.load()
+    api.load("other")
+    cache = api.app.extensions["convq"].models
+    assert api.client.get("/v2/models/tiny").status_code == 200
+    assert api.client.get("/v2/models/other").status_code == 200
+    assert list(cache._models) == [("other", 1)]
+    assert api.client.get("/v2/models/tiny").status_code == 200  # reloaded from Redis
+    assert list(cache._models) == [("tiny", 1)]
