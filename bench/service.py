@@ -198,21 +198,24 @@ def bench_latency(stack: Stack, count: int) -> None:
     session = requests.Session()
     for _ in range(5):
         infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
-    times, queue, compute = [], [], []
+    times, queue, compute, view = [], [], [], []
     for _ in range(count):
         t = time.perf_counter()
         infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
         times.append(time.perf_counter() - t)
         queue.append(LAST_TIMING.get("queue", 0.0))
         compute.append(LAST_TIMING.get("compute", 0.0))
+        view.append(LAST_TIMING.get("infer", 0.0))
     q = statistics.quantiles(times, n=20)
     print(f"\n2. one 32x32x3 image, conv K32 F5 P2, POST /infer sequentially x{count}")
     print(f"   p50 {ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   "
           f"min {ms(min(times))} ms")
-    rest = [t - a - b for t, a, b in zip(times, queue, compute, strict=True)]
+    api = [v - a - b for v, a, b in zip(view, queue, compute, strict=True)]
+    http = [t - v for t, v in zip(times, view, strict=True)]
     print(f"   medians: enqueued->started {ms(statistics.median(queue))} ms, started->ended "
-          f"{ms(statistics.median(compute))} ms (worker), the rest (HTTP, API, Redis) "
-          f"{ms(statistics.median(rest))} ms")
+          f"{ms(statistics.median(compute))} ms (worker), rest of the infer view (parse, "
+          f"enqueue, wake, read) {ms(statistics.median(api))} ms, HTTP (client, gunicorn) "
+          f"{ms(statistics.median(http))} ms")
 
 
 def bench_throughput(stack: Stack, jobs: int) -> None:

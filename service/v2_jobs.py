@@ -98,6 +98,7 @@ def _wait(job_id: str, deadline: float) -> dict | None | bool:
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None):
+    began = time.perf_counter()
     ext, cfg = convq(), current_app.config
     target = find_model(name, version)
     parsed = parse_request(target.model)
@@ -126,9 +127,10 @@ def infer(name: str, version: str | None = None):
         cancel(ext.queue, ext.store, job_id)
         raise
     timings = status["timings"]
-    headers["Server-Timing"] = ", ".join(
-        f"{key};dur={1000 * timings[key + '_seconds']:.2f}" for key in ("queue", "compute")
-        if timings.get(key + "_seconds") is not None)
+    spans = [(key, timings.get(key + "_seconds")) for key in ("queue", "compute")]
+    spans.append(("infer", time.perf_counter() - began))  # this view, from body to answer
+    headers["Server-Timing"] = ", ".join(f"{key};dur={1000 * seconds:.2f}"
+                                         for key, seconds in spans if seconds is not None)
     response = Response(chunks, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
     response.call_on_close(lambda: _forget(ext, job_id))
