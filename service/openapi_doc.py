@@ -87,7 +87,7 @@ V2_RESPONSE = {"description": "V2 inference response; with binary outputs the JS
                "headers": {"Inference-Header-Content-Length": {
                    "schema": {"type": "integer"}, "description": "JSON header bytes"},
                    "Server-Timing": {"schema": {"type": "string"},
-                                     "description": "infer only: queue and compute ms"}},
+                                     "description": "infer only: queue, compute, infer ms"}},
                "content": {JSON: {"schema": _ref("InferResponse")},
                            BINARY: {"schema": STRING_BINARY}}}
 
