@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process; start(), stop(), kill(), pause()/resume(), restart() keep its port."""
+    """One redis-server process; start, stop, kill, pause/resume and restart keep its port."""
 
     def __init__(self, *extra: str, password: str | None = None, aof: bool = False):
         if shutil.which("redis-server") is None:
