@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import MR, tile_gemm
+from ._gemm import MR, row_gemm, tile_gemm
 
 
 @njit(cache=True, inline="always")
@@ -154,6 +154,25 @@ def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, re
             else:
                 slot[:m] = x2d[r0:r1]
                 tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu)
+
+
+@njit(parallel=True, cache=True)
+def conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout, sh, sw, relu):
+    """Implicit GEMM: no column buffer, the micro-kernel reads windows straight from xp.
+
+    xp (N, Hp, Wp, C) is x with its pads already in place; offs (FH*FW*C,) holds each window
+    element's offset (fy*DH*Wp + fx*DW)*C + c from the window's corner. One output row (n, y)
+    is one tile; Wout >= 8.
+    """
+    n_img, hp, wp, c = xp.shape
+    xf = xp.reshape(xp.size)
+    ntiles = n_img * hout
+    for t in prange(nthreads):
+        for i in range(t, ntiles, nthreads):
+            n = i // hout
+            y = i - n * hout
+            base = (n * hp + y * sh) * wp * c
+            row_gemm(xf, base, sw * c, offs, wout, blocks, table, bias, out2d, i * wout, relu)
 
 
 @njit(parallel=True, cache=True)

@@ -79,54 +79,88 @@ def pack_weights(wmat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return blocks, table
 
 
+@njit(cache=True, inline="always")
+def _acc_load(acc, mr, nr, first, out, or0, m, j0, k):
+    """Start a block: zeros on the first pass over p, else the partial sums stored in out."""
+    for r in range(mr):
+        for j in range(nr):
+            if first:
+                acc[np.uintp(r), np.uintp(j)] = 0.0
+            else:
+                ok = r < m and j0 + j < k
+                acc[np.uintp(r), np.uintp(j)] = out[or0 + r, j0 + j] if ok else 0.0
+
+
+@njit(cache=True, inline="always")
+def _acc_store(acc, mr, nr, last, out, or0, m, j0, k, bias, relu):
+    """Store rows < m, columns j0+j < k of a block; on the last pass add bias, then ReLU."""
+    if m >= mr and k - j0 >= nr:
+        # a whole block: constant trip counts, so the stores vectorise too
+        for r in range(mr):
+            for j in range(nr):
+                v = acc[np.uintp(r), np.uintp(j)]
+                if last:
+                    v += bias[np.uintp(j0 + j)]
+                    if relu and v < 0.0:
+                        v = 0.0
+                out[np.uintp(or0 + r), np.uintp(j0 + j)] = v
+        return
+    for r in range(min(m, mr)):
+        for j in range(min(nr, k - j0)):
+            v = acc[np.uintp(r), np.uintp(j)]
+            if last:
+                v += bias[j0 + j]
+                if relu and v < 0.0:
+                    v = 0.0
+            out[or0 + r, j0 + j] = v
+
+
 def _make_block(mr: int, nr: int):
     """Build the kernel for one mr x nr block (constants baked in so the loops fully unroll)."""
     size = mr * nr
 
     @njit(fastmath={"contract"}, cache=True)
     def block(a, ar0, bblk, p0, p1, out, or0, m, j0, k, bias, first, last, relu):
-        """Accumulate an mr x nr block over p0..p1; store rows < m, columns j0+j < k of out."""
+        """Accumulate rows ar0.. of a over p0..p1 into an mr x nr block of out (row or0, col j0)."""
         acc = carray(_stack_block(size), (mr, nr))
-        if first:
-            for r in range(mr):
-                for j in range(nr):
-                    acc[np.uintp(r), np.uintp(j)] = 0.0
-        else:
-            for r in range(mr):
-                for j in range(nr):
-                    ok = r < m and j0 + j < k
-                    acc[np.uintp(r), np.uintp(j)] = out[or0 + r, j0 + j] if ok else 0.0
+        _acc_load(acc, mr, nr, first, out, or0, m, j0, k)
         for p in range(p0, p1):
             up = np.uintp(p)
             for r in range(mr):
                 v = a[np.uintp(ar0 + r), up]
                 for j in range(nr):
                     acc[np.uintp(r), np.uintp(j)] += v * bblk[up, np.uintp(j)]
-        if m >= mr and k - j0 >= nr:
-            # a whole block: constant trip counts, so the stores vectorise too
+        _acc_store(acc, mr, nr, last, out, or0, m, j0, k, bias, relu)
+
+    return block
+
+
+def _make_implicit_block(mr: int, nr: int):
+    """Build the implicit-GEMM kernel: row r of the block is im2col row (base + r*rs), read
+    straight from the flat NHWC input, a[r, p] = xf[base + r*rs + offs[p]]; no column buffer."""
+    size = mr * nr
+
+    @njit(fastmath={"contract"}, cache=True)
+    def block(xf, base, rs, offs, bblk, p0, p1, out, or0, m, j0, k, bias, first, last, relu):
+        """Accumulate mr implicit rows over p0..p1 into an mr x nr block of out (row or0, j0)."""
+        acc = carray(_stack_block(size), (mr, nr))
+        _acc_load(acc, mr, nr, first, out, or0, m, j0, k)
+        for p in range(p0, p1):
+            up = np.uintp(p)
+            at = base + offs[up]
             for r in range(mr):
+                v = xf[np.uintp(at + r * rs)]
                 for j in range(nr):
-                    v = acc[np.uintp(r), np.uintp(j)]
-                    if last:
-                        v += bias[np.uintp(j0 + j)]
-                        if relu and v < 0.0:
-                            v = 0.0
-                    out[np.uintp(or0 + r), np.uintp(j0 + j)] = v
-            return
-        for r in range(min(m, mr)):
-            for j in range(min(nr, k - j0)):
-                v = acc[np.uintp(r), np.uintp(j)]
-                if last:
-                    v += bias[j0 + j]
-                    if relu and v < 0.0:
-                        v = 0.0
-                out[or0 + r, j0 + j] = v
+                    acc[np.uintp(r), np.uintp(j)] += v * bblk[up, np.uintp(j)]
+        _acc_store(acc, mr, nr, last, out, or0, m, j0, k, bias, relu)
 
     return block
 
 
 _block64 = _make_block(SHAPES[64], 64)
 _block48 = _make_block(SHAPES[48], 48)
+_implicit64 = _make_implicit_block(SHAPES[64], 64)
+_implicit48 = _make_implicit_block(SHAPES[48], 48)
 
 
 @njit(cache=True)
@@ -148,3 +182,30 @@ def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
                 for r in range(0, m, 8):
                     _block48(a, ar0 + r, bblk, p0, p1, out, or0 + r, m - r, j0, k, bias,
                              first, last, relu)
+
+
+@njit(cache=True)
+def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
+    """out[or0:or0+count] (count, K) = the implicit rows base, base+rs, ... @ weights + bias.
+
+    count >= 8 (the tallest block): a last partial block is moved back to end at row count,
+    recomputing a few rows (bit-identically, each block finishing all of p before the next)
+    instead of reading past the input.
+    """
+    kc = offs.shape[0]
+    k = out.shape[1]
+    for b in range(table.shape[0]):
+        offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
+        bblk = blocks[offset : offset + kc * nr].reshape((kc, nr))
+        mr = 6 if nr == 64 else 8
+        for r in range(0, count, mr):
+            r = min(r, count - mr)
+            for p0 in range(0, kc, KC):
+                p1 = min(kc, p0 + KC)
+                first, last = p0 == 0, p1 == kc
+                if nr == 64:
+                    _implicit64(xf, base + r * rs, rs, offs, bblk, p0, p1, out, or0 + r, 6, j0,
+                                k, bias, first, last, relu)
+                else:
+                    _implicit48(xf, base + r * rs, rs, offs, bblk, p0, p1, out, or0 + r, 8, j0,
+                                k, bias, first, last, relu)

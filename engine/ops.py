@@ -28,6 +28,10 @@ MICROKERNEL = _gemm.available()
 # 3x3 stride-1 convs with at least this many input channels go through Winograd F(2x2, 3x3)
 # (engine._winograd, micro-kernel only); below it the 16 GEMMs are too shallow to pay off.
 WINOGRAD_MIN_C = 32
+# Implicit GEMM (no im2col buffer) where the output is at least this wide and the input needs no
+# padded copy, or one so thin (C < IMPLICIT_PAD_MAX_C) that the copy costs less than packing.
+IMPLICIT_MIN_WIDTH = 8
+IMPLICIT_PAD_MAX_C = 16
 
 _workspace = threading.local()
 
@@ -148,6 +152,11 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
         _winograd_conv(x, w, bias, out, win, nthreads, bool(relu))
         return out
+    if MICROKERNEL and wout >= IMPLICIT_MIN_WIDTH and (
+        win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C
+    ):
+        _implicit_conv(x, wmat, bias, out2d, win, hout, wout, nthreads, bool(relu))
+        return out
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
@@ -157,6 +166,21 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     else:
         _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
     return out
+
+
+def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu) -> None:
+    """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out2d (M, K)."""
+    n, h, w, c = x.shape
+    xp = x
+    if win.pad != (0, 0, 0, 0):
+        xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
+        xp[:, win.top : win.top + h, win.left : win.left + w] = x
+        xp = _read_only(xp)
+    fy, fx, ch = np.meshgrid(np.arange(win.fh), np.arange(win.fw), np.arange(c), indexing="ij")
+    offs = ((fy * win.dh * xp.shape[2] + fx * win.dw) * c + ch).reshape(-1).astype(np.int64)
+    blocks, table = _gemm.pack_weights(wmat)
+    _conv.conv_implicit_mk(xp, _read_only(offs), blocks, table, bias, out2d, nthreads, hout, wout,
+                           win.sh, win.sw, relu)
 
 
 def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
@@ -250,7 +274,12 @@ def warmup() -> None:
     w3 = np.ones((2, 3, 3, 2), np.float32)
     conv2d(x, w3, stride=2, pad=1, relu=True)
     conv2d(x, np.ones((2, 1, 1, 2), np.float32))
-    if MICROKERNEL:  # whatever WINOGRAD_MIN_C says, so a later deep 3x3 layer is ready too
+    if MICROKERNEL:  # whatever the path thresholds say, so every later layer is ready
+        wide = _input(rng.standard_normal((1, 3, 10, 2)).astype(np.float32))
+        out2d = np.empty((8, 2), np.float32)
+        bias2 = _read_only(np.zeros(2, np.float32))
+        wmat = _read_only(np.ascontiguousarray(w3.reshape(2, 18).T))
+        _implicit_conv(wide, wmat, bias2, out2d, Window.make(3), 1, 8, _threads.enter(), True)
         out = np.empty((1, 5, 5, 2), np.float32)
         bias = _read_only(np.zeros(2, np.float32))
         _winograd_conv(_input(x), w3, bias, out, Window.make(3, 1, 1), _threads.enter(), True)

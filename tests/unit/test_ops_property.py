@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_ops import CONV_PATHS, assert_matches, force_path
+from test_ops import CONV_PATHS, assert_matches, force_path, restore_path
 
 from engine import ShapeError, ops
 from engine import reference as ref
@@ -26,7 +26,8 @@ def windows(draw, dilation=True):
     # at least the dilated window, minus the pads, so the window always fits
     h_min = max(1, dh * (fh - 1) + 1 - pads[0] - pads[2])
     w_min = max(1, dw * (fw - 1) + 1 - pads[1] - pads[3])
-    h, w = draw(st.integers(h_min, h_min + 6)), draw(st.integers(w_min, w_min + 6))
+    # wide enough, often, for implicit GEMM (8+ outputs per row)
+    h, w = draw(st.integers(h_min, h_min + 6)), draw(st.integers(w_min, w_min + 14))
     seed = draw(st.integers(0, 2**16))
     x = np.random.default_rng(seed).standard_normal((n, h, w, c)).astype(np.float32)
     return x, (fh, fw), (sh, sw), pads, (dh, dw), seed
@@ -40,12 +41,11 @@ def test_conv2d_sweep(path, case, k, relu):
     rng = np.random.default_rng(seed + 1)
     w = rng.standard_normal((k, fh, fw, x.shape[3])).astype(np.float32)
     b = rng.standard_normal(k).astype(np.float32)
-    before = ops.MICROKERNEL, ops.WINOGRAD_MIN_C
-    force_path(path)
+    before = force_path(path)
     try:
         got = ops.conv2d(x, w, b, stride=stride, pad=pad, dilation=dilation, relu=relu)
     finally:
-        ops.MICROKERNEL, ops.WINOGRAD_MIN_C = before
+        restore_path(before)
     assert_matches(got, ref.conv2d_reference(x, w, b, stride, pad, dilation, relu))
 
 
