@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app
-from rq import Worker
+
+from worker.queue import live_workers
 
 from .app import convq
 from .auth import check_visible, current_owner
@@ -30,7 +31,7 @@ def ready():
     retry = int(current_app.config["RETRY_AFTER"])
     try:
         ext.redis.ping()
-        workers = Worker.count(connection=ext.redis, queue=ext.queue)
+        workers = live_workers(ext.queue)
     except Exception as e:  # readiness answers 503 for any Redis trouble, never raises
         raise Unavailable(f"the job store (Redis) is unreachable: {type(e).__name__}",
                           retry_after=retry) from None

@@ -9,6 +9,8 @@ import rq
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import JobStatus, Retry
 from rq.serializers import JSONSerializer
+from rq.utils import missing_keys
+from rq.worker_registration import get_keys
 
 from . import defaults
 from .jobclass import ConvqJob
@@ -140,3 +142,13 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
 def queue_depth(queue: rq.Queue) -> int:
     """Return how many jobs wait in the queue (not counting running ones)."""
     return queue.count
+
+
+def live_workers(queue: rq.Queue) -> int:
+    """Return how many workers listening on queue are alive (their heartbeat key still exists).
+
+    rq's Worker.count counts the registry set, where a SIGKILLed worker stays until someone
+    cleans it; its own key expires within one heartbeat TTL, so that is what is counted here.
+    """
+    keys = sorted(get_keys(queue))
+    return len(keys) - len(missing_keys(queue.connection, keys))
