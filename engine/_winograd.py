@@ -22,7 +22,14 @@ from ._gemm import plan_blocks, tile_gemm
 
 # F(2, 3): G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] maps a 3-tap filter to
 # 4 points, B^T a 4-point input patch to 4, A^T 4 products to 2 outputs (written out below).
-TILES = 48  # tiles per GEMM group: a multiple of the micro-kernel's MR rows
+TILES = 48  # most tiles per GEMM group: a multiple of the micro-kernel's MR rows
+
+
+def group_size(tiles: int, nthreads: int) -> int:
+    """Return tiles per group (<= TILES) giving every thread about as many tiles (results do
+    not depend on it: each tile's row of the GEMMs is computed on its own)."""
+    rounds = -(-tiles // (nthreads * TILES))
+    return min(TILES, -(-tiles // (nthreads * rounds)))
 # Floats added to each of the 16 planes of a buffer so planes are not a multiple of 4 KiB apart:
 # 16 streams at such a stride share one L1 set and evict each other (measured 10x slower).
 SKEW = 16
@@ -169,11 +176,14 @@ def _output_tile(m, mt0, mstride, tmp, bias, of, hout, wout, n, y0, x0, ny, nx, 
 
 
 @njit(parallel=True, cache=True)
-def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, v, m, patch, relu):
+def conv3x3(
+    x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, v, m, patch, group, relu
+):
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
 
     blocks (16, ...) and table are the transformed filters (pack_filters); per thread t the
-    workspaces are v[t] (16, T*C + SKEW), m[t] (16, T*K + SKEW), patch[t] (2, 16, max(C, K)).
+    workspaces are v[t] (16, T*C + SKEW), m[t] (16, T*K + SKEW), patch[t] (2, 16, max(C, K));
+    groups of `group` <= T tiles.
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
@@ -181,7 +191,6 @@ def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, 
     nty, ntx = ty0.shape[0], tx0.shape[0]
     per_image = nty * ntx
     total = n_img * per_image
-    group = TILES
     ngroups = (total + group - 1) // group
     zero = np.zeros(k, np.float32)
     nthreads = v.shape[0]
@@ -199,8 +208,9 @@ def conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, 
                 _input_tile(xf, h, w, c, pin, ptmp, vf, t * c, vt.shape[1], n, ty0[a] - top,
                             tx0[b] - left, dh, dw)
             for xi in range(16):
-                a_xi = vt[xi, : group * c].reshape((group, c))
-                m_xi = mt[xi, : group * k].reshape((group, k))
+                # whole planes: the micro-kernel may read (never store) rows past count
+                a_xi = vt[xi, : TILES * c].reshape((TILES, c))
+                m_xi = mt[xi, : TILES * k].reshape((TILES, k))
                 tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False)
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)

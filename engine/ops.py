@@ -194,7 +194,8 @@ def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> N
     m = _scratch("wino_m", (nthreads, 16, t * k + _winograd.SKEW))
     patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
     _winograd.conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, win.dh, win.dw,
-                      win.top, win.left, v, m, patch, relu)
+                      win.top, win.left, v, m, patch,
+                      _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads), relu)
 
 
 def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
