@@ -16,14 +16,16 @@ def max_pool(x, out, fh, fw, sh, sw, dh, dw, top, left):
     """Fill out with the max of each window; an all-padding window gives -inf."""
     n_img, h, w, c = x.shape
     hout, wout = out.shape[1], out.shape[2]
+    xf, of = x.reshape(x.size), out.reshape(out.size)
     for row in prange(n_img * hout):
         n = row // hout
         y = row - n * hout
         iy0 = y * sh - top
         for xo in range(wout):
             ix0 = xo * sw - left
-            acc = out[n, y, xo]
-            acc[:] = -np.inf
+            o = ((n * hout + y) * wout + xo) * c
+            for ch in range(c):
+                of[np.uintp(o + ch)] = -np.inf
             for fy in range(fh):
                 iy = iy0 + fy * dh
                 if iy < 0 or iy >= h:
@@ -32,12 +34,12 @@ def max_pool(x, out, fh, fw, sh, sw, dh, dw, top, left):
                     ix = ix0 + fx * dw
                     if ix < 0 or ix >= w:
                         continue
-                    src = x[n, iy, ix]
+                    src = ((n * h + iy) * w + ix) * c
                     for ch in range(c):
-                        # `v > acc` alone would let a NaN lose; PyTorch and the reference keep it
-                        v = src[ch]
-                        if v > acc[ch] or v != v:
-                            acc[ch] = v
+                        # a select, not a branch, so it vectorises; `v != v` keeps NaN winning
+                        # like PyTorch and the reference
+                        v, a = xf[np.uintp(src + ch)], of[np.uintp(o + ch)]
+                        of[np.uintp(o + ch)] = v if (v > a or v != v) else a
 
 
 @njit(parallel=True, cache=True)
