@@ -1,15 +1,22 @@
-"""Who owns the cores: Numba's thread pool does, and BLAS runs single-threaded inside it.
+"""Who owns the cores: Numba's thread pool, and nothing else.
 
-Decision (PERF-NOTES trap 1): every kernel splits its work into per-thread tiles with `prange`,
-and each tile's GEMM is one single-threaded sgemm call (Numba's `np.dot` -> SciPy's OpenBLAS).
-So only one pool of threads ever runs: Numba's. OpenBLAS's own threads never wake, and Numba's
-OpenMP workers are told to sleep (not spin) once a parallel loop ends, so they leave the cores to
-whatever runs between layers — other worker processes, NumPy in the service. Measured on 2 cores
-(bench/engine.py): 2 tiles x 1-thread sgemm reach what one 2-thread sgemm reaches on the same
-matrices (~190 GFLOP/s with OPENBLAS_CORETYPE=Haswell), without the ~ms hand-over between pools.
+Decision (PERF-NOTES trap 1): every kernel splits its work into per-thread tiles with `prange`
+and does each tile's GEMM in that thread — on AVX-512 CPUs with the engine's own micro-kernel
+(engine._gemm), elsewhere with one single-threaded sgemm call (Numba's np.dot -> SciPy's
+OpenBLAS, whose thread count is set to 1 here, once). So only one pool of threads ever runs and
+OpenBLAS's never wakes. Numba's OpenMP workers are told to sleep, not spin, once a parallel loop
+ends (OMP_WAIT_POLICY=PASSIVE unless the user set it), so they leave the cores to whatever runs
+between layers: other worker processes, NumPy in the service. Waking a sleeping worker costs
+15-60 us on this kind of VM, so kernels below SMALL_WORK run on one thread.
 
-`set_threads(n)` caps both Numba's tiles and the workspace slots; Numba's own setting is
-thread-local, so each op re-applies it before launching a kernel.
+Measured on 2 cores (bench/README.md): 2 tiles x 1-thread sgemm reach what one 2-thread sgemm
+reaches on the same matrices (~190 GFLOP/s with OPENBLAS_CORETYPE=Haswell) without the ~ms
+hand-over between pools; the micro-kernel reaches ~230 GFLOP/s per core in place.
+
+GNU OpenMP cannot be used across fork(): a process that forks after running a kernel (RQ's
+forking worker) must pick Numba's "workqueue" layer first, as worker/runner.py does; the
+kernels and this module work the same on it. `set_threads(n)` caps both Numba's tiles and the
+workspace slots; Numba's own setting is thread-local, so each op re-applies it per launch.
 """
 
 from __future__ import annotations

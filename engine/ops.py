@@ -5,6 +5,16 @@ weights are (Hout, Wout, K, FH, FW, C) with bias (Hout, Wout, K). stride and dil
 or (h, w); pad an int, (h, w) or (top, left, bottom, right). Output sizes floor like PyTorch:
 Hout = (H + top + bottom - DH*(FH-1) - 1)//SH + 1. Every function matches its *_reference to
 float32 rounding (tests/unit/test_ops*.py); threading is explained in engine._threads.
+
+conv2d picks one of four paths, all with bias and ReLU fused into the GEMM's store:
+- 1x1, stride 1, no pad: a direct GEMM on the input's pixels (no im2col);
+- 3x3, stride 1, C >= WINOGRAD_MIN_C: Winograd F(2x2, 3x3) (engine._winograd);
+- outputs >= IMPLICIT_MIN_WIDTH wide with no pads (or thin C): implicit GEMM, the micro-kernel
+  reading windows straight from the input (no column buffer);
+- otherwise im2col in tiles of TILE_BYTES per thread, each packed then multiplied.
+The GEMM is engine._gemm's AVX-512 micro-kernel (MICROKERNEL) or, without AVX-512, one
+single-threaded BLAS sgemm per tile. Tiles never cross images and their sizes depend on neither
+N nor the thread count, so an image's result is bit-identical whatever batch it came in.
 """
 
 from __future__ import annotations
