@@ -1,0 +1,154 @@
+"""Readiness and trust against real redis-server and `convq worker` processes.
+
+Readiness must follow the workers that are alive, not rq's registry set (which keeps a SIGKILLed
+worker until someone cleans it). Nothing a worker reads from Redis is ever unpickled: a job
+record or an input blob crafted to run code when unpickled fails its job, runs nothing, and the
+worker goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import time
+import zlib
+
+import numpy as np
+import pytest
+from rq import Worker
+
+from service.app import create_app
+from tests.system.procs import start_worker, wait_worker_registered
+from worker.config import Settings
+from worker.connection import connect
+from worker.queue import job_status, live_workers, make_queue, submit
+from worker.store import Store
+
+pytestmark = [pytest.mark.system]
+
+# FAST_ENV (procs.py): heartbeat 1 s + grace 4 s + poll 2 s = a 7 s worker-key TTL.
+KEY_TTL = 7
+
+
+class Marker:
+    """Unpickling this creates the file at path: proof that something was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _ready(client) -> tuple[int, dict]:
+    rv = client.get("/v2/health/ready")
+    assert rv.is_json, rv.data
+    return rv.status_code, rv.json
+
+
+def _wait_ready(client, predicate, timeout: float, what: str) -> tuple[int, dict]:
+    deadline = time.monotonic() + timeout
+    answer = None
+    while time.monotonic() < deadline:
+        answer = _ready(client)
+        if predicate(*answer):
+            return answer
+        time.sleep(0.2)
+    raise AssertionError(f"readiness never became {what}: {answer}")
+
+
+def test_ready_is_503_once_every_worker_is_dead(redis_server, tmp_path):
+    app = create_app({"TESTING": True, "REDIS_URL": redis_server.url,
+                      "SETTINGS": Settings(redis_url=redis_server.url)})
+    client = app.test_client()
+    status, body = _ready(client)
+    assert status == 503 and "no worker" in body["error"]
+
+    workers = [start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False)
+               for i in range(2)]
+    try:
+        for worker in workers:
+            wait_worker_registered(redis_server.url, worker)
+        status, body = _ready(client)
+        assert (status, body["workers"]) == (200, 2)
+
+        workers[0].kill()
+        killed = time.monotonic()
+        # Ready throughout while one worker lives; the dead one stops counting within a TTL.
+        _wait_ready(client, lambda s, b: s != 200 or b["workers"] == 1, KEY_TTL + 5, "1 worker")
+        assert _ready(client)[0] == 200
+        assert time.monotonic() - killed < KEY_TTL + 5
+
+        workers[1].kill()
+        killed = time.monotonic()
+        status, body = _wait_ready(client, lambda s, b: s == 503, KEY_TTL + 5, "503")
+        assert "no worker" in body["error"] and int(
+            client.get("/v2/health/ready").headers["Retry-After"]) > 0
+        assert time.monotonic() - killed < KEY_TTL + 5
+        # rq's registry still lists the dead (nobody is left to clean it): counting it, as
+        # Worker.count does, would have kept answering ready.
+        queue = app.extensions["convq"].queue
+        assert Worker.count(queue=queue) >= 1 and live_workers(queue) == 0
+        assert client.get("/v2/health/live").status_code == 200
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def _pickled_npy(marker) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([Marker(marker)], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_nothing_a_worker_reads_from_redis_is_unpickled(redis_server, tmp_path):
+    redis = connect(redis_server.url)
+    store, queue = Store(redis), make_queue(redis)
+    spec = {"name": "tiny", "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    from engine import Model
+
+    model = Model.from_arrays(spec, {"c.w": np.full((1, 1, 1, 1), 2, np.float32),
+                                     "c.b": np.zeros(1, np.float32)})
+    version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
+    worker = start_worker(redis_server.url, tmp_path)
+    try:
+        # 1. A job record whose data is a pickle (rq's default serializer) of a marker.
+        record_marker = tmp_path / "record-unpickled"
+        job_id = "f" * 32
+        now = "2026-01-01T00:00:00.000000Z"
+        redis.hset(f"rq:job:{job_id}", mapping={
+            "data": zlib.compress(pickle.dumps((Marker(record_marker), None, (), {}))),
+            "status": "queued", "origin": queue.name, "created_at": now, "enqueued_at": now,
+            "description": "x", "timeout": 60})
+        redis.rpush(queue.key, job_id)
+
+        # 2. A real job whose stored input was swapped for a pickled object .npy.
+        input_marker = tmp_path / "input-unpickled"
+        swapped = submit(queue, store, model="tiny", version=version,
+                         images=np.ones((1, 3, 3, 1), np.uint8), outputs=["c"], owner=None,
+                         retries=0)
+        redis.set(store.input_key(swapped), _pickled_npy(input_marker))
+
+        # 3. A plain job after both: the worker must still be there to run it.
+        after = submit(queue, store, model="tiny", version=version,
+                       images=np.full((1, 3, 3, 1), 5, np.uint8), outputs=["c"], owner=None)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = job_status(queue, after)
+            if status and status["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.1)
+        assert status["status"] == "finished", (status, worker.log()[-3000:])
+        assert np.array_equal(store.result_array(after, "c"), np.full((1, 3, 3, 1), 10.0))
+
+        assert not record_marker.exists() and not input_marker.exists()
+        failed = job_status(queue, swapped)
+        assert failed["status"] == "failed" and failed["attempt"] == 1, failed
+        assert "pickle" in failed["error"], failed
+        assert store.result_names(swapped) is None
+        # The pickled record never ran and is not queued any more.
+        assert job_id.encode() not in redis.lrange(queue.key, 0, -1)
+        assert worker.alive()
+    finally:
+        worker.close()
