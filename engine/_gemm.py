@@ -109,10 +109,10 @@ def _acc_store(acc, mr, nr, last, out, or0, m, j0, k, bias, relu):
         for j in range(min(nr, k - j0)):
             v = acc[np.uintp(r), np.uintp(j)]
             if last:
-                v += bias[j0 + j]
+                v += bias[np.uintp(j0 + j)]
                 if relu and v < 0.0:
                     v = 0.0
-            out[or0 + r, j0 + j] = v
+            out[np.uintp(or0 + r), np.uintp(j0 + j)] = v
 
 
 def _make_block(mr: int, nr: int):
