@@ -8,17 +8,24 @@ worker goes on.
 
 from __future__ import annotations
 
+import base64
+import gzip
+import http.client
 import io
+import json
 import pickle
 import time
 import zlib
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import requests
 from rq import Worker
 
 from service.app import create_app
-from tests.system.procs import start_worker, wait_worker_registered
+from tests.system.procs import start_api, start_worker, wait_worker_registered
 from worker.config import Settings
 from worker.connection import connect
 from worker.queue import job_status, live_workers, make_queue, submit
@@ -152,3 +159,92 @@ def test_nothing_a_worker_reads_from_redis_is_unpickled(redis_server, tmp_path):
         assert worker.alive()
     finally:
         worker.close()
+
+
+def _vm(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _raw_post(base: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, float]:
+    """POST body with exactly the headers given (a Content-Length may lie); (status, JSON, s)."""
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    began = time.monotonic()
+    conn.putrequest("POST", path)
+    for key, value in headers.items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    try:
+        conn.send(body)
+    except OSError:
+        pass  # the server may answer and close before the whole body is sent
+    response = conn.getresponse()
+    out = response.status, json.loads(response.read()), time.monotonic() - began
+    conn.close()
+    return out
+
+
+def test_bad_bodies_through_gunicorn_are_quick_4xx_with_flat_memory(redis_server, tmp_path):
+    from tests.integration.test_bad_input import npz_many_members, npz_single_bomb, png_claiming
+
+    api, base = start_api(redis_server.url, tmp_path, env={
+        "CONVQ_API_PROCESSES": "1", "CONVQ_MAX_CONTENT_LENGTH": "1000000",
+        "CONVQ_MAX_MODEL_BYTES": "2000000"})
+    try:
+        [horse] = api.children()
+        spec = {"name": "g", "input": {"height": 9, "width": 9, "channels": 1},
+                "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+        weights = io.BytesIO()
+        np.savez(weights, **{"c.w": np.ones((1, 1, 1, 1), np.float32),
+                             "c.b": np.zeros(1, np.float32)})
+        rv = requests.post(f"{base}/v2/repository/models/g/load", timeout=30, files={
+            "spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", weights.getvalue())})
+        assert rv.status_code == 200, rv.text
+
+        def load(data: bytes, filename: str) -> tuple[str, dict, bytes]:
+            body = json.dumps({"parameters": {"config": json.dumps(spec), f"file:{filename}":
+                                              base64.b64encode(data).decode()}}).encode()
+            return "/v2/repository/models/g/load", {"Content-Type": "application/json"}, body
+
+        png_body = (b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\""
+                    b"\r\nContent-Type: image/png\r\n\r\n" + png_claiming(10000, 10000)
+                    + b"\r\n--b--\r\n")
+        json_head = {"Content-Type": "application/json"}
+        cases = [
+            # (path, headers, body, status)
+            ("/v2/models/g/jobs", {**json_head, "Content-Length": str(10 << 30)}, b"{}", 413),
+            ("/v2/models/g/jobs", {**json_head, "Content-Length": "1500000"},
+             b" " * 1_500_000, 413),
+            ("/v2/models/g/jobs", {**json_head, "Content-Encoding": "gzip",
+                                   "Content-Length": str(len(gz := gzip.compress(
+                                       b" " * (256 << 20))))}, gz, 413),
+            ("/v2/models/g/jobs", {"Content-Type": "multipart/form-data; boundary=b",
+                                   "Content-Length": str(len(png_body))}, png_body, 413),
+            ("/v2/repository/models/g/load", {**json_head, "Content-Length": str(10 << 30)},
+             b"{}", 413),
+            *[(path, {**head, "Content-Length": str(len(body))}, body, 400)
+              for path, head, body in (
+                  load(npz_single_bomb(), "w.npz"), load(npz_many_members(), "w.npz"),
+                  load((1 << 40).to_bytes(8, "little") + b"{}", "w.safetensors"))],
+        ]
+        client = redis_server.client()
+        keys = sorted(client.keys("*"))
+        for path, headers, body, _ in cases:  # warm every code path (lazy imports) once
+            _raw_post(base, path, headers, body)
+        Path(f"/proc/{horse}/clear_refs").write_text("5")
+        before = _vm(horse)["VmRSS"]
+        for path, headers, body, status in cases:
+            code, doc, seconds = _raw_post(base, path, headers, body)
+            assert code == status and doc["error"], (path, headers, code, doc)
+            assert seconds < 2, (path, headers, seconds)
+        growth = _vm(horse)["VmHWM"] - before
+        assert growth < 16 << 20, f"the API's peak RSS rose {growth / 2**20:.1f} MiB"
+        assert sorted(client.keys("*")) == keys and client.llen("rq:queue:convq") == 0
+        assert api.alive()
+    finally:
+        api.close()
