@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
@@ -37,6 +39,7 @@ from tests.integration.apikit import (
     load_body,
     npy_bytes,
     npz_bytes,
+    reference_model,
     v2_binary,
     v2_json,
 )
@@ -445,3 +448,60 @@ def test_a_refused_replacement_keeps_the_model_as_it_was(api):
     rv = api.client.post(LOAD, **upload(npz_many_members()))
     assert rv.status_code == 400
     assert api.client.get("/v2/models/tiny").json == info
+
+
+# -- fuzzing the upload decoders: weights files and specs ------------------------------------------
+
+FUZZ = settings(max_examples=120, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+WEIGHT_SEEDS = [("w.npz", npz_bytes(arrays())),
+                ("w.safetensors", reference_model().to_safetensors())]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False,
+                                                                   allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=12)
+
+
+def _refused_or_loaded(api, body: dict) -> None:
+    before = snapshot(api.redis)
+    rv = api.client.post("/v2/repository/models/fuzz/load", json=body)
+    assert rv.status_code in (200, 400, 413, 415), (rv.status_code, rv.data[:300])
+    assert rv.is_json and (rv.status_code == 200 or rv.json["error"])
+    if rv.status_code == 200:  # a mutation the checks cannot tell from a real model
+        assert api.client.post("/v2/repository/models/fuzz/unload").status_code == 200
+    else:
+        assert snapshot(api.redis) == before
+
+
+@FUZZ
+@given(st.sampled_from(WEIGHT_SEEDS),
+       st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
+       st.integers(0, 4000))
+def test_mutated_weight_files_are_4xx_or_load(api, seed, flips, cut):
+    filename, data = seed
+    data = bytearray(data)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    data = bytes(data[:cut] if cut < len(data) else data)
+    _refused_or_loaded(api, load_body(filename=filename, data=data))
+
+
+@FUZZ
+@given(st.integers(0, 3), st.sampled_from(["type", "filters", "size", "stride", "pad",
+                                           "dilation", "weights", "bias", "name", "count_pad"]),
+       json_values)
+def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
+    spec = copy.deepcopy(SPEC)
+    spec["layers"][layer][key] = value
+    _refused_or_loaded(api, load_body(spec))
+
+
+@FUZZ
+@given(st.sampled_from(["name", "input", "preprocess", "fit", "layout", "layers", "extra"]),
+       json_values)
+def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
+    _refused_or_loaded(api, load_body({**SPEC, key: value}))
