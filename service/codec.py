@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from math import prod
 
@@ -199,14 +200,27 @@ def npy_payload(npy: bytes) -> tuple[tuple[int, ...], memoryview]:
     return shape, memoryview(npy)[offset:]
 
 
-def encode_infer(model: str, version: int, outputs: list[tuple[str, tuple, memoryview]],
+@dataclass
+class Streamed:
+    """A binary output sent after the header: its byte size and an iterator over its bytes."""
+
+    size: int
+    pieces: Iterable[bytes]
+
+
+def encode_infer(model: str, version: int, outputs: list[tuple[str, tuple, object]],
                  binary: set[str], request_id: str | None = None) -> tuple[list, dict]:
-    """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes."""
+    """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes.
+
+    Each output's data is a bytes-like of little-endian float32, or (binary outputs only) a
+    Streamed whose pieces are read while the body is sent; iter_body flattens the chunks.
+    """
     described, tails = [], []
     for name, shape, raw in outputs:
         entry = {"name": name, "datatype": "FP32", "shape": list(shape)}
         if name in binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            size = raw.size if isinstance(raw, Streamed) else memoryview(raw).nbytes
+            entry["parameters"] = {"binary_data_size": size}
             tails.append(raw)
         else:
             entry["data"] = np.frombuffer(raw, dtype="<f4").tolist()
@@ -215,10 +229,20 @@ def encode_infer(model: str, version: int, outputs: list[tuple[str, tuple, memor
     if request_id is not None:
         doc["id"] = request_id
     head = json.dumps(doc, separators=(",", ":")).encode()
-    headers = {"Content-Length": str(len(head) + sum(len(t) for t in tails))}
+    size = sum(t.size if isinstance(t, Streamed) else memoryview(t).nbytes for t in tails)
+    headers = {"Content-Length": str(len(head) + size)}
     if tails:
         headers["Inference-Header-Content-Length"] = str(len(head))
         headers["Content-Type"] = "application/octet-stream"
     else:
         headers["Content-Type"] = "application/json"
     return [head, *tails], headers
+
+
+def iter_body(chunks: list) -> Iterator[bytes]:
+    """Yield the bytes of encode_infer's chunks in order, reading Streamed outputs as it goes."""
+    for chunk in chunks:
+        if isinstance(chunk, Streamed):
+            yield from chunk.pieces
+        else:
+            yield chunk

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 from rq.results import Result
 
 from worker.queue import cancel, job_status
+from worker.store import npy_header
 
 from .app import convq
 from .auth import check_visible
-from .codec import encode_infer, npy_payload
+from .codec import Streamed, encode_infer, iter_body
 from .errors import (
     ApiError,
     BadRequest,
@@ -48,20 +50,38 @@ def _public(status: dict) -> dict:
 
 
 def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
-             request_id: str | None = None) -> tuple[list[bytes], dict]:
-    """Return (body chunks, headers) of a V2 inference response with the job's outputs names."""
+             request_id: str | None = None) -> tuple[Iterator[bytes], dict]:
+    """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
+
+    Binary outputs are read from Redis in slices while the body is sent, never assembled.
+    """
     store = convq().store
+    layouts = {}
+    for name in names:
+        layout = store.result_layout(job_id, name)
+        if layout is None:
+            raise NotFound(f"the result of job {job_id} has expired")
+        layouts[name] = layout
+    _check_json_size(sum(_nbytes(*layouts[n]) for n in names if n not in binary))
     outputs = []
     for name in names:
-        npy = store.result_npy(job_id, name)
-        if npy is None:
+        shape, dtype = layouts[name]
+        if name in binary:
+            pieces = store.result_slices(job_id, name)
+            data = None if pieces is None else Streamed(_nbytes(shape, dtype), pieces)
+        else:
+            array = store.result_array(job_id, name)
+            data = None if array is None else memoryview(array.astype("<f4", copy=False)).cast("B")
+        if data is None:
             raise NotFound(f"the result of job {job_id} has expired")
-        shape, raw = npy_payload(npy)
-        outputs.append((name, shape, raw))
-    _check_json_size(sum(len(raw) for name, _, raw in outputs if name not in binary))
+        outputs.append((name, shape, data))
     chunks, headers = encode_infer(status["model"], status["version"], outputs, binary,
                                    request_id)
-    return [bytes(c) for c in chunks], headers
+    return iter_body(chunks), headers
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 def _check_json_size(nbytes: int) -> None:
@@ -122,7 +142,7 @@ def infer(name: str, version: str | None = None):
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"
             raise JobFailed(f"the job failed: {error}")
-        chunks, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
+        body, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
         raise
@@ -131,7 +151,7 @@ def infer(name: str, version: str | None = None):
     spans.append(("infer", time.perf_counter() - began))  # this view, from body to answer
     headers["Server-Timing"] = ", ".join(f"{key};dur={1000 * seconds:.2f}"
                                          for key, seconds in spans if seconds is not None)
-    response = Response(chunks, status=200, headers=headers)
+    response = Response(body, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
     response.call_on_close(lambda: _forget(ext, job_id))
     return response
@@ -205,20 +225,34 @@ def get_result(job_id: str):
                            f"{', '.join(names)}", field="output")
     names = wanted or names
     if fmt in ("binary", "json"):
-        chunks, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
-        return Response(chunks, status=200, headers=headers)
-    npy = store.result_npy(job_id, names[0])
-    if npy is None:
-        raise NotFound(f"the result of job {job_id} has expired")
+        body, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
+        return Response(body, status=200, headers=headers)
     if fmt == "npy":
-        return Response(npy, mimetype="application/octet-stream", headers={
+        array = store.result_layout(job_id, names[0])
+        pieces = store.result_slices(job_id, names[0])
+        if array is None or pieces is None:
+            raise NotFound(f"the result of job {job_id} has expired")
+        shape, dtype = array
+        head = npy_header(shape, dtype)
+        return Response(_chain(head, pieces), mimetype="application/octet-stream", headers={
+            "Content-Length": str(len(head) + _nbytes(shape, dtype)),
             "Content-Disposition": f"attachment; filename={job_id}-{names[0]}.npy"})
-    shape, raw = npy_payload(npy)
+    layout = store.result_layout(job_id, names[0])
+    if layout is None:
+        raise NotFound(f"the result of job {job_id} has expired")
+    shape = layout[0]
     if image >= shape[0]:
         raise NotFound(f"job {job_id} has {shape[0]} image(s); image={image} is past the end",
                        field="image")
     if int(np.prod(shape[1:])) > int(current_app.config["MAX_PNG_PIXELS"]):
         raise TooLarge(f"{names[0]} is {shape[1:]} per image, too big to draw; fetch "
                        "format=npy instead", field="format")
-    maps = np.frombuffer(raw, "<f4").reshape(shape)[image]
-    return Response(grid_png(maps), mimetype="image/png")
+    maps = store.result_array(job_id, names[0])
+    if maps is None:
+        raise NotFound(f"the result of job {job_id} has expired")
+    return Response(grid_png(maps[image].astype(np.float32, copy=False)), mimetype="image/png")
+
+
+def _chain(head: bytes, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    yield head
+    yield from pieces

@@ -24,6 +24,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, Worker
 
 from . import defaults
+from .horse import ReusedHorseMixin
 from .jobclass import ConvqJob
 from .jobs import JOB_FUNCTIONS
 from .reaper import reap_abandoned, reap_unstarted
@@ -148,8 +149,11 @@ def _die_with_parent() -> None:
         pass
 
 
-class ConvqWorker(_ConvqMixin, Worker):
-    """Forks a work-horse per job (so a crash or SIGKILL costs one attempt, not the worker)."""
+class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
+    """Runs jobs in a forked horse that lives for many jobs (see worker.horse).
+
+    A crash, SIGKILL or stuck kernel costs one attempt and that horse, never the worker.
+    """
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat + self.settings.heartbeat_grace
@@ -160,15 +164,11 @@ class ConvqWorker(_ConvqMixin, Worker):
         ttl = self.get_heartbeat_ttl(None) + self.poll_seconds
         return super().heartbeat(min(timeout or ttl, ttl), pipeline)
 
-    def execute_job(self, job, queue):
-        # Load the model here, in the parent, so every later horse inherits it through fork.
-        if job.func_name in JOB_FUNCTIONS:
-            try:
-                kw = job.kwargs
-                self.runtime.cache.get(self.store, kw["model"], kw["version"])
-            except Exception:  # noqa: BLE001 - the horse reports the problem as the job's error
-                pass
-        super().execute_job(job, queue)
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        # Fork the horse while idle, so no job waits for a fork (first job, or after a crash).
+        if not self._stop_requested:
+            self._ensure_horse()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def setup_work_horse_signals(self):
         super().setup_work_horse_signals()

@@ -1,0 +1,155 @@
+"""A work-horse that lives for many jobs: fork it once, then hand it job ids over a pipe.
+
+rq forks a fresh horse for every job; for a worker holding Numba's kernels and its models that
+fork (and the child's exit) cost ~9 ms of a ~20 ms one-image job. This horse is forked while the
+worker is idle and runs jobs one after another, keeping what rq's per-job fork gave us: a crash,
+SIGKILL or stuck kernel ends only the horse (the parent sees its pipe close, reaps it, fails or
+re-queues the job, and forks a new one before the next job), and it dies with its parent.
+
+The parent writes one JSON line per job, {"job", "execution", "queue"}, and reads one byte
+back: b"0" once the job has ended and its state is saved. Nothing else crosses the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.worker.base import WorkerStatus
+
+log = logging.getLogger("convq.worker")
+_DONE = b"0"
+
+
+@dataclass
+class _Horse:
+    pid: int
+    commands: int  # write end: one JSON line per job
+    replies: int   # read end: one byte per finished job, EOF when the horse is gone
+
+
+class ReusedHorseMixin:
+    """rq.Worker methods that run jobs in one long-lived horse instead of a fork per job."""
+
+    _horse: _Horse | None = None
+
+    # -- parent side ------------------------------------------------------------------------
+    def _ensure_horse(self) -> _Horse:
+        if self._horse is None:
+            self._spawn_horse()
+        return self._horse
+
+    def _spawn_horse(self) -> None:
+        cmd_read, cmd_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the horse: never returns into the worker's code
+            status = 1
+            try:
+                os.close(cmd_write)
+                os.close(reply_read)
+                os.setpgrp()  # rq kills the horse's whole process group
+                self._horse_loop(cmd_read, reply_write)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(cmd_read)
+        os.close(reply_write)
+        self._horse = _Horse(pid, cmd_write, reply_read)
+
+    def execute_job(self, job, queue):
+        """Run job in the horse (forking one only if there is none) and watch it."""
+        execution = self.prepare_execution(job)
+        message = json.dumps({"job": job.id, "execution": execution.id,
+                              "queue": queue.name}).encode() + b"\n"
+        for _attempt in range(2):
+            horse = self._ensure_horse()
+            try:
+                os.write(horse.commands, message)
+                break
+            except OSError:  # the idle horse died (OOM killer, kill -9): fork another
+                self._reap_horse()
+        self._horse_pid = horse.pid
+        self.procline(f"Job {job.id} in horse {horse.pid} at {time.time()}")
+        self.monitor_work_horse(job, queue, execution)
+        self.set_state(WorkerStatus.IDLE)
+
+    def wait_for_horse(self):
+        """Block until the horse ends its job (pid, 0, None) or dies (pid, wait status, rusage)."""
+        horse = self._horse
+        if horse is None:
+            return None, None, None
+        # rq's SIGALRM (job monitoring) interrupts this read with an exception, as with wait4.
+        if os.read(horse.replies, 1) == _DONE:
+            return horse.pid, os.EX_OK, None
+        return self._reap_horse()
+
+    def _reap_horse(self):
+        horse, self._horse = self._horse, None
+        if horse is None:
+            return None, None, None
+        for fd in (horse.commands, horse.replies):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            return os.wait4(horse.pid, 0)
+        return horse.pid, None, None
+
+    def stop_horse(self, wait: float = 2.0) -> None:
+        """Let an idle horse exit (its pipe closes); SIGKILL it if it is still there after wait."""
+        horse = self._horse
+        if horse is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(horse.commands)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(horse.pid, os.WNOHANG)[0] == 0:
+                    time.sleep(0.01)
+                    continue
+            break
+        else:
+            with contextlib.suppress(OSError):
+                os.killpg(horse.pid, signal.SIGKILL)
+        self._reap_horse()
+
+    def teardown(self):
+        if not self.is_horse:
+            self.stop_horse()
+        super().teardown()
+
+    # -- horse side -------------------------------------------------------------------------
+    def _horse_loop(self, commands: int, replies: int) -> None:
+        random.seed()
+        self.setup_work_horse_signals()
+        self._is_horse = True
+        with os.fdopen(commands, "rb") as lines:
+            for line in lines:
+                self._horse_run(json.loads(line))
+                os.write(replies, _DONE)
+
+    def _horse_run(self, message: dict) -> None:
+        try:
+            job = self.job_class.fetch(message["job"], connection=self.connection,
+                                       serializer=self.serializer)
+        except NoSuchJobError:
+            log.info("job %s was deleted before it started", message["job"])
+            return
+        queue = next(q for q in self.queues if q.name == message["queue"])
+        execution = Execution(message["execution"], job.id, connection=self.connection,
+                              worker_name=self.name)
+        self.executions = {execution.id: execution}
+        os.environ["RQ_JOB_ID"] = job.id
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self.executions = {}
