@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from . import _conv, _gemm, _pool, _threads, _winograd
+from . import _cache, _conv, _gemm, _pool, _threads, _winograd
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
@@ -44,6 +44,7 @@ IMPLICIT_MIN_WIDTH = 8
 IMPLICIT_PAD_MAX_C = 16
 
 _workspace = threading.local()
+_cache.refresh()  # before any kernel loads from Numba's cache
 
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:

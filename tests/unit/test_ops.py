@@ -353,3 +353,27 @@ def test_packed_weight_blocks_hold_every_weight_once():
     )
     np.testing.assert_array_equal(rebuilt[:, :112], wmat)
     assert not rebuilt[:, 112:].any() and list(table[:, 2]) == [0, 64]
+
+
+def test_kernel_cache_is_dropped_when_any_kernel_module_changes(tmp_path, monkeypatch):
+    from engine import _cache
+
+    for name in _cache.KERNEL_MODULES:
+        (tmp_path / name).write_text(f"# {name}\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    monkeypatch.setattr(_cache, "HERE", str(tmp_path))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+
+    def cached(*names):
+        for name in names:
+            (cache / name).write_text("machine code")
+
+    cached("_conv.conv_im2col_mk-121.py311.nbi", "_conv.conv_im2col_mk-121.py311.1.nbc")
+    assert _cache.refresh()  # no stamp yet: whatever is there may be stale
+    assert not list(cache.glob("*.nb?"))
+    cached("_winograd.conv3x3-180.py311.nbi", "other.f-1.py311.nbi")
+    assert not _cache.refresh()  # same sources: the cache stays
+    (tmp_path / "_gemm.py").write_text("# the micro-kernel changed\n")
+    assert _cache.refresh()
+    assert sorted(p.name for p in cache.glob("*.nb?")) == ["other.f-1.py311.nbi"]
