@@ -10,17 +10,19 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib
+import logging
 import re
 
 from flask import current_app, request
 
-from engine import Model
+from engine import EngineError, Model
 
 from .body import json_object, parse_json, read_body
 from .errors import BadRequest, UnsupportedMediaType
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 WEIGHT_SUFFIXES = (".npz", ".safetensors", ".onnx")
+log = logging.getLogger(__name__)
 
 
 def check_name(name: str) -> str:
@@ -55,8 +57,15 @@ def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
         except ImportError:
             raise UnsupportedMediaType("ONNX import is not available on this server",
                                        field="weights") from None
-        converted = onnx_import.convert(data)
-        onnx_spec, arrays = converted
+        try:
+            onnx_spec, arrays = onnx_import.convert(data)
+        except EngineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a crafted graph breaks an importer in many ways
+            # Logged with its traceback: the importer should have named the problem itself.
+            log.warning("ONNX import failed on an upload", exc_info=True)
+            raise BadRequest(f"weights: not a convertible ONNX model ({type(e).__name__}: {e})",
+                             field="weights") from None
         onnx_spec = {**onnx_spec, **(spec or {}), "name": name}
         return Model.from_arrays(onnx_spec, arrays)
     if spec is None:

@@ -124,6 +124,17 @@ def npz_lying_member() -> bytes:
     return buf.getvalue()
 
 
+def onnx_pool_without_kernel_shape() -> bytes:
+    """A well-formed ONNX graph whose MaxPool lacks its required kernel_shape attribute."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph).SerializeToString()
+
+
 def safetensors(header: dict, payload: bytes = b"") -> bytes:
     raw = json.dumps(header).encode()
     return len(raw).to_bytes(8, "little") + raw + payload
@@ -344,6 +355,8 @@ CASES = [
         "w.safetensors"), 400, "dtype"),
     Case("safetensors-truncated", LOAD, lambda t: upload(b"\x05\x00\x00", "w.safetensors"), 400),
     Case("onnx-garbage", LOAD, lambda t: upload(b"\x08\x07garbage", "m.onnx"), 400),
+    Case("onnx-pool-without-kernel-shape", LOAD,
+         lambda t: upload(onnx_pool_without_kernel_shape(), "m.onnx"), 400, "kernel_shape"),
     Case("weights-suffix", LOAD, lambda t: upload(npz_bytes(arrays()), "w.pkl"), 415, ".npz"),
     Case("load-config-malformed", LOAD,
          lambda t: {"json": {"parameters": {"config": "{", "file:w.npz": ""}}}, 400, "JSON"),
