@@ -6,8 +6,9 @@ worker is idle and runs jobs one after another, keeping what rq's per-job fork g
 SIGKILL or stuck kernel ends only the horse (the parent sees its pipe close, reaps it, fails or
 re-queues the job, and forks a new one before the next job), and it dies with its parent.
 
-The parent writes one JSON line per job, {"job", "execution", "queue"}, and reads one byte
-back: b"0" once the job has ended and its state is saved. Nothing else crosses the pipe.
+The parent writes one JSON line per job, {"job", "execution", "queue"}, and reads two bytes
+back: b"1" when the horse took the job (a horse that died idle costs no job an attempt) and
+b"0" once the job has ended and its state is saved. Nothing else crosses the pipe.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import random
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +28,10 @@ from rq.executions import Execution
 from rq.worker.base import WorkerStatus
 
 log = logging.getLogger("convq.worker")
+_TOOK = b"1"
 _DONE = b"0"
+HAND_OVER_SECONDS = 10.0
+"""Seconds an idle horse has to acknowledge a job before it counts as dead (it needs ~0)."""
 
 
 @dataclass
@@ -66,21 +71,36 @@ class ReusedHorseMixin:
         self._horse = _Horse(pid, cmd_write, reply_read)
 
     def execute_job(self, job, queue):
-        """Run job in the horse (forking one only if there is none) and watch it."""
+        """Hand job to the horse (forking one if there is none) and watch it run."""
         execution = self.prepare_execution(job)
         message = json.dumps({"job": job.id, "execution": execution.id,
                               "queue": queue.name}).encode() + b"\n"
-        for _attempt in range(2):
+        for _attempt in range(3):
             horse = self._ensure_horse()
-            try:
-                os.write(horse.commands, message)
+            if self._hand_over(horse, message):
+                self._horse_pid = horse.pid
                 break
-            except OSError:  # the idle horse died (OOM killer, kill -9): fork another
-                self._reap_horse()
-        self._horse_pid = horse.pid
-        self.procline(f"Job {job.id} in horse {horse.pid} at {time.time()}")
+            # It died or hung while idle (OOM killer, kill -9): the job never reached it.
+            log.warning("idle work-horse %d is gone; forking another", horse.pid)
+            self._kill_and_reap()
+        self.procline(f"Job {job.id} in horse {self._horse_pid} at {time.time()}")
         self.monitor_work_horse(job, queue, execution)
         self.set_state(WorkerStatus.IDLE)
+
+    def _hand_over(self, horse: _Horse, message: bytes) -> bool:
+        """Send message; True once the horse says it took it."""
+        try:
+            os.write(horse.commands, message)
+        except OSError:  # EPIPE: nobody reads the other end any more
+            return False
+        ready, _, _ = select.select([horse.replies], [], [], HAND_OVER_SECONDS)
+        return bool(ready) and os.read(horse.replies, 1) == _TOOK
+
+    def _kill_and_reap(self) -> None:
+        if self._horse is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self._horse.pid, signal.SIGKILL)
+        self._reap_horse()
 
     def wait_for_horse(self):
         """Block until the horse ends its job (pid, 0, None) or dies (pid, wait status, rusage)."""
@@ -118,8 +138,8 @@ class ReusedHorseMixin:
                     continue
             break
         else:
-            with contextlib.suppress(OSError):
-                os.killpg(horse.pid, signal.SIGKILL)
+            self._kill_and_reap()
+            return
         self._reap_horse()
 
     def teardown(self):
@@ -134,6 +154,7 @@ class ReusedHorseMixin:
         self._is_horse = True
         with os.fdopen(commands, "rb") as lines:
             for line in lines:
+                os.write(replies, _TOOK)
                 self._horse_run(json.loads(line))
                 os.write(replies, _DONE)
 
