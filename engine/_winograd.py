@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import plan_blocks, tile_gemm
+from ._gemm import _data, plan_blocks, tile_gemm
 
 # F(2, 3): G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] maps a 3-tap filter to
 # 4 points, B^T a 4-point input patch to 4, A^T 4 products to 2 outputs (written out below).
@@ -128,7 +128,8 @@ def _finish(dst, d0, a, a0, b, b0, c, c0, sign, bias, relu, count):
 @njit(cache=True)
 def _input_tile(xf, h, w, c, patch, tmp, v, vt0, vstride, n, y0, x0, dh, dw):
     """Gather the 4x4xC patch (zeros outside x) into patch (16*C); write V = B^T d B at v[vt0]
-    with the 16 transformed rows vstride apart (all arrays flat)."""
+    with the 16 transformed rows vstride apart. All are flat data pointers: array arguments
+    would cost atomic reference counting on every tile."""
     for i in range(4):
         iy = y0 + dh * i
         for j in range(4):
@@ -156,10 +157,10 @@ def _input_tile(xf, h, w, c, patch, tmp, v, vt0, vstride, n, y0, x0, dh, dw):
 
 
 @njit(cache=True)
-def _output_tile(m, mt0, mstride, tmp, bias, of, hout, wout, n, y0, x0, ny, nx, dh, dw, relu):
+def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, nx, dh, dw,
+                 relu):
     """Write Y = A^T M A (+ bias, ReLU) for the tile at m[mt0] (16 rows mstride apart) to the
-    ny x nx valid outputs of of, the flat (N, Hout, Wout, K) output."""
-    k = bias.shape[0]
+    ny x nx valid outputs of of, the flat (N, Hout, Wout, K) output (all data pointers)."""
     # A^T M: row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3 (a row is four channel rows)
     for j in range(4):
         _comb3(tmp, j * k, m, mt0 + j * mstride, m, mt0 + (4 + j) * mstride,
@@ -187,7 +188,7 @@ def conv3x3(
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
-    xf, of = x.reshape(x.size), out.reshape(out.size)
+    xf, of, biasp = _data(x), _data(out), _data(bias)
     nty, ntx = ty0.shape[0], tx0.shape[0]
     per_image = nty * ntx
     total = n_img * per_image
@@ -196,9 +197,8 @@ def conv3x3(
     nthreads = v.shape[0]
     for th in prange(nthreads):
         vt, mt = v[th], m[th]  # (16, T*C + SKEW), (16, T*K + SKEW)
-        vf, mf = vt.reshape(vt.size), mt.reshape(mt.size)
-        width = 16 * patch.shape[3]
-        pin, ptmp = patch[th, 0].reshape(width), patch[th, 1].reshape(width)
+        vf, mf = _data(vt), _data(mt)
+        pin, ptmp = _data(patch[th, 0]), _data(patch[th, 1])
         for g in range(th, ngroups, nthreads):
             g0 = g * group
             count = min(group, total - g0)
@@ -215,5 +215,5 @@ def conv3x3(
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
-                _output_tile(mf, t * k, mt.shape[1], ptmp, bias, of, hout, wout, n, ty0[a], tx0[b],
-                             tyn[a], txn[b], dh, dw, relu)
+                _output_tile(mf, t * k, mt.shape[1], ptmp, biasp, k, of, hout, wout, n, ty0[a],
+                             tx0[b], tyn[a], txn[b], dh, dw, relu)
