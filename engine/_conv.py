@@ -6,8 +6,10 @@ Row r of the virtual im2col matrix is position (n, y, x) = divmod chain of r, it
 (fy, fx, c) like the weights. Each image's Hout*Wout rows are split the same way into tiles of
 at most `tile` rows, never across images, so an image's result does not depend on the batch it
 came in (BLAS sums a row in an order that depends on where the row sits in its GEMM). Thread t
-takes tiles t, t+T, t+2T, ... and packs each into its own slot cols[t] (T, tile, FH*FW*C) of a
-workspace the caller owns and reuses, so the column buffer is T*tile*Kc floats whatever N is.
+packs each tile it takes into its own slot cols[t] (T, tile, FH*FW*C) of a workspace the caller
+owns and reuses, so the column buffer is T*tile*Kc floats whatever N is. The BLAS kernels give
+thread t tiles t, t+T, ...; the micro-kernel ones hand tiles out from an atomic counter (a
+one-element int64 array, zero on entry), so a descheduled thread's share goes to the others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import MR, row_gemm, tile_gemm
+from ._gemm import MR, claim, row_gemm, tile_gemm
 
 
 @njit(cache=True, inline="always")
@@ -120,33 +122,35 @@ def conv_pointwise(x2d, wmat, bias, out2d, per_image, nthreads, tile, relu):
 
 @njit(parallel=True, cache=True)
 def conv_im2col_mk(
-    x, blocks, table, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu
+    x, blocks, table, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu,
+    counter,
 ):
     """conv_im2col with the micro-kernel: weights packed by _gemm.pack_weights, slots of cols
     rounded up to a multiple of MR rows (rows past the tile are read, never stored)."""
     per_image = hout * wout
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = x.shape[0] * tiles_per_image
-    nthreads = cols.shape[0]
-    for t in prange(nthreads):
+    for t in prange(cols.shape[0]):
         slot = cols[t]
-        for i in range(t, ntiles, nthreads):
+        i = claim(counter)
+        while i < ntiles:
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
             tile_gemm(slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu)
+            i = claim(counter)
 
 
 @njit(parallel=True, cache=True)
-def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, relu):
+def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, relu, counter):
     """conv_pointwise with the micro-kernel, reading x2d in place; only a tile whose last
     MR-row block would run past the end of x2d is first copied into its thread's slot."""
     m_all = x2d.shape[0]
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = (m_all // per_image) * tiles_per_image
-    nthreads = cols.shape[0]
-    for t in prange(nthreads):
+    for t in prange(cols.shape[0]):
         slot = cols[t]
-        for i in range(t, ntiles, nthreads):
+        i = claim(counter)
+        while i < ntiles:
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             m = r1 - r0
             if r0 + (m + MR - 1) // MR * MR <= m_all:
@@ -154,10 +158,13 @@ def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, re
             else:
                 slot[:m] = x2d[r0:r1]
                 tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu)
+            i = claim(counter)
 
 
 @njit(parallel=True, cache=True)
-def conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout, sh, sw, relu):
+def conv_implicit_mk(
+    xp, offs, blocks, table, bias, out2d, nthreads, hout, wout, sh, sw, relu, counter
+):
     """Implicit GEMM: no column buffer, the micro-kernel reads windows straight from xp.
 
     xp (N, Hp, Wp, C) is x with its pads already in place; offs (FH*FW*C,) holds each window
@@ -167,12 +174,14 @@ def conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout,
     n_img, hp, wp, c = xp.shape
     xf = xp.reshape(xp.size)
     ntiles = n_img * hout
-    for t in prange(nthreads):
-        for i in range(t, ntiles, nthreads):
+    for _ in prange(nthreads):
+        i = claim(counter)
+        while i < ntiles:
             n = i // hout
             y = i - n * hout
             base = (n * hp + y * sh) * wp * c
             row_gemm(xf, base, sw * c, offs, wout, blocks, table, bias, out2d, i * wout, relu)
+            i = claim(counter)
 
 
 @njit(parallel=True, cache=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import carray, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -91,6 +91,24 @@ def _data(typingctx, arr):
         return context.make_array(signature.args[0])(context, builder, args[0]).data
 
     return types.CPointer(arr.dtype)(arr), codegen
+
+
+@intrinsic
+def claim(typingctx, counter):
+    """Atomically add 1 to counter[0] (an int64 array) and return its old value.
+
+    Kernels hand out tiles this way rather than t, t+T, ...: on a shared machine one thread is
+    often descheduled, and the others then take its tiles instead of waiting for it.
+    """
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", data, one, "monotonic")
+
+    return types.int64(counter), codegen
 
 
 def _make_block(mr: int, nr: int, implicit: bool):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import _data, plan_blocks, tile_gemm
+from ._gemm import _data, claim, plan_blocks, tile_gemm
 
 # F(2, 3): G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] maps a 3-tap filter to
 # 4 points, B^T a 4-point input patch to 4, A^T 4 products to 2 outputs (written out below).
@@ -178,7 +178,8 @@ def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, n
 
 @njit(parallel=True, cache=True)
 def conv3x3(
-    x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, v, m, patch, group, relu
+    x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, v, m, patch, group, relu,
+    counter,
 ):
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
 
@@ -199,7 +200,8 @@ def conv3x3(
         vt, mt = v[th], m[th]  # (16, T*C + SKEW), (16, T*K + SKEW)
         vf, mf = _data(vt), _data(mt)
         pin, ptmp = _data(patch[th, 0]), _data(patch[th, 1])
-        for g in range(th, ngroups, nthreads):
+        g = claim(counter)  # groups go to whichever thread is free (counter zero on entry)
+        while g < ngroups:
             g0 = g * group
             count = min(group, total - g0)
             for t in range(count):
@@ -217,3 +219,4 @@ def conv3x3(
                 a, b = divmod(rem, ntx)
                 _output_tile(mf, t * k, mt.shape[1], ptmp, biasp, k, of, hout, wout, n, ty0[a],
                              tx0[b], tyn[a], txn[b], dh, dw, relu)
+            g = claim(counter)

@@ -71,6 +71,11 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
     return view
 
 
+def _counter() -> np.ndarray:
+    """Return a fresh tile counter for a kernel that hands out tiles atomically (_gemm.claim)."""
+    return np.zeros(1, np.int64)
+
+
 def _input(x, name: str = "x") -> np.ndarray:
     """Return x as C-contiguous float32 (N, H, W, C), or raise InputError naming the field."""
     arr = np.asarray(x)
@@ -155,7 +160,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
             cols = _columns(nthreads, tile, c)
             blocks, table = _gemm.pack_weights(wmat)
             _conv.conv_pointwise_mk(
-                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu)
+                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu), _counter()
             )
         else:
             _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
@@ -173,7 +178,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
         blocks, table = _gemm.pack_weights(wmat)
-        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu))
+        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu),
+                             _counter())
     else:
         _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
     return out
@@ -191,7 +197,7 @@ def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu
     offs = ((fy * win.dh * xp.shape[2] + fx * win.dw) * c + ch).reshape(-1).astype(np.int64)
     blocks, table = _gemm.pack_weights(wmat)
     _conv.conv_implicit_mk(xp, _read_only(offs), blocks, table, bias, out2d, nthreads, hout, wout,
-                           win.sh, win.sw, relu)
+                           win.sh, win.sw, relu, _counter())
 
 
 def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
@@ -206,7 +212,8 @@ def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> N
     patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
     _winograd.conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, win.dh, win.dw,
                       win.top, win.left, v, m, patch,
-                      _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads), relu)
+                      _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads), relu,
+                      _counter())
 
 
 def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
