@@ -31,9 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 
-# Kernels smaller than this many multiply-adds (about 40 us on one core) run on one thread:
+# Kernels smaller than this many multiply-adds (about 70 us on one core) run on one thread:
 # waking a passive OpenMP worker costs 15-60 us on this kind of VM (measured, bench/README.md).
-SMALL_WORK = 8e6
+SMALL_WORK = 16e6
 
 _state = {"threads": numba.config.NUMBA_NUM_THREADS, "blas_single": False}
 
