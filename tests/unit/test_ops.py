@@ -135,7 +135,8 @@ def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     monkeypatch.setattr(ops, "MICROKERNEL", True)
     monkeypatch.setattr(ops, "IMPLICIT_MIN_WIDTH", NEVER)  # the im2col path, which has columns
     wt = rand(8, 5, 5, 4, seed=12)
-    ops.conv2d(rand(8, 40, 40, 4), wt, pad=2)  # above SMALL_WORK, so on every thread
+    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)  # so both calls use every thread
+    ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
     small = ops._workspace.buf.size
     ops.conv2d(rand(64, 40, 40, 4), wt, pad=2)
     assert ops._workspace.buf.size == small
