@@ -19,6 +19,7 @@ N nor the thread count, so an image's result is bit-identical whatever batch it 
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -193,11 +194,19 @@ def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu
         xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
         xp[:, win.top : win.top + h, win.left : win.left + w] = x
         xp = _read_only(xp)
-    fy, fx, ch = np.meshgrid(np.arange(win.fh), np.arange(win.fw), np.arange(c), indexing="ij")
-    offs = ((fy * win.dh * xp.shape[2] + fx * win.dw) * c + ch).reshape(-1).astype(np.int64)
+    offs = _window_offsets(win.fh, win.fw, c, win.dh, win.dw, xp.shape[2])
     blocks, table = _gemm.pack_weights(wmat)
-    _conv.conv_implicit_mk(xp, _read_only(offs), blocks, table, bias, out2d, nthreads, hout, wout,
+    _conv.conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout,
                            win.sh, win.sw, relu, _counter())
+
+
+@functools.lru_cache(maxsize=256)
+def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.ndarray:
+    """Return (FH*FW*C,) int64 offsets (fy*DH*row + fx*DW)*C + c of a window's elements from its
+    corner in an NHWC image `row` pixels wide (read-only: it is shared between calls)."""
+    fy = np.arange(fh, dtype=np.int64)[:, None, None] * (dh * row)
+    fx = np.arange(fw, dtype=np.int64)[None, :, None] * dw
+    return _read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
 
 
 def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
