@@ -74,12 +74,13 @@ def _filter_row(blocks, i, col, a0, a1, a2, half):
     blocks[np.uintp(4 * i + 3), col] = a2
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _transform_filters(g, c, nk, blocks, table):
     """Write G g G^T of every 3x3 filter into its place in the 16 sets; g (9, C*K + SKEW) holds
     tap (a, b) of filter (c, k) at g[3a + b, c*K + k]."""
     half = np.float32(0.5)
-    for ch in prange(c):
+    # one thread: ~20 us of work for 64x64 filters, less than waking a second thread costs
+    for ch in range(c):
         for b in range(table.shape[0]):
             offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
             for k in range(j0, min(nk, j0 + nr)):
