@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,13 +50,14 @@ def test_input_bigger_than_a_slice_round_trips(store):
 
 
 def test_result_deleted_while_streamed_raises_rather_than_truncates(store):
-    data = np.ones((1, 1, 1, 3 * SLICE_BYTES // 4), np.float32)
+    data = np.ones((1, 1, 1, 4 * SLICE_BYTES // 4), np.float32)  # 4 slices
     store.put_result("j", {"x": data})
     pieces = store.result_slices("j", "x")
     assert len(next(pieces)) == SLICE_BYTES
     store.delete_job("j")
     with pytest.raises(LookupError):
-        next(pieces)
+        for _ in pieces:
+            pass
 
 
 def _children(proc, want: int, timeout: float = 20.0) -> list[int]:
@@ -90,5 +92,17 @@ def test_one_horse_runs_many_jobs_and_a_dead_idle_horse_is_replaced(redis_server
         assert np.array_equal(bench.store.result_array(job_id, "p"), want)
         [new] = _children(worker, 1)
         assert new != horse and worker.alive()
+        # A long-lived horse gives a big job's memory back instead of idling at its peak.
+        before = _rss_mib(new)
+        big = np.random.default_rng(4).standard_normal((6, 600, 600, 1)).astype(np.float32)
+        for _ in range(2):
+            job_id = bench.submit("tiny", version, big, ["c", "p"])
+            assert bench.wait_end(job_id, 60)["status"] == "finished"
+        assert _rss_mib(new) < before + 16, (before, _rss_mib(new))
     finally:
         worker.close()
+
+
+def _rss_mib(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGESIZE") / 2**20
