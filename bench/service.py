@@ -6,7 +6,8 @@ Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) 
 worker` processes, all on this machine, and prints three tables:
   1. a 32-image AlexNet conv1 job (227x227x3 -> 55x55x96) through POST /infer with binary
      tensors vs Model.run on the same batch in this process, same thread count, rounds
-     alternating, medians;
+     alternating, medians; beside it the "Redis floor": the time the job's bytes alone take
+     through Redis with the service's own Store calls;
   2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
   3. throughput (jobs/s) of 16-image demo jobs with 1 and with 2 workers of 1 thread each.
 Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
@@ -153,6 +154,27 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f}"
 
 
+def redis_floor(stack: Stack, images: np.ndarray, output: np.ndarray, rounds: int) -> float:
+    """Return the median seconds the job's bytes take through Redis alone, by the same Store
+    calls the service makes: input SET (API) + GET (worker), result SET (worker) + slices (API).
+    """
+    from worker.connection import connect
+    from worker.store import Store
+
+    store = Store(connect(stack.url))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        store.put_input("floor", images)
+        store.get_input("floor")
+        store.put_result("floor", {"x": output})
+        for _piece in store.result_slices("floor", "x"):
+            pass
+        times.append(time.perf_counter() - t)
+    store.delete_job("floor")
+    return statistics.median(times)
+
+
 def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
     spec, arrays = demo_model()
     stack.upload("alexnet", spec, arrays)
@@ -163,7 +185,7 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
     print(f"\n1. demo AlexNet conv1 -> relu1 -> pool1 on 32 images 227x227x3, {threads} "
           f"thread(s), median of {rounds}")
     print("   output                     engine alone   HTTP infer   ratio   of which: queue   "
-          "worker (run+blobs)   HTTP+API+Redis reads")
+          "worker (run+blobs)   HTTP+API+Redis reads   Redis floor")
     for name in ("pool1", "conv1"):  # pool1 is the job's default output (the last layer)
         body, headers = binary_request(images, [name])
         expect = model.run(images, outputs=[name])[name]
@@ -181,9 +203,14 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
             compute.append(LAST_TIMING.get("compute", 0.0))
         a, h = statistics.median(alone), statistics.median(http)
         q, c = statistics.median(queue), statistics.median(compute)
+        floor = redis_floor(stack, images, expect, rounds)
         label = f"{name} {'x'.join(map(str, expect.shape))} ({expect.nbytes / 2**20:.0f} MiB)"
         print(f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x  {ms(q)} ms  {ms(c)} ms"
-              f"          {ms(h - q - c)} ms")
+              f"          {ms(h - q - c)} ms            {ms(floor)} ms = "
+              f"{(a + floor) / a:.2f}x")
+    print("   Redis floor: the input and output bytes through Redis alone (input SET + GET, "
+          "result SET + GETRANGE slices),\n   as the service does them; engine + floor is the "
+          "best ratio any design through Redis reaches (HTTP in and out not counted).")
 
 
 def bench_latency(stack: Stack, count: int) -> None:
