@@ -5,6 +5,11 @@ registry's expiry score alone. convq workers heartbeat every few seconds with a 
 sweep every few seconds, and skip the sweep until their own Redis link has been healthy for a
 full heartbeat TTL: after an outage every live worker gets to heartbeat first, so a job that
 is still running is never re-queued beside itself.
+
+A worker idle in a blocking pop may not notice an outage shorter than its socket timeout, so
+its link looks healthy while every heartbeat expired. reap_abandoned(confirm_after=s) covers
+that case from the registry alone: an entry is handled only once sweeps have seen it expired
+for s seconds, which a live worker's next heartbeat ends.
 """
 
 from __future__ import annotations
@@ -20,15 +25,41 @@ from rq.utils import as_text, current_timestamp, now, parse_composite_key
 log = logging.getLogger("convq.worker")
 
 
-def reap_abandoned(queue, *, now: float | None = None) -> list[str]:
+SEEN_PREFIX = "convq:expired-seen:"
+"""Hash per queue: registry entry -> when a sweep first saw its heartbeat expired (epoch s)."""
+
+
+def _confirmed(queue, entries: list[str], cutoff: float, confirm_after: float) -> list[str]:
+    """Return the entries sweeps have seen expired for confirm_after s; forget renewed ones."""
+    key = SEEN_PREFIX + queue.name
+    seen = {as_text(k): float(v) for k, v in queue.connection.hgetall(key).items()}
+    with queue.connection.pipeline() as pipe:
+        renewed = [entry for entry in seen if entry not in entries]
+        if renewed:
+            pipe.hdel(key, *renewed)  # heartbeated since (or handled): alive after all
+        for entry in entries:
+            if entry not in seen:
+                pipe.hsetnx(key, entry, cutoff)
+        pipe.expire(key, max(60, int(10 * confirm_after)))
+        pipe.execute()
+    return [entry for entry in entries
+            if entry in seen and cutoff - seen[entry] >= confirm_after]
+
+
+def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.0) -> list[str]:
     """Re-queue (or fail, with no retries left) the started jobs of queue whose heartbeat expired.
 
-    Returns the ids handled. Registry entries of jobs that already ended are dropped.
+    With confirm_after > 0 an expired entry is handled only after sweeps have seen it expired
+    for that many seconds (more than one heartbeat interval): after a Redis outage every
+    heartbeat has expired, and the live ones are renewed within an interval. Returns the ids
+    handled. Registry entries of jobs that already ended are dropped.
     """
     registry = StartedJobRegistry(queue.name, connection=queue.connection,
                                   job_class=queue.job_class, serializer=queue.serializer)
     cutoff = now if now is not None else current_timestamp()
     entries = [as_text(e) for e in queue.connection.zrangebyscore(registry.key, 0, cutoff)]
+    if confirm_after > 0:
+        entries = _confirmed(queue, entries, cutoff, confirm_after)
     handled: list[str] = []
     for entry in entries:
         job_id, _execution_id = parse_composite_key(entry)

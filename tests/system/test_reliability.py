@@ -248,3 +248,70 @@ def test_bad_bodies_through_gunicorn_are_quick_4xx_with_flat_memory(redis_server
         assert api.alive()
     finally:
         api.close()
+
+
+def test_reaper_confirms_an_expired_heartbeat_before_requeueing(redis_server):
+    from rq.registry import StartedJobRegistry
+
+    from worker.reaper import reap_abandoned
+
+    redis = connect(redis_server.url)
+    store, queue = Store(redis), make_queue(redis)
+    spec = {"name": "t", "input": {"channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    from engine import Model
+
+    model = Model.from_arrays(spec, {"c.w": np.ones((1, 1, 1, 1), np.float32),
+                                     "c.b": np.zeros(1, np.float32)})
+    version = store.put_model("t", model.spec, model.to_safetensors(), owner=None)
+    job_id = submit(queue, store, model="t", version=version, images=np.ones((1, 2, 2, 1),
+                    np.uint8), outputs=["c"], owner=None)
+    redis.lrem(queue.key, 0, job_id)
+    queue.fetch_job(job_id).set_status("started")
+    registry = StartedJobRegistry(queue=queue)
+    entry, t0 = f"{job_id}:exec1", time.time()
+    redis.zadd(registry.key, {entry: t0 - 1})   # its heartbeat expired a second ago
+
+    # First sighting (say, the first sweep after Redis came back): noted, not acted on.
+    assert reap_abandoned(queue, now=t0, confirm_after=3) == []
+    # The worker was alive: its next heartbeat renews the entry, and the sighting is dropped.
+    redis.zadd(registry.key, {entry: t0 + 5})
+    assert reap_abandoned(queue, now=t0 + 2, confirm_after=3) == []
+    # It stops again; sweeps see it expired, and only after 3 s of that is it re-queued.
+    assert reap_abandoned(queue, now=t0 + 6, confirm_after=3) == []
+    assert reap_abandoned(queue, now=t0 + 8, confirm_after=3) == []
+    assert reap_abandoned(queue, now=t0 + 9, confirm_after=3) == [job_id]
+    assert job_status(queue, job_id)["status"] == "queued"
+    assert reap_abandoned(queue, now=t0 + 10, confirm_after=3) == []
+    assert not redis.exists(f"convq:expired-seen:{queue.name}")  # nothing left behind
+
+
+def test_redis_paused_past_a_heartbeat_ttl_mid_job_runs_it_once(redis_server, tmp_path):
+    from tests.system.test_worker_faults import Bench, _assert_right, _submit_slow
+
+    bench = Bench(redis_server)
+    workers = [start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False)
+               for i in range(2)]
+    try:
+        for worker in workers:
+            wait_worker_registered(redis_server.url, worker)
+        job_id = _submit_slow(bench)
+        bench.wait_layer(job_id, 2)
+        # Longer than a started job's heartbeat TTL (1 + 4 s) and a worker key's (7 s): on
+        # resume every heartbeat looks expired, and the idle worker's sweep must not re-queue
+        # the job that is still running beside it.
+        redis_server.pause()
+        time.sleep(KEY_TTL + 2)
+        redis_server.resume()
+        status = bench.wait_end(job_id, timeout=120)
+        assert status["status"] == "finished" and status["attempt"] == 1, status
+        _assert_right(bench, job_id)  # the right numbers, not in the failed registry
+        time.sleep(2)  # a second run, had one been queued, would have started by now
+        lines = [line for worker in workers for line in worker.log().splitlines()
+                 if job_id in line]
+        assert sum(" finished in " in line for line in lines) == 1, lines
+        assert not any("re-queued" in line or "newer attempt" in line for line in lines), lines
+        assert all(worker.alive() for worker in workers)
+    finally:
+        for worker in workers:
+            worker.close()
