@@ -518,3 +518,28 @@ def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
        json_values)
 def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
     _refused_or_loaded(api, load_body({**SPEC, key: value}))
+
+
+def test_another_keys_jobs_results_and_models_are_404_in_every_form():
+    api = Api(API_KEYS="key-a,key-b")
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    assert api.load(headers=a).status_code == 200
+    job_id = api.client.post(JOBS, json=v2_json(images(1)), headers=a).json["id"]
+    api.burst()
+    before = snapshot(api.redis)
+    for method, path in [
+            ("get", f"/v2/jobs/{job_id}"), ("delete", f"/v2/jobs/{job_id}"),
+            *[("get", f"/v2/jobs/{job_id}/result{q}") for q in (
+                "", "?format=json", "?format=npy&output=fc", "?format=png&output=conv1&image=0")],
+            ("get", "/v2/models/tiny"), ("get", "/v2/models/tiny/versions/1"),
+            ("get", "/v2/models/tiny/ready"), ("post", "/v2/repository/models/tiny/unload")]:
+        rv = getattr(api.client, method)(path, headers=b)
+        assert rv.status_code == 404 and rv.json["error"], (method, path, rv.json)
+    for path in (JOBS, INFER):
+        rv = api.client.post(path, json=v2_json(images(1)), headers=b)
+        assert rv.status_code == 404, (path, rv.json)
+    assert api.client.post("/v2/repository/index", headers=b).json == []
+    assert api.client.post(LOAD, json=load_body(seed=5), headers=b).status_code == 409
+    assert snapshot(api.redis) == before and api.queue_keys() == 0
+    assert api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=fc",
+                          headers=a).status_code == 200
