@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from . import _cache, _conv, _gemm, _pool, _threads, _winograd
+from . import _args, _cache, _conv, _gemm, _pool, _threads, _winograd
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
@@ -63,58 +63,9 @@ def _columns(nthreads: int, rows: int, width: int) -> np.ndarray:
     return _scratch("buf", (nthreads, rows, width))
 
 
-def _read_only(arr: np.ndarray) -> np.ndarray:
-    """Return a read-only view: Numba compiles read-only and writeable arrays separately, and
-    inputs arrive both ways (np.frombuffer, safetensors), so every kernel takes read-only
-    inputs and warmup() covers them all with one signature each."""
-    view = arr.view()
-    view.flags.writeable = False
-    return view
-
-
 def _counter() -> np.ndarray:
     """Return a fresh tile counter for a kernel that hands out tiles atomically (_gemm.claim)."""
     return np.zeros(1, np.int64)
-
-
-def _input(x, name: str = "x") -> np.ndarray:
-    """Return x as C-contiguous float32 (N, H, W, C), or raise InputError naming the field."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiub":
-        raise InputError(f"{name} must be a float32 array, got dtype {arr.dtype}", field=name)
-    if arr.ndim != 4:
-        raise InputError(
-            f"{name} must be 4-d (N, H, W, C), got shape {arr.shape}", field=name
-        )
-    if arr.shape[3] == 0:
-        raise InputError(f"{name} has no channels: shape {arr.shape}", field=name)
-    return _read_only(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def _param(value, shape: tuple, name: str) -> np.ndarray:
-    """Return weights/bias as C-contiguous float32 of the given shape, or raise ShapeError."""
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "fiub":
-        raise ShapeError(f"{name} must be a float32 array, got dtype {arr.dtype}", field=name)
-    if arr.shape != shape:
-        raise ShapeError(f"{name} must have shape {shape}, got {arr.shape}", field=name)
-    return _read_only(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def _weights(w, ndim: int, layout: str) -> np.ndarray:
-    arr = np.asarray(w)
-    if arr.ndim != ndim:
-        raise ShapeError(f"w must be {ndim}-d {layout}, got shape {arr.shape}", field="w")
-    if 0 in arr.shape:
-        raise ShapeError(f"w has an empty axis: shape {arr.shape}", field="w")
-    return _param(arr, arr.shape, "w")
-
-
-def _channels(x: np.ndarray, c: int) -> None:
-    if x.shape[3] != c:
-        raise ShapeError(
-            f"x has {x.shape[3]} channels but w expects {c} (the last axis of both)", field="w"
-        )
 
 
 def _tile_rows(per_image: int, width: int) -> int:
@@ -138,11 +89,11 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
 
     Matches conv2d_reference. With relu=True the ReLU is applied in the same pass.
     """
-    x = _input(x)
-    w = _weights(w, 4, "(K, FH, FW, C)")
+    x = _args.input_array(x)
+    w = _args.weights(w, 4, "(K, FH, FW, C)")
     k, fh, fw, c = w.shape
-    _channels(x, c)
-    bias = _read_only(np.zeros(k, np.float32)) if b is None else _param(b, (k,), "b")
+    _args.channels(x, c)
+    bias = _args.read_only(np.zeros(k, np.float32)) if b is None else _args.param(b, (k,), "b")
     win = Window.make([fh, fw], stride, pad, dilation)
     n, h, w_in, _ = x.shape
     hout, wout = win.out_hw(h, w_in)
@@ -151,7 +102,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     if m == 0:
         return out
     nthreads = _threads.enter(m * k * fh * fw * c)
-    wmat = _read_only(np.ascontiguousarray(w.reshape(k, fh * fw * c).T))
+    wmat = _args.read_only(np.ascontiguousarray(w.reshape(k, fh * fw * c).T))
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
@@ -193,7 +144,7 @@ def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu
     if win.pad != (0, 0, 0, 0):
         xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
         xp[:, win.top : win.top + h, win.left : win.left + w] = x
-        xp = _read_only(xp)
+        xp = _args.read_only(xp)
     offs = _window_offsets(win.fh, win.fw, c, win.dh, win.dw, xp.shape[2])
     blocks, table = _gemm.pack_weights(wmat)
     _conv.conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout,
@@ -206,7 +157,7 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
     corner in an NHWC image `row` pixels wide (read-only: it is shared between calls)."""
     fy = np.arange(fh, dtype=np.int64)[:, None, None] * (dh * row)
     fx = np.arange(fw, dtype=np.int64)[None, :, None] * dw
-    return _read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
+    return _args.read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
 
 
 def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
@@ -230,12 +181,12 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
 
     Matches local2d_reference; returns (N, Hout, Wout, K).
     """
-    x = _input(x)
-    w = _weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
+    x = _args.input_array(x)
+    w = _args.weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
     hout, wout, k, fh, fw, c = w.shape
-    _channels(x, c)
-    bias = (_read_only(np.zeros((hout, wout, k), np.float32)) if b is None
-            else _param(b, (hout, wout, k), "b"))
+    _args.channels(x, c)
+    bias = (_args.read_only(np.zeros((hout, wout, k), np.float32)) if b is None
+            else _args.param(b, (hout, wout, k), "b"))
     win = Window.make([fh, fw], stride, pad, dilation)
     got = win.out_hw(x.shape[1], x.shape[2])
     if got != (hout, wout):
@@ -260,7 +211,7 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
 
 def max_pool2d(x, size, stride=None, pad=0, dilation=1) -> np.ndarray:
     """Max over each window of x (N, H, W, C), pads as -inf; matches max_pool2d_reference."""
-    x = _input(x)
+    x = _args.input_array(x)
     win = Window.make(size, size if stride is None else stride, pad, dilation)
     hout, wout = win.out_hw(x.shape[1], x.shape[2])
     out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
@@ -272,7 +223,7 @@ def max_pool2d(x, size, stride=None, pad=0, dilation=1) -> np.ndarray:
 
 def avg_pool2d(x, size, stride=None, pad=0, count_pad=False) -> np.ndarray:
     """Mean over each window of x (N, H, W, C); pads leave the divisor unless count_pad."""
-    x = _input(x)
+    x = _args.input_array(x)
     win = Window.make(size, size if stride is None else stride, pad)
     hout, wout = win.out_hw(x.shape[1], x.shape[2])
     out = np.empty((x.shape[0], hout, wout, x.shape[3]), np.float32)
@@ -287,7 +238,7 @@ def relu(x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise InputError(f"x must be a float32 array, got dtype {arr.dtype}", field="x")
-    arr = _read_only(np.ascontiguousarray(arr, dtype=np.float32))
+    arr = _args.read_only(np.ascontiguousarray(arr, dtype=np.float32))
     out = np.empty(arr.shape, np.float32)
     if arr.size:
         _threads.enter(arr.size)
@@ -303,14 +254,15 @@ def warmup() -> None:
     conv2d(x, w3, stride=2, pad=1, relu=True)
     conv2d(x, np.ones((2, 1, 1, 2), np.float32))
     if MICROKERNEL:  # whatever the path thresholds say, so every later layer is ready
-        wide = _input(rng.standard_normal((1, 3, 10, 2)).astype(np.float32))
+        wide = _args.input_array(rng.standard_normal((1, 3, 10, 2)).astype(np.float32))
         out2d = np.empty((8, 2), np.float32)
-        bias2 = _read_only(np.zeros(2, np.float32))
-        wmat = _read_only(np.ascontiguousarray(w3.reshape(2, 18).T))
+        bias2 = _args.read_only(np.zeros(2, np.float32))
+        wmat = _args.read_only(np.ascontiguousarray(w3.reshape(2, 18).T))
         _implicit_conv(wide, wmat, bias2, out2d, Window.make(3), 1, 8, _threads.enter(), True)
         out = np.empty((1, 5, 5, 2), np.float32)
-        bias = _read_only(np.zeros(2, np.float32))
-        _winograd_conv(_input(x), w3, bias, out, Window.make(3, 1, 1), _threads.enter(), True)
+        bias = _args.read_only(np.zeros(2, np.float32))
+        _winograd_conv(_args.input_array(x), w3, bias, out, Window.make(3, 1, 1),
+                       _threads.enter(), True)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)
