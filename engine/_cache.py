@@ -1,21 +1,29 @@
 """Keep Numba's on-disk cache of the engine's kernels in step with the code they call.
 
-Numba keys a cached kernel on its own source file only: edit engine/_gemm.py and the kernels
-in _conv.py and _winograd.py, which call into it, keep loading the old machine code. refresh()
-stamps the cache with a hash of every kernel module and drops the engine's cached kernels when
-the hash changes. Only the in-tree cache (engine/__pycache__, Numba's default) is managed; with
-NUMBA_CACHE_DIR set, clearing it after an upgrade is the deployer's job.
+Numba keys a cached kernel on its own source file only: edit engine/_gemm.py and the kernels in
+_conv.py and _winograd.py, which call into it, keep loading the old machine code; and a process
+still running the old code keeps writing old entries. So the kernel modules are imported inside
+versioned(), which points Numba's cache for them at a directory named after a hash of every
+kernel module: each version of the code reads and writes only its own entries. The directory is
+under NUMBA_CACHE_DIR when set, else engine/__pycache__; an unwritable one makes Numba fall back
+to its usual places.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
+import shutil
+import time
+
+import numba
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_MODULES = ("_conv.py", "_gemm.py", "_pool.py", "_winograd.py")
-STAMP = "kernels.stamp"
+PREFIX = "kernels-"
+STALE_AFTER = 24 * 3600  # s: other versions' directories untouched this long are removed
 
 
 def source_hash() -> str:
@@ -24,37 +32,37 @@ def source_hash() -> str:
     for name in KERNEL_MODULES:
         with open(os.path.join(HERE, name), "rb") as src:
             digest.update(src.read())
-    return digest.hexdigest()
+    return digest.hexdigest()[:16]
 
 
-def refresh() -> bool:
-    """Drop cached kernels compiled from other sources; return whether any were dropped."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return False
-    cache = os.path.join(HERE, "__pycache__")
-    stamp = os.path.join(cache, STAMP)
-    want = source_hash()
+def cache_dir() -> str:
+    """Return this version's kernel cache directory."""
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+    return os.path.join(base, PREFIX + source_hash())
+
+
+def prune(keep: str) -> list[str]:
+    """Remove other versions' directories unused for STALE_AFTER seconds; return them."""
+    removed = []
+    for path in glob.glob(os.path.join(os.path.dirname(keep), PREFIX + "*")):
+        if path == keep:
+            continue
+        try:
+            if time.time() - os.path.getmtime(path) > STALE_AFTER:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:  # another process got there first, or a read-only install
+            pass
+    return removed
+
+
+@contextlib.contextmanager
+def versioned():
+    """Within the block, kernels decorated with cache=True use this version's directory."""
+    before = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = path = cache_dir()
     try:
-        with open(stamp) as f:
-            if f.read().strip() == want:
-                return False
-    except OSError:
-        pass
-    dropped = False
-    for name in KERNEL_MODULES:
-        stem = name[:-3]
-        for path in glob.glob(os.path.join(cache, f"{stem}.*.nb[ic]")):
-            try:
-                os.remove(path)
-                dropped = True
-            except OSError:  # another process got there first, or a read-only install
-                pass
-    try:
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{stamp}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(want)
-        os.replace(tmp, stamp)
-    except OSError:
-        pass
-    return dropped
+        yield path
+    finally:
+        numba.config.CACHE_DIR = before
+    prune(path)

@@ -24,10 +24,13 @@ import threading
 
 import numpy as np
 
-from . import _args, _cache, _conv, _gemm, _pool, _threads, _winograd
+from . import _args, _cache, _threads
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
+
+with _cache.versioned():  # the kernels find (and save) their compiled code by source version
+    from . import _conv, _gemm, _pool, _winograd
 
 # Rows of im2col packed per tile: tile_bytes / (Kc * 4), so a tile's columns stay in L2 whatever
 # Kc is; measured in bench/engine.py (see bench/README.md).
@@ -41,11 +44,10 @@ MICROKERNEL = _gemm.available()
 WINOGRAD_MIN_C = 32
 # Implicit GEMM (no im2col buffer) where the output is at least this wide and the input needs no
 # padded copy, or one so thin (C < IMPLICIT_PAD_MAX_C) that the copy costs less than packing.
-IMPLICIT_MIN_WIDTH = 8
+IMPLICIT_MIN_WIDTH = 8  # the tallest micro-kernel block (engine._gemm.SHAPES)
 IMPLICIT_PAD_MAX_C = 16
 
 _workspace = threading.local()
-_cache.refresh()  # before any kernel loads from Numba's cache
 
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -254,11 +256,11 @@ def warmup() -> None:
     conv2d(x, w3, stride=2, pad=1, relu=True)
     conv2d(x, np.ones((2, 1, 1, 2), np.float32))
     if MICROKERNEL:  # whatever the path thresholds say, so every later layer is ready
-        wide = _args.input_array(rng.standard_normal((1, 3, 10, 2)).astype(np.float32))
-        out2d = np.empty((8, 2), np.float32)
+        wide = _args.input_array(rng.standard_normal((1, 3, 14, 2)).astype(np.float32))
+        out2d = np.empty((12, 2), np.float32)
         bias2 = _args.read_only(np.zeros(2, np.float32))
         wmat = _args.read_only(np.ascontiguousarray(w3.reshape(2, 18).T))
-        _implicit_conv(wide, wmat, bias2, out2d, Window.make(3), 1, 8, _threads.enter(), True)
+        _implicit_conv(wide, wmat, bias2, out2d, Window.make(3), 1, 12, _threads.enter(), True)
         out = np.empty((1, 5, 5, 2), np.float32)
         bias = _args.read_only(np.zeros(2, np.float32))
         _winograd_conv(_args.input_array(x), w3, bias, out, Window.make(3, 1, 1),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 import pytest
 
@@ -36,7 +39,7 @@ NEVER = 10**9
 PATH_KNOBS = ("MICROKERNEL", "WINOGRAD_MIN_C", "IMPLICIT_MIN_WIDTH", "IMPLICIT_PAD_MAX_C")
 CONV_PATHS = {  # name: values of PATH_KNOBS
     "im2col": (True, NEVER, NEVER, 0),
-    "implicit": (True, NEVER, 8, NEVER),  # every case at least 8 outputs wide, padded or not
+    "implicit": (True, NEVER, 8, NEVER),  # every case 8+ outputs wide, padded or not
     "winograd": (True, 1, NEVER, 0),  # every 3x3 stride-1 case, whatever its channels
     "blas": (False, 1, 8, NEVER),
 }
@@ -85,7 +88,7 @@ CONV_CASES = {
     "K130-column-blocks": (1, 4, 5, 3, 130, (1, 1), 1, 0, 1),
     "K70-3x3": (2, 4, 4, 2, 70, (3, 3), 1, 1, 1),
     "Kc1080-depth-chunks": (1, 4, 4, 120, 3, (3, 3), 1, 1, 1),
-    "wide-strided": (2, 7, 20, 3, 5, (3, 3), (1, 2), 1, 1),
+    "wide-strided": (2, 7, 26, 3, 5, (3, 3), (1, 2), 1, 1),
     "wide-dilated-K50": (1, 6, 19, 2, 50, (2, 3), 1, (0, 1, 1, 2), (1, 2)),
     "wide-9-Kc1080": (1, 3, 9, 120, 70, (3, 3), 1, 1, 1),
 }
@@ -356,25 +359,35 @@ def test_packed_weight_blocks_hold_every_weight_once():
     assert not rebuilt[:, 112:].any() and list(table[:, 2]) == [0, 64]
 
 
-def test_kernel_cache_is_dropped_when_any_kernel_module_changes(tmp_path, monkeypatch):
+def test_kernel_cache_directory_follows_every_kernel_module(tmp_path, monkeypatch):
     from engine import _cache
 
     for name in _cache.KERNEL_MODULES:
         (tmp_path / name).write_text(f"# {name}\n")
-    cache = tmp_path / "__pycache__"
-    cache.mkdir()
     monkeypatch.setattr(_cache, "HERE", str(tmp_path))
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-
-    def cached(*names):
-        for name in names:
-            (cache / name).write_text("machine code")
-
-    cached("_conv.conv_im2col_mk-121.py311.nbi", "_conv.conv_im2col_mk-121.py311.1.nbc")
-    assert _cache.refresh()  # no stamp yet: whatever is there may be stale
-    assert not list(cache.glob("*.nb?"))
-    cached("_winograd.conv3x3-180.py311.nbi", "other.f-1.py311.nbi")
-    assert not _cache.refresh()  # same sources: the cache stays
+    first = _cache.cache_dir()
+    assert first.startswith(str(tmp_path / "__pycache__" / _cache.PREFIX))
     (tmp_path / "_gemm.py").write_text("# the micro-kernel changed\n")
-    assert _cache.refresh()
-    assert sorted(p.name for p in cache.glob("*.nb?")) == ["other.f-1.py311.nbi"]
+    second = _cache.cache_dir()
+    assert second != first  # kernels in _conv.py that call _gemm.py get a fresh cache
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert _cache.cache_dir().startswith(str(tmp_path / "elsewhere" / _cache.PREFIX))
+
+
+def test_old_kernel_cache_directories_are_pruned(tmp_path, monkeypatch):
+    from engine import _cache
+
+    keep, old, recent = (tmp_path / (_cache.PREFIX + name) for name in ("keep", "old", "recent"))
+    for path in (keep, old, recent):
+        path.mkdir()
+    os.utime(old, (0, 0))
+    assert _cache.prune(str(keep)) == [str(old)]
+    assert keep.exists() and recent.exists() and not old.exists()
+
+
+def test_kernels_cache_in_their_version_directory():
+    from engine import _cache
+
+    assert _conv.conv_im2col_mk._cache._cache_path.startswith(_cache.cache_dir())
+    assert numba.config.CACHE_DIR != _cache.cache_dir()  # only the engine's kernels moved
