@@ -88,7 +88,9 @@ class _ConvqMixin:
                                            ex=max(1, self.maintenance_interval - 1)):
                     continue
                 if self._may_reap():
-                    reap_abandoned(queue)
+                    # An outage expires every heartbeat at once; a live worker renews its
+                    # own within one interval, so act only on entries expired for two.
+                    reap_abandoned(queue, confirm_after=2 * self.settings.heartbeat)
                     reap_unstarted(self, queue, older_than=self.settings.heartbeat
                                    + self.settings.heartbeat_grace)
                 for registry in (FinishedJobRegistry, FailedJobRegistry):
