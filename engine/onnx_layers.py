@@ -179,6 +179,8 @@ def pool(node, chain: Chain) -> None:
         raise fail(
             f"AveragePool node {node.name!r}: dilations are not supported", field="dilations"
         )
+    if "kernel_shape" not in a:
+        raise fail(f"{node.op_type} node {node.name!r} has no kernel_shape", field="kernel_shape")
     kernel = tuple(a["kernel_shape"])
     size, stride, pad, dilation = _window(node, a, chain, kernel)
     count_pad = bool(a.get("count_include_pad", 0))

@@ -223,6 +223,7 @@ def test_grouped_conv_branches_and_bad_uploads_are_refused():
     _refused(
         [helper.make_node("Relu", ["x"], ["y"])], [], "float32 (N, C, H, W)", in_shape=(1, 3, 4)
     )
+    _refused([helper.make_node("MaxPool", ["x"], ["y"], name="mp")], [], "'mp' has no kernel_shape")
     with pytest.raises(ModelError, match="not a readable ONNX model"):
         convert(b"\x08\x07garbage that is not protobuf \xff\xff")
 
