@@ -17,16 +17,22 @@ FITS = ("strict", "floor")
 def _int(value, *, layer: str | None, field: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ModelError(
-            f"{layer or 'layer'}: {field} must be an integer, got {value!r}", layer=layer, field=field
+            f"{layer or 'layer'}: {field} must be an integer, got {value!r}",
+            layer=layer,
+            field=field,
         )
     if value < minimum:
         raise ModelError(
-            f"{layer or 'layer'}: {field} must be >= {minimum}, got {value}", layer=layer, field=field
+            f"{layer or 'layer'}: {field} must be >= {minimum}, got {value}",
+            layer=layer,
+            field=field,
         )
     return value
 
 
-def pair(value, *, layer: str | None = None, field: str = "size", minimum: int = 1) -> tuple[int, int]:
+def pair(
+    value, *, layer: str | None = None, field: str = "size", minimum: int = 1
+) -> tuple[int, int]:
     """Return (h, w) from an int or an [h, w] list."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
@@ -88,11 +94,17 @@ class Window:
     def pad(self) -> tuple[int, int, int, int]:
         return self.top, self.left, self.bottom, self.right
 
-    def out_hw(self, h: int, w: int, fit: str = "floor", *, layer: str | None = None) -> tuple[int, int]:
+    def out_hw(
+        self, h: int, w: int, fit: str = "floor", *, layer: str | None = None
+    ) -> tuple[int, int]:
         """Return (Hout, Wout) for an (h, w) input, raising ShapeError where it does not fit."""
         return (
-            out_size(h, self.fh, self.sh, self.top, self.bottom, self.dh, fit, layer=layer, axis="height"),
-            out_size(w, self.fw, self.sw, self.left, self.right, self.dw, fit, layer=layer, axis="width"),
+            out_size(
+                h, self.fh, self.sh, self.top, self.bottom, self.dh, fit, layer=layer, axis="height"
+            ),
+            out_size(
+                w, self.fw, self.sw, self.left, self.right, self.dw, fit, layer=layer, axis="width"
+            ),
         )
 
 
@@ -111,8 +123,16 @@ def fitting_sizes(n: int, f: int, s: int, lo: int, hi: int, d: int) -> tuple[int
 
 
 def out_size(
-    n: int, f: int, s: int, lo: int, hi: int, d: int, fit: str = "floor",
-    *, layer: str | None = None, axis: str = "width",
+    n: int,
+    f: int,
+    s: int,
+    lo: int,
+    hi: int,
+    d: int,
+    fit: str = "floor",
+    *,
+    layer: str | None = None,
+    axis: str = "width",
 ) -> int:
     """Return the output size along one axis: (n + lo + hi - d*(f-1) - 1)/s + 1.
 
@@ -121,7 +141,9 @@ def out_size(
     """
     name = layer or "layer"
     if fit not in FITS:
-        raise ModelError(f"{name}: fit must be one of {FITS}, got {fit!r}", layer=layer, field="fit")
+        raise ModelError(
+            f"{name}: fit must be one of {FITS}, got {fit!r}", layer=layer, field="fit"
+        )
     extent = d * (f - 1) + 1
     span = n + lo + hi - extent
     if span < 0:
@@ -135,14 +157,17 @@ def out_size(
         below, above = fitting_sizes(n, f, s, lo, hi, d)
         extra = s - span % s
         strides = [c for c in range(1, s + 3) if c != s and span % c == 0]
-        hints = [f"an input {axis} of {above} or {below}" if below > 0 else f"an input {axis} of {above}"]
+        hints = [
+            f"an input {axis} of {above} or {below}" if below > 0 else f"an input {axis} of {above}"
+        ]
         lo2, hi2 = lo + extra // 2, hi + extra - extra // 2
         hints.append(f"{extra} more pad along the {axis} ({lo2} before, {hi2} after)")
         if strides:
             hints.append(f"stride {strides[-1]}")
         hints.append('fit="floor"')
+        sum_ = _arithmetic(n, f, s, lo, hi, d)
         raise ShapeError(
-            f"{name}: {axis} {_arithmetic(n, f, s, lo, hi, d)} = {span / s + 1:g} is not an integer; "
+            f"{name}: {axis} {sum_} = {span / s + 1:g} is not an integer; "
             f"{', '.join(hints[:-1])} or {hints[-1]} would work",
             layer=layer,
             field="stride",

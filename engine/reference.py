@@ -22,7 +22,12 @@ def _padded(x: np.ndarray, win: Window, value: float) -> np.ndarray:
 
 def _window(xp: np.ndarray, n: int, y: int, x: int, win: Window) -> np.ndarray:
     y0, x0 = y * win.sh, x * win.sw
-    return xp[n, y0 : y0 + win.dh * (win.fh - 1) + 1 : win.dh, x0 : x0 + win.dw * (win.fw - 1) + 1 : win.dw, :]
+    return xp[
+        n,
+        y0 : y0 + win.dh * (win.fh - 1) + 1 : win.dh,
+        x0 : x0 + win.dw * (win.fw - 1) + 1 : win.dw,
+        :,
+    ]
 
 
 def conv2d_reference(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -52,7 +57,9 @@ def local2d_reference(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> 
     hout, wout, k = w.shape[:3]
     win = Window.make([w.shape[3], w.shape[4]], stride, pad, dilation)
     if win.out_hw(h, w_) != (hout, wout):
-        raise ValueError(f"local weights are for a {hout}x{wout} output, input gives {win.out_hw(h, w_)}")
+        raise ValueError(
+            f"local weights are for a {hout}x{wout} output, input gives {win.out_hw(h, w_)}"
+        )
     xp = _padded(x, win, 0.0)
     wd = w.astype(np.float64)
     bias = np.zeros((hout, wout, k)) if b is None else b.astype(np.float64)
