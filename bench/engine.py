@@ -23,6 +23,11 @@ from dataclasses import dataclass
 # spin, once its call returns, or it steals the cores from the next one (PERF-NOTES trap 1).
 # libgomp (Numba's and PyTorch's) reads this when it starts; ORT is told per session below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NumPy's OpenBLAS (the baseline) otherwise keeps its threads spinning for 2^28 cycles (~0.1 s)
+# after each call: they held a core through the next rounds and every library after it ran at
+# one-thread speed (measured: engine AlexNet conv1 N=32 30 -> 16.5 ms, ORT 31 -> 16 ms).
+# The value is log2 of the cycles to spin; 4 is the smallest OpenBLAS accepts.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
@@ -292,7 +297,8 @@ def main(argv=None) -> int:
     engine.warmup()
     print(f"threads={args.threads} rounds={rounds} impls={','.join(impls)} "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
-          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
+          f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
     for n in args.n:
         rows = []
         for layer in layers:
