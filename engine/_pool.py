@@ -1,4 +1,4 @@
-"""Numba kernels for pooling and ReLU, parallel over output rows, vectorised over channels.
+"""Numba kernels for pooling, ReLU and input preprocessing, parallel over rows, vectorised.
 
 x is (N, H, W, C) float32, out is (N, Hout, Wout, C); window geometry as in engine.geometry.
 Windows are clipped to the image instead of padding it: a max over the clipped window equals a
@@ -74,3 +74,20 @@ def relu_flat(x, out):
     for i in prange(x.size):
         v = x[i]
         out[i] = v if v > 0.0 else np.float32(0.0)
+
+
+@njit(parallel=True, cache=True)
+def preprocess(images, scale, mean_row, std_row, out):
+    """out = (float32(images) * scale - mean) / std in one pass; images (N, H, W*C) uint8.
+
+    mean_row and std_row (W*C,) float32 repeat the per-channel values along a row, so the inner
+    loop has no channel index to wrap and vectorises. Each step rounds to float32 in the order
+    NumPy's astype, *=, -=, /= would (no fastmath: no fused multiply-subtract, no reciprocal).
+    """
+    n_img, h, row = images.shape
+    for r in prange(n_img * h):
+        n = r // h
+        y = r - n * h
+        for j in range(row):
+            v = np.float32(images[n, y, j]) * scale
+            out[n, y, j] = (v - mean_row[j]) / std_row[j]

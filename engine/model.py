@@ -265,11 +265,7 @@ class Model:
                 raise InputError("float images hold NaN or inf values", field="input")
             return np.ascontiguousarray(images)
         p = self._spec.preprocess
-        x = images.astype(np.float32)
-        x *= np.float32(p.scale)
-        x -= np.asarray(p.mean, np.float32)
-        x /= np.asarray(p.std, np.float32)
-        return x
+        return ops.preprocess(images, p.scale, p.mean, p.std)
 
     def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
         """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.

@@ -248,6 +248,23 @@ def relu(x) -> np.ndarray:
     return out
 
 
+def preprocess(images, scale: float, mean, std) -> np.ndarray:
+    """Return uint8 images (N, H, W, C) as float32 ((x * scale) - mean) / std per channel.
+
+    Bit-identical to x = images.astype(float32); x *= scale; x -= mean; x /= std (float32 scale,
+    mean and std of C values), in one parallel pass instead of four.
+    """
+    n, h, w, c = images.shape
+    images = np.ascontiguousarray(images, np.uint8)
+    row = lambda v: np.tile(np.broadcast_to(np.asarray(v, np.float32), (c,)), w)  # noqa: E731
+    out = np.empty((n, h, w, c), np.float32)
+    if out.size:
+        _threads.enter(out.size * 4)
+        _pool.preprocess(images.reshape(n, h, w * c), np.float32(scale), row(mean), row(std),
+                         out.reshape(n, h, w * c))
+    return out
+
+
 def warmup() -> None:
     """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses."""
     rng = np.random.default_rng(0)
@@ -269,6 +286,7 @@ def warmup() -> None:
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)
     relu(x)
+    preprocess(np.zeros((1, 2, 2, 3), np.uint8), 1.0, 0.0, 1.0)
 
 
 __all__ = [

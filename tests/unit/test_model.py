@@ -128,6 +128,32 @@ def test_uint8_images_are_preprocessed(model):
     assert_close(model.run(pixels, "conv1")["conv1"], model.run(by_hand, "conv1")["conv1"])
 
 
+def test_prepare_is_bit_identical_to_the_numpy_formula(model):
+    # every pixel value in every channel, from a strided (not contiguous) view
+    index = np.arange(4 * 81)[:, None] + np.array([0, 85, 170])  # (pixel, channel)
+    base = np.zeros((4, 9, 18, 3), np.uint8)
+    base[:, :, ::2] = (index % 256).astype(np.uint8).reshape(4, 9, 9, 3)
+    pixels = base[:, :, ::2]
+    assert all(len(np.unique(pixels[..., ch])) == 256 for ch in range(3))
+    by_numpy = pixels.astype(np.float32)
+    by_numpy *= np.float32(0.01)
+    by_numpy -= np.array([0.1, 0.2, 0.3], np.float32)
+    by_numpy /= np.array([0.5, 1.0, 2.0], np.float32)
+    got = model.prepare(pixels)
+    assert got.dtype == np.float32 and got.shape == (4, 9, 9, 3)
+    assert np.array_equal(got, by_numpy)
+    assert got.flags.c_contiguous
+
+
+def test_prepare_scalar_preprocess_broadcasts_over_channels():
+    spec = {"input": {"channels": 2}, "preprocess": {"scale": 0.5, "mean": 3.0, "std": 0.25},
+            "layers": [{"name": "r", "type": "relu"}]}
+    m = Model.from_arrays(spec, {})
+    pixels = np.array([[[[0, 255], [7, 8]]]], np.uint8)
+    expected = (pixels.astype(np.float32) * np.float32(0.5) - np.float32(3.0)) / np.float32(0.25)
+    assert np.array_equal(m.prepare(pixels), expected)
+
+
 def grey_model(channels=1, size=None):
     spec = {"layers": [{"name": "c", "type": "conv", "filters": 1, "size": 3}]}
     spec["input"] = {"channels": channels} | (size or {})
