@@ -104,6 +104,11 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     if m == 0:
         return out
     nthreads = _threads.enter(m * k * fh * fw * c)
+    if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
+        _winograd_conv(x, w, bias, out, win, nthreads, bool(relu))
+        return out
+    # (FH*FW*C, K): made only off the Winograd path, which transforms w itself (a 3x3x128x128
+    # transpose is 15-60 us, a tenth of that layer at N=1)
     wmat = _args.read_only(np.ascontiguousarray(w.reshape(k, fh * fw * c).T))
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
@@ -118,9 +123,6 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
             )
         else:
             _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
-        return out
-    if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
-        _winograd_conv(x, w, bias, out, win, nthreads, bool(relu))
         return out
     if MICROKERNEL and wout >= IMPLICIT_MIN_WIDTH and (
         win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C
