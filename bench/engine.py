@@ -299,10 +299,13 @@ def main(argv=None) -> int:
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
           f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
+    # Every timing first, then the memory subprocesses: timed after them, the engine's and
+    # PyTorch's OpenMP layers ran up to 1.8x slower at N=1 for the rest of the run (ORT did not),
+    # so interleaving them skewed every layer after the first.
+    times = {n: [time_layer(lay, n, args.threads, rounds, impls) for lay in layers] for n in args.n}
     for n in args.n:
         rows = []
-        for layer in layers:
-            t = time_layer(layer, n, args.threads, rounds, impls)
+        for layer, t in zip(layers, times[n], strict=True):
             mem: dict[str, float | None] = {}
             if not (args.quick or args.no_mem):
                 for impl in ("engine", "torch"):
