@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from rq.job import Job
 
 from engine import Model
+from tests.system.models import conv_stack
 from tests.system.procs import start_api, start_worker, worker_pids
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -27,17 +28,7 @@ LAYERS = 24
 @functools.cache
 def slow_model() -> tuple[dict, dict]:
     """24 3x3 convs, 64 channels: a few seconds per 2-image 256x256 job on one thread."""
-    rng = np.random.default_rng(7)
-    spec = {"name": "slow", "input": {"channels": 3}, "layers": []}
-    arrays, cin = {}, 3
-    for i in range(LAYERS):
-        spec["layers"].append({"name": f"c{i}", "type": "conv", "filters": 64, "size": 3,
-                               "pad": 1})
-        arrays[f"c{i}.w"] = (rng.standard_normal((64, 3, 3, cin)) / np.sqrt(9 * cin)).astype(
-            np.float32)
-        arrays[f"c{i}.b"] = (rng.standard_normal(64) * 0.1).astype(np.float32)
-        cin = 64
-    return spec, arrays
+    return conv_stack(LAYERS, seed=7)
 
 
 def npz(arrays: dict) -> bytes:

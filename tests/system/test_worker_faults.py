@@ -17,6 +17,7 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from engine import Model
+from tests.system.models import conv_stack
 from tests.system.procs import pid_alive, start_worker, worker_pids
 from worker.connection import connect
 from worker.queue import job_status, make_queue, submit
@@ -30,17 +31,7 @@ LAYERS = 30
 @functools.cache
 def slow_model() -> Model:
     """30 3x3 convs, 64 channels: a few seconds per job at 256x256, 0.1-0.2 s per layer."""
-    rng = np.random.default_rng(0)
-    spec = {"name": "slow", "input": {"channels": 3}, "layers": []}
-    arrays, cin = {}, 3
-    for i in range(LAYERS):
-        spec["layers"].append({"name": f"c{i}", "type": "conv", "filters": 64, "size": 3,
-                               "pad": 1})
-        arrays[f"c{i}.w"] = (rng.standard_normal((64, 3, 3, cin)) / np.sqrt(9 * cin)).astype(
-            np.float32)
-        arrays[f"c{i}.b"] = rng.standard_normal(64).astype(np.float32) * 0.1
-        cin = 64
-    return Model.from_arrays(spec, arrays)
+    return Model.from_arrays(*conv_stack(LAYERS, seed=0))
 
 
 @functools.cache
