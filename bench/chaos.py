@@ -1,7 +1,7 @@
 """Load and chaos: many small jobs from concurrent clients while workers and Redis get killed.
 
 Bounded in jobs and time, loopback only. Starts its own redis-server (AOF) and worker
-processes, and the API (`convq api`) when service.cli exists (else clients enqueue directly).
+processes and the API (`convq api`); clients submit over HTTP (`--via redis`: straight to the queue).
 Every ~K seconds a random worker is SIGKILLed and restarted; Redis is killed and restarted once.
 Prints: submitted, finished, failed (reasons), lost, wrong results, submit latency, Redis memory.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import io
 import random
 import sys
@@ -126,8 +125,7 @@ def main() -> int:
     start = lambda name: start_worker(server.url, tmp, env=env, name=name)  # noqa: E731
     procs = [start(f"w{k}") for k in range(ARGS.workers)]
     api = base = None
-    use_http = ARGS.via == "http" or (ARGS.via == "auto"
-                                      and importlib.util.find_spec("service.cli") is not None)
+    use_http = ARGS.via == "http"
     if use_http:
         api, base = start_api(server.url, tmp, env=env)
     model = tiny_model()
@@ -244,6 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("--kill-every", type=float, default=10.0)
     parser.add_argument("--result-ttl", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=240.0, help="drain limit, seconds")
-    parser.add_argument("--via", choices=["auto", "http", "redis"], default="auto")
+    parser.add_argument("--via", choices=["http", "redis"], default="http",
+                        help="submit over the HTTP API (default) or straight to the RQ queue")
     ARGS = parser.parse_args()
     sys.exit(main())
