@@ -1,7 +1,7 @@
 """Load and chaos: many small jobs from concurrent clients while workers and Redis get killed.
 
 Bounded in jobs and time, loopback only. Starts its own redis-server (AOF) and worker
-processes and the API (`convq api`); clients submit over HTTP (`--via redis`: straight to the queue).
+processes and the API (`convq api`); clients submit over HTTP (`--via redis`: to the queue).
 Every ~K seconds a random worker is SIGKILLed and restarted; Redis is killed and restarted once.
 Prints: submitted, finished, failed (reasons), lost, wrong results, submit latency, Redis memory.
 
