@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 USAGE = """convq <command> [options]
@@ -100,7 +101,11 @@ def up(argv: list[str]) -> int:
     app = create_app(config)
     ext = app.extensions["convq"]
     load_demo(ext.store)
+    print("warming up the engine (the first run on a machine compiles its kernels, ~30 s) ...",
+          flush=True)
+    began = time.monotonic()
     handle = start_workers(ext.redis, settings, n=args.workers)
+    print(f"engine ready in {time.monotonic() - began:.1f} s", flush=True)
     server = make_server(args.host, args.port, app, threaded=True)
     where = "embedded in-process Redis" if "REDIS" in config else settings.redis_url
     print(f"{args.workers} worker(s) over {where}", flush=True)
