@@ -17,6 +17,7 @@ import safetensors
 import safetensors.numpy
 
 from .errors import WeightsError
+from .npy import read_header
 
 MAX_WEIGHT_BYTES = 1 << 30
 """Default cap on the uncompressed bytes of all arrays in one file (bytes)."""
@@ -134,13 +135,7 @@ def _read_npy(raw: bytes, member: str) -> np.ndarray:
     """Parse one .npy without pickles, checking the header's shape against the bytes first."""
     f = io.BytesIO(raw)
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(f)
     except (ValueError, SyntaxError, TypeError, EOFError) as err:
         raise WeightsError(
             f"npz member {member!r} is not a valid .npy: {err}", field="weights"

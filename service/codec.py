@@ -7,7 +7,6 @@ Images are (N, H, W, C) or (N, H, W); datatype UINT8 or FP32, row-major, little-
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -184,20 +183,6 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
                              field="binary_data_output")
         request.binary_default = rparams["binary_data_output"]
     return request
-
-
-def npy_payload(npy: bytes) -> tuple[tuple[int, ...], memoryview]:
-    """Return (shape, raw little-endian float32 bytes) of a C-order float32 .npy; no copy."""
-    stream = io.BytesIO(npy)
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    if fortran or dtype != np.dtype("<f4"):
-        raise ValueError(f"stored result is {dtype} fortran={fortran}, expected C-order <f4")
-    offset = stream.tell()
-    return shape, memoryview(npy)[offset:]
 
 
 @dataclass

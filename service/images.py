@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from engine.npy import read_header
+
 from .errors import ApiError, BadRequest, TooLarge, UnsupportedMediaType
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -73,10 +75,7 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Decode .npy bytes holding (H, W) or (H, W, C) uint8 or float32 to (H, W, C)."""
     stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = reader(stream)
+        shape, fortran, dtype = read_header(stream)
     except Exception as e:  # noqa: BLE001 - numpy's header parser has many failure types
         raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
     if dtype.hasobject or dtype.newbyteorder("<") not in _NPY_DTYPES:

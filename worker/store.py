@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from engine.npy import read_header
+
 from . import defaults
 from .connection import bulk_client
 
@@ -49,13 +51,7 @@ def to_npy(array: np.ndarray) -> bytes:
 def npy_layout(data) -> tuple[tuple[int, ...], np.dtype, int]:
     """Return (shape, dtype, data offset) of C-order .npy bytes; ValueError for anything else."""
     stream = io.BytesIO(bytes(memoryview(data)[:65536 + 16]))  # the longest 2.0 header
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        raise ValueError(f".npy format {version} is not read here")
+    shape, fortran, dtype = read_header(stream)
     if fortran or dtype.hasobject:
         raise ValueError(f"stored array is {dtype} fortran={fortran}; only C-order plain "
                          "dtypes are read (allow_pickle=False)")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from service.codec import decode_infer, encode_infer, npy_payload, parse_header_length
+from service.codec import decode_infer, encode_infer, parse_header_length
 from service.errors import BadRequest
 
 
@@ -154,14 +154,3 @@ def test_encode_all_json_has_no_header_length():
     _, headers = encode_infer("m", 1, [("a", a.shape, memoryview(a.tobytes()))], binary=set())
     assert "Inference-Header-Content-Length" not in headers
     assert headers["Content-Type"] == "application/json"
-
-
-def test_npy_payload_is_the_raw_array():
-    import io
-
-    a = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
-    buf = io.BytesIO()
-    np.save(buf, a)
-    shape, raw = npy_payload(buf.getvalue())
-    assert shape == a.shape
-    np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(shape), a)
