@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from . import ops
 from .errors import InputError, ModelError, ShapeError, WeightsError
-from .spec import MAX_SPEC_BYTES, WEIGHTED, Layer, Spec, parse_spec, parse_spec_json
+from .spec import WEIGHTED, Layer, Spec, load_spec, parse_spec, parse_spec_json
 from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
@@ -135,18 +134,7 @@ class Model:
     @classmethod
     def load(cls, spec_path, weights_path) -> Model:
         """Load spec.json and its .npz or .safetensors weights from disk."""
-        try:
-            if os.path.getsize(spec_path) > MAX_SPEC_BYTES:
-                raise ModelError(
-                    f"{spec_path}: over the {MAX_SPEC_BYTES}-byte spec limit", field="spec"
-                )
-            with open(spec_path, "rb") as f:
-                raw = f.read()
-        except OSError as err:
-            raise ModelError(
-                f"cannot read spec {spec_path}: {err.strerror or err}", field="spec"
-            ) from None
-        spec = parse_spec(parse_spec_json(raw))  # check the spec before reading big weights
+        spec = load_spec(spec_path)  # check the spec before reading big weights
         return cls(spec, load_weights(weights_path))
 
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import sizing
 from .errors import ModelError
+from .files import read_capped
 from .geometry import FITS, Window
 
 LAYER_TYPES = ("conv", "relu", "maxpool", "avgpool", "local")
@@ -309,6 +310,11 @@ def parse_spec_json(data) -> dict:
         return json.loads(data)
     except (ValueError, RecursionError) as err:
         raise ModelError(f"spec is not valid JSON: {err}", field="spec") from None
+
+
+def load_spec(path) -> Spec:
+    """Read and check spec.json from disk (size-checked before it is read)."""
+    return parse_spec(parse_spec_json(read_capped(path, MAX_SPEC_BYTES, "spec", ModelError)))
 
 
 def parse_spec(raw) -> Spec:

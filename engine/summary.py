@@ -14,7 +14,7 @@ import json
 import sys
 
 from .errors import EngineError
-from .spec import Spec, parse_spec, parse_spec_json
+from .spec import Spec, load_spec
 
 
 def im2col_shape(h: int, w: int, c: int, window) -> tuple[int, int]:
@@ -162,8 +162,7 @@ def main(argv=None) -> int:
         if args.weights:
             rows = Model.load(args.spec, args.weights).summary(args.height, args.width)
         else:
-            with open(args.spec, "rb") as f:
-                spec = parse_spec(parse_spec_json(f.read()))
+            spec = load_spec(args.spec)
             h, w = (
                 (args.height, args.width) if args.height is not None else (spec.height, spec.width)
             )

@@ -17,6 +17,7 @@ import safetensors
 import safetensors.numpy
 
 from .errors import WeightsError
+from .files import read_capped
 from .npy import read_header
 
 MAX_WEIGHT_BYTES = 1 << 30
@@ -35,18 +36,8 @@ _FORMATS = (".npz", ".safetensors")
 
 def load_weights(path, *, max_bytes: int = MAX_WEIGHT_BYTES) -> dict[str, np.ndarray]:
     """Read a .npz or .safetensors file into {name: array}."""
-    try:
-        size = os.path.getsize(path)
-        if size > max_bytes + (1 << 20):
-            raise WeightsError(
-                f"{path}: {size} bytes is over the {max_bytes}-byte limit", field="weights"
-            )
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise WeightsError(
-            f"cannot read weights {path}: {err.strerror or err}", field="weights"
-        ) from None
+    # the file may exceed the arrays' byte budget by its container's headers
+    data = read_capped(path, max_bytes + (1 << 20), "weights", WeightsError)
     return read_weights(data, os.fspath(path), max_bytes=max_bytes)
 
 
