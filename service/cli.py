@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -164,6 +165,18 @@ def warmup(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {  # command -> "module:function(argv) -> exit status", imported only when used
+    "up": "service.cli:up",
+    "api": "service.cli:api",
+    "worker": "worker.runner:main",
+    "submit": "service.client:main",
+    "summary": "engine.summary:main",
+    "import-onnx": "engine.onnx_cli:main",
+    "warmup": "service.cli:warmup",
+    "bench": "service.cli:bench",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `convq <command> ...`; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -171,28 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "up":
-        return up(rest)
-    if command == "api":
-        return api(rest)
-    if command == "worker":
-        from worker.runner import main as worker_main
-        return worker_main(rest)
-    if command == "submit":
-        from service.client import main as submit_main
-        return submit_main(rest)
-    if command == "summary":
-        from engine.summary import main as summary_main
-        return summary_main(rest)
-    if command == "import-onnx":
-        from engine.onnx_cli import main as onnx_main
-        return onnx_main(rest)
-    if command == "warmup":
-        return warmup(rest)
-    if command == "bench":
-        return bench(rest)
-    print(f"convq: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"convq: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module, name = COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module), name)(rest)
 
 
 if __name__ == "__main__":
