@@ -48,7 +48,7 @@ def free_port() -> int:
 class Stack:
     """redis-server + convq api + convq workers as child processes; close() stops them all."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, blobs: bool = True):
         self.dir = Path(tempfile.mkdtemp(prefix="convq-bench-"))
         self.redis_port = free_port()
         self.procs: list[subprocess.Popen] = []
@@ -59,6 +59,10 @@ class Stack:
         self.env = {**os.environ, "REDIS_URL": self.url, "CONVQ_THREADS": str(threads),
                     "PYTHONPATH": str(ROOT), "CONVQ_API_PROCESSES": "1",
                     "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20)}
+        if blobs:
+            self.env["CONVQ_BLOB_DIR"] = str(self.dir / "blobs")
+        else:
+            self.env.pop("CONVQ_BLOB_DIR", None)
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         self._spawn([sys.executable, "-c", "import sys; from service.cli import main; "
@@ -180,23 +184,66 @@ def redis_floor(stack: Stack, images: np.ndarray, output: np.ndarray, rounds: in
     return statistics.median(times)
 
 
+_SINK = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", 0)); print(srv.getsockname()[1], flush=True)
+buf = bytearray(1 << 22)
+while True:
+    conn, _ = srv.accept()
+    want, reply = (int(v) for v in conn.recv(64).split())
+    got = 0
+    while got < want:
+        got += conn.recv_into(buf)
+    out = bytes(reply)
+    conn.sendall(out)
+    conn.close()
+"""
+
+
+def tcp_floor(sent: int, received: int, rounds: int) -> float:
+    """Return the median seconds to send `sent` bytes to another process over loopback TCP and
+    receive `received` bytes back, with no HTTP and no processing: what any HTTP API pays."""
+    sink = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        payload, into = bytes(sent), bytearray(received)
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(f"{sent} {received}".encode().ljust(64))
+                conn.sendall(payload)
+                view, got = memoryview(into), 0
+                while got < received:
+                    got += conn.recv_into(view[got:])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    finally:
+        sink.kill()
+        sink.wait()
+
+
 def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
     spec, arrays = demo_model()
     stack.upload("alexnet", spec, arrays)
     model = Model.from_arrays(spec, arrays)
     images = np.random.default_rng(0).integers(0, 256, (32, 227, 227, 3), dtype=np.uint8)
     set_threads(threads)
+    # The baseline gets the worker's own malloc settings, so the ratio is the service's cost.
+    from worker.horse import keep_freed_memory
+
+    keep_freed_memory()
     session = requests.Session()
     print(f"\n1. demo AlexNet conv1 -> relu1 -> pool1 on 32 images 227x227x3, {threads} "
           f"thread(s), median of {rounds}")
-    print("   output                     engine alone   HTTP infer   ratio   of which: queue   "
-          "worker (run+blobs)   HTTP+API+Redis reads   Redis floor")
+    print("   output                     engine alone   HTTP infer   ratio | of which: read  "
+          "submit   queue  worker  answer    send | TCP floor  Redis floor")
     for name in ("pool1", "conv1"):  # pool1 is the job's default output (the last layer)
         body, headers = binary_request(images, [name])
         expect = model.run(images, outputs=[name])[name]
         got = infer(session, stack.base, "alexnet", body, headers, name, expect.shape)
         assert np.array_equal(got, expect), "service and engine disagree"
-        http, alone, queue, compute = [], [], [], []
+        http, alone, spans = [], [], []
         for _ in range(rounds):  # alternate, so a noisy neighbour slows both alike
             t = time.perf_counter()
             model.run(images, outputs=[name])
@@ -204,18 +251,28 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
             t = time.perf_counter()
             infer(session, stack.base, "alexnet", body, headers, name, expect.shape)
             http.append(time.perf_counter() - t)
-            queue.append(LAST_TIMING.get("queue", 0.0))
-            compute.append(LAST_TIMING.get("compute", 0.0))
+            spans.append(dict(LAST_TIMING, total=http[-1]))
         a, h = statistics.median(alone), statistics.median(http)
-        q, c = statistics.median(queue), statistics.median(compute)
+        part = {key: statistics.median(s.get(key, 0.0) for s in spans)
+                for key in ("read", "submit", "queue", "compute")}
+        part["answer"] = statistics.median(s.get("infer", 0.0) - sum(s.get(k, 0.0) for k in (
+            "read", "submit", "queue", "compute")) for s in spans)
+        part["send"] = statistics.median(s["total"] - s.get("infer", 0.0) for s in spans)
+        tcp = tcp_floor(len(body), expect.nbytes + 200, rounds)
         floor = redis_floor(stack, images, expect, rounds)
         label = f"{name} {'x'.join(map(str, expect.shape))} ({expect.nbytes / 2**20:.0f} MiB)"
-        print(f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x  {ms(q)} ms  {ms(c)} ms"
-              f"          {ms(h - q - c)} ms            {ms(floor)} ms = "
-              f"{(a + floor) / a:.2f}x")
-    print("   Redis floor: the input and output bytes through Redis alone (input SET + GET, "
-          "result SET + GETRANGE slices),\n   as the service does them; engine + floor is the "
-          "best ratio any design through Redis reaches (HTTP in and out not counted).")
+        print(f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x |"
+              + "".join(ms(v) for v in part.values())
+              + f" | {ms(tcp)} = {(a + tcp) / a:.2f}x  {ms(floor)} = {(a + floor) / a:.2f}x")
+    print("   read: body received + decoded; submit: checks, input stored, job queued; queue: "
+          "waiting for the worker;\n   worker: job start to end (input read, engine, result "
+          "written); answer: the worker's end to the answer's\n   first byte (job saved, API "
+          "woken, result opened); send: the rest of the client's time (request line, body sent "
+          "and read).\n   TCP floor: the request "
+          "and response bytes over loopback TCP between two processes, no HTTP, no work;\n"
+          "   engine + TCP floor is the best ratio any HTTP service reaches on this machine. "
+          "Redis floor: the same bytes\n   through Redis (input SET + GET, result SET + GETRANGE "
+          "slices), what a design that moves them through Redis adds.")
 
 
 def bench_latency(stack: Stack, count: int) -> None:
@@ -299,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--latency", type=int, default=200, help="requests for table 2")
     p.add_argument("--jobs", type=int, default=32, help="jobs per throughput run")
+    p.add_argument("--store", choices=("files", "redis"), default="files",
+                   help="where job data goes: a shared CONVQ_BLOB_DIR (default) or Redis")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8
-    stack = Stack(threads=args.threads)
+    stack = Stack(threads=args.threads, blobs=args.store == "files")
     try:
         stack.add_worker(threads=args.threads)
         bench_alexnet(stack, args.rounds, args.threads)

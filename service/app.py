@@ -69,7 +69,7 @@ def _connect(app: Flask) -> Convq:
     if redis is None:
         url = app.config.get("REDIS_URL") or settings.redis_url
         redis = connect(url, socket_timeout=float(app.config["SOCKET_TIMEOUT"]))
-    store = Store(redis, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl)
+    store = Store.from_settings(redis, settings)
     return Convq(redis=redis, queue=make_queue(redis, settings.queue), store=store,
                  settings=settings, models=ModelCache(int(app.config["MODEL_CACHE_BYTES"])))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -94,6 +95,12 @@ def up(argv: list[str]) -> int:
     args = _serve_args("up", argv, workers=1)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
+    blobs = None
+    if not settings.redis_url and not settings.blob_dir:
+        # Everything is in this process: images and maps go through a private directory
+        # rather than through the in-process Redis (see worker/blobs.py).
+        blobs = tempfile.TemporaryDirectory(prefix="convq-blobs-")
+        settings = dataclasses.replace(settings, blob_dir=blobs.name)
     config: dict = {"SETTINGS": settings}
     if not settings.redis_url:
         import fakeredis
@@ -118,6 +125,8 @@ def up(argv: list[str]) -> int:
     finally:
         server.server_close()
         handle.stop()
+        if blobs is not None:
+            blobs.cleanup()
     return 0
 
 

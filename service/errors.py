@@ -10,6 +10,8 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from engine import EngineError
+from worker.blobs import BlobDirError
+from worker.store import BlobMissing
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,20 @@ def register_error_handlers(app: Flask) -> None:
         log.warning("redis full: %s", e)
         return _answer({"error": "the job store (Redis) is full; retry later",
                         "type": "InsufficientStorage"}, 507, retry())
+
+    @app.errorhandler(BlobDirError)
+    def blobs_full(e: BlobDirError):
+        log.warning("blob directory unusable: %s", e)
+        return _answer({"error": "the blob directory (CONVQ_BLOB_DIR) cannot take the job's "
+                        "data (full or not writable); retry later", "type": "InsufficientStorage"},
+                       507, retry())
+
+    @app.errorhandler(BlobMissing)
+    def blob_missing(e: BlobMissing):
+        # The detail (paths on this server) goes to the log, not to the client.
+        log.warning("blob file missing: %s", e)
+        return _answer({"error": f"{e.name} has expired or is gone from the blob directory "
+                        "(details in the server log)", "type": "NotFound"}, 404)
 
     @app.errorhandler(Image.DecompressionBombError)
     @app.errorhandler(Image.DecompressionBombWarning)

@@ -122,6 +122,7 @@ def infer(name: str, version: str | None = None):
     ext, cfg = convq(), current_app.config
     target = find_model(name, version)
     parsed = parse_request(target.model)
+    parsed_at = time.perf_counter()
     # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
     default = parsed.binary_default
     if default is None:
@@ -133,6 +134,7 @@ def infer(name: str, version: str | None = None):
         n, h, w = parsed.images.shape[:3]
         _check_json_size(target.model.output_bytes(n, h, w, as_json))
     job_id, outputs = enqueue(target, parsed)
+    enqueued_at = time.perf_counter()
     status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
         cancel(ext.queue, ext.store, job_id)
@@ -147,7 +149,8 @@ def infer(name: str, version: str | None = None):
         cancel(ext.queue, ext.store, job_id)
         raise
     timings = status["timings"]
-    spans = [(key, timings.get(key + "_seconds")) for key in ("queue", "compute")]
+    spans = [("read", parsed_at - began), ("submit", enqueued_at - parsed_at)]
+    spans += [(key, timings.get(key + "_seconds")) for key in ("queue", "compute")]
     spans.append(("infer", time.perf_counter() - began))  # this view, from body to answer
     headers["Server-Timing"] = ", ".join(f"{key};dur={1000 * seconds:.2f}"
                                          for key, seconds in spans if seconds is not None)

@@ -38,6 +38,7 @@ class Settings:
     maintenance_interval: int = defaults.MAINTENANCE_SECONDS
     timeout_grace: int = defaults.TIMEOUT_GRACE
     log_level: str = "INFO"
+    blob_dir: str | None = None
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -58,4 +59,5 @@ class Settings:
                 1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)),
             timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
+            blob_dir=env.get("CONVQ_BLOB_DIR") or None,
         )

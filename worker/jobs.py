@@ -16,7 +16,7 @@ from engine import EngineError
 
 from . import runtime
 from .cache import ModelGone
-from .store import Store
+from .store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
 
@@ -47,8 +47,7 @@ def _save_progress(job, progress: dict | None) -> None:
 
 
 def _store_for(job) -> Store:
-    settings = runtime.current().settings
-    return Store(job.connection, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl)
+    return Store.from_settings(job.connection, runtime.current().settings)
 
 
 def run_model(model: str, version: int, outputs: list[str] | str | None, input_id: str) -> dict:
@@ -89,7 +88,10 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
         raise JobFailed(str(exc)) from None
     except EngineError as exc:
         raise JobFailed(f"model {model!r} version {version} does not load: {exc}") from None
-    images = store.get_input(input_id)
+    try:
+        images = store.get_input(input_id)
+    except BlobMissing as exc:
+        raise JobFailed(f"the input of job {job.id} cannot be read: {exc}") from None
     if images is None:
         raise JobFailed(f"the input of job {job.id} expired before it ran; submit it again")
 

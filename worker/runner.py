@@ -18,6 +18,7 @@ import engine
 from . import defaults
 from .config import Settings
 from .connection import connect
+from .horse import keep_freed_memory
 from .runtime import Runtime, current, install
 from .workers import build
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     _use_fork_safe_threads()
+    keep_freed_memory()
     started = time.monotonic()
     warm(settings)
     log.info("engine warm in %.1f s (%d threads); queue %r", time.monotonic() - started,

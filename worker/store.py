@@ -1,14 +1,19 @@
-"""Blobs in Redis under "convq:" keys: models, job inputs and job results.
+"""Blobs under "convq:" keys: models, job inputs and job results.
 
 Arrays are stored as .npy bytes (never pickled) or, for results, as raw C-order bytes with their
 shape and dtype in an index; weights are safetensors bytes. Inputs and results carry TTLs; a
 model lives until it is unloaded, and a replaced version's weights linger only long enough for
 jobs already queued on it. Big values are written from a memoryview (no copy) and read in
 GETRANGE slices: redis-py reads one 37 MB bulk reply in ~90 ms, 2 MiB slices in ~15 ms.
+
+With a blob directory (CONVQ_BLOB_DIR, see blobs.py) the bytes of inputs and results are files
+there instead, and Redis holds their names under the same keys and TTLs: the input key's value
+is b"file:<name>", a result index entry has "file" in place of "key".
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -19,12 +24,16 @@ import numpy as np
 from engine.npy import read_header
 
 from . import defaults
+from .blobs import BlobDir
 from .connection import bulk_client
 
 _NAMES_FIELD = b"__names__"
 _INDEX_FIELD = b"__index__"
+_FILE_REF = b"file:"
 SLICE_BYTES = 2 << 20
 """Bytes per GETRANGE when reading a big value (measured best with 1 MiB socket reads)."""
+FILE_SLICE_BYTES = 4 << 20
+"""Bytes per piece of a result sent from its mapped file."""
 
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -65,18 +74,51 @@ def from_npy(data) -> np.ndarray:
     return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
 
 
+class BlobMissing(LookupError):
+    """Redis names a blob file that this process cannot find in its blob directory."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+@functools.lru_cache(maxsize=8)
+def _blob_dir(path: str) -> BlobDir:
+    return BlobDir(path)  # checked once per process and path
+
+
 class Store:
     """Models, inputs and results of convq jobs, as Redis keys under one prefix."""
 
     def __init__(self, redis, *, result_ttl: int = defaults.RESULT_TTL,
                  input_ttl: int = defaults.INPUT_TTL, prefix: str = defaults.KEY_PREFIX,
-                 old_version_ttl: int | None = None):
+                 old_version_ttl: int | None = None, blob_dir: str | None = None):
         self.redis = redis
         self.result_ttl = result_ttl
         self.input_ttl = input_ttl
         self.prefix = prefix
         # A replaced version must outlive the jobs already queued on it.
         self.old_version_ttl = old_version_ttl or input_ttl
+        self.blobs = _blob_dir(str(blob_dir)) if blob_dir else None
+
+    @classmethod
+    def from_settings(cls, redis, settings) -> Store:
+        """Return the store a worker or the API uses with settings (TTLs, blob directory)."""
+        return cls(redis, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl,
+                   blob_dir=settings.blob_dir)
+
+    def _blobs_for(self, name: str) -> BlobDir:
+        if self.blobs is None:
+            raise BlobMissing(name, f"{name} is a file in a blob directory, and this process "
+                              "has no CONVQ_BLOB_DIR; the API and every worker must share one")
+        return self.blobs
+
+    def _map(self, name: str, *, writable: bool):
+        data = self._blobs_for(name).map(name, writable=writable)
+        if data is None:
+            raise BlobMissing(name, f"{name} is not in CONVQ_BLOB_DIR={self.blobs.root} (the "
+                              "API and every worker must share that directory)")
+        return data
 
     # -- keys -----------------------------------------------------------------------------------
     def _key(self, *parts: object) -> str:
@@ -176,11 +218,27 @@ class Store:
     # -- inputs ---------------------------------------------------------------------------------
     def put_input(self, job_id: str, images: np.ndarray) -> None:
         """Store a job's images (N, H, W, C) uint8 or float32 for input_ttl seconds."""
-        self.redis.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
+        if self.blobs is None:
+            self.redis.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
+            return
+        images = np.ascontiguousarray(images)
+        name = f"input-{job_id}"
+        self.blobs.write(name, [npy_header(images.shape, images.dtype),
+                                memoryview(images).cast("B")])
+        self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
-        """Return a job's images (writable), or None when they expired."""
-        raw = self._read_into(self.input_key(job_id))
+        """Return a job's images (writable), or None when they expired.
+
+        BlobMissing if Redis names a file this process cannot see.
+        """
+        key = self.input_key(job_id)
+        size = int(bulk_client(self.redis).strlen(key))
+        if 0 < size <= 128:  # a file reference (a .npy is never this short)
+            raw = self.redis.get(key)
+            if raw is not None and raw.startswith(_FILE_REF):
+                return from_npy(self._map(raw[len(_FILE_REF):].decode(), writable=True))
+        raw = self._read_into(key, size or None)
         return None if raw is None else from_npy(raw)
 
     # -- results --------------------------------------------------------------------------------
@@ -197,11 +255,23 @@ class Store:
         arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
         index = {name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
                  for i, (name, arr) in enumerate(arrays.items())}
+        if self.blobs is not None:  # files first: the index below is what makes them visible
+            written = []
+            try:
+                for name, arr in arrays.items():
+                    entry = index[name]
+                    entry["file"] = f"result-{job_id}.{entry.pop('key')}"
+                    self.blobs.write(entry["file"], [memoryview(arr).cast("B")])
+                    written.append(entry["file"])
+            except BaseException:
+                self.blobs.delete(*written)
+                raise
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             for name, arr in arrays.items():
-                pipe.set(self._data_key(job_id, index[name]["key"]), memoryview(arr).cast("B"),
-                         ex=self.result_ttl)
+                if "key" in index[name]:
+                    pipe.set(self._data_key(job_id, index[name]["key"]),
+                             memoryview(arr).cast("B"), ex=self.result_ttl)
             pipe.hset(key, mapping={_NAMES_FIELD: json.dumps(list(arrays)).encode(),
                                     _INDEX_FIELD: json.dumps(index).encode()})
             pipe.expire(key, self.result_ttl)
@@ -230,8 +300,16 @@ class Store:
         entry = (self._index(job_id) or {}).get(name)
         if entry is None:
             return None
-        key = self._data_key(job_id, entry["key"])
         size = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
+        if "file" in entry:
+            view = memoryview(self._map(entry["file"], writable=False))
+            if len(view) != size:
+                raise BlobMissing(entry["file"], f"{entry['file']} holds {len(view)} bytes, "
+                                  f"not {size}")
+            # bytes, not views: WSGI servers (gunicorn) send nothing else; a copy from the page
+            # cache costs ~0.4 ms per 9 MB here.
+            return (bytes(view[o:o + FILE_SLICE_BYTES]) for o in range(0, size, FILE_SLICE_BYTES))
+        key = self._data_key(job_id, entry["key"])
         client = bulk_client(self.redis)
 
         def read(offset: int) -> bytes:
@@ -255,6 +333,12 @@ class Store:
             return None
         dtype = np.dtype(entry["dtype"])
         size = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+        if "file" in entry:
+            raw = self._map(entry["file"], writable=True)
+            if len(raw) != size:
+                raise BlobMissing(entry["file"], f"{entry['file']} holds {len(raw)} bytes, "
+                                  f"not {size}")
+            return np.frombuffer(raw, dtype).reshape(entry["shape"])
         raw = self._read_into(self._data_key(job_id, entry["key"]), size)
         return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
 
@@ -283,10 +367,20 @@ class Store:
     def finish_run(self, job_id: str, input_id: str) -> None:
         """Drop what a finished job no longer needs: its input and its run claim."""
         self.redis.delete(self.input_key(input_id), self._key("run", job_id))
+        if self.blobs is not None:
+            self.blobs.delete(f"input-{input_id}")
 
     def delete_job(self, job_id: str) -> None:
         """Delete a job's input and result (the cancel mark stays until it expires)."""
-        count = len(self._index(job_id) or ())
+        entries = list((self._index(job_id) or {}).values())
         self.redis.delete(self.input_key(job_id), self.result_key(job_id),
                           self._key("run", job_id),
-                          *(self._data_key(job_id, i) for i in range(count)))
+                          *(self._data_key(job_id, e["key"]) for e in entries if "key" in e))
+        if self.blobs is not None:
+            self.blobs.delete(f"input-{job_id}", *(e["file"] for e in entries if "file" in e))
+
+    def sweep_blobs(self) -> int:
+        """Delete blob files past their TTL (their Redis records are gone); return how many."""
+        if self.blobs is None:
+            return 0
+        return self.blobs.sweep(self.input_ttl, self.result_ttl)

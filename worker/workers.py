@@ -43,8 +43,7 @@ class _ConvqMixin:
     def configure(self, settings, runtime) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.store = Store(self.connection, result_ttl=settings.result_ttl,
-                           input_ttl=settings.input_ttl)
+        self.store = Store.from_settings(self.connection, settings)
         self.job_monitoring_interval = settings.heartbeat
         self.maintenance_interval = settings.maintenance_interval
         self._healthy_since: float | None = None
@@ -95,8 +94,9 @@ class _ConvqMixin:
                                    + self.settings.heartbeat_grace)
                 for registry in (FinishedJobRegistry, FailedJobRegistry):
                     registry(queue=queue).cleanup()
+                self.store.sweep_blobs()
                 worker_registration.clean_worker_registry(queue)
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError) as exc:  # a sweep must never end the worker
                 log.warning("sweep of queue %s skipped: %s", queue.name, exc)
         self.last_cleaned_at = now()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import fakeredis
 import numpy as np
@@ -102,12 +103,19 @@ def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:
     return out
 
 
-class Api:
-    """A Flask test client over a fresh fakeredis, with a burst() worker at hand."""
+STORES = ["redis", "files"]
+"""Where job inputs and results live: Redis values, or files in a blob directory."""
 
-    def __init__(self, **config):
+
+class Api:
+    """A Flask test client over a fresh fakeredis, with a burst() worker at hand.
+
+    With blob_dir, inputs and results are files there (CONVQ_BLOB_DIR), as for every worker.
+    """
+
+    def __init__(self, *, blob_dir: str | None = None, retries: int = 0, **config):
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        self.settings = Settings(threads=1, retries=0)
+        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir)
         self.app = create_app({"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings,
                                **config})
         self.client = self.app.test_client()
@@ -121,6 +129,12 @@ class Api:
 
     def queue_keys(self) -> int:
         return self.redis.llen("rq:queue:convq")
+
+    def blob_files(self) -> dict[str, bytes]:
+        """Return every file in the blob directory (temporary ones too) with its bytes."""
+        if self.settings.blob_dir is None:
+            return {}
+        return {p.name: p.read_bytes() for p in Path(self.settings.blob_dir).iterdir()}
 
 
 class Live:

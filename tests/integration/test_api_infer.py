@@ -1,4 +1,7 @@
-"""POST .../infer: a queued job waited for (embedded workers); deadlines; Redis down."""
+"""POST .../infer: a queued job waited for (embedded workers); deadlines; Redis down.
+
+Every test of a job runs twice: job data in Redis, and job data in files (CONVQ_BLOB_DIR).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ from tests.integration.apikit import Api, images, parse_v2, reference_model, v2_
 
 
 @pytest.fixture(scope="module")
-def live():
+def live(module_blob_dir):
     from worker.embedded import start_workers
 
-    api = Api()
+    api = Api(blob_dir=module_blob_dir)
     assert api.load().status_code == 200
     handle = start_workers(api.redis, api.settings, n=1)
     yield api
@@ -32,7 +35,11 @@ def test_json_infer_answers_json_equal_to_model_run(live):
     rv = live.client.post("/v2/models/tiny/infer", json=v2_json(imgs, ["pool1", "conv1"]))
     assert rv.status_code == 200, rv.json
     assert "Inference-Header-Content-Length" not in rv.headers
-    assert rv.headers["Server-Timing"].startswith("queue;dur=")  # where the time went
+    spans = dict(part.split(";dur=") for part in rv.headers["Server-Timing"].split(", "))
+    assert list(spans) == ["read", "submit", "queue", "compute", "infer"]  # where the time went
+    ms = {k: float(v) for k, v in spans.items()}
+    assert all(v >= 0 for v in ms.values())
+    assert ms["infer"] >= ms["read"] + ms["submit"] + ms["compute"]
     doc = rv.json
     assert doc["model_name"] == "tiny" and doc["model_version"] == "1"
     got = parse_v2(rv.data, None)
@@ -46,6 +53,7 @@ def test_binary_infer_answers_binary_and_frees_the_job(live):
     imgs = np.random.default_rng(2).standard_normal((3, 9, 9, 3)).astype(np.float32)
     body, headers = v2_binary(imgs, ["relu1"])
     before = set(live.redis.keys("convq:*"))
+    files_before = set(live.blob_files())
     rv = live.client.post("/v2/models/tiny/versions/1/infer", data=body, headers=headers)
     assert rv.status_code == 200, rv.data[:200]
     got = parse_v2(rv.data, rv.headers["Inference-Header-Content-Length"])
@@ -53,6 +61,7 @@ def test_binary_infer_answers_binary_and_frees_the_job(live):
     rv.close()  # the job is deleted once the answer has been sent
     left = set(live.redis.keys("convq:*")) - before
     assert not [k for k in left if not k.startswith(b"convq:cancel:")], left
+    assert set(live.blob_files()) == files_before
 
 
 def test_binary_data_output_and_per_output_choices(live):
@@ -85,14 +94,15 @@ def test_infer_errors_are_4xx(live):
     assert rv.status_code == 400
 
 
-def test_infer_past_its_deadline_is_504_and_the_job_is_dropped():
-    api = Api(INFER_TIMEOUT=0.2)  # no worker at all
+def test_infer_past_its_deadline_is_504_and_the_job_is_dropped(blob_dir):
+    api = Api(blob_dir=blob_dir, INFER_TIMEOUT=0.2)  # no worker at all
     api.load()
     started = time.monotonic()
     rv = api.client.post("/v2/models/tiny/infer", json=v2_json(images(1)))
     assert rv.status_code == 504 and "error" in rv.json
     assert time.monotonic() - started < 2
     assert api.queue_keys() == 0 and not api.redis.keys("convq:input*")
+    assert api.blob_files() == {}
 
 
 def test_redis_down_is_503_with_retry_after_within_two_seconds():

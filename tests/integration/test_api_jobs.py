@@ -1,4 +1,7 @@
-"""The jobs extension over fakeredis with a burst worker: submit, status, results, cancel."""
+"""The jobs extension over fakeredis with a burst worker: submit, status, results, cancel.
+
+Every test runs twice: job data in Redis, and job data in files (CONVQ_BLOB_DIR).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from tests.integration.apikit import (
 
 
 @pytest.fixture
-def api():
-    api = Api()
+def api(blob_dir):
+    api = Api(blob_dir=blob_dir)
     assert api.load().status_code == 200
     return api
 
@@ -159,6 +162,7 @@ def test_delete_after_finish_removes_the_result(api):
     left = api.redis.keys(f"*{job_id}*")
     # Only the worker's short-lived cancel mark may stay (so a re-queued retry cannot run).
     assert all(k.startswith(b"convq:cancel:") and api.redis.ttl(k) > 0 for k in left), left
+    assert not [name for name in api.blob_files() if job_id in name]
 
 
 def test_expired_result_is_404(api):
@@ -191,6 +195,7 @@ def _rejected(api, rv, status: int, words: str = ""):
     assert words in rv.json["error"], rv.json
     assert api.queue_keys() == 0
     assert not api.redis.keys("convq:input*")
+    assert not [name for name in api.blob_files() if "input-" in name]
 
 
 def test_unknown_model_and_unknown_output(api):
@@ -248,8 +253,9 @@ def test_multipart_needs_images_and_known_fields(api):
     _rejected(api, rv, 400, "colour")
 
 
-def test_limits_images_pixels_output_bytes_queue():
-    api = Api(MAX_IMAGES=2, MAX_PIXELS=81, MAX_OUTPUT_BYTES=5 * 5 * 4 * 4 * 2, MAX_QUEUE=1)
+def test_limits_images_pixels_output_bytes_queue(blob_dir):
+    api = Api(blob_dir=blob_dir, MAX_IMAGES=2, MAX_PIXELS=81,
+              MAX_OUTPUT_BYTES=5 * 5 * 4 * 4 * 2, MAX_QUEUE=1)
     api.load()
     _rejected(api, submit(api, v2_json(images(3))), 413, "limit")
     _rejected(api, submit(api, v2_json(images(1, h=10))), 413, "pixels")
@@ -264,10 +270,10 @@ def test_limits_images_pixels_output_bytes_queue():
     assert "queue is full" in rv.json["error"]
 
 
-def test_body_limits_by_length_chunked_and_gzip():
+def test_body_limits_by_length_chunked_and_gzip(blob_dir):
     import gzip
 
-    api = Api(MAX_CONTENT_LENGTH=1500)
+    api = Api(blob_dir=blob_dir, MAX_CONTENT_LENGTH=1500)
     api.load()
     big = json.dumps(v2_json(images(2))).encode()
     small = json.dumps(v2_json(images(1), ["fc"])).encode()
@@ -324,8 +330,9 @@ def test_a_job_whose_input_expired_fails_with_a_clear_error(api):
     assert rv.status_code == 409 and "failed" in rv.json["error"]
 
 
-def test_json_and_png_results_have_size_caps():
-    api = Api(MAX_JSON_OUTPUT_BYTES=2 * 5 * 5 * 4 * 4 - 1, MAX_PNG_PIXELS=5 * 5 * 4 - 1)
+def test_json_and_png_results_have_size_caps(blob_dir):
+    api = Api(blob_dir=blob_dir, MAX_JSON_OUTPUT_BYTES=2 * 5 * 5 * 4 * 4 - 1,
+              MAX_PNG_PIXELS=5 * 5 * 4 - 1)
     api.load()
     job_id = finished(api, submit(api, v2_json(images(2), ["conv1", "fc"])))
     rv = api.client.get(f"/v2/jobs/{job_id}/result?format=json")
@@ -340,8 +347,8 @@ def test_json_and_png_results_have_size_caps():
     assert rv.status_code == 413 and api.queue_keys() == 0
 
 
-def test_big_json_tensors_must_go_binary():
-    api = Api(MAX_JSON_INPUT_BYTES=500)
+def test_big_json_tensors_must_go_binary(blob_dir):
+    api = Api(blob_dir=blob_dir, MAX_JSON_INPUT_BYTES=500)
     api.load()
     _rejected(api, submit(api, v2_json(images(1))), 413, "binary tensor extension")
     body, headers = v2_binary(images(1))

@@ -1,8 +1,9 @@
 """Every kind of bad input, one table: a 4xx JSON error, nothing stored or queued, memory flat.
 
-Each row goes through the Flask test client over fakeredis. Besides its status and error
-words, every row must leave Redis byte-for-byte as it was (no queued job, no input blob, no
-model version), must not run a pickled payload, must answer well under a second, and must not
+Each row goes through the Flask test client over fakeredis, once with job data in Redis and once
+in files (CONVQ_BLOB_DIR). Besides its status and error words, every row must leave Redis and
+the blob directory byte-for-byte as they were (no queued job, no input blob, no model version,
+no half-written file), must not run a pickled payload, must answer well under a second, and must not
 raise the API process's peak RSS by more than a few MB: bombs are refused from what they
 declare, before anything is inflated. Peak RSS is read from /proc/self/status after resetting
 it through /proc/self/clear_refs ("5": reset the peak), so only this request's peak counts.
@@ -398,8 +399,9 @@ for _i, (_change, _layer, _field, _fragment) in enumerate(BAD_SPECS):
 
 
 @pytest.fixture(scope="module")
-def api():
-    api = Api(MAX_CONTENT_LENGTH=MAX_BODY, MAX_MODEL_BYTES=MAX_MODEL, MAX_IMAGES=4)
+def api(module_blob_dir):
+    api = Api(blob_dir=module_blob_dir, MAX_CONTENT_LENGTH=MAX_BODY, MAX_MODEL_BYTES=MAX_MODEL,
+              MAX_IMAGES=4)
     assert api.load().status_code == 200
     return api
 
@@ -431,6 +433,7 @@ def send(api, case: Case, tmp: Path):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_a_quick_4xx_that_stores_nothing(api, case, tmp_path):
+    files = api.blob_files()
     send(api, case, tmp_path)  # once to warm caches (imports, compiled regexes) of that path
     before = snapshot(api.redis)
     rv, seconds, growth = send(api, case, tmp_path)
@@ -440,6 +443,7 @@ def test_bad_input_is_a_quick_4xx_that_stores_nothing(api, case, tmp_path):
     for key, value in case.extra.items():
         assert rv.json.get(key) == value, rv.json
     assert snapshot(api.redis) == before            # nothing queued, stored or replaced
+    assert api.blob_files() == files                # no input file, whole or partial
     assert api.queue_keys() == 0
     assert not any(tmp_path.iterdir())              # no pickled payload ran
     assert seconds < ANSWER_SECONDS, seconds
@@ -520,13 +524,13 @@ def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
     _refused_or_loaded(api, load_body({**SPEC, key: value}))
 
 
-def test_another_keys_jobs_results_and_models_are_404_in_every_form():
-    api = Api(API_KEYS="key-a,key-b")
+def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
+    api = Api(blob_dir=blob_dir, API_KEYS="key-a,key-b")
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     assert api.load(headers=a).status_code == 200
     job_id = api.client.post(JOBS, json=v2_json(images(1)), headers=a).json["id"]
     api.burst()
-    before = snapshot(api.redis)
+    before, files = snapshot(api.redis), api.blob_files()
     for method, path in [
             ("get", f"/v2/jobs/{job_id}"), ("delete", f"/v2/jobs/{job_id}"),
             *[("get", f"/v2/jobs/{job_id}/result{q}") for q in (
@@ -541,5 +545,6 @@ def test_another_keys_jobs_results_and_models_are_404_in_every_form():
     assert api.client.post("/v2/repository/index", headers=b).json == []
     assert api.client.post(LOAD, json=load_body(seed=5), headers=b).status_code == 409
     assert snapshot(api.redis) == before and api.queue_keys() == 0
+    assert api.blob_files() == files
     assert api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=fc",
                           headers=a).status_code == 200

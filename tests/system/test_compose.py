@@ -115,6 +115,17 @@ def test_workers_scale_restart_and_outlive_their_longest_job():
     assert worker["networks"] == ["backend"]
 
 
+def test_api_and_workers_share_one_blob_volume():
+    dirs = set()
+    for name in ("api", "worker"):
+        env = interpolate(SERVICES[name]["environment"], {"REDIS_PASSWORD": "x"})
+        mounts = dict(v.split(":", 1) for v in SERVICES[name]["volumes"])
+        assert mounts.get("blobs") == env["CONVQ_BLOB_DIR"], (name, mounts, env)
+        dirs.add(env["CONVQ_BLOB_DIR"])
+    assert len(dirs) == 1 and "blobs" in COMPOSE["volumes"]
+    assert f"CONVQ_BLOB_DIR={dirs.pop()}" in (ROOT / "Dockerfile").read_text()  # owned by convq
+
+
 def test_every_variable_is_documented_in_env_example():
     documented = set(env_example())
     used = {m.group(1) for m in VAR.finditer((ROOT / "docker-compose.yml").read_text())}
@@ -183,6 +194,7 @@ def stack(redis_server_factory, tmp_path):
     def service_env(name: str) -> dict:
         own = interpolate(SERVICES[name]["environment"], env)
         own["REDIS_URL"] = own["REDIS_URL"].replace("@redis:6379", f"@127.0.0.1:{redis.port}")
+        own["CONVQ_BLOB_DIR"] = str(tmp_path / "blobs")  # the shared volume, here
         return own
 
     port = free_port()
@@ -260,6 +272,15 @@ def test_a_job_runs_through_the_compose_stack(stack):
     )
     pool1 = np.load(io.BytesIO(r.content), allow_pickle=False)
     assert pool1.shape == (1, 27, 27, 96) and pool1.max() > 0
+    # The maps are files in the shared volume; Redis holds only their names and shapes.
+    blobs = Path(procs[0].log_path).parent / "blobs"
+    files = sorted(p.name for p in blobs.iterdir())
+    names = status["outputs"]
+    assert files == [f"result-{job}.{i}" for i in range(len(names))], files  # input deleted
+    assert (blobs / f"result-{job}.{names.index('pool1')}").read_bytes() == pool1.tobytes()
+    client = redis.client()
+    job_keys = list(client.scan_iter(f"convq:result:{job}*"))
+    assert job_keys and max(client.memory_usage(k) for k in job_keys) < 4 << 10
 
     # /metrics from gunicorn's 2 workers adds up, and shows the worker's telemetry.
     for _ in range(20):
@@ -271,3 +292,6 @@ def test_a_job_runs_through_the_compose_stack(stack):
     assert metric(text, "convq_workers") == 1
     assert metric(text, "convq_redis_up") == 1
     assert len(list((Path(procs[0].log_path).parent / "metrics").glob("*.db"))) >= 1
+
+    assert requests.delete(f"{base}/v2/jobs/{job}", timeout=10).status_code in (200, 204)
+    assert list(blobs.iterdir()) == []
