@@ -4,10 +4,14 @@ Decision (PERF-NOTES trap 1): every kernel splits its work into per-thread tiles
 and does each tile's GEMM in that thread — on AVX-512 CPUs with the engine's own micro-kernel
 (engine._gemm), elsewhere with one single-threaded sgemm call (Numba's np.dot -> SciPy's
 OpenBLAS, whose thread count is set to 1 here, once). So only one pool of threads ever runs and
-OpenBLAS's never wakes. Numba's OpenMP workers are told to sleep, not spin, once a parallel loop
-ends (OMP_WAIT_POLICY=PASSIVE unless the user set it), so they leave the cores to whatever runs
-between layers: other worker processes, NumPy in the service. Waking a sleeping worker costs
-15-60 us on this kind of VM, so kernels below SMALL_WORK run on one thread.
+OpenBLAS's never wakes. Numba's OpenMP workers sleep once a parallel loop ends
+(OMP_WAIT_POLICY=PASSIVE), but only after spinning for GOMP_SPINCOUNT=5000 turns (~50 us): long
+enough to catch the next layer of the same run, short enough to leave the cores to whatever
+runs between jobs (other worker processes, NumPy in the service). Waking a sleeping worker costs
+15-100 us on this kind of VM; a spinning one almost nothing, so with OpenMP kernels of more
+than SMALL_WORK_OMP multiply-adds use every thread (1x1 28x28x256 K64 at N=1: 1 thread 0.30 ms,
+2 sleeping 0.27, 2 spinning 0.19). Numba's workqueue layer (forking workers, below) neither
+spins nor runs one-thread launches inline, so there the bar is SMALL_WORK.
 
 Measured on 2 cores (bench/README.md): 2 tiles x 1-thread sgemm reach what one 2-thread sgemm
 reaches on the same matrices (~190 GFLOP/s with OPENBLAS_CORETYPE=Haswell) without the ~ms
@@ -25,15 +29,19 @@ import ctypes
 import glob
 import os
 
-# Read by libgomp when Numba's OpenMP pool first starts, so it must be set before any kernel
-# runs; an explicit setting by the user wins.
+# Read by libgomp when Numba's OpenMP pool first starts, so they must be set before any kernel
+# runs; an explicit setting by the user wins. GOMP_SPINCOUNT, when set, overrides the policy's
+# spin count (0 for PASSIVE): threads spin ~50 us, then sleep.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 import numba  # noqa: E402
 
-# Kernels smaller than this many multiply-adds (about 70 us on one core) run on one thread:
-# waking a passive OpenMP worker costs 15-60 us on this kind of VM (measured, bench/README.md).
+# Kernels smaller than this many multiply-adds (about 70-150 us on one core) run on one thread
+# under a layer whose workers sleep at once (measured, bench/README.md).
 SMALL_WORK = 16e6
+# The same bar under OpenMP with spinning workers: two threads win from ~1.6 M (65 -> 46 us).
+SMALL_WORK_OMP = 1e6
 
 _state = {"threads": numba.config.NUMBA_NUM_THREADS, "blas_single": False}
 
@@ -88,6 +96,16 @@ def single_threaded_blas() -> None:
             return
 
 
+def _small_work() -> float:
+    if numba.config.THREADING_LAYER == "workqueue":  # chosen by forking workers
+        return SMALL_WORK
+    try:
+        layer = numba.threading_layer()  # known once a first parallel loop has run
+    except ValueError:
+        layer = "omp"
+    return SMALL_WORK_OMP if layer == "omp" else SMALL_WORK
+
+
 def enter(work: float = float("inf")) -> int:
     """Apply the thread settings for a kernel launched from this thread; return the count.
 
@@ -95,6 +113,6 @@ def enter(work: float = float("inf")) -> int:
     thread runs it, since waking a sleeping worker costs more than it saves.
     """
     single_threaded_blas()
-    n = _state["threads"] if work >= SMALL_WORK else 1
+    n = _state["threads"] if work >= _small_work() else 1
     numba.set_num_threads(n)
     return n

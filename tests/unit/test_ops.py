@@ -27,8 +27,8 @@ def rand(*shape, seed=0):
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request, monkeypatch):
-    """Run on 1 or 2 threads, even the tiny test layers (normally below SMALL_WORK)."""
-    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)
+    """Run on 1 or 2 threads, even the tiny test layers (normally below the small-work bar)."""
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
     before = ops.get_threads()
     ops.set_threads(request.param)
     yield request.param
@@ -138,7 +138,7 @@ def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     monkeypatch.setattr(ops, "MICROKERNEL", True)
     monkeypatch.setattr(ops, "IMPLICIT_MIN_WIDTH", NEVER)  # the im2col path, which has columns
     wt = rand(8, 5, 5, 4, seed=12)
-    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)  # so both calls use every thread
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)  # so both calls use every thread
     ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
     small = ops._workspace.buf.size
     ops.conv2d(rand(64, 40, 40, 4), wt, pad=2)
@@ -147,7 +147,7 @@ def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
 
 
 def test_conv2d_one_thread_and_two_threads_agree(gemm_path, monkeypatch):
-    monkeypatch.setattr(ops._threads, "SMALL_WORK", 0)
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
     x, wt, b = rand(3, 14, 13, 5, seed=13), rand(7, 3, 3, 5, seed=14), rand(7, seed=15)
     before = ops.get_threads()
     try:
@@ -303,6 +303,18 @@ def test_bad_input_raises_a_typed_error_naming_the_field(call, error, field):
 def test_small_work_runs_on_one_thread():
     assert ops._threads.enter(1000) == 1
     assert ops._threads.enter(1e9) == ops.get_threads()
+
+
+def test_the_small_work_bar_is_lower_where_workers_spin(monkeypatch):
+    import numba
+
+    mid = 4e6  # above the OpenMP bar, below the one for layers whose workers sleep at once
+    assert ops._threads.SMALL_WORK_OMP < mid < ops._threads.SMALL_WORK
+    monkeypatch.setattr(numba, "threading_layer", lambda: "omp")
+    assert ops._threads.enter(mid) == ops.get_threads()
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", "workqueue")
+    assert ops._threads.enter(mid) == 1
+    assert os.environ["GOMP_SPINCOUNT"]  # set before OpenMP starts, unless the user set it
 
 
 def test_set_threads_clamps_and_rejects_non_ints():
