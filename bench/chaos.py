@@ -32,6 +32,7 @@ from worker.queue import job_status, make_queue, submit  # noqa: E402
 from worker.store import Store  # noqa: E402
 
 DONE = ("finished", "failed")
+BLOB_DIR: str | None = None
 
 
 def tiny_model() -> Model:
@@ -51,7 +52,8 @@ class Client:
         self.base = base
         self.version = version
         self.redis = connect(url)
-        self.store = Store(self.redis, result_ttl=ARGS.result_ttl, input_ttl=600)
+        self.store = Store(self.redis, result_ttl=ARGS.result_ttl, input_ttl=600,
+                           blob_dir=BLOB_DIR)
         self.queue = make_queue(self.redis)
         if base:
             import requests
@@ -122,6 +124,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="convq-chaos-"))
     server = RedisServer(aof=True).start()
     env = {"CONVQ_RESULT_TTL": str(ARGS.result_ttl), "CONVQ_THREADS": "1"}
+    global BLOB_DIR
+    if ARGS.store == "files":  # as compose runs it: one directory shared by API and workers
+        BLOB_DIR = str(tmp / "blobs")
+        env["CONVQ_BLOB_DIR"] = BLOB_DIR
     start = lambda name: start_worker(server.url, tmp, env=env, name=name)  # noqa: E731
     procs = [start(f"w{k}") for k in range(ARGS.workers)]
     api = base = None
@@ -218,6 +224,10 @@ def main() -> int:
         (f"Redis used_memory after result TTL ({ARGS.result_ttl} s)",
          f"{mem_after / 1e6:.2f} MB ({keys_after} keys)"),
     ]
+    if BLOB_DIR:
+        files = list(Path(BLOB_DIR).iterdir())
+        rows.append(("blob files left (deleted past TTL + 300 s)",
+                     f"{len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB"))
     for name, value in rows:
         print(f"  {name:<44} {value}")
     print("  keys left by kind:", ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
@@ -244,5 +254,7 @@ if __name__ == "__main__":
     parser.add_argument("--timeout", type=float, default=240.0, help="drain limit, seconds")
     parser.add_argument("--via", choices=["http", "redis"], default="http",
                         help="submit over the HTTP API (default) or straight to the RQ queue")
+    parser.add_argument("--store", choices=["files", "redis"], default="files",
+                        help="job data in a shared CONVQ_BLOB_DIR (default, as compose) or Redis")
     ARGS = parser.parse_args()
     sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,9 +37,9 @@ class BlobDir:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe-")  # one per caller
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise BlobDirError(f"CONVQ_BLOB_DIR={self.root} cannot be used: {exc.strerror or exc}"
                                ) from None

@@ -184,6 +184,28 @@ def test_a_directory_is_made_on_first_use(tmp_path):
     assert listing(blobs) == []  # the write probe is gone
 
 
+def test_many_threads_may_open_the_same_new_directory_at_once(tmp_path):
+    # bench/chaos.py's clients did: each thread's store checks the directory on first use.
+    import threading
+
+    barrier, errors = threading.Barrier(8), []
+
+    def opener():
+        barrier.wait()
+        for _ in range(20):
+            try:
+                BlobDir(tmp_path / "shared")
+            except OSError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and listing(BlobDir(tmp_path / "shared")) == []
+
+
 def test_an_unusable_directory_is_a_blob_dir_error_naming_the_variable(tmp_path):
     plain = tmp_path / "plain-file"
     plain.write_bytes(b"")
