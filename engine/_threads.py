@@ -17,9 +17,10 @@ Measured on 2 cores (bench/README.md): 2 tiles x 1-thread sgemm reach what one 2
 reaches on the same matrices (~190 GFLOP/s with OPENBLAS_CORETYPE=Haswell) without the ~ms
 hand-over between pools; the micro-kernel reaches ~230 GFLOP/s per core in place.
 
-GNU OpenMP cannot be used across fork(): a process that forks after running a kernel (RQ's
-forking worker) must pick Numba's "workqueue" layer first, as worker/runner.py does; the
-kernels and this module work the same on it. `set_threads(n)` caps both Numba's tiles and the
+GNU OpenMP cannot be used across fork(): a process that forks after starting Numba's pool
+must pick Numba's "workqueue" layer first. `convq worker` avoids both: only its forked
+work-horse loads and runs kernels (worker/horse.py). The kernels and this module work the same
+on either layer. `set_threads(n)` caps both Numba's tiles and the
 workspace slots; Numba's own setting is thread-local, so each op re-applies it per launch.
 """
 

@@ -38,10 +38,16 @@ def warm(settings: Settings) -> None:
     engine.warmup()
 
 
-def make_worker(redis_client, settings: Settings, *, kind: str = "fork", warm_engine: bool = True):
-    """Return a convq worker (JSONSerializer, ConvqJob) on settings.queue; warm the engine first."""
-    if warm_engine:
+def make_worker(redis_client, settings: Settings, *, kind: str = "fork"):
+    """Return a convq worker (JSONSerializer, ConvqJob) on settings.queue.
+
+    A thread worker runs kernels in this process, so the engine is warmed here first; a forking
+    worker's work-horse warms itself (worker.horse), and this process must never run a kernel.
+    """
+    if kind == "thread":
         warm(settings)
+    else:
+        engine.set_threads(settings.threads)
     return build(kind, redis_client, settings, _runtime_for(settings))
 
 
@@ -50,14 +56,6 @@ def burst(redis_client, settings: Settings | None = None) -> None:
     settings = settings or Settings()
     worker = build("thread", redis_client, settings, _runtime_for(settings))
     worker.work(burst=True, logging_level="WARNING")
-
-
-def _use_fork_safe_threads() -> None:
-    # GNU OpenMP aborts a forked child once the parent has used it, and warmup uses it in
-    # the parent; Numba's workqueue layer survives fork. Must run before the first kernel.
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
-    _use_fork_safe_threads()
     keep_freed_memory()
-    started = time.monotonic()
-    warm(settings)
-    log.info("engine warm in %.1f s (%d threads); queue %r", time.monotonic() - started,
-             settings.threads, settings.queue)
+    log.info("%d threads per job; queue %r", settings.threads, settings.queue)
 
     pause = 1.0
     while True:
@@ -82,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         began = time.monotonic()
         try:
             client = connect(settings.redis_url)
-            worker = make_worker(client, settings, warm_engine=False)
+            worker = make_worker(client, settings)
+            worker.prepare_horse()  # kernels loaded before the worker says it is there
             worker.work(burst=args.burst, logging_level="WARNING")
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s); retrying in %.0f s", exc, pause)
         except StopRequested:
             return 0
+        finally:
+            if worker is not None:
+                worker.stop_horse()
         stopping = worker is not None and (worker._stop_requested
                                           or worker._shutdown_requested_date is not None)
         if stopping or args.burst:

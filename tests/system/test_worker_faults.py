@@ -115,6 +115,31 @@ def _assert_right(bench, job_id):
     assert job_id not in FailedJobRegistry(queue=bench.queue)
 
 
+def _numba_pools(pid: int) -> set[str]:
+    """Which of Numba's thread-pool libraries (loaded when a pool starts) pid has mapped."""
+    with open(f"/proc/{pid}/maps") as maps:
+        text = maps.read()
+    return {name for name in ("omppool", "tbbpool", "workqueue") if f"/{name}." in text}
+
+
+def test_kernels_run_only_in_the_horse_so_it_may_use_openmp(redis_server, workers):
+    # GNU OpenMP (and Numba) refuse a child forked from a process that started its thread pool,
+    # so the worker itself must never start it; its horse loads and runs every kernel.
+    bench = Bench(redis_server)
+    worker = workers(redis_server.url, env={"CONVQ_THREADS": "2"})
+    (horse,) = worker.children()  # forked and warm before the worker registered
+    version = bench.upload("tiny", tiny_model())
+    images = np.random.default_rng(3).integers(0, 256, (4, 12, 12, 1), dtype=np.uint8)
+    job_id = bench.submit("tiny", version, images, ["p"])
+    assert bench.wait_end(job_id)["status"] == "finished"
+    got = bench.store.result_array(job_id, "p")
+    assert np.array_equal(got, tiny_model().run(images, outputs=["p"])["p"])
+    assert worker.children() == [horse]  # the same horse ran it
+    assert _numba_pools(worker.pid) == set()  # no thread pool ever started in the worker
+    assert _numba_pools(horse) == {"omppool"}  # OpenMP runs the horse's kernels
+    assert "Terminating" not in worker.log()
+
+
 def test_killed_horse_is_retried_and_restarts_progress(redis_server, workers):
     bench = Bench(redis_server)
     worker = workers(redis_server.url)
