@@ -48,7 +48,7 @@ def free_port() -> int:
 class Stack:
     """redis-server + convq api + convq workers as child processes; close() stops them all."""
 
-    def __init__(self, threads: int, blobs: bool = True):
+    def __init__(self, threads: int, blobs: bool = True, blob_root: str | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="convq-bench-"))
         self.redis_port = free_port()
         self.procs: list[subprocess.Popen] = []
@@ -60,7 +60,9 @@ class Stack:
                     "PYTHONPATH": str(ROOT), "CONVQ_API_PROCESSES": "1",
                     "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20)}
         if blobs:
-            self.env["CONVQ_BLOB_DIR"] = str(self.dir / "blobs")
+            root = Path(tempfile.mkdtemp(dir=blob_root)) if blob_root else self.dir
+            self.blob_dir = root / "blobs"
+            self.env["CONVQ_BLOB_DIR"] = str(self.blob_dir)
         else:
             self.env.pop("CONVQ_BLOB_DIR", None)
         port = free_port()
@@ -116,6 +118,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if hasattr(self, "blob_dir"):
+            shutil.rmtree(self.blob_dir.parent, ignore_errors=True)
 
     def upload(self, name: str, spec: dict, arrays: dict) -> None:
         import io
@@ -358,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=32, help="jobs per throughput run")
     p.add_argument("--store", choices=("files", "redis"), default="files",
                    help="where job data goes: a shared CONVQ_BLOB_DIR (default) or Redis")
+    p.add_argument("--blob-root", help="make the blob directory under this path (default: the "
+                   "system's temporary directory; e.g. /dev/shm for a RAM-backed one)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8
-    stack = Stack(threads=args.threads, blobs=args.store == "files")
+    stack = Stack(threads=args.threads, blobs=args.store == "files", blob_root=args.blob_root)
     try:
         stack.add_worker(threads=args.threads)
         bench_alexnet(stack, args.rounds, args.threads)
