@@ -17,13 +17,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # Numba's and OpenBLAS's thread pools must not spin against each other (PERF-NOTES.md).
     OMP_WAIT_POLICY=PASSIVE \
     # prometheus-client's shared files for gunicorn's workers; compose mounts a tmpfs here.
-    PROMETHEUS_MULTIPROC_DIR=/run/convq-metrics \
-    # Where compose mounts the blob volume; created here so a new volume is owned by convq.
-    CONVQ_BLOB_DIR=/var/lib/convq/blobs
+    PROMETHEUS_MULTIPROC_DIR=/run/convq-metrics
 
 RUN useradd --create-home --uid 10001 --user-group convq \
- && mkdir -p "$NUMBA_CACHE_DIR" "$PROMETHEUS_MULTIPROC_DIR" "$CONVQ_BLOB_DIR" \
- && chown convq:convq "$NUMBA_CACHE_DIR" "$PROMETHEUS_MULTIPROC_DIR" "$CONVQ_BLOB_DIR"
+ && mkdir -p "$NUMBA_CACHE_DIR" "$PROMETHEUS_MULTIPROC_DIR" /var/lib/convq/blobs \
+ && chown convq:convq "$NUMBA_CACHE_DIR" "$PROMETHEUS_MULTIPROC_DIR" /var/lib/convq/blobs
 
 WORKDIR /opt/convq
 COPY pyproject.toml README.md ./
