@@ -89,7 +89,7 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     except EngineError as exc:
         raise JobFailed(f"model {model!r} version {version} does not load: {exc}") from None
     try:
-        images = store.get_input(input_id)
+        images, in_files = store.read_input(input_id)
     except BlobMissing as exc:
         raise JobFailed(f"the input of job {job.id} cannot be read: {exc}") from None
     if images is None:
@@ -108,7 +108,8 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     except EngineError as exc:
         raise JobFailed(str(exc)) from None
     check()
-    _with_redis_retries(lambda: store.put_result(job.id, result), started + timeout)
+    _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files),
+                        started + timeout)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
     except redis.RedisError:

@@ -232,30 +232,43 @@ class Store:
 
         BlobMissing if Redis names a file this process cannot see.
         """
+        return self.read_input(job_id)[0]
+
+    def read_input(self, job_id: str) -> tuple[np.ndarray | None, bool]:
+        """Return (get_input(job_id), whether the images were a file in the blob directory).
+
+        Where the API put a job's images is where its results go (put_result's files=): a
+        worker with a blob directory serving an API without one must answer through Redis.
+        """
         key = self.input_key(job_id)
         size = int(bulk_client(self.redis).strlen(key))
         if 0 < size <= 128:  # a file reference (a .npy is never this short)
             raw = self.redis.get(key)
             if raw is not None and raw.startswith(_FILE_REF):
-                return from_npy(self._map(raw[len(_FILE_REF):].decode(), writable=True))
+                return from_npy(self._map(raw[len(_FILE_REF):].decode(), writable=True)), True
         raw = self._read_into(key, size or None)
-        return None if raw is None else from_npy(raw)
+        return (None if raw is None else from_npy(raw)), False
 
     # -- results --------------------------------------------------------------------------------
     def _data_key(self, job_id: str, index: int) -> str:
         return self._key("result", job_id, index)
 
-    def put_result(self, job_id: str, outputs: dict[str, np.ndarray]) -> None:
+    def put_result(self, job_id: str, outputs: dict[str, np.ndarray], *,
+                   files: bool | None = None) -> None:
         """Store every requested output, all or nothing, for result_ttl seconds.
 
-        Each output's raw bytes go to their own key straight from the array's memory; the
-        result hash holds the names in order and each one's key, shape and dtype.
+        Each output's raw bytes go to their own key (or, with files, to a file in the blob
+        directory; by default whenever there is one) straight from the array's memory; the
+        result hash holds the names in order and each one's key or file, shape and dtype.
         """
+        files = self.blobs is not None if files is None else files
+        if files:
+            self._blobs_for(f"result-{job_id}")
         key = self.result_key(job_id)
         arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
         index = {name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
                  for i, (name, arr) in enumerate(arrays.items())}
-        if self.blobs is not None:  # files first: the index below is what makes them visible
+        if files:  # files first: the index below is what makes them visible
             written = []
             try:
                 for name, arr in arrays.items():

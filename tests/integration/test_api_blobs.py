@@ -77,6 +77,21 @@ def test_a_worker_without_the_blob_dir_fails_the_job_and_names_the_setting(api):
     assert "CONVQ_BLOB_DIR" in status["error"], status
 
 
+def test_a_worker_with_a_blob_dir_answers_an_api_without_one_through_redis(tmp_path):
+    api = Api()  # this API moves job data through Redis
+    assert api.load().status_code == 200
+    rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(2), ["conv1"]))
+    job_id = rv.json["id"]
+    worker_dir = tmp_path / "worker-only"
+    burst(api.redis, Settings(threads=1, retries=0, blob_dir=str(worker_dir)))
+    rv = api.client.get(f"/v2/jobs/{job_id}/result")
+    assert rv.status_code == 200, rv.data[:300]
+    got = parse_v2(rv.data, rv.headers.get("Inference-Header-Content-Length"))
+    expect = reference_model().run(images(2), outputs=["conv1"])["conv1"]
+    assert np.array_equal(got["conv1"], expect)
+    assert list(worker_dir.iterdir()) == []  # nothing written where the API cannot look
+
+
 @pytest.mark.parametrize("path", ["/v2/models/tiny/jobs", "/v2/models/tiny/infer"])
 def test_a_full_blob_dir_is_507_with_retry_after_and_nothing_queued(api, monkeypatch, path):
     def full(self, name, parts):
