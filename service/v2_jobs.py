@@ -11,8 +11,8 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 from rq.results import Result
 
+from engine.npy import npy_header
 from worker.queue import cancel, job_status
-from worker.store import npy_header
 
 from .app import convq
 from .auth import check_visible

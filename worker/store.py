@@ -14,14 +14,13 @@ is b"file:<name>", a result index entry has "file" in place of "key".
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 from collections.abc import Iterator
 
 import numpy as np
 
-from engine.npy import read_header
+from engine.npy import from_npy, npy_header, to_npy
 
 from . import defaults
 from .blobs import BlobDir
@@ -34,44 +33,6 @@ SLICE_BYTES = 2 << 20
 """Bytes per GETRANGE when reading a big value (measured best with 1 MiB socket reads)."""
 FILE_SLICE_BYTES = 4 << 20
 """Bytes per piece of a result sent from its mapped file."""
-
-
-def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """Return the .npy header that precedes the raw C-order bytes of an array shape, dtype."""
-    info = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-            "shape": tuple(int(d) for d in shape)}
-    buf = io.BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(buf, info)
-    except ValueError:  # a header over 64 KiB (absurdly many dimensions) needs format 2.0
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_2_0(buf, info)
-    return buf.getvalue()
-
-
-def to_npy(array: np.ndarray) -> bytes:
-    """Return array as .npy bytes (never pickled); one copy of the data."""
-    array = np.ascontiguousarray(array)
-    if array.dtype.hasobject:
-        raise ValueError("object arrays are not stored")
-    return b"".join([npy_header(array.shape, array.dtype), memoryview(array).cast("B")])
-
-
-def npy_layout(data) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Return (shape, dtype, data offset) of C-order .npy bytes; ValueError for anything else."""
-    stream = io.BytesIO(bytes(memoryview(data)[:65536 + 16]))  # the longest 2.0 header
-    shape, fortran, dtype = read_header(stream)
-    if fortran or dtype.hasobject:
-        raise ValueError(f"stored array is {dtype} fortran={fortran}; only C-order plain "
-                         "dtypes are read (allow_pickle=False)")
-    return shape, dtype, stream.tell()
-
-
-def from_npy(data) -> np.ndarray:
-    """Read .npy bytes without copying them; object arrays are refused (allow_pickle=False)."""
-    shape, dtype, offset = npy_layout(data)
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
 
 
 class BlobMissing(LookupError):

@@ -8,9 +8,10 @@ import fakeredis
 import numpy as np
 import pytest
 
+from engine.npy import from_npy, to_npy
 from worker.cache import ModelCache, ModelGone
 from worker.config import Settings
-from worker.store import Store, from_npy, to_npy
+from worker.store import Store
 
 
 @pytest.fixture
