@@ -17,6 +17,7 @@ import functools
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -75,9 +76,10 @@ class Store:
         return self.blobs
 
     def _map(self, name: str, *, writable: bool):
-        data = self._blobs_for(name).map(name, writable=writable)
+        blobs = self._blobs_for(name)
+        data = blobs.map(name, writable=writable)
         if data is None:
-            raise BlobMissing(name, f"{name} is not in CONVQ_BLOB_DIR={self.blobs.root} (the "
+            raise BlobMissing(name, f"{name} is not in CONVQ_BLOB_DIR={blobs.root} (the "
                               "API and every worker must share that directory)")
         return data
 
@@ -223,22 +225,22 @@ class Store:
         result hash holds the names in order and each one's key or file, shape and dtype.
         """
         files = self.blobs is not None if files is None else files
-        if files:
-            self._blobs_for(f"result-{job_id}")
         key = self.result_key(job_id)
         arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
-        index = {name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
-                 for i, (name, arr) in enumerate(arrays.items())}
+        index: dict[str, dict[str, Any]] = {
+            name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
+            for i, (name, arr) in enumerate(arrays.items())}
         if files:  # files first: the index below is what makes them visible
-            written = []
+            blobs = self._blobs_for(f"result-{job_id}")
+            written: list[str] = []
             try:
                 for name, arr in arrays.items():
                     entry = index[name]
                     entry["file"] = f"result-{job_id}.{entry.pop('key')}"
-                    self.blobs.write(entry["file"], [memoryview(arr).cast("B")])
+                    blobs.write(entry["file"], [memoryview(arr).cast("B")])
                     written.append(entry["file"])
             except BaseException:
-                self.blobs.delete(*written)
+                blobs.delete(*written)
                 raise
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
