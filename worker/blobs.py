@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ from pathlib import Path
 
 NAME = re.compile(r"(input|result)-[0-9A-Za-z_-]{1,64}(\.[0-9]{1,4})?")
 """File names the store makes: input-<job id>, result-<job id>.<output index>."""
-_TMP = re.compile(r"\.(?P<name>.+)\.[0-9]{1,10}\.tmp")
+_TMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8,16}\.tmp")
 
 SWEEP_MARGIN = 300
 """Seconds past its TTL a file is kept, so a slow reader or a clock step never loses it."""
@@ -52,9 +53,11 @@ class BlobDir:
     def write(self, name: str, parts: Iterable) -> None:
         """Write the buffers in parts, in order, as file name; readers see all of it or none."""
         path = self._path(name)
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        # Unique per writer: two runs of one job (a retry racing a presumed-dead attempt) may
+        # write the same name at once, each through its own temporary file.
+        tmp = path.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 for part in parts:
                     f.write(part)
             os.replace(tmp, path)

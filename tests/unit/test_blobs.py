@@ -142,11 +142,11 @@ def test_sweep_deletes_by_kind_past_ttl_plus_margin(blobs):
 
 def test_sweep_deletes_stale_tmp_files_of_dead_writers(blobs):
     oldest = max(INPUT_TTL, RESULT_TTL) + SWEEP_MARGIN
-    put(blobs, ".input-j1.4242.tmp", oldest + 1)
-    put(blobs, ".result-j1.0.4242.tmp", oldest + 1)
-    put(blobs, ".input-j2.4242.tmp", oldest - 1)  # perhaps still being written
+    put(blobs, ".input-j1.0a1b2c3d.tmp", oldest + 1)
+    put(blobs, ".result-j1.0.0a1b2c3d.tmp", oldest + 1)
+    put(blobs, ".input-j2.0a1b2c3d.tmp", oldest - 1)  # perhaps still being written
     assert blobs.sweep(INPUT_TTL, RESULT_TTL, now=NOW) == 2
-    assert listing(blobs) == [".input-j2.4242.tmp"]
+    assert listing(blobs) == [".input-j2.0a1b2c3d.tmp"]
 
 
 def test_sweep_never_touches_foreign_files(blobs):
@@ -176,6 +176,33 @@ def test_sweep_by_the_real_clock(blobs):
     assert blobs.sweep(INPUT_TTL, RESULT_TTL) == 0
     os.utime(blobs.root / "input-j1", (1, 1))  # written in 1970
     assert blobs.sweep(INPUT_TTL, RESULT_TTL) == 1
+
+
+def test_two_writers_of_one_name_at_once_each_use_their_own_tmp_file(blobs):
+    # Two runs of one job (a retry racing an attempt presumed dead) write the same names.
+    import threading
+
+    barrier, errors = threading.Barrier(2), []
+
+    def parts(fill: bytes):
+        barrier.wait()  # both are inside write() before either has written a byte
+        yield fill * 1000
+        yield fill * 1000
+
+    def writer(fill: bytes):
+        try:
+            blobs.write("result-j1.0", parts(fill))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f,)) for f in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert bytes(blobs.map("result-j1.0")) in (b"a" * 2000, b"b" * 2000)  # one whole file
+    assert listing(blobs) == ["result-j1.0"]
 
 
 def test_a_directory_is_made_on_first_use(tmp_path):
