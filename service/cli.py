@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,10 @@ def up(argv: list[str]) -> int:
     where = "embedded in-process Redis" if "REDIS" in config else settings.redis_url
     print(f"{args.workers} worker(s) over {where}", flush=True)
     print(how_to_submit(f"http://{args.host}:{server.server_port}"), flush=True)
+    def stop(signum, frame):  # SIGTERM (docker stop, systemd, kill) ends it as Ctrl+C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

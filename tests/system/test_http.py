@@ -230,7 +230,10 @@ def test_convq_up_serves_the_demo_model_embedded(tmp_path):
     from service.demo import demo_model
 
     # An empty REDIS_URL counts as unset: `convq up` embeds its own in-process Redis.
-    proc, base = start_api(None, tmp_path, command="up", env={"REDIS_URL": ""})
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc, base = start_api(None, tmp_path, command="up",
+                           env={"REDIS_URL": "", "CONVQ_BLOB_DIR": "", "TMPDIR": str(temp)})
     try:
         deadline = time.monotonic() + 60
         while requests.get(f"{base}/v2/health/ready", timeout=10).status_code != 200:
@@ -253,5 +256,10 @@ def test_convq_up_serves_the_demo_model_embedded(tmp_path):
         spec, arrays = demo_model()
         expect = Model.from_arrays(spec, arrays).run(image, outputs=["pool1"])["pool1"]
         np.testing.assert_array_equal(got, expect)
+        # The job's data lived in a temporary blob directory, gone once a SIGTERM stops it.
+        (blobs,) = temp.glob("convq-blobs-*")
+        assert any(p.name.startswith("result-") for p in blobs.iterdir())
+        assert proc.stop(timeout=30) == 0, proc.log()
+        assert not blobs.exists()
     finally:
         proc.close()
