@@ -125,6 +125,9 @@ class Model:
     def __init__(self, spec: Spec, arrays: Mapping[str, np.ndarray]):
         self._spec = spec
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
+        # Each conv's packed filters, made on its first run and reused by every later one.
+        self._conv_weights = {layer.name: ops.ConvWeights(self._arrays[layer.weights])
+                              for layer in spec.layers if layer.type == "conv"}
 
     @classmethod
     def from_arrays(cls, spec: dict | Spec, arrays: Mapping[str, np.ndarray]) -> Model:
@@ -255,6 +258,11 @@ class Model:
         p = self._spec.preprocess
         return ops.preprocess(images, p.scale, p.mean, p.std)
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed conv filters made so far by runs (beside the weights)."""
+        return sum(cw.nbytes for cw in self._conv_weights.values())
+
     def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
         """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.
 
@@ -308,9 +316,12 @@ class Model:
             return ops.max_pool2d(x, size, stride, pad, dilation)
         if layer.type == "avgpool":
             return ops.avg_pool2d(x, size, stride, pad, count_pad=layer.count_pad)
-        fn = ops.conv2d if layer.type == "conv" else ops.local2d
         bias = self._arrays[layer.bias] if layer.bias is not None else None
-        return fn(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+        if layer.type == "conv":
+            return ops.conv2d(x, self._conv_weights[layer.name], bias, stride, pad, dilation,
+                              relu=relu)
+        return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation,
+                           relu=relu)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.layer_names})"

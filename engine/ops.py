@@ -86,13 +86,55 @@ def _round_up(rows: int) -> int:
     return -(-rows // _gemm.MR) * _gemm.MR
 
 
+class ConvWeights:
+    """Conv weights w (K, FH, FW, C), checked once, with each packed form made on first use.
+
+    conv2d takes one in place of w; a Model keeps one per layer, so a worker packs its filters
+    once rather than on every run (1x1 28x28x256 K64 at N=1: 23 of 300 us; a 3x3x128x128
+    Winograd filter transform: ~130 us of 1.1 ms).
+    """
+
+    def __init__(self, w):
+        self.w = _args.weights(w, 4, "(K, FH, FW, C)")
+        self._wmat: np.ndarray | None = None
+        self._gemm: tuple[np.ndarray, np.ndarray] | None = None
+        self._winograd: tuple[np.ndarray, np.ndarray] | None = None
+
+    def wmat(self) -> np.ndarray:
+        """Return w as the (FH*FW*C, K) GEMM operand."""
+        if self._wmat is None:
+            k = self.w.shape[0]
+            self._wmat = _args.read_only(np.ascontiguousarray(self.w.reshape(k, -1).T))
+        return self._wmat
+
+    def gemm_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the micro-kernel's packed (blocks, table) of wmat (engine._gemm)."""
+        if self._gemm is None:
+            self._gemm = _gemm.pack_weights(self.wmat())
+        return self._gemm
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed forms made so far (w itself not counted)."""
+        parts = [self._wmat, *(self._gemm or ()), *(self._winograd or ())]
+        return sum(p.nbytes for p in parts if p is not None)
+
+    def winograd_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the transformed filters (blocks, table) of engine._winograd."""
+        if self._winograd is None:
+            self._winograd = _winograd.pack_filters(self.w)
+        return self._winograd
+
+
 def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     """Convolve x (N, H, W, C) with w (K, FH, FW, C) plus b (K,); return (N, Hout, Wout, K).
 
-    Matches conv2d_reference. With relu=True the ReLU is applied in the same pass.
+    Matches conv2d_reference. With relu=True the ReLU is applied in the same pass. w may be a
+    ConvWeights, whose packed forms are then reused from call to call.
     """
     x = _args.input_array(x)
-    w = _args.weights(w, 4, "(K, FH, FW, C)")
+    cw = w if isinstance(w, ConvWeights) else ConvWeights(w)
+    w = cw.w
     k, fh, fw, c = w.shape
     _args.channels(x, c)
     bias = _args.read_only(np.zeros(k, np.float32)) if b is None else _args.param(b, (k,), "b")
@@ -105,11 +147,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
         return out
     nthreads = _threads.enter(m * k * fh * fw * c)
     if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
-        _winograd_conv(x, w, bias, out, win, nthreads, bool(relu))
+        _winograd_conv(x, cw, bias, out, win, nthreads, bool(relu))
         return out
-    # (FH*FW*C, K): made only off the Winograd path, which transforms w itself (a 3x3x128x128
-    # transpose is 15-60 us, a tenth of that layer at N=1)
-    wmat = _args.read_only(np.ascontiguousarray(w.reshape(k, fh * fw * c).T))
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
@@ -117,31 +156,33 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
         x2d = x.reshape(m, c)
         if MICROKERNEL:
             cols = _columns(nthreads, tile, c)
-            blocks, table = _gemm.pack_weights(wmat)
+            blocks, table = cw.gemm_blocks()
             _conv.conv_pointwise_mk(
                 x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu), _counter()
             )
         else:
-            _conv.conv_pointwise(x2d, wmat, bias, out2d, hout * wout, nthreads, tile, bool(relu))
+            _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile,
+                                 bool(relu))
         return out
     if MICROKERNEL and wout >= IMPLICIT_MIN_WIDTH and (
         win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C
     ):
-        _implicit_conv(x, wmat, bias, out2d, win, hout, wout, nthreads, bool(relu))
+        _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, bool(relu))
         return out
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
-        blocks, table = _gemm.pack_weights(wmat)
+        blocks, table = cw.gemm_blocks()
         _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu),
                              _counter())
     else:
-        _conv.conv_im2col(x, wmat, bias, out2d, cols, tile, *geometry, bool(relu))
+        _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, bool(relu))
     return out
 
 
-def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu) -> None:
+def _implicit_conv(x, cw: ConvWeights, bias, out2d, win: Window, hout, wout, nthreads,
+                   relu) -> None:
     """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out2d (M, K)."""
     n, h, w, c = x.shape
     xp = x
@@ -150,7 +191,7 @@ def _implicit_conv(x, wmat, bias, out2d, win: Window, hout, wout, nthreads, relu
         xp[:, win.top : win.top + h, win.left : win.left + w] = x
         xp = _args.read_only(xp)
     offs = _window_offsets(win.fh, win.fw, c, win.dh, win.dw, xp.shape[2])
-    blocks, table = _gemm.pack_weights(wmat)
+    blocks, table = cw.gemm_blocks()
     _conv.conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout,
                            win.sh, win.sw, relu, _counter())
 
@@ -164,10 +205,11 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
     return _args.read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
 
 
-def _winograd_conv(x, w, bias, out, win: Window, nthreads: int, relu: bool) -> None:
+def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int,
+                   relu: bool) -> None:
     """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
-    k, c = w.shape[0], w.shape[3]
-    blocks, table = _winograd.pack_filters(w)
+    k, c = cw.w.shape[0], cw.w.shape[3]
+    blocks, table = cw.winograd_blocks()
     ty0, tyn = _winograd.tile_origins(out.shape[1], win.dh)
     tx0, txn = _winograd.tile_origins(out.shape[2], win.dw)
     t = _winograd.TILES
@@ -278,11 +320,11 @@ def warmup() -> None:
         wide = _args.input_array(rng.standard_normal((1, 3, 14, 2)).astype(np.float32))
         out2d = np.empty((12, 2), np.float32)
         bias2 = _args.read_only(np.zeros(2, np.float32))
-        wmat = _args.read_only(np.ascontiguousarray(w3.reshape(2, 18).T))
-        _implicit_conv(wide, wmat, bias2, out2d, Window.make(3), 1, 12, _threads.enter(), True)
+        _implicit_conv(wide, ConvWeights(w3), bias2, out2d, Window.make(3), 1, 12,
+                       _threads.enter(), True)
         out = np.empty((1, 5, 5, 2), np.float32)
         bias = _args.read_only(np.zeros(2, np.float32))
-        _winograd_conv(_args.input_array(x), w3, bias, out, Window.make(3, 1, 1),
+        _winograd_conv(_args.input_array(x), ConvWeights(w3), bias, out, Window.make(3, 1, 1),
                        _threads.enter(), True)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
@@ -292,5 +334,6 @@ def warmup() -> None:
 
 
 __all__ = [
-    "avg_pool2d", "conv2d", "local2d", "max_pool2d", "relu", "set_threads", "get_threads", "warmup",
+    "ConvWeights", "avg_pool2d", "conv2d", "local2d", "max_pool2d", "relu", "set_threads",
+    "get_threads", "warmup",
 ]

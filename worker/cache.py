@@ -13,7 +13,12 @@ class ModelGone(LookupError):
 
 
 class ModelCache:
-    """Keep the most recently used models whose weights fit in max_bytes."""
+    """Keep the most recently used models whose weights fit in max_bytes.
+
+    A model's size is its weights' bytes plus the packed filters its runs have made (engine
+    ConvWeights, up to ~1.8x the weights), counted as they appear: the budget is checked again
+    whenever a model is fetched.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -24,7 +29,7 @@ class ModelCache:
 
     @property
     def bytes(self) -> int:
-        return sum(size for _, size in self._models.values())
+        return sum(size + model.packed_bytes for model, size in self._models.values())
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._models
@@ -34,9 +39,11 @@ class ModelCache:
         key = (name, int(version))
         with self._lock:
             if key in self._models:
+                model = self._models[key][0]
                 self._models.move_to_end(key)
                 self.hits += 1
-                return self._models[key][0]
+                self._evict()  # the packs of earlier runs may have grown the cache past it
+                return model
         spec = store.model_spec(name, version)
         weights = store.model_weights(name, version)
         if spec is None or weights is None:
@@ -52,8 +59,12 @@ class ModelCache:
             self.misses += 1
             self._models[key] = (model, size)
             self._models.move_to_end(key)
-            while len(self._models) > 1 and self.bytes > self.max_bytes:
-                self._models.popitem(last=False)
-            if self.bytes > self.max_bytes:
-                # A model bigger than the whole budget is used once, never kept.
-                self._models.pop(key, None)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used models past the budget (the lock is held)."""
+        while len(self._models) > 1 and self.bytes > self.max_bytes:
+            self._models.popitem(last=False)
+        if self.bytes > self.max_bytes:
+            # A model bigger than the whole budget is used once, never kept.
+            self._models.clear()

@@ -358,3 +358,32 @@ def test_local_layer_without_input_size_checks_at_run_time():
                 "l.b": np.zeros((2, 3, 1), np.float32),
             },
         )
+
+
+def test_packed_filters_made_by_one_run_serve_the_next_bit_identically():
+    # One conv per engine path: Winograd (3x3, C >= 32), 1x1, implicit GEMM (wide, unpadded)
+    # and tiled im2col (stride 2); the second run reuses the filters the first one packed.
+    rng = np.random.default_rng(7)
+    layers = [("wino", 3, 1, 1, 32), ("point", 1, 0, 1, 24), ("implicit", 3, 0, 1, 16),
+              ("strided", 3, 1, 2, 8)]
+    spec = {"name": "paths", "input": {"height": 21, "width": 21, "channels": 32},
+            "layers": [{"name": n, "type": "conv", "filters": k, "size": f, "pad": p,
+                        "stride": s} for n, f, p, s, k in layers]}
+    arrays, c = {}, 32
+    for n, f, _, _, k in layers:
+        arrays[f"{n}.w"] = rng.standard_normal((k, f, f, c)).astype(np.float32) * 0.2
+        arrays[f"{n}.b"] = rng.standard_normal(k).astype(np.float32)
+        c = k
+    model = Model.from_arrays(spec, arrays)
+    assert model.packed_bytes == 0
+    for seed in (1, 2):
+        x = np.random.default_rng(seed).standard_normal((2, 21, 21, 32)).astype(np.float32)
+        got = model.run(x, outputs="all")
+        fresh = Model.from_arrays(spec, arrays).run(x, outputs="all")  # packs anew
+        for name in got:
+            np.testing.assert_array_equal(got[name], fresh[name])
+        assert model.packed_bytes > 0
+        expect = x
+        for n, _f, p, s, _ in layers:
+            expect = conv2d_reference(expect, arrays[f"{n}.w"], arrays[f"{n}.b"], s, p)
+            np.testing.assert_allclose(got[n], expect, rtol=1e-4, atol=1e-3)

@@ -117,6 +117,19 @@ def test_model_cache_is_lru_and_byte_bounded():
         cache.get(fake, "gone", 1)
 
 
+def test_model_cache_counts_the_filters_runs_pack():
+    fake = _FakeStore()
+    size = len(fake.model_weights("a", 1))
+    cache = ModelCache(max_bytes=2 * size)
+    a = cache.get(fake, "a", 1)
+    cache.get(fake, "b", 1)
+    assert cache.bytes == 2 * size and a.packed_bytes == 0
+    a.run(np.ones((1, 3, 3, 1), np.float32))  # packs its conv's filters on the way
+    assert a.packed_bytes > 0 and cache.bytes == 2 * size + a.packed_bytes
+    assert cache.get(fake, "a", 1) is a  # the fetch re-checks the budget: b, the older, goes
+    assert ("b", 1) not in cache and cache.bytes <= 2 * size
+
+
 def test_model_bigger_than_cache_is_not_kept():
     fake = _FakeStore()
     cache = ModelCache(max_bytes=1)
