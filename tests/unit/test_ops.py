@@ -403,3 +403,36 @@ def test_kernels_cache_in_their_version_directory():
 
     assert _conv.conv_im2col_mk._cache._cache_path.startswith(_cache.cache_dir())
     assert numba.config.CACHE_DIR != _cache.cache_dir()  # only the engine's kernels moved
+
+
+@pytest.mark.parametrize("k,f,width", [(32, 5, 32), (24, 5, 20), (32, 7, 30), (32, 5, 33)])
+def test_two_pixels_per_row_is_bit_identical_to_one(monkeypatch, k, f, width):
+    # Thin inputs with 24 or 32 filters of 5x5 and up run two output pixels per GEMM row; each
+    # output is the same FMA chain plus exact zeros, so the maps are bit-identical.
+    rng = np.random.default_rng(k + f + width)
+    x = rng.standard_normal((3, 12, width, 3)).astype(np.float32)
+    w = rng.standard_normal((k, f, f, 3)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    cw = ops.ConvWeights(w)
+    assert cw.group(f) == 2
+    grouped = ops.conv2d(x, cw, b, 1, f // 2)
+    assert bool(cw._grouped) == (width % 2 == 0)  # an odd width keeps one pixel per row
+    monkeypatch.setattr(ops, "GROUP_MAX_C", 0)
+    np.testing.assert_array_equal(grouped, ops.conv2d(x, w, b, 1, f // 2))
+    assert_matches(grouped, ref.conv2d_reference(x, w, b, 1, f // 2))
+
+
+def test_non_finite_inputs_keep_one_pixel_per_row(monkeypatch):
+    # A grouped row multiplies a neighbour's column by zero: 0 * inf would turn a finite
+    # output into NaN, so an input with inf runs the plain path and matches the reference.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 8, 16, 3)).astype(np.float32)
+    x[0, 4, 9, 1] = np.inf
+    w = np.abs(rng.standard_normal((32, 5, 5, 3))).astype(np.float32)
+    cw = ops.ConvWeights(w)
+    got = ops.conv2d(x, cw, None, 1, 2)
+    assert not cw._grouped
+    expect = ref.conv2d_reference(x, w, None, 1, 2)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(expect))
+    assert not np.isnan(got).any()
+    assert_matches(got[np.isfinite(expect)], expect[np.isfinite(expect)])
