@@ -298,6 +298,13 @@ def main(argv=None) -> int:
     import engine
 
     engine.warmup()
+    # malloc as a convq worker sets it (worker.horse.keep_freed_memory), for every library in
+    # this process: freed big blocks are reused by the next call instead of being mapped and
+    # faulted in anew (importing PyTorch fixes glibc's mmap threshold at its 128 KiB default,
+    # so the engine's 4 MB output of 32x3 at N=32 was faulted in on every call).
+    from worker.horse import keep_freed_memory
+
+    keep_freed_memory()
     print(f"threads={args.threads} rounds={rounds} impls={','.join(impls)} "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
