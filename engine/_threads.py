@@ -10,7 +10,7 @@ enough to catch the next layer of the same run, short enough to leave the cores 
 runs between jobs (other worker processes, NumPy in the service). Waking a sleeping worker costs
 15-100 us on this kind of VM; a spinning one almost nothing, so with OpenMP kernels of more
 than SMALL_WORK_OMP multiply-adds use every thread (1x1 28x28x256 K64 at N=1: 1 thread 0.30 ms,
-2 sleeping 0.27, 2 spinning 0.19). Numba's workqueue layer (forking workers, below) neither
+2 sleeping 0.27, 2 spinning 0.19). Numba's workqueue layer (for processes that fork, below) neither
 spins nor runs one-thread launches inline, so there the bar is SMALL_WORK.
 
 Measured on 2 cores (bench/README.md): 2 tiles x 1-thread sgemm reach what one 2-thread sgemm
@@ -98,7 +98,7 @@ def single_threaded_blas() -> None:
 
 
 def _small_work() -> float:
-    if numba.config.THREADING_LAYER == "workqueue":  # chosen by forking workers
+    if numba.config.THREADING_LAYER == "workqueue":  # picked by a process that must fork
         return SMALL_WORK
     try:
         layer = numba.threading_layer()  # known once a first parallel loop has run
