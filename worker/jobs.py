@@ -20,6 +20,11 @@ from .store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
 
+PROGRESS_SECONDS = 0.05
+"""Least seconds between two layers' progress saves, each with a check for cancel or a newer
+attempt (two Redis round trips): a 20-layer net on small images would otherwise spend more time
+on them than on its layers. The first layer and the finished run are always recorded."""
+
 
 class JobFailed(Exception):
     """A job cannot succeed however often it runs (bad input, missing model); never retried."""
@@ -95,19 +100,27 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     if images is None:
         raise JobFailed(f"the input of job {job.id} expired before it ran; submit it again")
 
+    reached: dict = {}  # the latest layer begun, and when progress was last saved
+    saved_at = [-float("inf")]
+
     def on_layer(i: int, n: int, name: str) -> None:
-        elapsed = time.monotonic() - started
-        if elapsed > timeout:
-            raise JobTimeout(f"job timed out: {elapsed:.1f} s is past its {timeout} s timeout "
-                             f"before layer {i + 1} of {n} ({name})")
-        check()
-        _save_progress(job, {"layer": i + 1, "of": n, "name": name})
+        now = time.monotonic()
+        if now - started > timeout:
+            raise JobTimeout(f"job timed out: {now - started:.1f} s is past its {timeout} s "
+                             f"timeout before layer {i + 1} of {n} ({name})")
+        reached.update(layer=i + 1, of=n, name=name)
+        if now - saved_at[0] >= PROGRESS_SECONDS:
+            saved_at[0] = now
+            check()
+            _save_progress(job, dict(reached))
 
     try:
         result = net.run(images, outputs=outputs, on_layer=on_layer)
     except EngineError as exc:
         raise JobFailed(str(exc)) from None
     check()
+    if reached and job.meta.get("progress") != reached:
+        _save_progress(job, dict(reached))  # a finished job shows n of n
     _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files),
                         started + timeout)
     try:

@@ -133,6 +133,7 @@ def test_progress_is_written_each_layer_and_reset_per_attempt(env, monkeypatch):
         original(self)
 
     monkeypatch.setattr(Job, "save_meta", spy)
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0)  # record every layer, however fast
     job_id = _submit(env)
     burst(redis, SETTINGS)
     # Reset first, then one entry per layer computed (conv2 is last requested: all 4 run).
@@ -141,6 +142,33 @@ def test_progress_is_written_each_layer_and_reset_per_attempt(env, monkeypatch):
                         for i, n in enumerate(["conv1", "relu1", "pool1", "conv2"])]
     stored = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).meta
     assert stored["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+
+
+def test_fast_layers_record_progress_the_first_time_and_at_the_end(env, monkeypatch):
+    # Saves (each with a cancel check: two Redis round trips) are PROGRESS_SECONDS apart at
+    # least, so a deep net of fast layers does not spend its time on them.
+    redis, store, queue, *_ = env
+    seen, checks = [], []
+    original_save, original_check = Job.save_meta, Store.run_state
+
+    def save(self):
+        seen.append(json.loads(json.dumps(self.meta.get("progress"))))
+        original_save(self)
+
+    def check(self, *args):
+        checks.append(args)
+        return original_check(self, *args)
+
+    monkeypatch.setattr(Job, "save_meta", save)
+    monkeypatch.setattr(Store, "run_state", check)
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 3600)
+    job_id = _submit(env)
+    burst(redis, SETTINGS)
+    assert seen == [None, {"layer": 1, "of": 4, "name": "conv1"},
+                    {"layer": 4, "of": 4, "name": "conv2"}]
+    assert len(checks) == 2  # before the first layer and after the last: none in between
+    assert job_status(queue, job_id)["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+    assert store.result_names(job_id) is not None
 
 
 def test_cancel_queued_job_deletes_everything(env):
@@ -168,6 +196,7 @@ def test_cancel_running_job_stops_between_layers(env, monkeypatch):
             assert cancel(queue, store, job.id) is True
 
     monkeypatch.setattr(jobs, "_save_progress", cancel_at_layer_two)
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0)  # check before every layer
     burst(redis, SETTINGS)
     assert layers == [None, 1, 2]  # layer 3 never started
     assert job_status(queue, job_id) is None
@@ -268,6 +297,7 @@ def test_superseded_run_stops_without_touching_the_job(env, monkeypatch):
             store.claim_run(job.id, "a-newer-attempt", ttl=60)
 
     monkeypatch.setattr(jobs, "_save_progress", newer_attempt_at_layer_two)
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0)  # check before every layer
     burst(redis, SETTINGS)
     status = job_status(queue, job_id)
     # Left as the newer attempt will find it: started, no error, no result, not failed.
