@@ -309,6 +309,35 @@ def bench_latency(stack: Stack, count: int) -> None:
           f"{ms(statistics.median(compute))} ms (worker), rest of the infer view (parse, "
           f"enqueue, wake, read) {ms(statistics.median(api))} ms, HTTP (client, gunicorn) "
           f"{ms(statistics.median(http))} ms")
+    bench_deep_latency(stack, image, count)
+
+
+def bench_deep_latency(stack: Stack, image: np.ndarray, count: int) -> None:
+    """p50/p95 of one 32x32 image through 20 conv+ReLU layers of 16 filters: per-layer costs."""
+    rng = np.random.default_rng(3)
+    layers, arrays, c = [], {}, 3
+    for i in range(20):
+        layers += [{"name": f"c{i}", "type": "conv", "filters": 16, "size": 3, "pad": 1},
+                   {"name": f"r{i}", "type": "relu"}]
+        arrays[f"c{i}.w"] = (rng.standard_normal((16, 3, 3, c)) * 0.2).astype(np.float32)
+        arrays[f"c{i}.b"] = np.zeros(16, np.float32)
+        c = 16
+    stack.upload("deep", {"name": "deep", "input": {"height": 32, "width": 32, "channels": 3},
+                          "layers": layers}, arrays)
+    body, headers = binary_request(image, ["r19"])
+    session = requests.Session()
+    for _ in range(5):
+        infer(session, stack.base, "deep", body, headers, "r19", (1, 32, 32, 16))
+    times, compute = [], []
+    for _ in range(count):
+        t = time.perf_counter()
+        infer(session, stack.base, "deep", body, headers, "r19", (1, 32, 32, 16))
+        times.append(time.perf_counter() - t)
+        compute.append(LAST_TIMING.get("compute", 0.0))
+    q = statistics.quantiles(times, n=20)
+    print(f"   the same image through 20 conv 3x3 K16 + ReLU layers: p50 "
+          f"{ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   worker "
+          f"{ms(statistics.median(compute))} ms")
 
 
 def bench_throughput(stack: Stack, jobs: int) -> None:
