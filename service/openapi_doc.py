@@ -156,7 +156,9 @@ SCHEMAS = {
         "status": {"enum": ["queued", "started", "finished", "failed", "canceled"]},
         "model": {"type": ["string", "null"]}, "version": {"type": ["integer", "null"]},
         "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
-        "progress": {"type": ["object", "null"], "properties": {
+        "progress": {"type": ["object", "null"], "description": "The layer the job has "
+                     "reached, 1-based, updated at most every 50 ms and at the end.",
+                     "properties": {
             "layer": {"type": "integer"}, "of": {"type": "integer"}, "name": {"type": "string"}}},
         "timings": {"type": "object"}, "error": {"type": ["string", "null"]},
         "attempt": {"type": "integer"}}},
