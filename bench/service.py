@@ -56,6 +56,7 @@ class Stack:
                                   str(self.redis_port), "--save", "", "--appendonly", "no",
                                   "--dir", str(self.dir)], "redis")
         self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.blob_dir: Path | None = None
         self.env = {**os.environ, "REDIS_URL": self.url, "CONVQ_THREADS": str(threads),
                     "PYTHONPATH": str(ROOT), "CONVQ_API_PROCESSES": "1",
                     "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20)}
@@ -118,7 +119,7 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-        if hasattr(self, "blob_dir"):
+        if self.blob_dir is not None:
             shutil.rmtree(self.blob_dir.parent, ignore_errors=True)
 
     def upload(self, name: str, spec: dict, arrays: dict) -> None:

@@ -109,17 +109,24 @@ class ConvWeights:
         self._winograd: tuple[np.ndarray, np.ndarray] | None = None
         self._grouped: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
+    def _matrix(self) -> np.ndarray:
+        k = self.w.shape[0]
+        return _args.read_only(np.ascontiguousarray(self.w.reshape(k, -1).T))
+
     def wmat(self) -> np.ndarray:
-        """Return w as the (FH*FW*C, K) GEMM operand."""
+        """Return w as the (FH*FW*C, K) GEMM operand (the BLAS fallback's; kept)."""
         if self._wmat is None:
-            k = self.w.shape[0]
-            self._wmat = _args.read_only(np.ascontiguousarray(self.w.reshape(k, -1).T))
+            self._wmat = self._matrix()
         return self._wmat
 
     def gemm_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return the micro-kernel's packed (blocks, table) of wmat (engine._gemm)."""
+        """Return the micro-kernel's packed (blocks, table) of wmat (engine._gemm).
+
+        The operand it is packed from is not kept: the blocks are all the micro-kernel reads.
+        """
         if self._gemm is None:
-            self._gemm = _gemm.pack_weights(self.wmat())
+            self._gemm = _gemm.pack_weights(self._wmat if self._wmat is not None
+                                            else self._matrix())
         return self._gemm
 
     @property

@@ -206,9 +206,12 @@ class Store:
         key = self.input_key(job_id)
         size = int(bulk_client(self.redis).strlen(key))
         if 0 < size <= 128:  # a file reference (a .npy is never this short)
-            raw = self.redis.get(key)
-            if raw is not None and raw.startswith(_FILE_REF):
-                return from_npy(self._map(raw[len(_FILE_REF):].decode(), writable=True)), True
+            small = self.redis.get(key)
+            if small is None:
+                return None, False
+            if small.startswith(_FILE_REF):
+                return from_npy(self._map(small[len(_FILE_REF):].decode(), writable=True)), True
+            return from_npy(bytearray(small)), False  # already read whole
         raw = self._read_into(key, size or None)
         return (None if raw is None else from_npy(raw)), False
 
