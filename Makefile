@@ -8,6 +8,7 @@ test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, 
 
 lint:
 	$(PYTHON) -m ruff check engine worker service tests bench
+	$(PYTHON) -m ruff format --check engine worker service tests bench
 
 bench:
 	$(PYTHON) bench/engine.py

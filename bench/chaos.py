@@ -37,12 +37,22 @@ BLOB_DIR: str | None = None
 
 def tiny_model() -> Model:
     rng = np.random.default_rng(0)
-    spec = {"name": "chaos", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 4, "size": 3, "pad": 1},
-                       {"name": "r", "type": "relu"},
-                       {"name": "p", "type": "maxpool", "size": 2}]}
-    return Model.from_arrays(spec, {"c.w": rng.standard_normal((4, 3, 3, 1)).astype(np.float32),
-                                    "c.b": rng.standard_normal(4).astype(np.float32)})
+    spec = {
+        "name": "chaos",
+        "input": {"channels": 1},
+        "layers": [
+            {"name": "c", "type": "conv", "filters": 4, "size": 3, "pad": 1},
+            {"name": "r", "type": "relu"},
+            {"name": "p", "type": "maxpool", "size": 2},
+        ],
+    }
+    return Model.from_arrays(
+        spec,
+        {
+            "c.w": rng.standard_normal((4, 3, 3, 1)).astype(np.float32),
+            "c.b": rng.standard_normal(4).astype(np.float32),
+        },
+    )
 
 
 class Client:
@@ -52,21 +62,32 @@ class Client:
         self.base = base
         self.version = version
         self.redis = connect(url)
-        self.store = Store(self.redis, result_ttl=ARGS.result_ttl, input_ttl=600,
-                           blob_dir=BLOB_DIR)
+        self.store = Store(self.redis, result_ttl=ARGS.result_ttl, input_ttl=600, blob_dir=BLOB_DIR)
         self.queue = make_queue(self.redis)
         if base:
             import requests
+
             self.http = requests.Session()
 
     def submit(self, image: np.ndarray) -> str:
         if not self.base:
-            return submit(self.queue, self.store, model="chaos", version=self.version,
-                          images=image[None], outputs=["p"], owner=None)
+            return submit(
+                self.queue,
+                self.store,
+                model="chaos",
+                version=self.version,
+                images=image[None],
+                outputs=["p"],
+                owner=None,
+            )
         buf = io.BytesIO()
         np.save(buf, image, allow_pickle=False)
-        resp = self.http.post(f"{self.base}/v2/models/chaos/jobs", timeout=10,
-                              files={"images": ("x.npy", buf.getvalue())}, data={"outputs": "p"})
+        resp = self.http.post(
+            f"{self.base}/v2/models/chaos/jobs",
+            timeout=10,
+            files={"images": ("x.npy", buf.getvalue())},
+            data={"outputs": "p"},
+        )
         if resp.status_code != 202:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
         return resp.json()["id"]
@@ -91,7 +112,7 @@ def run_clients(url, base, version, images, latencies, accepted, rejected):
                     job_id = client.submit(images[i])
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: count and retry
                     rejected[type(exc).__name__] += 1
-                    time.sleep(min(0.1 * 2 ** attempt, 2.0))
+                    time.sleep(min(0.1 * 2**attempt, 2.0))
                     continue
                 latencies.append(time.perf_counter() - began)
                 accepted[job_id] = i
@@ -199,13 +220,16 @@ def main() -> int:
     time.sleep(ARGS.result_ttl + 5)
     mem_after = watcher.redis.info("memory")["used_memory"]
     keys_after = watcher.redis.dbsize()
-    kinds = collections.Counter(":".join(k.decode().split(":")[:2])
-                                for k in watcher.redis.scan_iter(count=1000))
+    kinds = collections.Counter(
+        ":".join(k.decode().split(":")[:2]) for k in watcher.redis.scan_iter(count=1000)
+    )
 
     lat = sorted(latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
-    print(f"\nconvq chaos: {ARGS.jobs} jobs, {ARGS.clients} clients, {ARGS.workers} workers, "
-          f"via {'HTTP API' if base else 'Redis (no service.cli)'}")
+    print(
+        f"\nconvq chaos: {ARGS.jobs} jobs, {ARGS.clients} clients, {ARGS.workers} workers, "
+        f"via {'HTTP API' if base else 'Redis (no service.cli)'}"
+    )
     for line in events:
         print("  " + line)
     rows = [
@@ -221,13 +245,19 @@ def main() -> int:
         ("all submitted after s", f"{submitted_in:.1f}"),
         ("all ended after s", f"{drained_in:.1f}"),
         ("Redis used_memory at end", f"{mem_before / 1e6:.2f} MB"),
-        (f"Redis used_memory after result TTL ({ARGS.result_ttl} s)",
-         f"{mem_after / 1e6:.2f} MB ({keys_after} keys)"),
+        (
+            f"Redis used_memory after result TTL ({ARGS.result_ttl} s)",
+            f"{mem_after / 1e6:.2f} MB ({keys_after} keys)",
+        ),
     ]
     if BLOB_DIR:
         files = list(Path(BLOB_DIR).iterdir())
-        rows.append(("blob files left (deleted past TTL + 300 s)",
-                     f"{len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB"))
+        rows.append(
+            (
+                "blob files left (deleted past TTL + 300 s)",
+                f"{len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB",
+            )
+        )
     for name, value in rows:
         print(f"  {name:<44} {value}")
     print("  keys left by kind:", ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
@@ -252,9 +282,17 @@ if __name__ == "__main__":
     parser.add_argument("--kill-every", type=float, default=10.0)
     parser.add_argument("--result-ttl", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=240.0, help="drain limit, seconds")
-    parser.add_argument("--via", choices=["http", "redis"], default="http",
-                        help="submit over the HTTP API (default) or straight to the RQ queue")
-    parser.add_argument("--store", choices=["files", "redis"], default="files",
-                        help="job data in a shared CONVQ_BLOB_DIR (default, as compose) or Redis")
+    parser.add_argument(
+        "--via",
+        choices=["http", "redis"],
+        default="http",
+        help="submit over the HTTP API (default) or straight to the RQ queue",
+    )
+    parser.add_argument(
+        "--store",
+        choices=["files", "redis"],
+        default="files",
+        help="job data in a shared CONVQ_BLOB_DIR (default, as compose) or Redis",
+    )
     ARGS = parser.parse_args()
     sys.exit(main())

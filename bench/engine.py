@@ -150,10 +150,13 @@ def ort_fn(layer: Layer, n: int, threads: int):
         inits = []
     else:
         node = helper.make_node("Conv", ["x", "w", "b"], ["y"], dilations=[layer.d] * 2, **attrs)
-        inits = [numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 3, 1, 2)), "w"),
-                 numpy_helper.from_array(b, "b")]
+        inits = [
+            numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 3, 1, 2)), "w"),
+            numpy_helper.from_array(b, "b"),
+        ]
     graph = helper.make_graph(
-        [node], layer.name,
+        [node],
+        layer.name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xn.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, k, layer.hout, layer.hout])],
         inits,
@@ -273,8 +276,10 @@ def report(n: int, rows: list[tuple[Layer, dict, dict]], impls: list[str]) -> No
         fmt = lambda v: f"{v / 1e6:.1f}" if v is not None else "-"  # noqa: E731
         line += f"{best:>7.2f}{fmt(mem.get('engine')):>8}{fmt(mem.get('torch')):>9}{limit:>9.1f}"
         print(line)
-    print("geomean engine/" + ", engine/".join(
-        f"{name} {geomean(v):.2f}x" for name, v in ratios.items() if v))
+    print(
+        "geomean engine/"
+        + ", engine/".join(f"{name} {geomean(v):.2f}x" for name, v in ratios.items() if v)
+    )
 
 
 def main(argv=None) -> int:
@@ -285,8 +290,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="5 rounds, no memory subprocesses")
     ap.add_argument("--no-mem", action="store_true")
-    ap.add_argument("--native-blas", action="store_true",
-                    help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE from the environment")
+    ap.add_argument(
+        "--native-blas",
+        action="store_true",
+        help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE from the environment",
+    )
     args = ap.parse_args(argv)
     if args.native_blas and ("OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ):
         drop = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -305,10 +313,12 @@ def main(argv=None) -> int:
     from worker.horse import keep_freed_memory
 
     keep_freed_memory()
-    print(f"threads={args.threads} rounds={rounds} impls={','.join(impls)} "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
-          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
-          f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
+    print(
+        f"threads={args.threads} rounds={rounds} impls={','.join(impls)} "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
+        f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
+        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}"
+    )
     # Every timing first, then the memory subprocesses: timed after them, the engine's and
     # PyTorch's OpenMP layers ran up to 1.8x slower at N=1 for the rest of the run (ORT did not),
     # so interleaving them skewed every layer after the first.

@@ -52,14 +52,32 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix="convq-bench-"))
         self.redis_port = free_port()
         self.procs: list[subprocess.Popen] = []
-        self.redis = self._spawn(["redis-server", "--bind", "127.0.0.1", "--port",
-                                  str(self.redis_port), "--save", "", "--appendonly", "no",
-                                  "--dir", str(self.dir)], "redis")
+        self.redis = self._spawn(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            "redis",
+        )
         self.url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.blob_dir: Path | None = None
-        self.env = {**os.environ, "REDIS_URL": self.url, "CONVQ_THREADS": str(threads),
-                    "PYTHONPATH": str(ROOT), "CONVQ_API_PROCESSES": "1",
-                    "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20)}
+        self.env = {
+            **os.environ,
+            "REDIS_URL": self.url,
+            "CONVQ_THREADS": str(threads),
+            "PYTHONPATH": str(ROOT),
+            "CONVQ_API_PROCESSES": "1",
+            "CONVQ_MAX_CONTENT_LENGTH": str(256 << 20),
+        }
         if blobs:
             root = Path(tempfile.mkdtemp(dir=blob_root)) if blob_root else self.dir
             self.blob_dir = root / "blobs"
@@ -68,15 +86,29 @@ class Stack:
             self.env.pop("CONVQ_BLOB_DIR", None)
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self._spawn([sys.executable, "-c", "import sys; from service.cli import main; "
-                     "sys.exit(main())", "api", "--port", str(port)], "api")
+        self._spawn(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from service.cli import main; sys.exit(main())",
+                "api",
+                "--port",
+                str(port),
+            ],
+            "api",
+        )
         self.workers: list[subprocess.Popen] = []
         self._wait(lambda: requests.get(self.base + "/v2/health/live", timeout=1).ok, "api")
 
     def _spawn(self, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.dir / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                env=env or getattr(self, "env", None), cwd=ROOT)
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or getattr(self, "env", None),
+            cwd=ROOT,
+        )
         self.procs.append(proc)
         return proc
 
@@ -101,8 +133,13 @@ class Stack:
         for _ in range(n):
             self.workers.append(self._spawn([sys.executable, "-m", "worker"], "worker", env))
         want = len(self.workers)
-        self._wait(lambda: requests.get(self.base + "/v2/health/ready", timeout=5).json().get(
-            "workers", 0) >= want, "worker")
+        self._wait(
+            lambda: (
+                requests.get(self.base + "/v2/health/ready", timeout=5).json().get("workers", 0)
+                >= want
+            ),
+            "worker",
+        )
 
     def stop_workers(self) -> None:
         for proc in self.workers:
@@ -127,31 +164,51 @@ class Stack:
 
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        rv = requests.post(f"{self.base}/v2/repository/models/{name}/load", timeout=120,
-                           files={"spec": ("spec.json", json.dumps(spec)),
-                                  "weights": ("w.npz", buf.getvalue())})
+        rv = requests.post(
+            f"{self.base}/v2/repository/models/{name}/load",
+            timeout=120,
+            files={"spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", buf.getvalue())},
+        )
         rv.raise_for_status()
 
 
 def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]:
     raw = images.tobytes()
-    head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8",
-                                   "shape": list(images.shape),
-                                   "parameters": {"binary_data_size": len(raw)}}],
-                       "outputs": [{"name": o, "parameters": {"binary_data": True}}
-                                   for o in outputs]}).encode()
-    return head + raw, {"Inference-Header-Content-Length": str(len(head)),
-                        "Content-Type": "application/octet-stream"}
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": list(images.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
+        }
+    ).encode()
+    return head + raw, {
+        "Inference-Header-Content-Length": str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 LAST_TIMING: dict[str, float] = {}
 
 
-def infer(session: requests.Session, base: str, model: str, body: bytes, headers: dict,
-          name: str, shape: tuple) -> np.ndarray:
+def infer(
+    session: requests.Session,
+    base: str,
+    model: str,
+    body: bytes,
+    headers: dict,
+    name: str,
+    shape: tuple,
+) -> np.ndarray:
     """POST one binary V2 inference; return the named output (Server-Timing in LAST_TIMING)."""
-    rv = session.post(f"{base}/v2/models/{model}/infer", data=body, headers=headers,
-                      timeout=600, stream=True)
+    rv = session.post(
+        f"{base}/v2/models/{model}/infer", data=body, headers=headers, timeout=600, stream=True
+    )
     rv.raise_for_status()
     # One read of the whole body: requests' .content reads in 10 KB pieces, slow for 37 MB.
     data = rv.raw.read(decode_content=True)
@@ -239,10 +296,14 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
 
     keep_freed_memory()
     session = requests.Session()
-    print(f"\n1. demo AlexNet conv1 -> relu1 -> pool1 on 32 images 227x227x3, {threads} "
-          f"thread(s), median of {rounds}")
-    print("   output                     engine alone   HTTP infer   ratio | of which: read  "
-          "submit   queue  worker  answer    send | TCP floor  Redis floor")
+    print(
+        f"\n1. demo AlexNet conv1 -> relu1 -> pool1 on 32 images 227x227x3, {threads} "
+        f"thread(s), median of {rounds}"
+    )
+    print(
+        "   output                     engine alone   HTTP infer   ratio | of which: read  "
+        "submit   queue  worker  answer    send | TCP floor  Redis floor"
+    )
     for name in ("pool1", "conv1"):  # pool1 is the job's default output (the last layer)
         body, headers = binary_request(images, [name])
         expect = model.run(images, outputs=[name])[name]
@@ -258,34 +319,47 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
             http.append(time.perf_counter() - t)
             spans.append(dict(LAST_TIMING, total=http[-1]))
         a, h = statistics.median(alone), statistics.median(http)
-        part = {key: statistics.median(s.get(key, 0.0) for s in spans)
-                for key in ("read", "submit", "queue", "compute")}
-        part["answer"] = statistics.median(s.get("infer", 0.0) - sum(s.get(k, 0.0) for k in (
-            "read", "submit", "queue", "compute")) for s in spans)
+        part = {
+            key: statistics.median(s.get(key, 0.0) for s in spans)
+            for key in ("read", "submit", "queue", "compute")
+        }
+        part["answer"] = statistics.median(
+            s.get("infer", 0.0) - sum(s.get(k, 0.0) for k in ("read", "submit", "queue", "compute"))
+            for s in spans
+        )
         part["send"] = statistics.median(s["total"] - s.get("infer", 0.0) for s in spans)
         tcp = tcp_floor(len(body), expect.nbytes + 200, rounds)
         floor = redis_floor(stack, images, expect, rounds)
         label = f"{name} {'x'.join(map(str, expect.shape))} ({expect.nbytes / 2**20:.0f} MiB)"
-        print(f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x |"
-              + "".join(ms(v) for v in part.values())
-              + f" | {ms(tcp)} = {(a + tcp) / a:.2f}x  {ms(floor)} = {(a + floor) / a:.2f}x")
-    print("   read: body received + decoded; submit: checks, input stored, job queued; queue: "
-          "waiting for the worker;\n   worker: job start to end (input read, engine, result "
-          "written); answer: the worker's end to the answer's\n   first byte (job saved, API "
-          "woken, result opened); send: the rest of the client's time (request line, body sent "
-          "and read).\n   TCP floor: the request "
-          "and response bytes over loopback TCP between two processes, no HTTP, no work;\n"
-          "   engine + TCP floor is the best ratio any HTTP service reaches on this machine. "
-          "Redis floor: the same bytes\n   through Redis (input SET + GET, result SET + GETRANGE "
-          "slices), what a design that moves them through Redis adds.")
+        print(
+            f"   {label:<26} {ms(a)} ms  {ms(h)} ms  {h / a:5.2f}x |"
+            + "".join(ms(v) for v in part.values())
+            + f" | {ms(tcp)} = {(a + tcp) / a:.2f}x  {ms(floor)} = {(a + floor) / a:.2f}x"
+        )
+    print(
+        "   read: body received + decoded; submit: checks, input stored, job queued; queue: "
+        "waiting for the worker;\n   worker: job start to end (input read, engine, result "
+        "written); answer: the worker's end to the answer's\n   first byte (job saved, API "
+        "woken, result opened); send: the rest of the client's time (request line, body sent "
+        "and read).\n   TCP floor: the request "
+        "and response bytes over loopback TCP between two processes, no HTTP, no work;\n"
+        "   engine + TCP floor is the best ratio any HTTP service reaches on this machine. "
+        "Redis floor: the same bytes\n   through Redis (input SET + GET, result SET + GETRANGE "
+        "slices), what a design that moves them through Redis adds."
+    )
 
 
 def bench_latency(stack: Stack, count: int) -> None:
     rng = np.random.default_rng(1)
-    spec = {"name": "small", "input": {"height": 32, "width": 32, "channels": 3},
-            "layers": [{"name": "conv", "type": "conv", "filters": 32, "size": 5, "pad": 2}]}
-    arrays = {"conv.w": (rng.standard_normal((32, 5, 5, 3)) * 0.1).astype(np.float32),
-              "conv.b": np.zeros(32, np.float32)}
+    spec = {
+        "name": "small",
+        "input": {"height": 32, "width": 32, "channels": 3},
+        "layers": [{"name": "conv", "type": "conv", "filters": 32, "size": 5, "pad": 2}],
+    }
+    arrays = {
+        "conv.w": (rng.standard_normal((32, 5, 5, 3)) * 0.1).astype(np.float32),
+        "conv.b": np.zeros(32, np.float32),
+    }
     stack.upload("small", spec, arrays)
     image = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
     body, headers = binary_request(image, ["conv"])
@@ -302,14 +376,17 @@ def bench_latency(stack: Stack, count: int) -> None:
         view.append(LAST_TIMING.get("infer", 0.0))
     q = statistics.quantiles(times, n=20)
     print(f"\n2. one 32x32x3 image, conv K32 F5 P2, POST /infer sequentially x{count}")
-    print(f"   p50 {ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   "
-          f"min {ms(min(times))} ms")
+    print(
+        f"   p50 {ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   min {ms(min(times))} ms"
+    )
     api = [v - a - b for v, a, b in zip(view, queue, compute, strict=True)]
     http = [t - v for t, v in zip(times, view, strict=True)]
-    print(f"   medians: enqueued->started {ms(statistics.median(queue))} ms, started->ended "
-          f"{ms(statistics.median(compute))} ms (worker), rest of the infer view (parse, "
-          f"enqueue, wake, read) {ms(statistics.median(api))} ms, HTTP (client, gunicorn) "
-          f"{ms(statistics.median(http))} ms")
+    print(
+        f"   medians: enqueued->started {ms(statistics.median(queue))} ms, started->ended "
+        f"{ms(statistics.median(compute))} ms (worker), rest of the infer view (parse, "
+        f"enqueue, wake, read) {ms(statistics.median(api))} ms, HTTP (client, gunicorn) "
+        f"{ms(statistics.median(http))} ms"
+    )
     bench_deep_latency(stack, image, count)
 
 
@@ -318,13 +395,18 @@ def bench_deep_latency(stack: Stack, image: np.ndarray, count: int) -> None:
     rng = np.random.default_rng(3)
     layers, arrays, c = [], {}, 3
     for i in range(20):
-        layers += [{"name": f"c{i}", "type": "conv", "filters": 16, "size": 3, "pad": 1},
-                   {"name": f"r{i}", "type": "relu"}]
+        layers += [
+            {"name": f"c{i}", "type": "conv", "filters": 16, "size": 3, "pad": 1},
+            {"name": f"r{i}", "type": "relu"},
+        ]
         arrays[f"c{i}.w"] = (rng.standard_normal((16, 3, 3, c)) * 0.2).astype(np.float32)
         arrays[f"c{i}.b"] = np.zeros(16, np.float32)
         c = 16
-    stack.upload("deep", {"name": "deep", "input": {"height": 32, "width": 32, "channels": 3},
-                          "layers": layers}, arrays)
+    stack.upload(
+        "deep",
+        {"name": "deep", "input": {"height": 32, "width": 32, "channels": 3}, "layers": layers},
+        arrays,
+    )
     body, headers = binary_request(image, ["r19"])
     session = requests.Session()
     for _ in range(5):
@@ -336,9 +418,11 @@ def bench_deep_latency(stack: Stack, image: np.ndarray, count: int) -> None:
         times.append(time.perf_counter() - t)
         compute.append(LAST_TIMING.get("compute", 0.0))
     q = statistics.quantiles(times, n=20)
-    print(f"   the same image through 20 conv 3x3 K16 + ReLU layers: p50 "
-          f"{ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   worker "
-          f"{ms(statistics.median(compute))} ms")
+    print(
+        f"   the same image through 20 conv 3x3 K16 + ReLU layers: p50 "
+        f"{ms(statistics.median(times))} ms   p95 {ms(q[18])} ms   worker "
+        f"{ms(statistics.median(compute))} ms"
+    )
 
 
 def bench_throughput(stack: Stack, jobs: int) -> None:
@@ -350,16 +434,19 @@ def bench_throughput(stack: Stack, jobs: int) -> None:
     # clock runs from the next job's start to the last job's end (the workers' timestamps).
     images = np.random.default_rng(2).integers(0, 256, (16, 227, 227, 3), dtype=np.uint8)
     body, headers = binary_request(images, ["pool1"])
-    print(f"\n3. throughput: {jobs} queued jobs of 16 demo images (227x227 -> pool1), "
-          "workers of 1 thread")
+    print(
+        f"\n3. throughput: {jobs} queued jobs of 16 demo images (227x227 -> pool1), "
+        "workers of 1 thread"
+    )
     rates = {}
     session = requests.Session()
     for n in (1, 2):
         stack.stop_workers()
         ids = []
         for _ in range(jobs):
-            rv = session.post(f"{stack.base}/v2/models/alexnet/jobs", data=body,
-                              headers=headers, timeout=60)
+            rv = session.post(
+                f"{stack.base}/v2/models/alexnet/jobs", data=body, headers=headers, timeout=60
+            )
             rv.raise_for_status()
             ids.append(rv.json()["id"])
         stack.add_workers(n, threads=1)
@@ -378,8 +465,10 @@ def bench_throughput(stack: Stack, jobs: int) -> None:
         end = max(datetime.fromisoformat(t["ended_at"]) for t in timings)
         rates[n] = (jobs - n) / (end - start).total_seconds()
         compute = statistics.median(t["compute_seconds"] for t in timings[n:])
-        print(f"   {n} worker(s): {rates[n]:6.2f} jobs/s  ({16 * rates[n]:.0f} images/s), "
-              f"median job compute {ms(compute)} ms")
+        print(
+            f"   {n} worker(s): {rates[n]:6.2f} jobs/s  ({16 * rates[n]:.0f} images/s), "
+            f"median job compute {ms(compute)} ms"
+        )
     print(f"   scaling 2 vs 1: {rates[2] / rates[1]:.2f}x")
 
 
@@ -390,10 +479,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--latency", type=int, default=200, help="requests for table 2")
     p.add_argument("--jobs", type=int, default=32, help="jobs per throughput run")
-    p.add_argument("--store", choices=("files", "redis"), default="files",
-                   help="where job data goes: a shared CONVQ_BLOB_DIR (default) or Redis")
-    p.add_argument("--blob-root", help="make the blob directory under this path (default: the "
-                   "system's temporary directory; e.g. /dev/shm for a RAM-backed one)")
+    p.add_argument(
+        "--store",
+        choices=("files", "redis"),
+        default="files",
+        help="where job data goes: a shared CONVQ_BLOB_DIR (default) or Redis",
+    )
+    p.add_argument(
+        "--blob-root",
+        help="make the blob directory under this path (default: the "
+        "system's temporary directory; e.g. /dev/shm for a RAM-backed one)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8

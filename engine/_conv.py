@@ -122,7 +122,24 @@ def conv_pointwise(x2d, wmat, bias, out2d, per_image, nthreads, tile, relu):
 
 @njit(parallel=True, cache=True)
 def conv_im2col_mk(
-    x, blocks, table, bias, out2d, cols, tile, hout, wout, fh, fw, sh, sw, dh, dw, top, left, relu,
+    x,
+    blocks,
+    table,
+    bias,
+    out2d,
+    cols,
+    tile,
+    hout,
+    wout,
+    fh,
+    fw,
+    sh,
+    sw,
+    dh,
+    dw,
+    top,
+    left,
+    relu,
     counter,
 ):
     """conv_im2col with the micro-kernel: weights packed by _gemm.pack_weights, slots of cols
@@ -205,8 +222,22 @@ def local_gemm(x, w2d, bias, out, cols, fh, fw, sh, sw, dh, dw, top, left, relu)
                 n1 = min(n_img, n0 + block)
                 for n in range(n0, n1):
                     r = (n * hout + y) * wout + xo
-                    _pack(x, slot[n - n0 : n - n0 + 1], r, r + 1, hout, wout,
-                          fh, fw, sh, sw, dh, dw, top, left)
+                    _pack(
+                        x,
+                        slot[n - n0 : n - n0 + 1],
+                        r,
+                        r + 1,
+                        hout,
+                        wout,
+                        fh,
+                        fw,
+                        sh,
+                        sw,
+                        dh,
+                        dw,
+                        top,
+                        left,
+                    )
                 tmp = res[: n1 - n0]
                 np.dot(slot[: n1 - n0], wt, tmp)
                 for n in range(n0, n1):

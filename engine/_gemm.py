@@ -173,12 +173,48 @@ def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
             first, last = p0 == 0, p1 == kc
             if nr == 64:
                 for r in range(0, m, 6):
-                    _block64(ap, (ar0 + r) * kc, kc, none, bp, offset, p0, p1, op,
-                             (or0 + r) * k + j0, k, m - r, k - j0, biasp, j0, first, last, relu)
+                    _block64(
+                        ap,
+                        (ar0 + r) * kc,
+                        kc,
+                        none,
+                        bp,
+                        offset,
+                        p0,
+                        p1,
+                        op,
+                        (or0 + r) * k + j0,
+                        k,
+                        m - r,
+                        k - j0,
+                        biasp,
+                        j0,
+                        first,
+                        last,
+                        relu,
+                    )
             else:
                 for r in range(0, m, 8):
-                    _block48(ap, (ar0 + r) * kc, kc, none, bp, offset, p0, p1, op,
-                             (or0 + r) * k + j0, k, m - r, k - j0, biasp, j0, first, last, relu)
+                    _block48(
+                        ap,
+                        (ar0 + r) * kc,
+                        kc,
+                        none,
+                        bp,
+                        offset,
+                        p0,
+                        p1,
+                        op,
+                        (or0 + r) * k + j0,
+                        k,
+                        m - r,
+                        k - j0,
+                        biasp,
+                        j0,
+                        first,
+                        last,
+                        relu,
+                    )
 
 
 @njit(cache=True)
@@ -201,8 +237,44 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
                 p1 = min(kc, p0 + KC)
                 first, last = p0 == 0, p1 == kc
                 if nr == 64:
-                    _implicit64(xp, base + r * rs, rs, offp, bp, offset, p0, p1, op,
-                                (or0 + r) * k + j0, k, mr, k - j0, biasp, j0, first, last, relu)
+                    _implicit64(
+                        xp,
+                        base + r * rs,
+                        rs,
+                        offp,
+                        bp,
+                        offset,
+                        p0,
+                        p1,
+                        op,
+                        (or0 + r) * k + j0,
+                        k,
+                        mr,
+                        k - j0,
+                        biasp,
+                        j0,
+                        first,
+                        last,
+                        relu,
+                    )
                 else:
-                    _implicit48(xp, base + r * rs, rs, offp, bp, offset, p0, p1, op,
-                                (or0 + r) * k + j0, k, mr, k - j0, biasp, j0, first, last, relu)
+                    _implicit48(
+                        xp,
+                        base + r * rs,
+                        rs,
+                        offp,
+                        bp,
+                        offset,
+                        p0,
+                        p1,
+                        op,
+                        (or0 + r) * k + j0,
+                        k,
+                        mr,
+                        k - j0,
+                        biasp,
+                        j0,
+                        first,
+                        last,
+                        relu,
+                    )

@@ -30,6 +30,8 @@ def group_size(tiles: int, nthreads: int) -> int:
     not depend on it: each tile's row of the GEMMs is computed on its own)."""
     rounds = -(-tiles // (nthreads * TILES))
     return min(TILES, -(-tiles // (nthreads * rounds)))
+
+
 # Floats added to each of the 16 planes of a buffer so planes are not a multiple of 4 KiB apart:
 # 16 streams at such a stride share one L1 set and evict each other (measured 10x slower).
 SKEW = 16
@@ -90,10 +92,24 @@ def _transform_filters(g, c, nk, blocks, table):
                 g20, g21, g22 = g[np.uintp(6), q], g[np.uintp(7), q], g[np.uintp(8), q]
                 # rows of G g: g0, (g0 + g1 + g2)/2, (g0 - g1 + g2)/2, g2
                 _filter_row(blocks, 0, col, g00, g01, g02, half)
-                _filter_row(blocks, 1, col, half * (g00 + g10 + g20),
-                            half * (g01 + g11 + g21), half * (g02 + g12 + g22), half)
-                _filter_row(blocks, 2, col, half * (g00 - g10 + g20),
-                            half * (g01 - g11 + g21), half * (g02 - g12 + g22), half)
+                _filter_row(
+                    blocks,
+                    1,
+                    col,
+                    half * (g00 + g10 + g20),
+                    half * (g01 + g11 + g21),
+                    half * (g02 + g12 + g22),
+                    half,
+                )
+                _filter_row(
+                    blocks,
+                    2,
+                    col,
+                    half * (g00 - g10 + g20),
+                    half * (g01 - g11 + g21),
+                    half * (g02 - g12 + g22),
+                    half,
+                )
                 _filter_row(blocks, 3, col, g20, g21, g22, half)
 
 
@@ -158,28 +174,65 @@ def _input_tile(xf, h, w, c, patch, tmp, v, vt0, vstride, n, y0, x0, dh, dw):
 
 
 @njit(cache=True)
-def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, nx, dh, dw,
-                 relu):
+def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, nx, dh, dw, relu):
     """Write Y = A^T M A (+ bias, ReLU) for the tile at m[mt0] (16 rows mstride apart) to the
     ny x nx valid outputs of of, the flat (N, Hout, Wout, K) output (all data pointers)."""
     # A^T M: row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3 (a row is four channel rows)
     for j in range(4):
-        _comb3(tmp, j * k, m, mt0 + j * mstride, m, mt0 + (4 + j) * mstride,
-               m, mt0 + (8 + j) * mstride, 1.0, k)
-        _comb3(tmp, (4 + j) * k, m, mt0 + (4 + j) * mstride, m, mt0 + (8 + j) * mstride,
-               m, mt0 + (12 + j) * mstride, -1.0, k)
+        _comb3(
+            tmp,
+            j * k,
+            m,
+            mt0 + j * mstride,
+            m,
+            mt0 + (4 + j) * mstride,
+            m,
+            mt0 + (8 + j) * mstride,
+            1.0,
+            k,
+        )
+        _comb3(
+            tmp,
+            (4 + j) * k,
+            m,
+            mt0 + (4 + j) * mstride,
+            m,
+            mt0 + (8 + j) * mstride,
+            m,
+            mt0 + (12 + j) * mstride,
+            -1.0,
+            k,
+        )
     for i in range(ny):
         row = ((n * hout + y0 + dh * i) * wout + x0) * k
         r = 4 * i * k
         _finish(of, row, tmp, r, tmp, r + k, tmp, r + 2 * k, 1.0, bias, relu, k)
         if nx == 2:
-            _finish(of, row + dw * k, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias,
-                    relu, k)
+            _finish(
+                of, row + dw * k, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias, relu, k
+            )
 
 
 @njit(parallel=True, cache=True)
 def conv3x3(
-    x, blocks, table, bias, out, ty0, tyn, tx0, txn, dh, dw, top, left, v, m, patch, group, relu,
+    x,
+    blocks,
+    table,
+    bias,
+    out,
+    ty0,
+    tyn,
+    tx0,
+    txn,
+    dh,
+    dw,
+    top,
+    left,
+    v,
+    m,
+    patch,
+    group,
+    relu,
     counter,
 ):
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
@@ -208,8 +261,22 @@ def conv3x3(
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
-                _input_tile(xf, h, w, c, pin, ptmp, vf, t * c, vt.shape[1], n, ty0[a] - top,
-                            tx0[b] - left, dh, dw)
+                _input_tile(
+                    xf,
+                    h,
+                    w,
+                    c,
+                    pin,
+                    ptmp,
+                    vf,
+                    t * c,
+                    vt.shape[1],
+                    n,
+                    ty0[a] - top,
+                    tx0[b] - left,
+                    dh,
+                    dw,
+                )
             for xi in range(16):
                 # whole planes: the micro-kernel may read (never store) rows past count
                 a_xi = vt[xi, : TILES * c].reshape((TILES, c))
@@ -218,6 +285,23 @@ def conv3x3(
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
-                _output_tile(mf, t * k, mt.shape[1], ptmp, biasp, k, of, hout, wout, n, ty0[a],
-                             tx0[b], tyn[a], txn[b], dh, dw, relu)
+                _output_tile(
+                    mf,
+                    t * k,
+                    mt.shape[1],
+                    ptmp,
+                    biasp,
+                    k,
+                    of,
+                    hout,
+                    wout,
+                    n,
+                    ty0[a],
+                    tx0[b],
+                    tyn[a],
+                    txn[b],
+                    dh,
+                    dw,
+                    relu,
+                )
             g = claim(counter)

@@ -126,8 +126,11 @@ class Model:
         self._spec = spec
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
         # Each conv's packed filters, made on its first run and reused by every later one.
-        self._conv_weights = {layer.name: ops.ConvWeights(self._arrays[layer.weights])
-                              for layer in spec.layers if layer.type == "conv"}
+        self._conv_weights = {
+            layer.name: ops.ConvWeights(self._arrays[layer.weights])
+            for layer in spec.layers
+            if layer.type == "conv"
+        }
 
     @classmethod
     def from_arrays(cls, spec: dict | Spec, arrays: Mapping[str, np.ndarray]) -> Model:
@@ -318,10 +321,10 @@ class Model:
             return ops.avg_pool2d(x, size, stride, pad, count_pad=layer.count_pad)
         bias = self._arrays[layer.bias] if layer.bias is not None else None
         if layer.type == "conv":
-            return ops.conv2d(x, self._conv_weights[layer.name], bias, stride, pad, dilation,
-                              relu=relu)
-        return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation,
-                           relu=relu)
+            return ops.conv2d(
+                x, self._conv_weights[layer.name], bias, stride, pad, dilation, relu=relu
+            )
+        return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.layer_names})"

@@ -25,8 +25,11 @@ def read_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     """Return the .npy header that precedes the raw C-order bytes of an array shape, dtype."""
-    info = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-            "shape": tuple(int(d) for d in shape)}
+    info = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(int(d) for d in shape),
+    }
     buf = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(buf, info)
@@ -46,11 +49,13 @@ def to_npy(array: np.ndarray) -> bytes:
 
 def npy_layout(data) -> tuple[tuple[int, ...], np.dtype, int]:
     """Return (shape, dtype, data offset) of C-order .npy bytes; ValueError for anything else."""
-    stream = io.BytesIO(bytes(memoryview(data)[:65536 + 16]))  # the longest 2.0 header
+    stream = io.BytesIO(bytes(memoryview(data)[: 65536 + 16]))  # the longest 2.0 header
     shape, fortran, dtype = read_header(stream)
     if fortran or dtype.hasobject:
-        raise ValueError(f"stored array is {dtype} fortran={fortran}; only C-order plain "
-                         "dtypes are read (allow_pickle=False)")
+        raise ValueError(
+            f"stored array is {dtype} fortran={fortran}; only C-order plain "
+            "dtypes are read (allow_pickle=False)"
+        )
     return shape, dtype, stream.tell()
 
 

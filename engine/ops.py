@@ -125,8 +125,9 @@ class ConvWeights:
         The operand it is packed from is not kept: the blocks are all the micro-kernel reads.
         """
         if self._gemm is None:
-            self._gemm = _gemm.pack_weights(self._wmat if self._wmat is not None
-                                            else self._matrix())
+            self._gemm = _gemm.pack_weights(
+                self._wmat if self._wmat is not None else self._matrix()
+            )
         return self._gemm
 
     @property
@@ -203,11 +204,14 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
                 x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu), _counter()
             )
         else:
-            _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile,
-                                 bool(relu))
+            _conv.conv_pointwise(
+                x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, bool(relu)
+            )
         return out
-    if MICROKERNEL and wout >= IMPLICIT_MIN_WIDTH and (
-        win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C
+    if (
+        MICROKERNEL
+        and wout >= IMPLICIT_MIN_WIDTH
+        and (win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C)
     ):
         _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, bool(relu))
         return out
@@ -216,15 +220,17 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
         blocks, table = cw.gemm_blocks()
-        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu),
-                             _counter())
+        _conv.conv_im2col_mk(
+            x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu), _counter()
+        )
     else:
         _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, bool(relu))
     return out
 
 
-def _implicit_conv(x, cw: ConvWeights, bias, out2d, win: Window, hout, wout, nthreads,
-                   relu) -> None:
+def _implicit_conv(
+    x, cw: ConvWeights, bias, out2d, win: Window, hout, wout, nthreads, relu
+) -> None:
     """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out2d (M, K)."""
     n, h, w, c = x.shape
     xp = x
@@ -240,14 +246,27 @@ def _implicit_conv(x, cw: ConvWeights, bias, out2d, win: Window, hout, wout, nth
         k = out2d.shape[1]
         blocks, table, cols = cw.grouped_blocks(g, win.sw)
         offs = _window_offsets(win.fh, win.fw + (g - 1) * win.sw, c, win.dh, 1, xp.shape[2])
-        _conv.conv_implicit_mk(xp, offs, blocks, table, _args.read_only(bias[cols]),
-                               out2d.reshape(-1, g * k), nthreads, hout, wout // g, win.sh,
-                               g * win.sw, relu, _counter())
+        _conv.conv_implicit_mk(
+            xp,
+            offs,
+            blocks,
+            table,
+            _args.read_only(bias[cols]),
+            out2d.reshape(-1, g * k),
+            nthreads,
+            hout,
+            wout // g,
+            win.sh,
+            g * win.sw,
+            relu,
+            _counter(),
+        )
         return
     offs = _window_offsets(win.fh, win.fw, c, win.dh, win.dw, xp.shape[2])
     blocks, table = cw.gemm_blocks()
-    _conv.conv_implicit_mk(xp, offs, blocks, table, bias, out2d, nthreads, hout, wout,
-                           win.sh, win.sw, relu, _counter())
+    _conv.conv_implicit_mk(
+        xp, offs, blocks, table, bias, out2d, nthreads, hout, wout, win.sh, win.sw, relu, _counter()
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -259,8 +278,7 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
     return _args.read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
 
 
-def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int,
-                   relu: bool) -> None:
+def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu: bool) -> None:
     """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
     k, c = cw.w.shape[0], cw.w.shape[3]
     blocks, table = cw.winograd_blocks()
@@ -270,10 +288,27 @@ def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int,
     v = _scratch("wino_v", (nthreads, 16, t * c + _winograd.SKEW))
     m = _scratch("wino_m", (nthreads, 16, t * k + _winograd.SKEW))
     patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
-    _winograd.conv3x3(x, blocks, table, bias, out, ty0, tyn, tx0, txn, win.dh, win.dw,
-                      win.top, win.left, v, m, patch,
-                      _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads), relu,
-                      _counter())
+    _winograd.conv3x3(
+        x,
+        blocks,
+        table,
+        bias,
+        out,
+        ty0,
+        tyn,
+        tx0,
+        txn,
+        win.dh,
+        win.dw,
+        win.top,
+        win.left,
+        v,
+        m,
+        patch,
+        _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads),
+        relu,
+        _counter(),
+    )
 
 
 def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -285,8 +320,11 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
     w = _args.weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
     hout, wout, k, fh, fw, c = w.shape
     _args.channels(x, c)
-    bias = (_args.read_only(np.zeros((hout, wout, k), np.float32)) if b is None
-            else _args.param(b, (hout, wout, k), "b"))
+    bias = (
+        _args.read_only(np.zeros((hout, wout, k), np.float32))
+        if b is None
+        else _args.param(b, (hout, wout, k), "b")
+    )
     win = Window.make([fh, fw], stride, pad, dilation)
     got = win.out_hw(x.shape[1], x.shape[2])
     if got != (hout, wout):
@@ -303,8 +341,20 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
     nthreads = _threads.enter(n * hout * wout * k * width)
     cols = _columns(nthreads, min(n, LOCAL_BLOCK), width)
     _conv.local_gemm(
-        x, w.reshape(hout, wout, k, width), bias, out, cols, fh, fw,
-        win.sh, win.sw, win.dh, win.dw, win.top, win.left, bool(relu),
+        x,
+        w.reshape(hout, wout, k, width),
+        bias,
+        out,
+        cols,
+        fh,
+        fw,
+        win.sh,
+        win.sw,
+        win.dh,
+        win.dw,
+        win.top,
+        win.left,
+        bool(relu),
     )
     return out
 
@@ -358,8 +408,13 @@ def preprocess(images, scale: float, mean, std) -> np.ndarray:
     out = np.empty((n, h, w, c), np.float32)
     if out.size:
         _threads.enter(out.size * 4)
-        _pool.preprocess(images.reshape(n, h, w * c), np.float32(scale), row(mean), row(std),
-                         out.reshape(n, h, w * c))
+        _pool.preprocess(
+            images.reshape(n, h, w * c),
+            np.float32(scale),
+            row(mean),
+            row(std),
+            out.reshape(n, h, w * c),
+        )
     return out
 
 
@@ -374,12 +429,20 @@ def warmup() -> None:
         wide = _args.input_array(rng.standard_normal((1, 3, 14, 2)).astype(np.float32))
         out2d = np.empty((12, 2), np.float32)
         bias2 = _args.read_only(np.zeros(2, np.float32))
-        _implicit_conv(wide, ConvWeights(w3), bias2, out2d, Window.make(3), 1, 12,
-                       _threads.enter(), True)
+        _implicit_conv(
+            wide, ConvWeights(w3), bias2, out2d, Window.make(3), 1, 12, _threads.enter(), True
+        )
         out = np.empty((1, 5, 5, 2), np.float32)
         bias = _args.read_only(np.zeros(2, np.float32))
-        _winograd_conv(_args.input_array(x), ConvWeights(w3), bias, out, Window.make(3, 1, 1),
-                       _threads.enter(), True)
+        _winograd_conv(
+            _args.input_array(x),
+            ConvWeights(w3),
+            bias,
+            out,
+            Window.make(3, 1, 1),
+            _threads.enter(),
+            True,
+        )
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)
@@ -388,6 +451,13 @@ def warmup() -> None:
 
 
 __all__ = [
-    "ConvWeights", "avg_pool2d", "conv2d", "local2d", "max_pool2d", "relu", "set_threads",
-    "get_threads", "warmup",
+    "ConvWeights",
+    "avg_pool2d",
+    "conv2d",
+    "local2d",
+    "max_pool2d",
+    "relu",
+    "set_threads",
+    "get_threads",
+    "warmup",
 ]

@@ -36,8 +36,10 @@ class ModelCache:
         model = Model.from_bytes(spec, weights, filename="weights.safetensors")
         with self._lock:
             self._models[key] = (model, len(weights))
-            while (len(self._models) > 1
-                   and sum(size for _, size in self._models.values()) > self.max_bytes):
+            while (
+                len(self._models) > 1
+                and sum(size for _, size in self._models.values()) > self.max_bytes
+            ):
                 self._models.popitem(last=False)
         return model
 
@@ -70,8 +72,13 @@ def _connect(app: Flask) -> Convq:
         url = app.config.get("REDIS_URL") or settings.redis_url
         redis = connect(url, socket_timeout=float(app.config["SOCKET_TIMEOUT"]))
     store = Store.from_settings(redis, settings)
-    return Convq(redis=redis, queue=make_queue(redis, settings.queue), store=store,
-                 settings=settings, models=ModelCache(int(app.config["MODEL_CACHE_BYTES"])))
+    return Convq(
+        redis=redis,
+        queue=make_queue(redis, settings.queue),
+        store=store,
+        settings=settings,
+        models=ModelCache(int(app.config["MODEL_CACHE_BYTES"])),
+    )
 
 
 def create_app(test_config: dict | None = None) -> Flask:

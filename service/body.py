@@ -38,8 +38,9 @@ def _decode(data: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return data
     if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported "
-                                   "(use gzip, deflate or none)")
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)"
+        )
     # 32 + 15: accept a zlib or gzip header, whichever the client sent.
     inflater = zlib.decompressobj(47)
     try:

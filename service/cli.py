@@ -30,9 +30,12 @@ def _serve_args(prog: str, argv: list[str], workers: int) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"convq {prog}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--workers", type=int, default=workers,
-                   help=f"{'worker threads' if prog == 'up' else 'API processes'} "
-                        f"(default {workers})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"{'worker threads' if prog == 'up' else 'API processes'} (default {workers})",
+    )
     return p.parse_args(argv)
 
 
@@ -77,7 +80,7 @@ Submit an image with curl, then poll the job and fetch a layer as a picture:
   curl -s{auth} -o pool1.npy "{base}/v2/jobs/<id>/result?output=pool1&format=npy"
 
 Or with the client (progress bar, saves .npz and PNG grids):
-  convq submit --url {base} --model demo {' '.join(str(f) for f in files)}
+  convq submit --url {base} --model demo {" ".join(str(f) for f in files)}
 
 API document: {base}/openapi.json   Web page: {base}/   Ctrl+C stops.
 """
@@ -110,8 +113,10 @@ def up(argv: list[str]) -> int:
     app = create_app(config)
     ext = app.extensions["convq"]
     load_demo(ext.store)
-    print("warming up the engine (the first run on a machine compiles its kernels, ~30 s) ...",
-          flush=True)
+    print(
+        "warming up the engine (the first run on a machine compiles its kernels, ~30 s) ...",
+        flush=True,
+    )
     began = time.monotonic()
     handle = start_workers(ext.redis, settings, n=args.workers)
     print(f"engine ready in {time.monotonic() - began:.1f} s", flush=True)
@@ -119,6 +124,7 @@ def up(argv: list[str]) -> int:
     where = "embedded in-process Redis" if "REDIS" in config else settings.redis_url
     print(f"{args.workers} worker(s) over {where}", flush=True)
     print(how_to_submit(f"http://{args.host}:{server.server_port}"), flush=True)
+
     def stop(signum, frame):  # SIGTERM (docker stop, systemd, kill) ends it as Ctrl+C does
         raise KeyboardInterrupt
 
@@ -143,13 +149,20 @@ def api(argv: list[str]) -> int:
 
     class Gunicorn(BaseApplication):
         def load_config(self):
-            for key, value in {"bind": f"{args.host}:{args.port}", "workers": args.workers,
-                               "worker_class": "gthread", "threads": 8, "timeout": 60,
-                               "graceful_timeout": 30, "accesslog": "-"}.items():
+            for key, value in {
+                "bind": f"{args.host}:{args.port}",
+                "workers": args.workers,
+                "worker_class": "gthread",
+                "threads": 8,
+                "timeout": 60,
+                "graceful_timeout": 30,
+                "accesslog": "-",
+            }.items():
                 self.cfg.set(key, value)
 
         def load(self):
             from service.wsgi import app
+
             return app
 
     Gunicorn().run()
@@ -162,8 +175,7 @@ def bench(argv: list[str]) -> int:
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
     script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     if not script.exists():
-        print(f"convq bench: no {script} (benchmarks run from a source checkout)",
-              file=sys.stderr)
+        print(f"convq bench: no {script} (benchmarks run from a source checkout)", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, str(script), *rest])
 

@@ -29,9 +29,9 @@ class InferRequest:
     """A decoded inference request: the images and which outputs to return, and how."""
 
     images: np.ndarray
-    outputs: list[str] | None = None        # None: the model's default (its last layer)
+    outputs: list[str] | None = None  # None: the model's default (its last layer)
     binary: dict[str, bool] = field(default_factory=dict)  # per requested output
-    binary_default: bool | None = None       # request-level binary_data_output
+    binary_default: bool | None = None  # request-level binary_data_output
     id: str | None = None
 
 
@@ -42,27 +42,40 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
     try:
         n = int(value)
     except ValueError:
-        raise BadRequest("Inference-Header-Content-Length must be an integer",
-                         field="Inference-Header-Content-Length") from None
+        raise BadRequest(
+            "Inference-Header-Content-Length must be an integer",
+            field="Inference-Header-Content-Length",
+        ) from None
     if not 0 < n <= body_size:
-        raise BadRequest(f"Inference-Header-Content-Length {n} is outside the body "
-                         f"({body_size} bytes)", field="Inference-Header-Content-Length")
+        raise BadRequest(
+            f"Inference-Header-Content-Length {n} is outside the body ({body_size} bytes)",
+            field="Inference-Header-Content-Length",
+        )
     return n
 
 
 def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise BadRequest(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(sorted(allowed))}", field=unknown[0])
+        raise BadRequest(
+            f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+            f"{', '.join(sorted(allowed))}",
+            field=unknown[0],
+        )
 
 
 def _shape(value, where: str) -> tuple[int, ...]:
-    ok = isinstance(value, list) and len(value) in (3, 4) and all(
-        type(d) is int and 0 < d < 1 << 31 for d in value)
+    ok = (
+        isinstance(value, list)
+        and len(value) in (3, 4)
+        and all(type(d) is int and 0 < d < 1 << 31 for d in value)
+    )
     if not ok:
-        raise BadRequest(f"{where}.shape must be [N, H, W, C] or [N, H, W] of positive integers, "
-                         f"got {json.dumps(value)[:80]}", field="shape")
+        raise BadRequest(
+            f"{where}.shape must be [N, H, W, C] or [N, H, W] of positive integers, "
+            f"got {json.dumps(value)[:80]}",
+            field="shape",
+        )
     return tuple(value)
 
 
@@ -77,11 +90,14 @@ def _json_data(data, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.
     # A ragged nesting leaves lists inside the object array; numbers only (bool is not a number).
     for v in flat:
         if type(v) not in (int, float):
-            raise BadRequest(f"{where}.data must hold numbers only, found {json.dumps(v)[:40]}",
-                             field="data")
+            raise BadRequest(
+                f"{where}.data must hold numbers only, found {json.dumps(v)[:40]}", field="data"
+            )
     if flat.size != prod(shape):
-        raise BadRequest(f"{where}.data has {flat.size} values but shape {list(shape)} needs "
-                         f"{prod(shape)}", field="data")
+        raise BadRequest(
+            f"{where}.data has {flat.size} values but shape {list(shape)} needs {prod(shape)}",
+            field="data",
+        )
     if dtype == np.uint8:
         if any(type(v) is not int or not 0 <= v <= 255 for v in flat):
             raise BadRequest(f"{where}.data: UINT8 values must be integers 0..255", field="data")
@@ -113,13 +129,16 @@ def _outputs(value, request: InferRequest) -> None:
         if not isinstance(params, dict):
             raise BadRequest(f"{where}.parameters must be an object", field="parameters")
         if "classification" in params:
-            raise BadRequest("the classification extension is not supported; request the "
-                             "layer itself", field="classification")
+            raise BadRequest(
+                "the classification extension is not supported; request the layer itself",
+                field="classification",
+            )
         binary = params.get("binary_data")
         if binary is not None:
             if not isinstance(binary, bool):
-                raise BadRequest(f"{where}.parameters.binary_data must be true or false",
-                                 field="binary_data")
+                raise BadRequest(
+                    f"{where}.parameters.binary_data must be true or false", field="binary_data"
+                )
             request.binary[name] = binary
     request.outputs = names or None
 
@@ -127,22 +146,28 @@ def _outputs(value, request: InferRequest) -> None:
 def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
     """Decode a V2 inference request (JSON, or JSON header + binary tensors) into images."""
     header = body if header_length is None else body[:header_length]
-    blob = memoryview(body)[len(header):]
+    blob = memoryview(body)[len(header) :]
     req = json_object(header, "inference request")
     _check_keys(req, _REQUEST_KEYS, "inference request")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest(f"inputs must be a list with one tensor named {INPUT_NAME!r}",
-                         field="inputs")
+        raise BadRequest(
+            f"inputs must be a list with one tensor named {INPUT_NAME!r}", field="inputs"
+        )
     tensor = inputs[0]
     _check_keys(tensor, _INPUT_KEYS, "inputs[0]")
     if tensor.get("name") != INPUT_NAME:
-        raise BadRequest(f"the model's input is named {INPUT_NAME!r}, not "
-                         f"{json.dumps(tensor.get('name'))[:40]}", field="name")
+        raise BadRequest(
+            f"the model's input is named {INPUT_NAME!r}, not {json.dumps(tensor.get('name'))[:40]}",
+            field="name",
+        )
     dtype = DTYPES.get(tensor.get("datatype"))
     if dtype is None:
-        raise BadRequest(f"datatype must be one of {', '.join(DTYPES)}, not "
-                         f"{json.dumps(tensor.get('datatype'))[:40]}", field="datatype")
+        raise BadRequest(
+            f"datatype must be one of {', '.join(DTYPES)}, not "
+            f"{json.dumps(tensor.get('datatype'))[:40]}",
+            field="datatype",
+        )
     shape = _shape(tensor.get("shape"), "inputs[0]")
     params = tensor.get("parameters", {})
     if not isinstance(params, dict):
@@ -153,17 +178,24 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
             raise BadRequest("inputs[0] has both data and binary_data_size", field="data")
         want = prod(shape) * dtype.itemsize
         if type(size) is not int or size != want:
-            raise BadRequest(f"inputs[0].binary_data_size is {json.dumps(size)[:20]} but shape "
-                             f"{list(shape)} of {tensor['datatype']} is {want} bytes",
-                             field="binary_data_size")
+            raise BadRequest(
+                f"inputs[0].binary_data_size is {json.dumps(size)[:20]} but shape "
+                f"{list(shape)} of {tensor['datatype']} is {want} bytes",
+                field="binary_data_size",
+            )
         if len(blob) != size:
-            raise BadRequest(f"the body carries {len(blob)} bytes of binary tensor data but "
-                             f"binary_data_size says {size}", field="binary_data_size")
+            raise BadRequest(
+                f"the body carries {len(blob)} bytes of binary tensor data but "
+                f"binary_data_size says {size}",
+                field="binary_data_size",
+            )
         images = np.frombuffer(blob, dtype=dtype).reshape(shape)
     else:
         if len(blob):
-            raise BadRequest("binary data follows the header but no input declares "
-                             "binary_data_size", field="binary_data_size")
+            raise BadRequest(
+                "binary data follows the header but no input declares binary_data_size",
+                field="binary_data_size",
+            )
         if "data" not in tensor:
             raise BadRequest("inputs[0] needs data or parameters.binary_data_size", field="data")
         images = _json_data(tensor["data"], shape, dtype, "inputs[0]")
@@ -179,8 +211,9 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
         raise BadRequest("parameters must be an object", field="parameters")
     if "binary_data_output" in rparams:
         if not isinstance(rparams["binary_data_output"], bool):
-            raise BadRequest("parameters.binary_data_output must be true or false",
-                             field="binary_data_output")
+            raise BadRequest(
+                "parameters.binary_data_output must be true or false", field="binary_data_output"
+            )
         request.binary_default = rparams["binary_data_output"]
     return request
 
@@ -193,8 +226,13 @@ class Streamed:
     pieces: Iterable[bytes]
 
 
-def encode_infer(model: str, version: int, outputs: list[tuple[str, tuple, object]],
-                 binary: set[str], request_id: str | None = None) -> tuple[list, dict]:
+def encode_infer(
+    model: str,
+    version: int,
+    outputs: list[tuple[str, tuple, object]],
+    binary: set[str],
+    request_id: str | None = None,
+) -> tuple[list, dict]:
     """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes.
 
     Each output's data is a bytes-like of little-endian float32, or (binary outputs only) a

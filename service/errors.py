@@ -21,8 +21,14 @@ class ApiError(Exception):
 
     status = 400
 
-    def __init__(self, message: str, *, field: str | None = None, status: int | None = None,
-                 retry_after: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.field = field
@@ -110,28 +116,46 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.exceptions.BusyLoadingError)
     def redis_down(e: Exception):
         log.warning("redis unavailable: %s", e)
-        return _answer({"error": "the job store (Redis) is unavailable; retry later",
-                        "type": "Unavailable"}, 503, retry())
+        return _answer(
+            {"error": "the job store (Redis) is unavailable; retry later", "type": "Unavailable"},
+            503,
+            retry(),
+        )
 
     @app.errorhandler(redis.exceptions.OutOfMemoryError)
     def redis_full(e: Exception):
         log.warning("redis full: %s", e)
-        return _answer({"error": "the job store (Redis) is full; retry later",
-                        "type": "InsufficientStorage"}, 507, retry())
+        return _answer(
+            {"error": "the job store (Redis) is full; retry later", "type": "InsufficientStorage"},
+            507,
+            retry(),
+        )
 
     @app.errorhandler(BlobDirError)
     def blobs_full(e: BlobDirError):
         log.warning("blob directory unusable: %s", e)
-        return _answer({"error": "the blob directory (CONVQ_BLOB_DIR) cannot take the job's "
-                        "data (full or not writable); retry later", "type": "InsufficientStorage"},
-                       507, retry())
+        return _answer(
+            {
+                "error": "the blob directory (CONVQ_BLOB_DIR) cannot take the job's "
+                "data (full or not writable); retry later",
+                "type": "InsufficientStorage",
+            },
+            507,
+            retry(),
+        )
 
     @app.errorhandler(BlobMissing)
     def blob_missing(e: BlobMissing):
         # The detail (paths on this server) goes to the log, not to the client.
         log.warning("blob file missing: %s", e)
-        return _answer({"error": f"{e.name} has expired or is gone from the blob directory "
-                        "(details in the server log)", "type": "NotFound"}, 404)
+        return _answer(
+            {
+                "error": f"{e.name} has expired or is gone from the blob directory "
+                "(details in the server log)",
+                "type": "NotFound",
+            },
+            404,
+        )
 
     @app.errorhandler(Image.DecompressionBombError)
     @app.errorhandler(Image.DecompressionBombWarning)

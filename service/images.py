@@ -34,8 +34,10 @@ def sniff(data: bytes) -> str | None:
 
 def _check_pixels(h: int, w: int, max_pixels: int, name: str) -> None:
     if h * w > max_pixels:
-        raise TooLarge(f"{name}: {w}x{h} is {h * w} pixels; the limit is {max_pixels} per image",
-                       field="images")
+        raise TooLarge(
+            f"{name}: {w}x{h} is {h * w} pixels; the limit is {max_pixels} per image",
+            field="images",
+        )
 
 
 def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> np.ndarray:
@@ -58,16 +60,20 @@ def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> n
             elif channels == 4:
                 im = im.convert("RGBA")
             else:
-                raise BadRequest(f"{name}: the model takes {channels} channels; send .npy "
-                                 "arrays, pictures carry 1, 3 or 4", field="images")
+                raise BadRequest(
+                    f"{name}: the model takes {channels} channels; send .npy "
+                    "arrays, pictures carry 1, 3 or 4",
+                    field="images",
+                )
             array = np.asarray(im, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise TooLarge(f"{name}: {e}", field="images") from None
     except ApiError:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow fails on crafted files in many ways
-        raise BadRequest(f"{name}: not a readable PNG/JPEG image ({type(e).__name__}: {e})",
-                         field="images") from None
+        raise BadRequest(
+            f"{name}: not a readable PNG/JPEG image ({type(e).__name__}: {e})", field="images"
+        ) from None
     return array.reshape(array.shape[0], array.shape[1], -1)
 
 
@@ -79,16 +85,19 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - numpy's header parser has many failure types
         raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
     if dtype.hasobject or dtype.newbyteorder("<") not in _NPY_DTYPES:
-        raise BadRequest(f"{name}: .npy dtype {dtype} is not accepted; use uint8 or float32",
-                         field="images")
+        raise BadRequest(
+            f"{name}: .npy dtype {dtype} is not accepted; use uint8 or float32", field="images"
+        )
     if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise BadRequest(f"{name}: .npy shape {shape} is not (H, W) or (H, W, C)", field="images")
     _check_pixels(shape[0], shape[1], max_pixels, name)
     need = int(np.prod(shape)) * dtype.itemsize
     have = len(data) - stream.tell()
     if have != need:
-        raise BadRequest(f"{name}: .npy header says {shape} {dtype} ({need} bytes) but "
-                         f"{have} bytes follow", field="images")
+        raise BadRequest(
+            f"{name}: .npy header says {shape} {dtype} ({need} bytes) but {have} bytes follow",
+            field="images",
+        )
     array = np.load(io.BytesIO(data), allow_pickle=False)
     array = np.ascontiguousarray(array, dtype=dtype.newbyteorder("="))
     return array.reshape(shape[0], shape[1], -1)
@@ -104,8 +113,11 @@ def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> n
     claimed = _SUFFIXES.get(suffix)
     if kind is not None and claimed is not None and claimed != kind:
         # A mislabelled file is more likely a mistake than a wish; say what it really is.
-        raise UnsupportedMediaType(f"{name}: the name says {claimed.upper()} but the bytes are "
-                                   f"{kind.upper()}; rename it or re-export it", field="images")
+        raise UnsupportedMediaType(
+            f"{name}: the name says {claimed.upper()} but the bytes are "
+            f"{kind.upper()}; rename it or re-export it",
+            field="images",
+        )
     if kind == "npy":
         return _decode_npy(data, name, max_pixels)
     if kind in ("png", "jpeg"):
@@ -113,20 +125,24 @@ def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> n
     raise UnsupportedMediaType(f"{name}: not a PNG, JPEG or .npy file", field="images")
 
 
-def stack_images(files: list[tuple[str, bytes]], *, channels: int, max_pixels: int,
-                 max_images: int) -> np.ndarray:
+def stack_images(
+    files: list[tuple[str, bytes]], *, channels: int, max_pixels: int, max_images: int
+) -> np.ndarray:
     """Decode every file and stack them into (N, H, W, C); all must share size and dtype."""
     if not files:
         raise BadRequest("send at least one file in the images field", field="images")
     if len(files) > max_images:
-        raise TooLarge(f"{len(files)} images in one job; the limit is {max_images}",
-                       field="images")
-    arrays = [decode_image(data, name, channels=channels, max_pixels=max_pixels)
-              for name, data in files]
+        raise TooLarge(f"{len(files)} images in one job; the limit is {max_images}", field="images")
+    arrays = [
+        decode_image(data, name, channels=channels, max_pixels=max_pixels) for name, data in files
+    ]
     first_name, first = files[0][0], arrays[0]
     for (name, _), array in zip(files, arrays, strict=True):
         if array.shape != first.shape or array.dtype != first.dtype:
-            raise BadRequest(f"images of one job must share size and dtype: {first_name} is "
-                             f"{first.shape} {first.dtype}, {name} is {array.shape} "
-                             f"{array.dtype}", field="images")
+            raise BadRequest(
+                f"images of one job must share size and dtype: {first_name} is "
+                f"{first.shape} {first.dtype}, {name} is {array.shape} "
+                f"{array.dtype}",
+                field="images",
+            )
     return np.stack(arrays)

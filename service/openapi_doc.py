@@ -35,8 +35,14 @@ def _errors(*codes: str) -> dict:
     return out
 
 
-def _op(summary: str, ok: dict, *codes: str, body: dict | None = None,
-        params: list | None = None, secure: bool = True) -> dict:
+def _op(
+    summary: str,
+    ok: dict,
+    *codes: str,
+    body: dict | None = None,
+    params: list | None = None,
+    secure: bool = True,
+) -> dict:
     op: dict = {"summary": summary, "responses": {**ok, **_errors(*codes)}}
     if body is not None:
         op["requestBody"] = body
@@ -51,13 +57,23 @@ def _path(name: str, description: str, pattern: str | None = None) -> dict:
     schema: dict = {"type": "string"}
     if pattern:
         schema["pattern"] = pattern
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": schema}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema,
+    }
 
 
 def _query(name: str, description: str, schema: dict) -> dict:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
 
 
 MODEL = _path("model", "Model name", "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -65,105 +81,241 @@ VERSION = _path("version", "Model version (only the current one is kept)")
 JOB = _path("job_id", "Job id returned by POST .../jobs")
 
 STRING_BINARY = {"type": "string", "format": "binary"}
-INFER_BODY = {"required": True, "description": "A V2 InferRequest as JSON, or (binary tensor "
-              "extension) its JSON of Inference-Header-Content-Length bytes then raw input bytes",
-              "content": {JSON: {"schema": _ref("InferRequest")},
-                          BINARY: {"schema": STRING_BINARY}}}
-JOB_BODY = {"required": True, "content": {
-    **INFER_BODY["content"],
-    MULTIPART: {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": STRING_BINARY,
-                   "description": "PNG, JPEG or .npy (uint8 or float32) files of one size"},
-        "outputs": {"type": "string", "description": "Comma-separated layer names, or all"}}}},
-}}
-LOAD_BODY = {"required": False, "content": {
-    JSON: {"schema": _ref("LoadRequest")},
-    MULTIPART: {"schema": {"type": "object", "required": ["weights"], "properties": {
-        "spec": {"type": "string", "description": "spec.json (file or field)"},
-        "weights": {**STRING_BINARY, "description": ".npz, .safetensors or .onnx"}}}},
-}}
-V2_RESPONSE = {"description": "V2 inference response; with binary outputs the JSON header "
-               "(Inference-Header-Content-Length bytes) is followed by raw float32 data",
-               "headers": {"Inference-Header-Content-Length": {
-                   "schema": {"type": "integer"}, "description": "JSON header bytes"},
-                   "Server-Timing": {"schema": {"type": "string"},
-                                     "description": "infer only: queue, compute, infer ms"}},
-               "content": {JSON: {"schema": _ref("InferResponse")},
-                           BINARY: {"schema": STRING_BINARY}}}
+INFER_BODY = {
+    "required": True,
+    "description": "A V2 InferRequest as JSON, or (binary tensor "
+    "extension) its JSON of Inference-Header-Content-Length bytes then raw input bytes",
+    "content": {JSON: {"schema": _ref("InferRequest")}, BINARY: {"schema": STRING_BINARY}},
+}
+JOB_BODY = {
+    "required": True,
+    "content": {
+        **INFER_BODY["content"],
+        MULTIPART: {
+            "schema": {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {
+                        "type": "array",
+                        "items": STRING_BINARY,
+                        "description": "PNG, JPEG or .npy (uint8 or float32) files of one size",
+                    },
+                    "outputs": {
+                        "type": "string",
+                        "description": "Comma-separated layer names, or all",
+                    },
+                },
+            }
+        },
+    },
+}
+LOAD_BODY = {
+    "required": False,
+    "content": {
+        JSON: {"schema": _ref("LoadRequest")},
+        MULTIPART: {
+            "schema": {
+                "type": "object",
+                "required": ["weights"],
+                "properties": {
+                    "spec": {"type": "string", "description": "spec.json (file or field)"},
+                    "weights": {**STRING_BINARY, "description": ".npz, .safetensors or .onnx"},
+                },
+            }
+        },
+    },
+}
+V2_RESPONSE = {
+    "description": "V2 inference response; with binary outputs the JSON header "
+    "(Inference-Header-Content-Length bytes) is followed by raw float32 data",
+    "headers": {
+        "Inference-Header-Content-Length": {
+            "schema": {"type": "integer"},
+            "description": "JSON header bytes",
+        },
+        "Server-Timing": {
+            "schema": {"type": "string"},
+            "description": "infer only: queue, compute, infer ms",
+        },
+    },
+    "content": {JSON: {"schema": _ref("InferResponse")}, BINARY: {"schema": STRING_BINARY}},
+}
 
 SCHEMAS = {
-    "Error": {"type": "object", "required": ["error"], "properties": {
-        "error": {"type": "string"}, "type": {"type": "string"},
-        "layer": {"type": "string"}, "field": {"type": "string"}}},
-    "ServerMetadata": {"type": "object", "required": ["name", "version", "extensions"],
-                       "properties": {"name": {"type": "string"}, "version": {"type": "string"},
-                                      "extensions": {"type": "array",
-                                                     "items": {"type": "string"}}}},
-    "TensorMetadata": {"type": "object", "required": ["name", "datatype", "shape"],
-                       "properties": {"name": {"type": "string"},
-                                      "datatype": {"type": "string"},
-                                      "shape": {"type": "array", "items": {"type": "integer"}}}},
-    "ModelMetadata": {"type": "object", "required": ["name", "versions", "platform", "inputs",
-                                                     "outputs"], "properties": {
-        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-        "platform": {"type": "string"},
-        "inputs": {"type": "array", "items": _ref("TensorMetadata")},
-        "outputs": {"type": "array", "items": _ref("TensorMetadata")},
-        "summary": {"type": "array", "items": {"type": "object"},
-                    "description": "Per layer: shape, params, FLOPs, receptive field, bytes"}}},
-    "InferInput": {"type": "object", "required": ["name", "datatype", "shape"],
-                   "additionalProperties": False, "properties": {
-        "name": {"const": "input"}, "datatype": {"enum": ["UINT8", "FP32"]},
-        "shape": {"type": "array", "minItems": 3, "maxItems": 4,
-                  "items": {"type": "integer", "minimum": 1}},
-        "data": {"type": "array", "description": "Row-major numbers (flat or nested)"},
-        "parameters": {"type": "object", "properties": {
-            "binary_data_size": {"type": "integer", "minimum": 0}}}}},
-    "RequestedOutput": {"type": "object", "required": ["name"], "additionalProperties": False,
-                        "properties": {"name": {"type": "string"}, "parameters": {
-                            "type": "object", "properties": {
-                                "binary_data": {"type": "boolean"}}}}},
-    "InferRequest": {"type": "object", "required": ["inputs"], "additionalProperties": False,
-                     "properties": {
-        "id": {"type": "string"},
-        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _ref("InferInput")},
-        "outputs": {"type": "array", "items": _ref("RequestedOutput")},
-        "parameters": {"type": "object", "properties": {
-            "binary_data_output": {"type": "boolean"}}}}},
-    "InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
-        "model_name": {"type": "string"}, "model_version": {"type": "string"},
-        "id": {"type": "string"},
-        "outputs": {"type": "array", "items": {"type": "object", "required": [
-            "name", "datatype", "shape"], "properties": {
-            "name": {"type": "string"}, "datatype": {"const": "FP32"},
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "type": {"type": "string"},
+            "layer": {"type": "string"},
+            "field": {"type": "string"},
+        },
+    },
+    "ServerMetadata": {
+        "type": "object",
+        "required": ["name", "version", "extensions"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "TensorMetadata": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer"}},
-            "data": {"type": "array", "items": {"type": "number"}},
-            "parameters": {"type": "object"}}}}}},
-    "LoadRequest": {"type": "object", "additionalProperties": False, "properties": {
-        "parameters": {"type": "object", "description": "config: the spec as a JSON string; "
-                       "file:<name>.npz|.safetensors|.onnx: the weights, base64",
-                       "properties": {"config": {"type": "string"}},
-                       "additionalProperties": {"type": "string"}}}},
-    "ModelState": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string"}, "version": {"type": "string"},
-        "state": {"type": "string"}, "reason": {"type": "string"}}},
-    "JobAccepted": {"type": "object", "required": ["id", "status"], "properties": {
-        "id": {"type": "string"}, "status": {"const": "queued"}, "model": {"type": "string"},
-        "version": {"type": "integer"},
-        "outputs": {"type": "array", "items": {"type": "string"}}}},
-    "JobStatus": {"type": "object", "required": ["id", "status"], "properties": {
-        "id": {"type": "string"},
-        "status": {"enum": ["queued", "started", "finished", "failed", "canceled"]},
-        "model": {"type": ["string", "null"]}, "version": {"type": ["integer", "null"]},
-        "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
-        "progress": {"type": ["object", "null"], "description": "The layer the job has "
-                     "reached, 1-based, updated at most every 50 ms and at the end.",
-                     "properties": {
-            "layer": {"type": "integer"}, "of": {"type": "integer"}, "name": {"type": "string"}}},
-        "timings": {"type": "object"}, "error": {"type": ["string", "null"]},
-        "attempt": {"type": "integer"}}},
-    "Deleted": {"type": "object", "required": ["id", "status"], "properties": {
-        "id": {"type": "string"}, "status": {"enum": ["canceled", "deleted"]}}},
+        },
+    },
+    "ModelMetadata": {
+        "type": "object",
+        "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": _ref("TensorMetadata")},
+            "outputs": {"type": "array", "items": _ref("TensorMetadata")},
+            "summary": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "Per layer: shape, params, FLOPs, receptive field, bytes",
+            },
+        },
+    },
+    "InferInput": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"const": "input"},
+            "datatype": {"enum": ["UINT8", "FP32"]},
+            "shape": {
+                "type": "array",
+                "minItems": 3,
+                "maxItems": 4,
+                "items": {"type": "integer", "minimum": 1},
+            },
+            "data": {"type": "array", "description": "Row-major numbers (flat or nested)"},
+            "parameters": {
+                "type": "object",
+                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            },
+        },
+    },
+    "RequestedOutput": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+        },
+    },
+    "InferRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _ref("InferInput")},
+            "outputs": {"type": "array", "items": _ref("RequestedOutput")},
+            "parameters": {
+                "type": "object",
+                "properties": {"binary_data_output": {"type": "boolean"}},
+            },
+        },
+    },
+    "InferResponse": {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "datatype", "shape"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "datatype": {"const": "FP32"},
+                        "shape": {"type": "array", "items": {"type": "integer"}},
+                        "data": {"type": "array", "items": {"type": "number"}},
+                        "parameters": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
+    "LoadRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "parameters": {
+                "type": "object",
+                "description": "config: the spec as a JSON string; "
+                "file:<name>.npz|.safetensors|.onnx: the weights, base64",
+                "properties": {"config": {"type": "string"}},
+                "additionalProperties": {"type": "string"},
+            }
+        },
+    },
+    "ModelState": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "state": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+    },
+    "JobAccepted": {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"const": "queued"},
+            "model": {"type": "string"},
+            "version": {"type": "integer"},
+            "outputs": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "JobStatus": {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["queued", "started", "finished", "failed", "canceled"]},
+            "model": {"type": ["string", "null"]},
+            "version": {"type": ["integer", "null"]},
+            "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
+            "progress": {
+                "type": ["object", "null"],
+                "description": "The layer the job has "
+                "reached, 1-based, updated at most every 50 ms and at the end.",
+                "properties": {
+                    "layer": {"type": "integer"},
+                    "of": {"type": "integer"},
+                    "name": {"type": "string"},
+                },
+            },
+            "timings": {"type": "object"},
+            "error": {"type": ["string", "null"]},
+            "attempt": {"type": "integer"},
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {"id": {"type": "string"}, "status": {"enum": ["canceled", "deleted"]}},
+    },
 }
 
 
@@ -171,67 +323,203 @@ def _paths() -> dict:
     obj = {"type": "object"}
     model_meta = _json(_ref("ModelMetadata"), "V2 model metadata plus a per-layer summary")
     ready = _json(obj, "The model is loaded")
-    infer = _op("Run an inference and wait for it (bounded; 504 past the deadline)",
-                {"200": V2_RESPONSE}, "400", "401", "404", "413", "415", "422", "503", "504",
-                "507", body=INFER_BODY)
+    infer = _op(
+        "Run an inference and wait for it (bounded; 504 past the deadline)",
+        {"200": V2_RESPONSE},
+        "400",
+        "401",
+        "404",
+        "413",
+        "415",
+        "422",
+        "503",
+        "504",
+        "507",
+        body=INFER_BODY,
+    )
     return {
         "/v2/health/live": {"get": _op("Liveness", {"200": _json(obj, "Alive")}, secure=False)},
-        "/v2/health/ready": {"get": _op("Readiness: Redis reachable and a worker alive",
-                                        {"200": _json(obj, "Ready")}, "503", secure=False)},
-        "/v2": {"get": _op("Server metadata", {"200": _json(_ref("ServerMetadata"), "Server")},
-                           "401", "503")},
-        "/v2/repository/index": {"post": _op(
-            "List models", {"200": _json({"type": "array", "items": _ref("ModelState")},
-                                         "Models")}, "400", "401", "413", "503",
-            body={"required": False, "content": {JSON: {"schema": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"ready": {"type": "boolean"}}}}}})},
-        "/v2/repository/models/{model}/load": {"post": _op(
-            "Upload or replace a model (Triton JSON or multipart)",
-            {"200": _json(_ref("ModelState"), "Loaded")}, "400", "401", "404", "409", "413",
-            "415", "503", "507", body=LOAD_BODY, params=[MODEL])},
-        "/v2/repository/models/{model}/unload": {"post": _op(
-            "Remove a model", {"200": _json(_ref("ModelState"), "Unloaded")}, "400", "401",
-            "404", "409", "413", "503", params=[MODEL],
-            body={"required": False, "content": {JSON: {"schema": obj}}})},
-        "/v2/models/{model}": {"get": _op("Model metadata", {"200": model_meta}, "400", "401",
-                                          "404", "503", params=[MODEL])},
-        "/v2/models/{model}/versions/{version}": {"get": _op(
-            "Model metadata of a version", {"200": model_meta}, "400", "401", "404", "503",
-            params=[MODEL, VERSION])},
-        "/v2/models/{model}/ready": {"get": _op("Model readiness", {"200": ready}, "400", "401",
-                                                "404", "503", params=[MODEL])},
-        "/v2/models/{model}/versions/{version}/ready": {"get": _op(
-            "Model readiness of a version", {"200": ready}, "400", "401", "404", "503",
-            params=[MODEL, VERSION])},
+        "/v2/health/ready": {
+            "get": _op(
+                "Readiness: Redis reachable and a worker alive",
+                {"200": _json(obj, "Ready")},
+                "503",
+                secure=False,
+            )
+        },
+        "/v2": {
+            "get": _op(
+                "Server metadata", {"200": _json(_ref("ServerMetadata"), "Server")}, "401", "503"
+            )
+        },
+        "/v2/repository/index": {
+            "post": _op(
+                "List models",
+                {"200": _json({"type": "array", "items": _ref("ModelState")}, "Models")},
+                "400",
+                "401",
+                "413",
+                "503",
+                body={
+                    "required": False,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"ready": {"type": "boolean"}},
+                            }
+                        }
+                    },
+                },
+            )
+        },
+        "/v2/repository/models/{model}/load": {
+            "post": _op(
+                "Upload or replace a model (Triton JSON or multipart)",
+                {"200": _json(_ref("ModelState"), "Loaded")},
+                "400",
+                "401",
+                "404",
+                "409",
+                "413",
+                "415",
+                "503",
+                "507",
+                body=LOAD_BODY,
+                params=[MODEL],
+            )
+        },
+        "/v2/repository/models/{model}/unload": {
+            "post": _op(
+                "Remove a model",
+                {"200": _json(_ref("ModelState"), "Unloaded")},
+                "400",
+                "401",
+                "404",
+                "409",
+                "413",
+                "503",
+                params=[MODEL],
+                body={"required": False, "content": {JSON: {"schema": obj}}},
+            )
+        },
+        "/v2/models/{model}": {
+            "get": _op(
+                "Model metadata", {"200": model_meta}, "400", "401", "404", "503", params=[MODEL]
+            )
+        },
+        "/v2/models/{model}/versions/{version}": {
+            "get": _op(
+                "Model metadata of a version",
+                {"200": model_meta},
+                "400",
+                "401",
+                "404",
+                "503",
+                params=[MODEL, VERSION],
+            )
+        },
+        "/v2/models/{model}/ready": {
+            "get": _op(
+                "Model readiness", {"200": ready}, "400", "401", "404", "503", params=[MODEL]
+            )
+        },
+        "/v2/models/{model}/versions/{version}/ready": {
+            "get": _op(
+                "Model readiness of a version",
+                {"200": ready},
+                "400",
+                "401",
+                "404",
+                "503",
+                params=[MODEL, VERSION],
+            )
+        },
         "/v2/models/{model}/infer": {"post": {**infer, "parameters": [MODEL]}},
-        "/v2/models/{model}/versions/{version}/infer": {"post": {**infer,
-                                                                 "parameters": [MODEL, VERSION]}},
-        "/v2/models/{model}/jobs": {"post": _op(
-            "Queue a job and return at once",
-            {"202": {**_json(_ref("JobAccepted"), "Queued"), "headers": {"Location": {
-                "schema": {"type": "string"}, "description": "The job's status URL"}}}},
-            "400", "401", "404", "413", "415", "503", "507", body=JOB_BODY, params=[MODEL])},
+        "/v2/models/{model}/versions/{version}/infer": {
+            "post": {**infer, "parameters": [MODEL, VERSION]}
+        },
+        "/v2/models/{model}/jobs": {
+            "post": _op(
+                "Queue a job and return at once",
+                {
+                    "202": {
+                        **_json(_ref("JobAccepted"), "Queued"),
+                        "headers": {
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "The job's status URL",
+                            }
+                        },
+                    }
+                },
+                "400",
+                "401",
+                "404",
+                "413",
+                "415",
+                "503",
+                "507",
+                body=JOB_BODY,
+                params=[MODEL],
+            )
+        },
         "/v2/jobs/{job_id}": {
-            "get": _op("Job status, progress, timings, error",
-                       {"200": _json(_ref("JobStatus"), "Status")}, "401", "404", "503",
-                       params=[JOB]),
-            "delete": _op("Cancel a job or delete its result",
-                          {"200": _json(_ref("Deleted"), "Gone")}, "401", "404", "503",
-                          params=[JOB])},
-        "/v2/jobs/{job_id}/result": {"get": _op(
-            "The job's outputs: V2 response (binary by default), one .npy, or a PNG grid",
-            {"200": {**V2_RESPONSE, "content": {**V2_RESPONSE["content"],
-                                                "image/png": {"schema": STRING_BINARY}}}},
-            "400", "401", "404", "409", "413", "503", params=[
-                JOB, _query("format", "binary (default), json, npy or png",
-                            {"enum": ["binary", "json", "npy", "png"]}),
-                _query("output", "Layer name(s); npy and png need exactly one",
-                       {"type": "string"}),
-                _query("image", "Image index for format=png", {"type": "integer",
-                                                                "minimum": 0})])},
-        "/openapi.json": {"get": _op("This document", {"200": _json(obj, "OpenAPI 3.1")},
-                                     secure=False)},
+            "get": _op(
+                "Job status, progress, timings, error",
+                {"200": _json(_ref("JobStatus"), "Status")},
+                "401",
+                "404",
+                "503",
+                params=[JOB],
+            ),
+            "delete": _op(
+                "Cancel a job or delete its result",
+                {"200": _json(_ref("Deleted"), "Gone")},
+                "401",
+                "404",
+                "503",
+                params=[JOB],
+            ),
+        },
+        "/v2/jobs/{job_id}/result": {
+            "get": _op(
+                "The job's outputs: V2 response (binary by default), one .npy, or a PNG grid",
+                {
+                    "200": {
+                        **V2_RESPONSE,
+                        "content": {
+                            **V2_RESPONSE["content"],
+                            "image/png": {"schema": STRING_BINARY},
+                        },
+                    }
+                },
+                "400",
+                "401",
+                "404",
+                "409",
+                "413",
+                "503",
+                params=[
+                    JOB,
+                    _query(
+                        "format",
+                        "binary (default), json, npy or png",
+                        {"enum": ["binary", "json", "npy", "png"]},
+                    ),
+                    _query(
+                        "output", "Layer name(s); npy and png need exactly one", {"type": "string"}
+                    ),
+                    _query(
+                        "image", "Image index for format=png", {"type": "integer", "minimum": 0}
+                    ),
+                ],
+            )
+        },
+        "/openapi.json": {
+            "get": _op("This document", {"200": _json(obj, "OpenAPI 3.1")}, secure=False)
+        },
     }
 
 
@@ -241,14 +529,18 @@ def document() -> dict:
     error = _json(_ref("Error"), "Error")
     responses = {f"E{code}": _json(_ref("Error"), text) for code, text in ERRORS.items()}
     for code in ("503", "507"):
-        responses[f"E{code}"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
-                                                            "description": "Seconds"}}
+        responses[f"E{code}"]["headers"] = {
+            "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}
+        }
     responses["E401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "convq", "version": "0.1.0",
-                 "description": "ConvNet batch inference over the Open Inference Protocol (V2) "
-                                "with a jobs extension. Every error is JSON {error, type}."},
+        "info": {
+            "title": "convq",
+            "version": "0.1.0",
+            "description": "ConvNet batch inference over the Open Inference Protocol (V2) "
+            "with a jobs extension. Every error is JSON {error, type}.",
+        },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {}],
         "paths": _paths(),

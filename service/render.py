@@ -22,7 +22,7 @@ def grid(maps: np.ndarray, pad: int = 1) -> np.ndarray:
     out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), 64, np.uint8)
     for i in range(k):
         r, c = divmod(i, cols)
-        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[..., i]
+        out[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = tiles[..., i]
     return out
 
 

@@ -41,8 +41,10 @@ def find_model(name: str, version: str | None = None) -> Target:
         raise NotFound(f"model {name[:80]!r} not found")
     check_visible(info.get("owner"), f"model {name[:80]!r}")
     if version not in (None, "", str(info["version"])):
-        raise NotFound(f"model {name!r} has no version {version[:20]!r}; the current version "
-                       f"is {info['version']}")
+        raise NotFound(
+            f"model {name!r} has no version {version[:20]!r}; the current version "
+            f"is {info['version']}"
+        )
     model = ext.models.get(ext.store, name, int(info["version"]), info["spec"])
     if model is None:
         raise NotFound(f"model {name!r} was removed")
@@ -51,16 +53,23 @@ def find_model(name: str, version: str | None = None) -> Target:
 
 def _multipart(model: Model) -> InferRequest:
     cfg = current_app.config
-    files = [(f.filename or f"images[{i}]", f.read())
-             for i, f in enumerate(request.files.getlist("images"))]
+    files = [
+        (f.filename or f"images[{i}]", f.read())
+        for i, f in enumerate(request.files.getlist("images"))
+    ]
     unknown = sorted(set(request.files) - {"images"})
     unknown += sorted(set(request.form) - {"outputs"})
     if unknown:
-        raise BadRequest(f"unknown form field(s) {', '.join(unknown)}; send images and outputs",
-                         field=unknown[0])
+        raise BadRequest(
+            f"unknown form field(s) {', '.join(unknown)}; send images and outputs", field=unknown[0]
+        )
     channels = model.input_shape[2]
-    images = stack_images(files, channels=channels, max_pixels=int(cfg["MAX_PIXELS"]),
-                          max_images=int(cfg["MAX_IMAGES"]))
+    images = stack_images(
+        files,
+        channels=channels,
+        max_pixels=int(cfg["MAX_PIXELS"]),
+        max_images=int(cfg["MAX_IMAGES"]),
+    )
     outputs: list[str] | str | None = None
     fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
     if fields:
@@ -73,16 +82,21 @@ def parse_request(model: Model) -> InferRequest:
     if request.mimetype == "multipart/form-data":
         return _multipart(model)
     if request.mimetype not in _V2_TYPES:
-        raise UnsupportedMediaType(f"send a V2 inference request (application/json, or the "
-                                   f"binary extension) or multipart/form-data, not "
-                                   f"{request.mimetype}")
+        raise UnsupportedMediaType(
+            f"send a V2 inference request (application/json, or the "
+            f"binary extension) or multipart/form-data, not "
+            f"{request.mimetype}"
+        )
     body = read_body(int(current_app.config["MAX_CONTENT_LENGTH"]))
     length = parse_header_length(request.headers.get("Inference-Header-Content-Length"), len(body))
     json_bytes = len(body) if length is None else length
     if json_bytes > int(current_app.config["MAX_JSON_INPUT_BYTES"]):
-        raise TooLarge(f"{json_bytes} bytes of JSON; the limit is "
-                       f"{current_app.config['MAX_JSON_INPUT_BYTES']}: send big tensors with the "
-                       "binary tensor extension (Inference-Header-Content-Length)", field="data")
+        raise TooLarge(
+            f"{json_bytes} bytes of JSON; the limit is "
+            f"{current_app.config['MAX_JSON_INPUT_BYTES']}: send big tensors with the "
+            "binary tensor extension (Inference-Header-Content-Length)",
+            field="data",
+        )
     return decode_infer(body, length)
 
 
@@ -95,8 +109,9 @@ def check_images(model: Model, images: np.ndarray) -> np.ndarray:
     if n > int(cfg["MAX_IMAGES"]):
         raise TooLarge(f"{n} images in one job; the limit is {cfg['MAX_IMAGES']}", field="shape")
     if h * w > int(cfg["MAX_PIXELS"]):
-        raise TooLarge(f"{h}x{w} images are over the limit of {cfg['MAX_PIXELS']} pixels",
-                       field="shape")
+        raise TooLarge(
+            f"{h}x{w} images are over the limit of {cfg['MAX_PIXELS']} pixels", field="shape"
+        )
     want_h, want_w, want_c = model.input_shape
     if c != want_c:
         raise BadRequest(f"the model takes {want_c} channels, the images have {c}", field="shape")
@@ -116,15 +131,26 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     n, h, w, _ = images.shape
     predicted = target.model.output_bytes(n, h, w, outputs)
     if predicted > int(cfg["MAX_OUTPUT_BYTES"]):
-        raise TooLarge(f"the requested outputs would take {predicted} bytes; the limit is "
-                       f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images)",
-                       field="outputs")
+        raise TooLarge(
+            f"the requested outputs would take {predicted} bytes; the limit is "
+            f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images)",
+            field="outputs",
+        )
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
-        raise Unavailable(f"the queue is full ({cfg['MAX_QUEUE']} jobs); retry later",
-                          retry_after=retry)
-    job_id = submit(ext.queue, ext.store, model=target.name, version=target.version,
-                    images=np.ascontiguousarray(images), outputs=list(outputs),
-                    owner=current_owner(), meta=meta, job_timeout=ext.settings.job_timeout,
-                    retries=ext.settings.retries)
+        raise Unavailable(
+            f"the queue is full ({cfg['MAX_QUEUE']} jobs); retry later", retry_after=retry
+        )
+    job_id = submit(
+        ext.queue,
+        ext.store,
+        model=target.name,
+        version=target.version,
+        images=np.ascontiguousarray(images),
+        outputs=list(outputs),
+        owner=current_owner(),
+        meta=meta,
+        job_timeout=ext.settings.job_timeout,
+        retries=ext.settings.retries,
+    )
     return job_id, list(outputs)

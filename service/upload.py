@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 def check_name(name: str) -> str:
     """Return name if it is a valid model name (letters, digits, _ . -, at most 64)."""
     if not NAME.fullmatch(name):
-        raise BadRequest(f"model name {name[:80]!r} must be 1-64 letters, digits, '_', '.', '-'",
-                         field="name")
+        raise BadRequest(
+            f"model name {name[:80]!r} must be 1-64 letters, digits, '_', '.', '-'", field="name"
+        )
     return name
 
 
@@ -45,8 +46,9 @@ def _suffix(filename: str) -> str:
     for suffix in WEIGHT_SUFFIXES:
         if lower.endswith(suffix):
             return suffix
-    raise UnsupportedMediaType(f"weights file {filename[:80]!r} must end in "
-                               f"{', '.join(WEIGHT_SUFFIXES)}", field="weights")
+    raise UnsupportedMediaType(
+        f"weights file {filename[:80]!r} must end in {', '.join(WEIGHT_SUFFIXES)}", field="weights"
+    )
 
 
 def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
@@ -55,8 +57,9 @@ def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
         try:
             onnx_import = importlib.import_module("engine.onnx_import")
         except ImportError:
-            raise UnsupportedMediaType("ONNX import is not available on this server",
-                                       field="weights") from None
+            raise UnsupportedMediaType(
+                "ONNX import is not available on this server", field="weights"
+            ) from None
         try:
             onnx_spec, arrays = onnx_import.convert(data)
         except EngineError:
@@ -64,8 +67,9 @@ def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
         except Exception as e:  # noqa: BLE001 - a crafted graph breaks an importer in many ways
             # Logged with its traceback: the importer should have named the problem itself.
             log.warning("ONNX import failed on an upload", exc_info=True)
-            raise BadRequest(f"weights: not a convertible ONNX model ({type(e).__name__}: {e})",
-                             field="weights") from None
+            raise BadRequest(
+                f"weights: not a convertible ONNX model ({type(e).__name__}: {e})", field="weights"
+            ) from None
         onnx_spec = {**onnx_spec, **(spec or {}), "name": name}
         return Model.from_arrays(onnx_spec, arrays)
     if spec is None:
@@ -86,9 +90,11 @@ def _from_json(name: str, body: bytes) -> Model | None:
     if config is None and not files:
         return None  # Triton's "load what the repository has": nothing to upload
     if len(files) != 1:
-        raise BadRequest(f"send exactly one weights file as parameters['file:<name>'], got "
-                         f"{len(files)}", field="file")
-    (filename, encoded), = files.items()
+        raise BadRequest(
+            f"send exactly one weights file as parameters['file:<name>'], got {len(files)}",
+            field="file",
+        )
+    ((filename, encoded),) = files.items()
     if not isinstance(encoded, str):
         raise BadRequest(f"file:{filename[:80]} must be a base64 string", field="file")
     try:
@@ -118,6 +124,7 @@ def parse_upload(name: str) -> Model | None:
         request.max_form_memory_size = limit
         return _from_multipart(name)
     if request.mimetype not in ("", "application/json"):
-        raise UnsupportedMediaType(f"send application/json or multipart/form-data, not "
-                                   f"{request.mimetype}")
+        raise UnsupportedMediaType(
+            f"send application/json or multipart/form-data, not {request.mimetype}"
+        )
     return _from_json(name, read_body(limit))

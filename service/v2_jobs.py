@@ -49,8 +49,9 @@ def _public(status: dict) -> dict:
     return {k: v for k, v in status.items() if k != "owner"}
 
 
-def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
-             request_id: str | None = None) -> tuple[Iterator[bytes], dict]:
+def _v2_body(
+    job_id: str, status: dict, names: list[str], binary: set[str], request_id: str | None = None
+) -> tuple[Iterator[bytes], dict]:
     """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
 
     Binary outputs are read from Redis in slices while the body is sent, never assembled.
@@ -75,8 +76,7 @@ def _v2_body(job_id: str, status: dict, names: list[str], binary: set[str],
         if data is None:
             raise NotFound(f"the result of job {job_id} has expired")
         outputs.append((name, shape, data))
-    chunks, headers = encode_infer(status["model"], status["version"], outputs, binary,
-                                   request_id)
+    chunks, headers = encode_infer(status["model"], status["version"], outputs, binary, request_id)
     return iter_body(chunks), headers
 
 
@@ -87,9 +87,11 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
 def _check_json_size(nbytes: int) -> None:
     limit = int(current_app.config["MAX_JSON_OUTPUT_BYTES"])
     if nbytes > limit:
-        raise TooLarge(f"{nbytes} bytes of outputs are too many to send as JSON numbers (limit "
-                       f"{limit}); ask for binary_data (or format=binary / format=npy)",
-                       field="binary_data")
+        raise TooLarge(
+            f"{nbytes} bytes of outputs are too many to send as JSON numbers (limit "
+            f"{limit}); ask for binary_data (or format=binary / format=npy)",
+            field="binary_data",
+        )
 
 
 def _wait(job_id: str, deadline: float) -> dict | None | bool:
@@ -138,8 +140,10 @@ def infer(name: str, version: str | None = None):
     status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
         cancel(ext.queue, ext.store, job_id)
-        raise InferTimeout(f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
-                           "it to /v2/models/{m}/jobs to wait without a deadline")
+        raise InferTimeout(
+            f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
+            "it to /v2/models/{m}/jobs to wait without a deadline"
+        )
     try:
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"
@@ -152,8 +156,9 @@ def infer(name: str, version: str | None = None):
     spans = [("read", parsed_at - began), ("submit", enqueued_at - parsed_at)]
     spans += [(key, timings.get(key + "_seconds")) for key in ("queue", "compute")]
     spans.append(("infer", time.perf_counter() - began))  # this view, from body to answer
-    headers["Server-Timing"] = ", ".join(f"{key};dur={1000 * seconds:.2f}"
-                                         for key, seconds in spans if seconds is not None)
+    headers["Server-Timing"] = ", ".join(
+        f"{key};dur={1000 * seconds:.2f}" for key, seconds in spans if seconds is not None
+    )
     response = Response(body, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
     response.call_on_close(lambda: _forget(ext, job_id))
@@ -173,8 +178,17 @@ def submit_job(name: str):
     parsed = parse_request(target.model)
     job_id, outputs = enqueue(target, parsed)
     location = url_for("v2_jobs.get_job", job_id=job_id)
-    return {"id": job_id, "status": "queued", "model": target.name,
-            "version": target.version, "outputs": outputs}, 202, {"Location": location}
+    return (
+        {
+            "id": job_id,
+            "status": "queued",
+            "model": target.name,
+            "version": target.version,
+            "outputs": outputs,
+        },
+        202,
+        {"Location": location},
+    )
 
 
 @bp.get("/jobs/<job_id>")
@@ -213,19 +227,26 @@ def get_result(job_id: str):
     status = _status(job_id)
     fmt, wanted, image = _query()
     if status["status"] in ("queued", "started"):
-        raise ApiError(f"job {job_id} is {status['status']}; its result is not ready",
-                       status=409, retry_after=1)
+        raise ApiError(
+            f"job {job_id} is {status['status']}; its result is not ready",
+            status=409,
+            retry_after=1,
+        )
     if status["status"] != "finished":
-        raise Conflict(f"job {job_id} is {status['status']}; it has no result: "
-                       f"{status.get('error') or ''}".rstrip(": "))
+        raise Conflict(
+            f"job {job_id} is {status['status']}; it has no result: "
+            f"{status.get('error') or ''}".rstrip(": ")
+        )
     store = convq().store
     names = store.result_names(job_id)
     if names is None:
         raise NotFound(f"the result of job {job_id} has expired")
     for name in wanted:
         if name not in names:
-            raise NotFound(f"job {job_id} has no output {name[:80]!r}; it has: "
-                           f"{', '.join(names)}", field="output")
+            raise NotFound(
+                f"job {job_id} has no output {name[:80]!r}; it has: {', '.join(names)}",
+                field="output",
+            )
     names = wanted or names
     if fmt in ("binary", "json"):
         body, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
@@ -237,19 +258,27 @@ def get_result(job_id: str):
             raise NotFound(f"the result of job {job_id} has expired")
         shape, dtype = array
         head = npy_header(shape, dtype)
-        return Response(_chain(head, pieces), mimetype="application/octet-stream", headers={
-            "Content-Length": str(len(head) + _nbytes(shape, dtype)),
-            "Content-Disposition": f"attachment; filename={job_id}-{names[0]}.npy"})
+        return Response(
+            _chain(head, pieces),
+            mimetype="application/octet-stream",
+            headers={
+                "Content-Length": str(len(head) + _nbytes(shape, dtype)),
+                "Content-Disposition": f"attachment; filename={job_id}-{names[0]}.npy",
+            },
+        )
     layout = store.result_layout(job_id, names[0])
     if layout is None:
         raise NotFound(f"the result of job {job_id} has expired")
     shape = layout[0]
     if image >= shape[0]:
-        raise NotFound(f"job {job_id} has {shape[0]} image(s); image={image} is past the end",
-                       field="image")
+        raise NotFound(
+            f"job {job_id} has {shape[0]} image(s); image={image} is past the end", field="image"
+        )
     if int(np.prod(shape[1:])) > int(current_app.config["MAX_PNG_PIXELS"]):
-        raise TooLarge(f"{names[0]} is {shape[1:]} per image, too big to draw; fetch "
-                       "format=npy instead", field="format")
+        raise TooLarge(
+            f"{names[0]} is {shape[1:]} per image, too big to draw; fetch format=npy instead",
+            field="format",
+        )
     maps = store.result_array(job_id, names[0])
     if maps is None:
         raise NotFound(f"the result of job {job_id} has expired")

@@ -33,11 +33,11 @@ def ready():
         ext.redis.ping()
         workers = live_workers(ext.queue)
     except Exception as e:  # readiness answers 503 for any Redis trouble, never raises
-        raise Unavailable(f"the job store (Redis) is unreachable: {type(e).__name__}",
-                          retry_after=retry) from None
+        raise Unavailable(
+            f"the job store (Redis) is unreachable: {type(e).__name__}", retry_after=retry
+        ) from None
     if workers < 1:
-        raise Unavailable("no worker is running; start one with `convq worker`",
-                          retry_after=retry)
+        raise Unavailable("no worker is running; start one with `convq worker`", retry_after=retry)
     return {"ready": True, "workers": workers}
 
 
@@ -58,12 +58,14 @@ def repository_index():
     doc = json_object(body, "index request") if body.strip() else {}
     unknown = sorted(set(doc) - {"ready"})
     if unknown:
-        raise BadRequest(f"index request: unknown field(s) {', '.join(unknown)}",
-                         field=unknown[0])
+        raise BadRequest(f"index request: unknown field(s) {', '.join(unknown)}", field=unknown[0])
     if not isinstance(doc.get("ready", False), bool):
         raise BadRequest("ready must be true or false", field="ready")
-    return [{"name": info["name"], "version": str(info["version"]), "state": "READY",
-             "reason": ""} for info in convq().store.list_models() if _visible(info)]
+    return [
+        {"name": info["name"], "version": str(info["version"]), "state": "READY", "reason": ""}
+        for info in convq().store.list_models()
+        if _visible(info)
+    ]
 
 
 @bp.post("/repository/models/<name>/load")
@@ -73,15 +75,17 @@ def load(name: str):
     info = ext.store.model_info(name)
     if model is None:  # Triton's plain "load": nothing uploaded, report what is there
         if info is None or not _visible(info):
-            raise NotFound(f"model {name!r} is not in the repository; send parameters.config "
-                           "and a parameters['file:<name>'] weights file to upload it")
+            raise NotFound(
+                f"model {name!r} is not in the repository; send parameters.config "
+                "and a parameters['file:<name>'] weights file to upload it"
+            )
         return {"name": name, "version": str(info["version"]), "state": "READY"}
     if info is not None and info.get("owner") != current_owner():
         # A name belongs to whoever uploaded it first; the server's own models have no owner.
-        raise Conflict(f"model name {name!r} is taken by another owner; choose another name",
-                       field="name")
-    version = ext.store.put_model(name, model.spec, model.to_safetensors(),
-                                  owner=current_owner())
+        raise Conflict(
+            f"model name {name!r} is taken by another owner; choose another name", field="name"
+        )
+    version = ext.store.put_model(name, model.spec, model.to_safetensors(), owner=current_owner())
     return {"name": name, "version": str(version), "state": "READY"}
 
 
@@ -115,13 +119,28 @@ def metadata(name: str, version: str | None):
     outputs = []
     for row in summary:
         shape = shapes.get(row["name"]) or tuple(row.get("output_shape") or (None, None, None))
-        outputs.append({"name": row["name"], "datatype": "FP32",
-                        "shape": [-1, *(_dim(d) for d in tuple(shape)[-3:])]})
-    return {"name": target.name, "versions": [str(target.version)], "platform": "convq",
-            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8",
-                        "shape": [-1, _dim(h), _dim(w), int(c)],
-                        "parameters": {"datatypes": ["UINT8", "FP32"]}}],
-            "outputs": outputs, "summary": summary}
+        outputs.append(
+            {
+                "name": row["name"],
+                "datatype": "FP32",
+                "shape": [-1, *(_dim(d) for d in tuple(shape)[-3:])],
+            }
+        )
+    return {
+        "name": target.name,
+        "versions": [str(target.version)],
+        "platform": "convq",
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "datatype": "UINT8",
+                "shape": [-1, _dim(h), _dim(w), int(c)],
+                "parameters": {"datatypes": ["UINT8", "FP32"]},
+            }
+        ],
+        "outputs": outputs,
+        "summary": summary,
+    }
 
 
 @bp.get("/models/<name>")
@@ -144,4 +163,3 @@ def model_ready(name: str):
 def model_version_ready(name: str, version: str):
     target = find_model(name, version)
     return {"name": target.name, "version": str(target.version), "ready": True}
-

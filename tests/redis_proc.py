@@ -28,8 +28,19 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="convq-redis-"))
-        self.args = ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-                     "--save", "", "--appendonly", "yes" if aof else "no", *extra]
+        self.args = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if aof else "no",
+            *extra,
+        ]
         if aof:
             self.args += ["--appendfsync", "everysec"]
         if password:
@@ -45,8 +56,9 @@ class RedisServer:
         return redis.Redis.from_url(self.url, **kw)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.proc = subprocess.Popen(["redis-server", *self.args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["redis-server", *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

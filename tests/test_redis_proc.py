@@ -10,6 +10,7 @@ def test_redis_server_starts_restarts_and_keeps_aof_data():
         client.set("k", "v")
         client.execute_command("BGREWRITEAOF")
         import time
+
         time.sleep(1.2)  # appendfsync everysec
         server.restart()
         assert server.client().get("k") == b"v"

@@ -42,8 +42,9 @@ class BlobDir:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise BlobDirError(f"CONVQ_BLOB_DIR={self.root} cannot be used: {exc.strerror or exc}"
-                               ) from None
+            raise BlobDirError(
+                f"CONVQ_BLOB_DIR={self.root} cannot be used: {exc.strerror or exc}"
+            ) from None
 
     def _path(self, name: str) -> Path:
         if not NAME.fullmatch(name):

@@ -47,8 +47,10 @@ class ModelCache:
         spec = store.model_spec(name, version)
         weights = store.model_weights(name, version)
         if spec is None or weights is None:
-            raise ModelGone(f"model {name!r} version {version} is no longer available "
-                            "(unloaded or replaced); upload it again and resubmit")
+            raise ModelGone(
+                f"model {name!r} version {version} is no longer available "
+                "(unloaded or replaced); upload it again and resubmit"
+            )
         model = Model.from_bytes(spec, weights, filename="weights.safetensors")
         self.put(key, model, len(weights))
         return model

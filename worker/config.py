@@ -56,7 +56,8 @@ class Settings:
             heartbeat=max(1, _int(env, "CONVQ_HEARTBEAT", defaults.HEARTBEAT_SECONDS)),
             heartbeat_grace=max(1, _int(env, "CONVQ_HEARTBEAT_GRACE", defaults.HEARTBEAT_GRACE)),
             maintenance_interval=max(
-                1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)),
+                1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)
+            ),
             timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
             blob_dir=env.get("CONVQ_BLOB_DIR") or None,

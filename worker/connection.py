@@ -53,7 +53,8 @@ def bulk_client(client: redis.Redis) -> redis.Redis:
     if cached is not None:
         return cached
     kwargs = {**get_connection_kwargs(client), "socket_read_size": _BULK_READ_BYTES}
-    fresh = type(client)(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                    **kwargs))
+    fresh = type(client)(
+        connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs)
+    )
     _bulk[pool] = fresh
     return fresh

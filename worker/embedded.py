@@ -51,8 +51,10 @@ def start_workers(redis_client, settings: Settings | None = None, n: int = 1) ->
     warm(settings)
     runtime = _runtime_for(settings)
     workers = [build("thread", own_client(redis_client), settings, runtime) for _ in range(n)]
-    threads = [threading.Thread(target=_loop, args=(w,), name=f"convq-worker-{i}", daemon=True)
-               for i, w in enumerate(workers)]
+    threads = [
+        threading.Thread(target=_loop, args=(w,), name=f"convq-worker-{i}", daemon=True)
+        for i, w in enumerate(workers)
+    ]
     for thread in threads:
         thread.start()
     return Handle(workers, threads)

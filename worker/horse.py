@@ -84,7 +84,7 @@ def keep_freed_memory() -> None:
 class _Horse:
     pid: int
     commands: int  # write end: one JSON line per job
-    replies: int   # read end: one byte per finished job, EOF when the horse is gone
+    replies: int  # read end: one byte per finished job, EOF when the horse is gone
 
 
 class ReusedHorseMixin:
@@ -131,8 +131,10 @@ class ReusedHorseMixin:
     def execute_job(self, job, queue):
         """Hand job to the horse (forking one if there is none) and watch it run."""
         execution = self.prepare_execution(job)
-        message = json.dumps({"job": job.id, "execution": execution.id,
-                              "queue": queue.name}).encode() + b"\n"
+        message = (
+            json.dumps({"job": job.id, "execution": execution.id, "queue": queue.name}).encode()
+            + b"\n"
+        )
         for _attempt in range(3):
             horse = self._ensure_horse()
             if self._hand_over(horse, message):
@@ -230,14 +232,16 @@ class ReusedHorseMixin:
 
     def _horse_run(self, message: dict) -> None:
         try:
-            job = self.job_class.fetch(message["job"], connection=self.connection,
-                                       serializer=self.serializer)
+            job = self.job_class.fetch(
+                message["job"], connection=self.connection, serializer=self.serializer
+            )
         except NoSuchJobError:
             log.info("job %s was deleted before it started", message["job"])
             return
         queue = next(q for q in self.queues if q.name == message["queue"])
-        execution = Execution(message["execution"], job.id, connection=self.connection,
-                              worker_name=self.name)
+        execution = Execution(
+            message["execution"], job.id, connection=self.connection, worker_name=self.name
+        )
         self.executions = {execution.id: execution}
         os.environ["RQ_JOB_ID"] = job.id
         try:

@@ -37,8 +37,10 @@ class ConvqJob(Job):
     def func(self):
         name = self.func_name
         if self.instance is not None or name not in JOB_FUNCTIONS:
-            raise UnsafeJob(f"refusing to run {name!r}: convq workers only run "
-                            f"{', '.join(sorted(JOB_FUNCTIONS))}")
+            raise UnsafeJob(
+                f"refusing to run {name!r}: convq workers only run "
+                f"{', '.join(sorted(JOB_FUNCTIONS))}"
+            )
         return JOB_FUNCTIONS[name]
 
     def perform(self):
@@ -52,8 +54,9 @@ class ConvqJob(Job):
         except BaseException as exc:
             self.retries_left = 0
             if isinstance(exc, JobTimeoutException):  # rq's SIGALRM, between two Python lines
-                self.meta["error"] = (f"JobTimeout: job timed out: ran past its {self.timeout} s "
-                                      "timeout")
+                self.meta["error"] = (
+                    f"JobTimeout: job timed out: ran past its {self.timeout} s timeout"
+                )
             else:
                 self.meta["error"] = one_line(exc)
             try:

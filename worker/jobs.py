@@ -106,8 +106,10 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     def on_layer(i: int, n: int, name: str) -> None:
         now = time.monotonic()
         if now - started > timeout:
-            raise JobTimeout(f"job timed out: {now - started:.1f} s is past its {timeout} s "
-                             f"timeout before layer {i + 1} of {n} ({name})")
+            raise JobTimeout(
+                f"job timed out: {now - started:.1f} s is past its {timeout} s "
+                f"timeout before layer {i + 1} of {n} ({name})"
+            )
         reached.update(layer=i + 1, of=n, name=name)
         if now - saved_at[0] >= PROGRESS_SECONDS:
             saved_at[0] = now
@@ -121,8 +123,7 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
     check()
     if reached and job.meta.get("progress") != reached:
         _save_progress(job, dict(reached))  # a finished job shows n of n
-    _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files),
-                        started + timeout)
+    _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files), started + timeout)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
     except redis.RedisError:

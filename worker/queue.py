@@ -19,11 +19,17 @@ RUN_MODEL = "worker.jobs.run_model"
 
 # rq statuses a client sees, folded onto the five of the API.
 _STATUS = {
-    JobStatus.QUEUED: "queued", JobStatus.CREATED: "queued", JobStatus.DEFERRED: "queued",
-    JobStatus.SCHEDULED: "queued", JobStatus.READY_TO_ENQUEUE: "queued",
-    JobStatus.RATE_LIMITED: "queued", JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "canceled", JobStatus.CANCELED: "canceled",
+    JobStatus.QUEUED: "queued",
+    JobStatus.CREATED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.READY_TO_ENQUEUE: "queued",
+    JobStatus.RATE_LIMITED: "queued",
+    JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "canceled",
+    JobStatus.CANCELED: "canceled",
 }
 
 
@@ -32,9 +38,19 @@ def make_queue(redis, name: str = defaults.QUEUE_NAME) -> rq.Queue:
     return rq.Queue(name, connection=redis, serializer=JSONSerializer, job_class=ConvqJob)
 
 
-def submit(queue: rq.Queue, store, *, model: str, version: int, images: np.ndarray,
-           outputs: list[str] | None, owner: str | None, job_timeout: int | None = None,
-           meta: dict | None = None, retries: int = defaults.RETRIES) -> str:
+def submit(
+    queue: rq.Queue,
+    store,
+    *,
+    model: str,
+    version: int,
+    images: np.ndarray,
+    outputs: list[str] | None,
+    owner: str | None,
+    job_timeout: int | None = None,
+    meta: dict | None = None,
+    retries: int = defaults.RETRIES,
+) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
     The record and the input share the store's TTLs; a worker death re-runs the job up to
@@ -42,16 +58,33 @@ def submit(queue: rq.Queue, store, *, model: str, version: int, images: np.ndarr
     """
     job_id = uuid.uuid4().hex
     store.put_input(job_id, images)
-    job_meta = {"owner": owner, "model": model, "version": int(version),
-                "outputs": outputs, "retries": retries, "progress": None, **(meta or {})}
+    job_meta = {
+        "owner": owner,
+        "model": model,
+        "version": int(version),
+        "outputs": outputs,
+        "retries": retries,
+        "progress": None,
+        **(meta or {}),
+    }
     try:
         queue.enqueue_call(
-            RUN_MODEL, kwargs={"model": model, "version": int(version),
-                               "outputs": outputs, "input_id": job_id},
-            timeout=job_timeout or defaults.JOB_TIMEOUT, job_id=job_id, meta=job_meta,
-            result_ttl=store.result_ttl, failure_ttl=store.result_ttl, ttl=store.input_ttl,
+            RUN_MODEL,
+            kwargs={
+                "model": model,
+                "version": int(version),
+                "outputs": outputs,
+                "input_id": job_id,
+            },
+            timeout=job_timeout or defaults.JOB_TIMEOUT,
+            job_id=job_id,
+            meta=job_meta,
+            result_ttl=store.result_ttl,
+            failure_ttl=store.result_ttl,
+            ttl=store.input_ttl,
             retry=Retry(max=retries) if retries > 0 else None,
-            description=f"run {model} v{version}")
+            description=f"run {model} v{version}",
+        )
     except BaseException:
         store.delete_job(job_id)
         raise
@@ -60,8 +93,9 @@ def submit(queue: rq.Queue, store, *, model: str, version: int, images: np.ndarr
 
 def _fetch(queue: rq.Queue, job_id: str) -> ConvqJob | None:
     try:
-        return queue.job_class.fetch(job_id, connection=queue.connection,
-                                     serializer=queue.serializer)
+        return queue.job_class.fetch(
+            job_id, connection=queue.connection, serializer=queue.serializer
+        )
     except (NoSuchJobError, ValueError):
         return None
 
@@ -101,20 +135,27 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
     ended = job.ended_at if status in ("finished", "failed") else None
     started = job.started_at if status != "queued" else None
     return {
-        "id": job.id, "status": status,
-        "model": meta.get("model"), "version": meta.get("version"),
-        "outputs": meta.get("outputs"), "owner": meta.get("owner"),
+        "id": job.id,
+        "status": status,
+        "model": meta.get("model"),
+        "version": meta.get("version"),
+        "outputs": meta.get("outputs"),
+        "owner": meta.get("owner"),
         # The last layer reached stays visible once the job ended (where it failed, or n of n).
         "progress": meta.get("progress") if status != "queued" else None,
         "timings": {
-            "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(started),
+            "enqueued_at": _iso(job.enqueued_at),
+            "started_at": _iso(started),
             "ended_at": _iso(ended),
             "queue_seconds": _seconds(job.enqueued_at, started),
             "compute_seconds": _seconds(started, ended),
         },
         "error": _error(job, status),
-        "attempt": (meta.get("attempt") if status != "queued" and meta.get("attempt")
-                    else max(1, retries - left + 1)),
+        "attempt": (
+            meta.get("attempt")
+            if status != "queued" and meta.get("attempt")
+            else max(1, retries - left + 1)
+        ),
     }
 
 

@@ -42,8 +42,7 @@ def _confirmed(queue, entries: list[str], cutoff: float, confirm_after: float) -
                 pipe.hsetnx(key, entry, cutoff)
         pipe.expire(key, max(60, int(10 * confirm_after)))
         pipe.execute()
-    return [entry for entry in entries
-            if entry in seen and cutoff - seen[entry] >= confirm_after]
+    return [entry for entry in entries if entry in seen and cutoff - seen[entry] >= confirm_after]
 
 
 def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.0) -> list[str]:
@@ -54,8 +53,12 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
     heartbeat has expired, and the live ones are renewed within an interval. Returns the ids
     handled. Registry entries of jobs that already ended are dropped.
     """
-    registry = StartedJobRegistry(queue.name, connection=queue.connection,
-                                  job_class=queue.job_class, serializer=queue.serializer)
+    registry = StartedJobRegistry(
+        queue.name,
+        connection=queue.connection,
+        job_class=queue.job_class,
+        serializer=queue.serializer,
+    )
     cutoff = now if now is not None else current_timestamp()
     entries = [as_text(e) for e in queue.connection.zrangebyscore(registry.key, 0, cutoff)]
     if confirm_after > 0:
@@ -68,8 +71,9 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
             if not queue.connection.zrem(registry.key, entry):
                 continue
             try:
-                job = queue.job_class.fetch(job_id, connection=queue.connection,
-                                            serializer=queue.serializer)
+                job = queue.job_class.fetch(
+                    job_id, connection=queue.connection, serializer=queue.serializer
+                )
             except NoSuchJobError:
                 continue
             if job.get_status(refresh=False) != JobStatus.STARTED:
@@ -77,8 +81,11 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
             job.meta = job.get_meta(refresh=True)
             job.meta["progress"] = None
             if job.retries_left and job.retries_left > 0:
-                log.warning("job %s: its worker stopped heartbeating; re-queued (%d retries left)",
-                            job.id, job.retries_left - 1)
+                log.warning(
+                    "job %s: its worker stopped heartbeating; re-queued (%d retries left)",
+                    job.id,
+                    job.retries_left - 1,
+                )
                 job.retry(queue, pipe)
             else:
                 message = "the job's worker died and no retries were left"
@@ -98,8 +105,9 @@ def reap_unstarted(worker, queue, *, older_than: float) -> list[str]:
     here the limit is older_than seconds since a sweep first saw the job there.
     """
     intermediate = queue.intermediate_queue
-    started = set(StartedJobRegistry(queue.name, connection=queue.connection)
-                  .get_job_ids(cleanup=False))
+    started = set(
+        StartedJobRegistry(queue.name, connection=queue.connection).get_job_ids(cleanup=False)
+    )
     handled = []
     for job_id in intermediate.get_job_ids():
         if job_id in started:

@@ -61,8 +61,10 @@ def burst(redis_client, settings: Settings | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one worker process until SIGTERM/SIGINT (after its current job); return 0."""
     parser = argparse.ArgumentParser(
-        prog="convq worker", description="Run one convq worker (settings from REDIS_URL and "
-        "CONVQ_* variables) until SIGTERM; it finishes its current job first.")
+        prog="convq worker",
+        description="Run one convq worker (settings from REDIS_URL and "
+        "CONVQ_* variables) until SIGTERM; it finishes its current job first.",
+    )
     parser.add_argument("--burst", action="store_true", help="quit once the queue is empty")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if worker is not None:
                 worker.stop_horse()
-        stopping = worker is not None and (worker._stop_requested
-                                          or worker._shutdown_requested_date is not None)
+        stopping = worker is not None and (
+            worker._stop_requested or worker._shutdown_requested_date is not None
+        )
         if stopping or args.burst:
             return 0
         if time.monotonic() - began > defaults.BACKOFF_MAX:

@@ -52,9 +52,16 @@ def _blob_dir(path: str) -> BlobDir:
 class Store:
     """Models, inputs and results of convq jobs, as Redis keys under one prefix."""
 
-    def __init__(self, redis, *, result_ttl: int = defaults.RESULT_TTL,
-                 input_ttl: int = defaults.INPUT_TTL, prefix: str = defaults.KEY_PREFIX,
-                 old_version_ttl: int | None = None, blob_dir: str | None = None):
+    def __init__(
+        self,
+        redis,
+        *,
+        result_ttl: int = defaults.RESULT_TTL,
+        input_ttl: int = defaults.INPUT_TTL,
+        prefix: str = defaults.KEY_PREFIX,
+        old_version_ttl: int | None = None,
+        blob_dir: str | None = None,
+    ):
         self.redis = redis
         self.result_ttl = result_ttl
         self.input_ttl = input_ttl
@@ -66,21 +73,31 @@ class Store:
     @classmethod
     def from_settings(cls, redis, settings) -> Store:
         """Return the store a worker or the API uses with settings (TTLs, blob directory)."""
-        return cls(redis, result_ttl=settings.result_ttl, input_ttl=settings.input_ttl,
-                   blob_dir=settings.blob_dir)
+        return cls(
+            redis,
+            result_ttl=settings.result_ttl,
+            input_ttl=settings.input_ttl,
+            blob_dir=settings.blob_dir,
+        )
 
     def _blobs_for(self, name: str) -> BlobDir:
         if self.blobs is None:
-            raise BlobMissing(name, f"{name} is a file in a blob directory, and this process "
-                              "has no CONVQ_BLOB_DIR; the API and every worker must share one")
+            raise BlobMissing(
+                name,
+                f"{name} is a file in a blob directory, and this process "
+                "has no CONVQ_BLOB_DIR; the API and every worker must share one",
+            )
         return self.blobs
 
     def _map(self, name: str, *, writable: bool):
         blobs = self._blobs_for(name)
         data = blobs.map(name, writable=writable)
         if data is None:
-            raise BlobMissing(name, f"{name} is not in CONVQ_BLOB_DIR={blobs.root} (the "
-                              "API and every worker must share that directory)")
+            raise BlobMissing(
+                name,
+                f"{name} is not in CONVQ_BLOB_DIR={blobs.root} (the "
+                "API and every worker must share that directory)",
+            )
         return data
 
     # -- keys -----------------------------------------------------------------------------------
@@ -102,8 +119,13 @@ class Store:
         # The counter outlives delete_model, so a name+version never means two different models.
         version = int(self.redis.incr(self._key("model-version", name)))
         previous = self.redis.hget(self._key("model", name), "version")
-        info = {"name": name, "version": version, "owner": owner or "",
-                "weights_bytes": len(weights), "created": time.time()}
+        info = {
+            "name": name,
+            "version": version,
+            "owner": owner or "",
+            "weights_bytes": len(weights),
+            "created": time.time(),
+        }
         with self.redis.pipeline() as pipe:
             pipe.set(self._key("weights", name, version), weights)
             pipe.set(self._key("spec", name, version), json.dumps(spec))
@@ -166,11 +188,12 @@ class Store:
             if size == 0:
                 return None if not client.exists(key) else bytearray()
         out = bytearray(size)
-        for start, piece in zip(range(0, size, SLICE_BYTES), self._slices(key, 0, size),
-                                strict=True):
+        for start, piece in zip(
+            range(0, size, SLICE_BYTES), self._slices(key, 0, size), strict=True
+        ):
             if len(piece) != min(SLICE_BYTES, size - start):
                 return None  # it expired or was deleted while we read it
-            out[start:start + len(piece)] = piece
+            out[start : start + len(piece)] = piece
         return out
 
     def _slices(self, key: str, start: int, stop: int) -> Iterator[bytes]:
@@ -186,8 +209,9 @@ class Store:
             return
         images = np.ascontiguousarray(images)
         name = f"input-{job_id}"
-        self.blobs.write(name, [npy_header(images.shape, images.dtype),
-                                memoryview(images).cast("B")])
+        self.blobs.write(
+            name, [npy_header(images.shape, images.dtype), memoryview(images).cast("B")]
+        )
         self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
@@ -210,7 +234,7 @@ class Store:
             if small is None:
                 return None, False
             if small.startswith(_FILE_REF):
-                return from_npy(self._map(small[len(_FILE_REF):].decode(), writable=True)), True
+                return from_npy(self._map(small[len(_FILE_REF) :].decode(), writable=True)), True
             return from_npy(bytearray(small)), False  # already read whole
         raw = self._read_into(key, size or None)
         return (None if raw is None else from_npy(raw)), False
@@ -219,8 +243,9 @@ class Store:
     def _data_key(self, job_id: str, index: int) -> str:
         return self._key("result", job_id, index)
 
-    def put_result(self, job_id: str, outputs: dict[str, np.ndarray], *,
-                   files: bool | None = None) -> None:
+    def put_result(
+        self, job_id: str, outputs: dict[str, np.ndarray], *, files: bool | None = None
+    ) -> None:
         """Store every requested output, all or nothing, for result_ttl seconds.
 
         Each output's raw bytes go to their own key (or, with files, to a file in the blob
@@ -232,7 +257,8 @@ class Store:
         arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
         index: dict[str, dict[str, Any]] = {
             name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
-            for i, (name, arr) in enumerate(arrays.items())}
+            for i, (name, arr) in enumerate(arrays.items())
+        }
         if files:  # files first: the index below is what makes them visible
             blobs = self._blobs_for(f"result-{job_id}")
             written: list[str] = []
@@ -249,10 +275,18 @@ class Store:
             pipe.delete(key)
             for name, arr in arrays.items():
                 if "key" in index[name]:
-                    pipe.set(self._data_key(job_id, index[name]["key"]),
-                             memoryview(arr).cast("B"), ex=self.result_ttl)
-            pipe.hset(key, mapping={_NAMES_FIELD: json.dumps(list(arrays)).encode(),
-                                    _INDEX_FIELD: json.dumps(index).encode()})
+                    pipe.set(
+                        self._data_key(job_id, index[name]["key"]),
+                        memoryview(arr).cast("B"),
+                        ex=self.result_ttl,
+                    )
+            pipe.hset(
+                key,
+                mapping={
+                    _NAMES_FIELD: json.dumps(list(arrays)).encode(),
+                    _INDEX_FIELD: json.dumps(index).encode(),
+                },
+            )
             pipe.expire(key, self.result_ttl)
             pipe.execute()
 
@@ -283,11 +317,12 @@ class Store:
         if "file" in entry:
             view = memoryview(self._map(entry["file"], writable=False))
             if len(view) != size:
-                raise BlobMissing(entry["file"], f"{entry['file']} holds {len(view)} bytes, "
-                                  f"not {size}")
+                raise BlobMissing(
+                    entry["file"], f"{entry['file']} holds {len(view)} bytes, not {size}"
+                )
             # bytes, not views: WSGI servers (gunicorn) send nothing else; a copy from the page
             # cache costs ~0.4 ms per 9 MB here.
-            return (bytes(view[o:o + FILE_SLICE_BYTES]) for o in range(0, size, FILE_SLICE_BYTES))
+            return (bytes(view[o : o + FILE_SLICE_BYTES]) for o in range(0, size, FILE_SLICE_BYTES))
         key = self._data_key(job_id, entry["key"])
         client = bulk_client(self.redis)
 
@@ -315,8 +350,9 @@ class Store:
         if "file" in entry:
             raw = self._map(entry["file"], writable=True)
             if len(raw) != size:
-                raise BlobMissing(entry["file"], f"{entry['file']} holds {len(raw)} bytes, "
-                                  f"not {size}")
+                raise BlobMissing(
+                    entry["file"], f"{entry['file']} holds {len(raw)} bytes, not {size}"
+                )
             return np.frombuffer(raw, dtype).reshape(entry["shape"])
         raw = self._read_into(self._data_key(job_id, entry["key"]), size)
         return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
@@ -352,9 +388,12 @@ class Store:
     def delete_job(self, job_id: str) -> None:
         """Delete a job's input and result (the cancel mark stays until it expires)."""
         entries = list((self._index(job_id) or {}).values())
-        self.redis.delete(self.input_key(job_id), self.result_key(job_id),
-                          self._key("run", job_id),
-                          *(self._data_key(job_id, e["key"]) for e in entries if "key" in e))
+        self.redis.delete(
+            self.input_key(job_id),
+            self.result_key(job_id),
+            self._key("run", job_id),
+            *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
+        )
         if self.blobs is not None:
             self.blobs.delete(f"input-{job_id}", *(e["file"] for e in entries if "file" in e))
 

@@ -83,15 +83,19 @@ class _ConvqMixin:
         for queue in self.queues:
             lock = f"{defaults.KEY_PREFIX}sweep-lock:{queue.name}"
             try:
-                if not self.connection.set(lock, self.name, nx=True,
-                                           ex=max(1, self.maintenance_interval - 1)):
+                if not self.connection.set(
+                    lock, self.name, nx=True, ex=max(1, self.maintenance_interval - 1)
+                ):
                     continue
                 if self._may_reap():
                     # An outage expires every heartbeat at once; a live worker renews its
                     # own within one interval, so act only on entries expired for two.
                     reap_abandoned(queue, confirm_after=2 * self.settings.heartbeat)
-                    reap_unstarted(self, queue, older_than=self.settings.heartbeat
-                                   + self.settings.heartbeat_grace)
+                    reap_unstarted(
+                        self,
+                        queue,
+                        older_than=self.settings.heartbeat + self.settings.heartbeat_grace,
+                    )
                 for registry in (FinishedJobRegistry, FailedJobRegistry):
                     registry(queue=queue).cleanup()
                 self.store.sweep_blobs()
@@ -106,8 +110,9 @@ class _ConvqMixin:
         except redis.RedisError:
             return False
 
-    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="",
-                           execution=None):
+    def handle_job_failure(
+        self, job, queue, started_job_registry=None, exc_string="", execution=None
+    ):
         if job.superseded:
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
@@ -134,12 +139,22 @@ class _ConvqMixin:
         self._log_job(job, "finished", "")
 
     def _log_job(self, job, state: str, exc_string: str) -> None:
-        took = (job.ended_at - job.started_at).total_seconds() if job.ended_at and job.started_at \
+        took = (
+            (job.ended_at - job.started_at).total_seconds()
+            if job.ended_at and job.started_at
             else 0.0
+        )
         error = job.meta.get("error") or (exc_string.strip().splitlines() or [""])[-1]
         kwargs = job.kwargs if job.func_name in JOB_FUNCTIONS else {}
-        log.info("job %s %s v%s %s in %.2f s%s", job.id, kwargs.get("model"),
-                 kwargs.get("version"), state, took, f": {error}" if state != "finished" else "")
+        log.info(
+            "job %s %s v%s %s in %.2f s%s",
+            job.id,
+            kwargs.get("model"),
+            kwargs.get("version"),
+            state,
+            took,
+            f": {error}" if state != "finished" else "",
+        )
 
 
 def _die_with_parent() -> None:
@@ -195,8 +210,9 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
             limit = job.timeout + self.settings.timeout_grace
         while True:
             try:
-                with self.death_penalty_class(self.job_monitoring_interval,
-                                              HorseMonitorTimeoutException):
+                with self.death_penalty_class(
+                    self.job_monitoring_interval, HorseMonitorTimeoutException
+                ):
                     _pid, ret_val, _rusage = self.wait_for_horse()
                 break
             except HorseMonitorTimeoutException:
@@ -225,9 +241,11 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
         if timed_out:
             job.retries_left = 0
             job.meta = job.get_meta(refresh=True)
-            job.meta["error"] = (f"JobTimeout: job timed out: still inside one layer "
-                                 f"{self.settings.timeout_grace} s past its {job.timeout} s "
-                                 "timeout; the worker killed it")
+            job.meta["error"] = (
+                f"JobTimeout: job timed out: still inside one layer "
+                f"{self.settings.timeout_grace} s past its {job.timeout} s "
+                "timeout; the worker killed it"
+            )
             job.save_meta()
             self.handle_job_failure(job, queue, exc_string=job.meta["error"], execution=execution)
         elif self._stopped_job_id == job.id:
@@ -270,11 +288,16 @@ def build(kind: str, redis_client, settings, runtime) -> _ConvqMixin:
     from .queue import make_queue
 
     cls = WORKER_KINDS[kind]
-    worker = cls([make_queue(redis_client, settings.queue)], connection=redis_client,
-                 serializer=JSONSerializer, job_class=ConvqJob,
-                 worker_ttl=defaults.WORKER_TTL,
-                 job_monitoring_interval=settings.heartbeat,
-                 maintenance_interval=settings.maintenance_interval,
-                 default_result_ttl=settings.result_ttl, log_job_description=False)
+    worker = cls(
+        [make_queue(redis_client, settings.queue)],
+        connection=redis_client,
+        serializer=JSONSerializer,
+        job_class=ConvqJob,
+        worker_ttl=defaults.WORKER_TTL,
+        job_monitoring_interval=settings.heartbeat,
+        maintenance_interval=settings.maintenance_interval,
+        default_result_ttl=settings.result_ttl,
+        log_job_description=False,
+    )
     worker.configure(settings, runtime)
     return worker

@@ -19,9 +19,11 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(Heal
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 def _png() -> bytes:
@@ -51,6 +53,7 @@ def _survives(call) -> None:
 def test_infer_decoder_on_random_bytes(body, header):
     def call():
         decode_infer(body, parse_header_length(header, len(body)))
+
     _survives(call)
 
 
@@ -61,11 +64,16 @@ def test_infer_decoder_on_random_json(value):
 
 
 tensor = st.fixed_dictionaries(
-    {"name": st.sampled_from(["input", "x"]),
-     "datatype": st.sampled_from(["UINT8", "FP32", "INT8"]),
-     "shape": st.lists(st.integers(-1, 4), min_size=2, max_size=5)},
-    optional={"data": st.lists(json_values, max_size=40),
-              "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 400)})})
+    {
+        "name": st.sampled_from(["input", "x"]),
+        "datatype": st.sampled_from(["UINT8", "FP32", "INT8"]),
+        "shape": st.lists(st.integers(-1, 4), min_size=2, max_size=5),
+    },
+    optional={
+        "data": st.lists(json_values, max_size=40),
+        "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 400)}),
+    },
+)
 
 
 @FUZZ
@@ -77,13 +85,16 @@ def test_infer_decoder_on_near_valid_requests(t, blob, binary):
 
 
 @FUZZ
-@given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)),
-                                        max_size=6), st.integers(0, 400))
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+    st.integers(0, 400),
+)
 def test_image_decoder_on_mutated_files(seed, flips, cut):
     data = bytearray(seed)
     for pos, value in flips:
         data[pos % len(data)] = value
-    data = bytes(data[:max(cut, 1)] if cut < len(data) else data)
+    data = bytes(data[: max(cut, 1)] if cut < len(data) else data)
     _survives(lambda: decode_image(data, "f", channels=3, max_pixels=10_000))
 
 

@@ -30,10 +30,12 @@ SPEC = {
 
 def arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"conv1.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-            "conv1.b": rng.standard_normal(4).astype(np.float32),
-            "fc.w": rng.standard_normal((5, 4, 4, 4)).astype(np.float32),
-            "fc.b": rng.standard_normal(5).astype(np.float32)}
+    return {
+        "conv1.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "conv1.b": rng.standard_normal(4).astype(np.float32),
+        "fc.w": rng.standard_normal((5, 4, 4, 4)).astype(np.float32),
+        "fc.b": rng.standard_normal(5).astype(np.float32),
+    }
 
 
 def npz_bytes(arrs: dict[str, np.ndarray]) -> bytes:
@@ -52,11 +54,16 @@ def reference_model(seed: int = 0) -> Model:
     return Model.from_arrays(SPEC, arrays(seed))
 
 
-def load_body(spec: dict = SPEC, seed: int = 0, filename: str = "weights.npz",
-              data: bytes | None = None) -> dict:
+def load_body(
+    spec: dict = SPEC, seed: int = 0, filename: str = "weights.npz", data: bytes | None = None
+) -> dict:
     data = npz_bytes(arrays(seed)) if data is None else data
-    return {"parameters": {"config": json.dumps(spec),
-                           f"file:{filename}": base64.b64encode(data).decode()}}
+    return {
+        "parameters": {
+            "config": json.dumps(spec),
+            f"file:{filename}": base64.b64encode(data).decode(),
+        }
+    }
 
 
 def images(n: int = 2, seed: int = 1, h: int = 9, w: int = 9) -> np.ndarray:
@@ -65,8 +72,16 @@ def images(n: int = 2, seed: int = 1, h: int = 9, w: int = 9) -> np.ndarray:
 
 def v2_json(imgs: np.ndarray, outputs: list[str] | None = None, **params) -> dict:
     datatype = "UINT8" if imgs.dtype == np.uint8 else "FP32"
-    body: dict = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(imgs.shape),
-                              "data": imgs.ravel().tolist()}]}
+    body: dict = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": datatype,
+                "shape": list(imgs.shape),
+                "data": imgs.ravel().tolist(),
+            }
+        ]
+    }
     if outputs is not None:
         body["outputs"] = [{"name": o} for o in outputs]
     if params:
@@ -77,13 +92,23 @@ def v2_json(imgs: np.ndarray, outputs: list[str] | None = None, **params) -> dic
 def v2_binary(imgs: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes, dict]:
     datatype = "UINT8" if imgs.dtype == np.uint8 else "FP32"
     raw = imgs.tobytes()
-    header: dict = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(imgs.shape),
-                                "parameters": {"binary_data_size": len(raw)}}]}
+    header: dict = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": datatype,
+                "shape": list(imgs.shape),
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ]
+    }
     if outputs is not None:
         header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
     head = json.dumps(header).encode()
-    return head + raw, {"Inference-Header-Content-Length": str(len(head)),
-                        "Content-Type": "application/octet-stream"}
+    return head + raw, {
+        "Inference-Header-Content-Length": str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:
@@ -96,8 +121,9 @@ def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:
         if size is None:
             out[o["name"]] = np.array(o["data"], np.float32).reshape(o["shape"])
         else:
-            out[o["name"]] = np.frombuffer(data[offset:offset + size], np.float32).reshape(
-                o["shape"])
+            out[o["name"]] = np.frombuffer(data[offset : offset + size], np.float32).reshape(
+                o["shape"]
+            )
             offset += size
     assert offset == len(data)
     return out
@@ -116,16 +142,18 @@ class Api:
     def __init__(self, *, blob_dir: str | None = None, retries: int = 0, **config):
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir)
-        self.app = create_app({"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings,
-                               **config})
+        self.app = create_app(
+            {"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings, **config}
+        )
         self.client = self.app.test_client()
 
     def burst(self) -> None:
         burst(self.redis, self.settings)
 
     def load(self, name: str = "tiny", headers: dict | None = None, **kw):
-        return self.client.post(f"/v2/repository/models/{name}/load", json=load_body(**kw),
-                                headers=headers or {})
+        return self.client.post(
+            f"/v2/repository/models/{name}/load", json=load_body(**kw), headers=headers or {}
+        )
 
     def queue_keys(self) -> int:
         return self.redis.llen("rq:queue:convq")
@@ -148,8 +176,9 @@ class Live:
         from worker.embedded import start_workers
 
         self.api = Api(**config)
-        self.handle = (start_workers(self.api.redis, self.api.settings, n=workers)
-                       if workers else None)
+        self.handle = (
+            start_workers(self.api.redis, self.api.settings, n=workers) if workers else None
+        )
         self.server = make_server("127.0.0.1", 0, self.api.app, threaded=True)
         self.url = f"127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

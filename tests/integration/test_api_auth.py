@@ -18,10 +18,15 @@ def api():
 def test_health_needs_no_key_everything_else_does(api):
     assert api.client.get("/v2/health/live").status_code == 200
     assert api.client.get("/v2/health/ready").status_code == 503  # no worker, but not 401
-    for method, path in [("get", "/v2"), ("post", "/v2/repository/index"),
-                         ("get", "/v2/models/tiny"), ("post", "/v2/models/tiny/jobs"),
-                         ("get", "/v2/jobs/" + "0" * 32), ("post", "/v2/models/tiny/infer"),
-                         ("post", "/v2/repository/models/tiny/load")]:
+    for method, path in [
+        ("get", "/v2"),
+        ("post", "/v2/repository/index"),
+        ("get", "/v2/models/tiny"),
+        ("post", "/v2/models/tiny/jobs"),
+        ("get", "/v2/jobs/" + "0" * 32),
+        ("post", "/v2/models/tiny/infer"),
+        ("post", "/v2/repository/models/tiny/load"),
+    ]:
         rv = getattr(api.client, method)(path)
         assert rv.status_code == 401, path
         assert rv.headers["WWW-Authenticate"] == "Bearer" and "error" in rv.json
@@ -36,16 +41,17 @@ def test_keys_never_reach_redis(api):
     assert rv.status_code == 202
     for key in api.redis.keys("*"):
         kind = api.redis.type(key)
-        values = {b"string": lambda k: [api.redis.get(k)],
-                  b"hash": lambda k: list(api.redis.hgetall(k).values())}.get(kind, lambda k: [])
+        values = {
+            b"string": lambda k: [api.redis.get(k)],
+            b"hash": lambda k: list(api.redis.hgetall(k).values()),
+        }.get(kind, lambda k: [])
         for value in values(key):
             assert b"key-a" not in value
 
 
 def test_another_keys_jobs_and_results_are_404(api):
     assert api.load(headers=A).status_code == 200
-    job_id = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)),
-                             headers=A).json["id"]
+    job_id = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=A).json["id"]
     api.burst()
     for path in (f"/v2/jobs/{job_id}", f"/v2/jobs/{job_id}/result"):
         assert api.client.get(path, headers=B).status_code == 404
@@ -60,8 +66,7 @@ def test_another_keys_models_are_invisible_and_untouchable(api):
     assert api.client.get("/v2/models/tiny", headers=B).status_code == 404
     assert api.client.get("/v2/models/tiny/ready", headers=B).status_code == 404
     assert api.client.post("/v2/repository/index", headers=B).json == []
-    assert [m["name"] for m in api.client.post("/v2/repository/index", headers=A).json] == [
-        "tiny"]
+    assert [m["name"] for m in api.client.post("/v2/repository/index", headers=A).json] == ["tiny"]
     rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=B)
     assert rv.status_code == 404 and api.queue_keys() == 0
     assert api.client.post("/v2/repository/models/tiny/unload", headers=B).status_code == 404
@@ -78,8 +83,10 @@ def test_server_models_are_shared_but_read_only():
     model = reference_model()
     store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
     assert api.client.get("/v2/models/tiny", headers=A).status_code == 200
-    assert api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)),
-                           headers=A).status_code == 202
+    assert (
+        api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=A).status_code
+        == 202
+    )
     assert api.load(headers=A).status_code == 409
     assert api.client.post("/v2/repository/models/tiny/unload", headers=A).status_code == 409
 

@@ -106,8 +106,10 @@ def test_a_full_blob_dir_is_507_with_retry_after_and_nothing_queued(api, monkeyp
     assert api.blob_files() == {}
 
 
-@pytest.mark.parametrize("query", ["", "?format=json", "?format=npy&output=conv1",
-                                   "?format=png&output=conv1", "?output=fc"])
+@pytest.mark.parametrize(
+    "query",
+    ["", "?format=json", "?format=npy&output=conv1", "?format=png&output=conv1", "?output=fc"],
+)
 @pytest.mark.parametrize("damage", ["deleted", "cut short"])
 def test_a_result_whose_file_is_gone_or_cut_is_404_json(api, query, damage):
     job_id = finished(api)

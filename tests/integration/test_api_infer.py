@@ -88,8 +88,10 @@ def test_request_id_is_echoed(live):
 
 def test_infer_errors_are_4xx(live):
     assert live.client.post("/v2/models/nope/infer", json=v2_json(images(1))).status_code == 404
-    assert live.client.post("/v2/models/tiny/versions/7/infer",
-                            json=v2_json(images(1))).status_code == 404
+    assert (
+        live.client.post("/v2/models/tiny/versions/7/infer", json=v2_json(images(1))).status_code
+        == 404
+    )
     rv = live.client.post("/v2/models/tiny/infer", json=v2_json(images(1, h=4, w=4)))
     assert rv.status_code == 400
 
@@ -106,14 +108,16 @@ def test_infer_past_its_deadline_is_504_and_the_job_is_dropped(blob_dir):
 
 
 def test_redis_down_is_503_with_retry_after_within_two_seconds():
-    app = create_app({"TESTING": True, "REDIS_URL": "redis://127.0.0.1:9/0",
-                      "SOCKET_TIMEOUT": 0.5})
+    app = create_app({"TESTING": True, "REDIS_URL": "redis://127.0.0.1:9/0", "SOCKET_TIMEOUT": 0.5})
     client = app.test_client()
     assert client.get("/v2/health/live").status_code == 200
-    for method, path, kw in [("get", "/v2/health/ready", {}), ("get", "/v2/models/tiny", {}),
-                             ("post", "/v2/models/tiny/jobs", {"json": v2_json(images(1))}),
-                             ("get", "/v2/jobs/" + "0" * 32, {}),
-                             ("post", "/v2/repository/index", {})]:
+    for method, path, kw in [
+        ("get", "/v2/health/ready", {}),
+        ("get", "/v2/models/tiny", {}),
+        ("post", "/v2/models/tiny/jobs", {"json": v2_json(images(1))}),
+        ("get", "/v2/jobs/" + "0" * 32, {}),
+        ("post", "/v2/repository/index", {}),
+    ]:
         started = time.monotonic()
         rv = getattr(client, method)(path, **kw)
         assert rv.status_code == 503, (path, rv.json)
@@ -125,6 +129,8 @@ def test_an_unexpected_error_is_a_logged_500_json(caplog):
     api = Api()
     api.app.add_url_rule("/boom", "boom", lambda: 1 / 0)
     rv = api.client.get("/boom")
-    assert rv.status_code == 500 and rv.json == {"error": "internal server error",
-                                                 "type": "InternalError"}
+    assert rv.status_code == 500 and rv.json == {
+        "error": "internal server error",
+        "type": "InternalError",
+    }
     assert "ZeroDivisionError" in caplog.text

@@ -69,8 +69,7 @@ def test_json_job_result_equals_model_run_in_every_format(api):
     rv = api.client.get(f"/v2/jobs/{job_id}/result?format=json&output=fc")
     assert [o["name"] for o in rv.json["outputs"]] == ["fc"]
     rv = api.client.get(f"/v2/jobs/{job_id}/result?output=conv1&format=npy")
-    np.testing.assert_array_equal(np.load(io.BytesIO(rv.data), allow_pickle=False),
-                                  expect["conv1"])
+    np.testing.assert_array_equal(np.load(io.BytesIO(rv.data), allow_pickle=False), expect["conv1"])
 
 
 def test_png_grid_is_that_images_maps(api):
@@ -97,12 +96,15 @@ def test_grid_scales_each_channel_and_survives_constant_maps():
 def test_binary_fp32_job_and_all_outputs(api):
     imgs = np.random.default_rng(5).standard_normal((2, 9, 9, 3)).astype(np.float32)
     body, headers = v2_binary(imgs)
-    doc = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
+    doc = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
     rv = api.client.post("/v2/models/tiny/jobs", data=body, headers=headers)
     job_id = finished(api, rv)
     assert rv.json["outputs"] == ["fc"] and "outputs" not in doc
-    got = parse_v2(*(lambda r: (r.data, r.headers["Inference-Header-Content-Length"]))(
-        api.client.get(f"/v2/jobs/{job_id}/result")))
+    got = parse_v2(
+        *(lambda r: (r.data, r.headers["Inference-Header-Content-Length"]))(
+            api.client.get(f"/v2/jobs/{job_id}/result")
+        )
+    )
     np.testing.assert_array_equal(got["fc"], reference_model().run(imgs)["fc"])
 
 
@@ -118,12 +120,18 @@ def test_multipart_images_job(api, kind):
     else:
         sent = imgs.astype(np.float32) / 255
         files = [(io.BytesIO(npy_bytes(i)), f"{n}.npy") for n, i in enumerate(sent)]
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": files, "outputs": "all"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": files, "outputs": "all"},
+    )
     job_id = finished(api, rv)
     assert rv.json["outputs"] == ["conv1", "relu1", "pool1", "fc"]
-    got = parse_v2(*(lambda r: (r.data, r.headers["Inference-Header-Content-Length"]))(
-        api.client.get(f"/v2/jobs/{job_id}/result")))
+    got = parse_v2(
+        *(lambda r: (r.data, r.headers["Inference-Header-Content-Length"]))(
+            api.client.get(f"/v2/jobs/{job_id}/result")
+        )
+    )
     expect = reference_model().run(sent, outputs="all")
     for name in expect:
         np.testing.assert_array_equal(got[name], expect[name])
@@ -131,8 +139,11 @@ def test_multipart_images_job(api, kind):
 
 def test_multipart_comma_outputs(api):
     files = [(io.BytesIO(png_bytes(images(1)[0])), "a.png")]
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": files, "outputs": "pool1, conv1"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": files, "outputs": "pool1, conv1"},
+    )
     assert rv.status_code == 202 and rv.json["outputs"] == ["pool1", "conv1"]
 
 
@@ -174,11 +185,13 @@ def test_expired_result_is_404(api):
 
 def test_result_query_errors(api):
     job_id = finished(api, submit(api, v2_json(images(1), ["conv1"])))
-    for query, status, field in [("format=xml", 400, "format"),
-                                 ("format=npy", 400, "output"),
-                                 ("format=png&output=conv1&image=-1", 400, "image"),
-                                 ("output=fc", 404, "output"),
-                                 ("bogus=1", 400, "bogus")]:
+    for query, status, field in [
+        ("format=xml", 400, "format"),
+        ("format=npy", 400, "output"),
+        ("format=png&output=conv1&image=-1", 400, "image"),
+        ("output=fc", 404, "output"),
+        ("bogus=1", 400, "bogus"),
+    ]:
         rv = api.client.get(f"/v2/jobs/{job_id}/result?{query}")
         assert (rv.status_code, rv.json["field"]) == (status, field), query
 
@@ -208,10 +221,13 @@ def test_wrong_size_channels_and_dtype_mix(api):
     _rejected(api, submit(api, v2_json(images(1, h=10))), 400, "9x9")
     gray = np.zeros((1, 9, 9), np.uint8)
     _rejected(api, submit(api, v2_json(gray)), 400, "channels")
-    files = [(io.BytesIO(npy_bytes(images(1)[0])), "a.npy"),
-             (io.BytesIO(npy_bytes(images(1)[0].astype(np.float32))), "b.npy")]
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": files})
+    files = [
+        (io.BytesIO(npy_bytes(images(1)[0])), "a.npy"),
+        (io.BytesIO(npy_bytes(images(1)[0].astype(np.float32))), "b.npy"),
+    ]
+    rv = api.client.post(
+        "/v2/models/tiny/jobs", content_type="multipart/form-data", data={"images": files}
+    )
     _rejected(api, rv, 400, "share")
 
 
@@ -219,50 +235,75 @@ def test_non_finite_fp32_images_are_400(api):
     imgs = np.zeros((1, 9, 9, 3), np.float32)
     imgs[0, 0, 0, 0] = np.inf
     body, headers = v2_binary(imgs)
-    _rejected(api, api.client.post("/v2/models/tiny/jobs", data=body, headers=headers), 400,
-              "finite")
+    _rejected(
+        api, api.client.post("/v2/models/tiny/jobs", data=body, headers=headers), 400, "finite"
+    )
 
 
-@pytest.mark.parametrize("data,status", [
-    (b"garbage", 415), (b"GIF89a", 415), (b"\x89PNG\r\n\x1a\n....", 400),
-    (b"\x93NUMPY\x01\x00\x04\x00{}  ", 400)])
+@pytest.mark.parametrize(
+    "data,status",
+    [
+        (b"garbage", 415),
+        (b"GIF89a", 415),
+        (b"\x89PNG\r\n\x1a\n....", 400),
+        (b"\x93NUMPY\x01\x00\x04\x00{}  ", 400),
+    ],
+)
 def test_bad_image_files(api, data, status):
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(data), "upload")]})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": [(io.BytesIO(data), "upload")]},
+    )
     _rejected(api, rv, status)
 
 
 def test_bomb_and_mislabelled_uploads(api):
     from tests.unit.test_images import lying_png
 
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(lying_png(10000, 10000)), "bomb.png")]})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": [(io.BytesIO(lying_png(10000, 10000)), "bomb.png")]},
+    )
     _rejected(api, rv, 413, "bomb.png")
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(png_bytes(images(1)[0])), "a.jpg")]})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": [(io.BytesIO(png_bytes(images(1)[0])), "a.jpg")]},
+    )
     _rejected(api, rv, 415, "JPEG")
 
 
 def test_multipart_needs_images_and_known_fields(api):
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"outputs": "all"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs", content_type="multipart/form-data", data={"outputs": "all"}
+    )
     _rejected(api, rv, 400, "images")
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(png_bytes(images(1)[0])), "a.png")],
-                               "colour": "red"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        content_type="multipart/form-data",
+        data={"images": [(io.BytesIO(png_bytes(images(1)[0])), "a.png")], "colour": "red"},
+    )
     _rejected(api, rv, 400, "colour")
 
 
 def test_limits_images_pixels_output_bytes_queue(blob_dir):
-    api = Api(blob_dir=blob_dir, MAX_IMAGES=2, MAX_PIXELS=81,
-              MAX_OUTPUT_BYTES=5 * 5 * 4 * 4 * 2, MAX_QUEUE=1)
+    api = Api(
+        blob_dir=blob_dir,
+        MAX_IMAGES=2,
+        MAX_PIXELS=81,
+        MAX_OUTPUT_BYTES=5 * 5 * 4 * 4 * 2,
+        MAX_QUEUE=1,
+    )
     api.load()
     _rejected(api, submit(api, v2_json(images(3))), 413, "limit")
     _rejected(api, submit(api, v2_json(images(1, h=10))), 413, "pixels")
     _rejected(api, submit(api, v2_json(images(2), ["conv1", "relu1"])), 413, "bytes")
     files = [(io.BytesIO(png_bytes(images(1)[0])), f"{i}.png") for i in range(3)]
-    rv = api.client.post("/v2/models/tiny/jobs", content_type="multipart/form-data",
-                         data={"images": files})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs", content_type="multipart/form-data", data={"images": files}
+    )
     _rejected(api, rv, 413, "limit")
     assert submit(api, v2_json(images(2), ["conv1"])).status_code == 202
     rv = submit(api, v2_json(images(1)))
@@ -282,25 +323,43 @@ def test_body_limits_by_length_chunked_and_gzip(blob_dir):
     _rejected(api, rv, 413)
 
     # A chunked body: no Content-Length, the server reads until the stream ends.
-    rv = api.client.post("/v2/models/tiny/jobs", input_stream=io.BytesIO(big),
-                         content_type="application/json",
-                         headers={"Transfer-Encoding": "chunked"},
-                         environ_overrides={"wsgi.input_terminated": True})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        input_stream=io.BytesIO(big),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
     assert rv.request.content_length is None
     _rejected(api, rv, 413)
-    rv = api.client.post("/v2/models/tiny/jobs", data=gzip.compress(big),
-                         content_type="application/json", headers={"Content-Encoding": "gzip"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        data=gzip.compress(big),
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip"},
+    )
     _rejected(api, rv, 413, "decompressed")
-    rv = api.client.post("/v2/models/tiny/jobs", input_stream=io.BytesIO(small),
-                         content_type="application/json",
-                         headers={"Transfer-Encoding": "chunked"},
-                         environ_overrides={"wsgi.input_terminated": True})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        input_stream=io.BytesIO(small),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
     assert rv.status_code == 202
-    rv = api.client.post("/v2/models/tiny/jobs", data=gzip.compress(small),
-                         content_type="application/json", headers={"Content-Encoding": "gzip"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        data=gzip.compress(small),
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip"},
+    )
     assert rv.status_code == 202
-    rv = api.client.post("/v2/models/tiny/jobs", data=b"xx", content_type="application/json",
-                         headers={"Content-Encoding": "br"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        data=b"xx",
+        content_type="application/json",
+        headers={"Content-Encoding": "br"},
+    )
     assert rv.status_code == 415
 
 
@@ -313,8 +372,11 @@ def test_wrong_content_types_and_malformed_bodies(api):
     body, headers = v2_binary(images(1))
     rv = api.client.post("/v2/models/tiny/jobs", data=body[:-3], headers=headers)
     _rejected(api, rv, 400, "binary")
-    rv = api.client.post("/v2/models/tiny/jobs", data=body,
-                         headers={**headers, "Inference-Header-Content-Length": "999999"})
+    rv = api.client.post(
+        "/v2/models/tiny/jobs",
+        data=body,
+        headers={**headers, "Inference-Header-Content-Length": "999999"},
+    )
     _rejected(api, rv, 400, "Inference-Header-Content-Length")
 
 
@@ -331,8 +393,9 @@ def test_a_job_whose_input_expired_fails_with_a_clear_error(api):
 
 
 def test_json_and_png_results_have_size_caps(blob_dir):
-    api = Api(blob_dir=blob_dir, MAX_JSON_OUTPUT_BYTES=2 * 5 * 5 * 4 * 4 - 1,
-              MAX_PNG_PIXELS=5 * 5 * 4 - 1)
+    api = Api(
+        blob_dir=blob_dir, MAX_JSON_OUTPUT_BYTES=2 * 5 * 5 * 4 * 4 - 1, MAX_PNG_PIXELS=5 * 5 * 4 - 1
+    )
     api.load()
     job_id = finished(api, submit(api, v2_json(images(2), ["conv1", "fc"])))
     rv = api.client.get(f"/v2/jobs/{job_id}/result?format=json")

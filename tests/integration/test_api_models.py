@@ -36,11 +36,21 @@ def test_load_json_then_metadata_lists_every_layer(api):
     assert rv.status_code == 200 and rv.json["version"] == "1"
     meta = api.client.get("/v2/models/tiny").json
     assert meta["name"] == "tiny" and meta["versions"] == ["1"] and meta["platform"] == "convq"
-    assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 9, 9, 3],
-                               "parameters": {"datatypes": ["UINT8", "FP32"]}}]
+    assert meta["inputs"] == [
+        {
+            "name": "input",
+            "datatype": "UINT8",
+            "shape": [-1, 9, 9, 3],
+            "parameters": {"datatypes": ["UINT8", "FP32"]},
+        }
+    ]
     shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
-    assert shapes == {"conv1": [-1, 5, 5, 4], "relu1": [-1, 5, 5, 4], "pool1": [-1, 4, 4, 4],
-                      "fc": [-1, 1, 1, 5]}
+    assert shapes == {
+        "conv1": [-1, 5, 5, 4],
+        "relu1": [-1, 5, 5, 4],
+        "pool1": [-1, 4, 4, 4],
+        "fc": [-1, 1, 1, 5],
+    }
     rows = {r["name"]: r for r in meta["summary"]}
     assert rows["conv1"]["params"] == 4 * 27 + 4 and rows["fc"]["params"] == 5 * 64 + 5
     assert api.client.get("/v2/models/tiny/versions/1").json["outputs"] == meta["outputs"]
@@ -70,9 +80,14 @@ def test_reload_bumps_the_version_and_old_versions_are_404(api):
 def test_safetensors_and_multipart_uploads(api):
     st = save(arrays())
     assert api.load(filename="w.safetensors", data=st).status_code == 200
-    rv = api.client.post("/v2/repository/models/multi/load", content_type="multipart/form-data",
-                         data={"spec": (io.BytesIO(json.dumps(SPEC).encode()), "spec.json"),
-                               "weights": (io.BytesIO(npz_bytes(arrays())), "w.npz")})
+    rv = api.client.post(
+        "/v2/repository/models/multi/load",
+        content_type="multipart/form-data",
+        data={
+            "spec": (io.BytesIO(json.dumps(SPEC).encode()), "spec.json"),
+            "weights": (io.BytesIO(npz_bytes(arrays())), "w.npz"),
+        },
+    )
     assert rv.status_code == 200, rv.json
     assert api.client.get("/v2/models/multi").json["name"] == "multi"
 
@@ -88,8 +103,9 @@ def test_index_and_unload(api):
     api.load("other")
     names = sorted(m["name"] for m in api.client.post("/v2/repository/index").json)
     assert names == ["other", "tiny"]
-    rv = api.client.post("/v2/repository/models/tiny/unload",
-                         json={"parameters": {"unload_dependents": False}})
+    rv = api.client.post(
+        "/v2/repository/models/tiny/unload", json={"parameters": {"unload_dependents": False}}
+    )
     assert rv.status_code == 200
     assert api.client.get("/v2/models/tiny").status_code == 404
     assert api.client.get("/v2/models/tiny/ready").status_code == 404
@@ -108,8 +124,11 @@ BAD_UPLOADS = [
     # (body, status, words the error must contain)
     ({"parameters": {"config": "{not json", "file:w.npz": "AAAA"}}, 400, "JSON"),
     ({"parameters": {"config": json.dumps(SPEC)}}, 400, "exactly one"),
-    ({"parameters": {"config": json.dumps(SPEC), "file:a.npz": "", "file:b.npz": ""}}, 400,
-     "exactly one"),
+    (
+        {"parameters": {"config": json.dumps(SPEC), "file:a.npz": "", "file:b.npz": ""}},
+        400,
+        "exactly one",
+    ),
     ({"parameters": {"config": json.dumps(SPEC), "file:w.npz": "!!!"}}, 400, "base64"),
     ({"parameters": {"config": json.dumps(SPEC), "file:w.npz": 5}}, 400, "base64"),
     ({"parameters": {"config": json.dumps(SPEC), "file:w.bin": "AAAA"}}, 415, ".npz"),
@@ -121,7 +140,7 @@ BAD_UPLOADS = [
     (load_body(_spec(type="bogus")), 400, "conv1"),
     (load_body(_spec(stride=0)), 400, "conv1"),
     (load_body(_spec(unknown_key=1)), 400, "conv1"),
-    (load_body(_spec(stride=3)), 400, "conv1"),   # 9+2-3 = 8 not divisible by 3 (fit strict)
+    (load_body(_spec(stride=3)), 400, "conv1"),  # 9+2-3 = 8 not divisible by 3 (fit strict)
 ]
 
 
@@ -154,8 +173,7 @@ def test_pickled_npz_weights_do_not_run(api, tmp_path):
 
     buf = io.BytesIO()
     np.savez(buf, **{"conv1.w": np.array([Evil()], dtype=object)})
-    rv = api.client.post("/v2/repository/models/tiny/load",
-                         json=load_body(data=buf.getvalue()))
+    rv = api.client.post("/v2/repository/models/tiny/load", json=load_body(data=buf.getvalue()))
     assert rv.status_code == 400 and not marker.exists()
 
 
@@ -171,21 +189,33 @@ def test_upload_content_type_and_size_limits():
     assert rv.status_code == 415
     rv = api.load()
     assert rv.status_code == 413 and "limit" in rv.json["error"]
-    rv = api.client.post("/v2/repository/models/tiny/load", content_type="multipart/form-data",
-                         data={"spec": (io.BytesIO(json.dumps(SPEC).encode()), "spec.json"),
-                               "weights": (io.BytesIO(npz_bytes(arrays())), "w.npz")})
+    rv = api.client.post(
+        "/v2/repository/models/tiny/load",
+        content_type="multipart/form-data",
+        data={
+            "spec": (io.BytesIO(json.dumps(SPEC).encode()), "spec.json"),
+            "weights": (io.BytesIO(npz_bytes(arrays())), "w.npz"),
+        },
+    )
     assert rv.status_code == 413
 
 
 def test_multipart_upload_needs_weights(api):
-    rv = api.client.post("/v2/repository/models/tiny/load", content_type="multipart/form-data",
-                         data={"spec": json.dumps(SPEC)})
+    rv = api.client.post(
+        "/v2/repository/models/tiny/load",
+        content_type="multipart/form-data",
+        data={"spec": json.dumps(SPEC)},
+    )
     assert rv.status_code == 400 and rv.json["field"] == "weights"
 
 
 def test_unknown_model_routes_are_404_json(api):
-    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/nope/versions/1",
-                 "/v2/nothing-here"):
+    for path in (
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/nope/versions/1",
+        "/v2/nothing-here",
+    ):
         rv = api.client.get(path)
         assert rv.status_code == 404 and "error" in rv.json
     rv = api.client.put("/v2/models/nope")
@@ -194,8 +224,12 @@ def test_unknown_model_routes_are_404_json(api):
 
 def test_weights_upload_base64_round_trip_matches_triton_client_encoding(api):
     # tritonclient sends base64.b64encode(bytes) through rapidjson: a plain base64 string.
-    body = {"parameters": {"config": json.dumps(SPEC),
-                           "file:w.npz": base64.b64encode(npz_bytes(arrays())).decode()}}
+    body = {
+        "parameters": {
+            "config": json.dumps(SPEC),
+            "file:w.npz": base64.b64encode(npz_bytes(arrays())).decode(),
+        }
+    }
     assert api.client.post("/v2/repository/models/tiny/load", json=body).status_code == 200
 
 
@@ -203,8 +237,7 @@ def test_npz_zip_bomb_is_refused_before_inflating(api):
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays(), junk=np.zeros(32 << 20, np.uint8))  # 32 MB -> ~32 KB
     assert len(buf.getvalue()) < 200_000
-    rv = api.client.post("/v2/repository/models/tiny/load",
-                         json=load_body(data=buf.getvalue()))
+    rv = api.client.post("/v2/repository/models/tiny/load", json=load_body(data=buf.getvalue()))
     assert rv.status_code == 400 and rv.json["field"] == "weights"
 
 
@@ -213,20 +246,32 @@ def _safetensors(header: dict, payload: bytes = b"") -> bytes:
     return len(raw).to_bytes(8, "little") + raw + payload
 
 
-@pytest.mark.parametrize("data", [
-    (1 << 40).to_bytes(8, "little") + b"{}",                                   # huge header
-    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3],
-                              "data_offsets": [0, 1 << 30]}}, b"\0" * 64),   # past the end
-    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 432]},
-                  "conv1.b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
-                 b"\0" * 432),                                                # overlapping
-    _safetensors({"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3],
-                              "data_offsets": [8, 4]}}, b"\0" * 432),        # reversed
-    b"\x05\x00\x00",                                                           # truncated
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        (1 << 40).to_bytes(8, "little") + b"{}",  # huge header
+        _safetensors(
+            {"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 1 << 30]}},
+            b"\0" * 64,
+        ),  # past the end
+        _safetensors(
+            {
+                "conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 432]},
+                "conv1.b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            },
+            b"\0" * 432,
+        ),  # overlapping
+        _safetensors(
+            {"conv1.w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [8, 4]}},
+            b"\0" * 432,
+        ),  # reversed
+        b"\x05\x00\x00",  # truncated
+    ],
+)
 def test_crafted_safetensors_are_4xx(api, data):
-    rv = api.client.post("/v2/repository/models/tiny/load",
-                         json=load_body(filename="w.safetensors", data=data))
+    rv = api.client.post(
+        "/v2/repository/models/tiny/load", json=load_body(filename="w.safetensors", data=data)
+    )
     assert rv.status_code == 400, rv.json
     assert api.client.get("/v2/models/tiny").status_code == 404
 

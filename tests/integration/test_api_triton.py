@@ -22,8 +22,9 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     client = httpclient.InferenceServerClient(server.url, network_timeout=30)
-    client.load_model("tiny", config=json.dumps(SPEC),
-                      files={"file:weights.npz": npz_bytes(arrays())})
+    client.load_model(
+        "tiny", config=json.dumps(SPEC), files={"file:weights.npz": npz_bytes(arrays())}
+    )
     yield client
     client.close()
 
@@ -52,8 +53,11 @@ def _input(imgs: np.ndarray, binary: bool):
 @pytest.mark.parametrize("layer", ["conv1", "relu1", "pool1", "fc"])
 def test_infer_any_layer_binary_and_json(client, binary, layer):
     imgs = images(2, seed=11)
-    result = client.infer("tiny", [_input(imgs, binary)],
-                          outputs=[httpclient.InferRequestedOutput(layer, binary_data=binary)])
+    result = client.infer(
+        "tiny",
+        [_input(imgs, binary)],
+        outputs=[httpclient.InferRequestedOutput(layer, binary_data=binary)],
+    )
     expect = reference_model().run(imgs, outputs=[layer])[layer]
     np.testing.assert_array_equal(result.as_numpy(layer), expect)
 
@@ -66,8 +70,9 @@ def test_infer_fp32_with_default_outputs(client):
 
 def test_client_errors_carry_the_message(client):
     with pytest.raises(InferenceServerException, match="conv9"):
-        client.infer("tiny", [_input(images(1), True)],
-                     outputs=[httpclient.InferRequestedOutput("conv9")])
+        client.infer(
+            "tiny", [_input(images(1), True)], outputs=[httpclient.InferRequestedOutput("conv9")]
+        )
     with pytest.raises(InferenceServerException, match="not found"):
         client.get_model_metadata("nope")
 
@@ -75,14 +80,12 @@ def test_client_errors_carry_the_message(client):
 def test_compressed_requests_and_responses(client):
     imgs = images(1, seed=3)
     for algorithm in ("gzip", "deflate"):
-        result = client.infer("tiny", [_input(imgs, True)],
-                              request_compression_algorithm=algorithm)
+        result = client.infer("tiny", [_input(imgs, True)], request_compression_algorithm=algorithm)
         np.testing.assert_array_equal(result.as_numpy("fc"), reference_model().run(imgs)["fc"])
 
 
 def test_load_replace_and_unload(client):
-    client.load_model("second", config=json.dumps(SPEC),
-                      files={"file:w.npz": npz_bytes(arrays(5))})
+    client.load_model("second", config=json.dumps(SPEC), files={"file:w.npz": npz_bytes(arrays(5))})
     imgs = images(1)
     result = client.infer("second", [_input(imgs, True)])
     np.testing.assert_array_equal(result.as_numpy("fc"), reference_model(5).run(imgs)["fc"])

@@ -50,11 +50,12 @@ from tests.unit.test_spec import spec_with
 
 MAX_BODY = 64 * 1024
 MAX_MODEL = 1024 * 1024
-PEAK_GROWTH = 8 << 20   # bytes a refused request may add to the process's peak RSS
-ANSWER_SECONDS = 1.0    # a generous bound: refusing reads headers, it never decodes or inflates
+PEAK_GROWTH = 8 << 20  # bytes a refused request may add to the process's peak RSS
+ANSWER_SECONDS = 1.0  # a generous bound: refusing reads headers, it never decodes or inflates
 
 
 # -- bodies --------------------------------------------------------------------------------------
+
 
 class Marker:
     """Unpickling this creates a file named marker in the directory given."""
@@ -80,8 +81,9 @@ def pickled_npz(tmp: Path) -> bytes:
 
 def npy_header(shape: tuple, descr: str = "|u1") -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
-                                               "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -93,13 +95,18 @@ def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A ~12 KB greyscale PNG whose header claims width x height: a bomb's first 1200 rows."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     rows = zlib.compress(b"\0" * ((width + 1) * 1200), 9)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def npz_many_members(count: int = 32, member_bytes: int = 4 << 20) -> bytes:
@@ -130,9 +137,11 @@ def onnx_pool_without_kernel_shape() -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("MaxPool", ["x"], ["y"])], "g",
+        [helper.make_node("MaxPool", ["x"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     return helper.make_model(graph).SerializeToString()
 
 
@@ -145,8 +154,10 @@ W = {"dtype": "F32", "shape": [4, 3, 3, 3]}
 
 
 def multipart(*files: tuple[str, bytes], **form) -> dict:
-    return {"content_type": "multipart/form-data",
-            "data": {"images": [(io.BytesIO(data), name) for name, data in files], **form}}
+    return {
+        "content_type": "multipart/form-data",
+        "data": {"images": [(io.BytesIO(data), name) for name, data in files], **form},
+    }
 
 
 def encoded_multipart(values: dict) -> dict:
@@ -160,9 +171,12 @@ def raw_json(body: bytes, **headers) -> dict:
 
 
 def chunked(body: bytes, content_type: str = "application/json") -> dict:
-    return {"input_stream": io.BytesIO(body), "content_type": content_type,
-            "headers": {"Transfer-Encoding": "chunked"},
-            "environ_overrides": {"wsgi.input_terminated": True}}
+    return {
+        "input_stream": io.BytesIO(body),
+        "content_type": content_type,
+        "headers": {"Transfer-Encoding": "chunked"},
+        "environ_overrides": {"wsgi.input_terminated": True},
+    }
 
 
 def upload(data: bytes, filename: str = "w.npz", spec: dict = SPEC) -> dict:
@@ -180,8 +194,10 @@ def binary_with(**changes) -> dict:
     head = json.loads(body[:n])
     head["inputs"][0].update(changes)
     new = json.dumps(head).encode()
-    return {"data": new + body[n:], "headers": {**headers,
-                                                "Inference-Header-Content-Length": str(len(new))}}
+    return {
+        "data": new + body[n:],
+        "headers": {**headers, "Inference-Header-Content-Length": str(len(new))},
+    }
 
 
 def v2_with(**changes) -> dict:
@@ -206,7 +222,7 @@ class Case:
     status: int
     words: str = ""
     method: str = "post"
-    extra: dict = field(default_factory=dict)   # JSON fields the error must carry
+    extra: dict = field(default_factory=dict)  # JSON fields the error must carry
 
 
 CASES = [
@@ -214,163 +230,407 @@ CASES = [
     Case("body-content-length", JOBS, lambda t: raw_json(big_v2()), 413, "limit"),
     Case("body-content-length-infer", INFER, lambda t: raw_json(big_v2()), 413, "limit"),
     Case("body-chunked", JOBS, lambda t: chunked(big_v2()), 413, "limit"),
-    Case("body-declared-10GB", JOBS, lambda t: {
-        "input_stream": io.BytesIO(b"{}"), "content_type": "application/json",
-        "environ_overrides": {"CONTENT_LENGTH": str(10 << 30)}}, 413, "limit"),
-    Case("body-gzip-bomb", JOBS, lambda t: raw_json(gzip.compress(b" " * (64 << 20)),
-                                                    **{"Content-Encoding": "gzip"}),
-         413, "decompressed"),
-    Case("body-bad-gzip", JOBS, lambda t: raw_json(b"\x1f\x8b not gzip",
-                                                   **{"Content-Encoding": "gzip"}), 400, "gzip"),
-    Case("body-unknown-encoding", JOBS, lambda t: raw_json(b"{}", **{"Content-Encoding": "br"}),
-         415, "Content-Encoding"),
+    Case(
+        "body-declared-10GB",
+        JOBS,
+        lambda t: {
+            "input_stream": io.BytesIO(b"{}"),
+            "content_type": "application/json",
+            "environ_overrides": {"CONTENT_LENGTH": str(10 << 30)},
+        },
+        413,
+        "limit",
+    ),
+    Case(
+        "body-gzip-bomb",
+        JOBS,
+        lambda t: raw_json(gzip.compress(b" " * (64 << 20)), **{"Content-Encoding": "gzip"}),
+        413,
+        "decompressed",
+    ),
+    Case(
+        "body-bad-gzip",
+        JOBS,
+        lambda t: raw_json(b"\x1f\x8b not gzip", **{"Content-Encoding": "gzip"}),
+        400,
+        "gzip",
+    ),
+    Case(
+        "body-unknown-encoding",
+        JOBS,
+        lambda t: raw_json(b"{}", **{"Content-Encoding": "br"}),
+        415,
+        "Content-Encoding",
+    ),
     Case("upload-over-limit-json", LOAD, lambda t: upload(b"\0" * MAX_MODEL), 413, "limit"),
-    Case("upload-over-limit-multipart", LOAD, lambda t: encoded_multipart(
-        {"spec": json.dumps(SPEC),
-         "weights": FileStorage(io.BytesIO(b"\0" * MAX_MODEL), filename="w.npz")}), 413),
+    Case(
+        "upload-over-limit-multipart",
+        LOAD,
+        lambda t: encoded_multipart(
+            {
+                "spec": json.dumps(SPEC),
+                "weights": FileStorage(io.BytesIO(b"\0" * MAX_MODEL), filename="w.npz"),
+            }
+        ),
+        413,
+    ),
     # Pictures: bombs, truncation, garbage, lies.
-    Case("png-12KB-claiming-10000x10000", JOBS,
-         lambda t: multipart(("bomb.png", png_claiming(10000, 10000))), 413,
-         "10000x10000 is 100000000 pixels"),
-    Case("png-truncated", JOBS, lambda t: multipart(("a.png", png(images(1)[0])[:60])), 400,
-         "a.png"),
-    Case("jpeg-truncated", JOBS,
-         lambda t: multipart(("a.jpg", png(images(1)[0], "JPEG")[:200])), 400, "a.jpg"),
-    Case("garbage-file", JOBS, lambda t: multipart(("a.bin", b"\x00garbage" * 100)), 415,
-         "not a PNG"),
-    Case("gif-file", JOBS, lambda t: multipart(("a.gif", png(images(1)[0], "GIF"))), 415,
-         "not a PNG"),
-    Case("png-named-jpg", JOBS, lambda t: multipart(("a.jpg", png(images(1)[0]))), 415,
-         "name says JPEG"),
-    Case("npy-named-png", JOBS, lambda t: multipart(("a.png", npy_bytes(images(1)[0]))), 415,
-         "name says PNG"),
+    Case(
+        "png-12KB-claiming-10000x10000",
+        JOBS,
+        lambda t: multipart(("bomb.png", png_claiming(10000, 10000))),
+        413,
+        "10000x10000 is 100000000 pixels",
+    ),
+    Case(
+        "png-truncated", JOBS, lambda t: multipart(("a.png", png(images(1)[0])[:60])), 400, "a.png"
+    ),
+    Case(
+        "jpeg-truncated",
+        JOBS,
+        lambda t: multipart(("a.jpg", png(images(1)[0], "JPEG")[:200])),
+        400,
+        "a.jpg",
+    ),
+    Case(
+        "garbage-file", JOBS, lambda t: multipart(("a.bin", b"\x00garbage" * 100)), 415, "not a PNG"
+    ),
+    Case(
+        "gif-file", JOBS, lambda t: multipart(("a.gif", png(images(1)[0], "GIF"))), 415, "not a PNG"
+    ),
+    Case(
+        "png-named-jpg",
+        JOBS,
+        lambda t: multipart(("a.jpg", png(images(1)[0]))),
+        415,
+        "name says JPEG",
+    ),
+    Case(
+        "npy-named-png",
+        JOBS,
+        lambda t: multipart(("a.png", npy_bytes(images(1)[0]))),
+        415,
+        "name says PNG",
+    ),
     Case("npy-pickle", JOBS, lambda t: multipart(("evil.npy", pickled_npy(t))), 400, "object"),
-    Case("npy-header-longer-than-data", JOBS,
-         lambda t: multipart(("a.npy", npy_header((9, 9, 3)) + b"\0" * 10)), 400, "bytes follow"),
-    Case("npy-header-shorter-than-data", JOBS,
-         lambda t: multipart(("a.npy", npy_header((2, 2, 3)) + b"\0" * 243)), 400, "bytes follow"),
-    Case("npy-header-claims-huge", JOBS,
-         lambda t: multipart(("a.npy", npy_header((100000, 100000, 3)) + b"\0" * 10)), 413,
-         "pixels"),
-    Case("npy-float64", JOBS,
-         lambda t: multipart(("a.npy", npy_bytes(np.zeros((9, 9, 3)))) ), 400, "float64"),
-    Case("npy-garbage-header", JOBS,
-         lambda t: multipart(("a.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': 'zz'}  ")), 400,
-         "not a valid .npy"),
-    Case("multipart-no-images", JOBS, lambda t: {"content_type": "multipart/form-data",
-                                                 "data": {"outputs": "all"}}, 400, "images"),
-    Case("multipart-unknown-field", JOBS,
-         lambda t: multipart(("a.png", png(images(1)[0])), colour="red"), 400, "colour"),
-    Case("multipart-sizes-differ", JOBS,
-         lambda t: multipart(("a.png", png(images(1)[0])), ("b.png", png(images(1, h=8)[0]))),
-         400, "share"),
-    Case("multipart-too-many-images", JOBS,
-         lambda t: multipart(*[(f"{i}.png", png(images(1)[0])) for i in range(5)]), 413,
-         "limit"),
+    Case(
+        "npy-header-longer-than-data",
+        JOBS,
+        lambda t: multipart(("a.npy", npy_header((9, 9, 3)) + b"\0" * 10)),
+        400,
+        "bytes follow",
+    ),
+    Case(
+        "npy-header-shorter-than-data",
+        JOBS,
+        lambda t: multipart(("a.npy", npy_header((2, 2, 3)) + b"\0" * 243)),
+        400,
+        "bytes follow",
+    ),
+    Case(
+        "npy-header-claims-huge",
+        JOBS,
+        lambda t: multipart(("a.npy", npy_header((100000, 100000, 3)) + b"\0" * 10)),
+        413,
+        "pixels",
+    ),
+    Case(
+        "npy-float64",
+        JOBS,
+        lambda t: multipart(("a.npy", npy_bytes(np.zeros((9, 9, 3))))),
+        400,
+        "float64",
+    ),
+    Case(
+        "npy-garbage-header",
+        JOBS,
+        lambda t: multipart(("a.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': 'zz'}  ")),
+        400,
+        "not a valid .npy",
+    ),
+    Case(
+        "multipart-no-images",
+        JOBS,
+        lambda t: {"content_type": "multipart/form-data", "data": {"outputs": "all"}},
+        400,
+        "images",
+    ),
+    Case(
+        "multipart-unknown-field",
+        JOBS,
+        lambda t: multipart(("a.png", png(images(1)[0])), colour="red"),
+        400,
+        "colour",
+    ),
+    Case(
+        "multipart-sizes-differ",
+        JOBS,
+        lambda t: multipart(("a.png", png(images(1)[0])), ("b.png", png(images(1, h=8)[0]))),
+        400,
+        "share",
+    ),
+    Case(
+        "multipart-too-many-images",
+        JOBS,
+        lambda t: multipart(*[(f"{i}.png", png(images(1)[0])) for i in range(5)]),
+        413,
+        "limit",
+    ),
     # V2 JSON: malformed, nested, unknown fields, shape and data disagreeing.
     Case("json-malformed", JOBS, lambda t: raw_json(b'{"inputs": ['), 400, "not valid JSON"),
     Case("json-malformed-infer", INFER, lambda t: raw_json(b"{"), 400, "not valid JSON"),
     Case("json-nested-100000", JOBS, lambda t: raw_json(b"[" * 20000 + b"]" * 20000), 400),
     Case("json-nested-in-object", JOBS, lambda t: raw_json(b'{"inputs": ' + b"[" * 20000), 400),
     Case("json-not-object", JOBS, lambda t: raw_json(b"[1, 2]"), 400, "JSON object"),
-    Case("json-nan", JOBS, lambda t: raw_json(
-        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1,9,9,3], "data": [NaN]}]}'),
-         400, "NaN"),
-    Case("json-unknown-field", JOBS, lambda t: {"json": {**v2_json(images(1)), "colour": 1}},
-         400, "colour"),
+    Case(
+        "json-nan",
+        JOBS,
+        lambda t: raw_json(
+            b'{"inputs": [{"name": "input", "datatype": "FP32", '
+            b'"shape": [1,9,9,3], "data": [NaN]}]}'
+        ),
+        400,
+        "NaN",
+    ),
+    Case(
+        "json-unknown-field",
+        JOBS,
+        lambda t: {"json": {**v2_json(images(1)), "colour": 1}},
+        400,
+        "colour",
+    ),
     Case("json-unknown-input-field", JOBS, lambda t: v2_with(colour=1), 400, "colour"),
     Case("json-shape-vs-data", JOBS, lambda t: v2_with(shape=[2, 9, 9, 3]), 400, "values"),
     Case("json-shape-vs-data-infer", INFER, lambda t: v2_with(shape=[1, 9, 9, 4]), 400, "values"),
     Case("json-negative-shape", JOBS, lambda t: v2_with(shape=[-1, 9, 9, 3]), 400, "shape"),
     Case("json-datatype", JOBS, lambda t: v2_with(datatype="INT64"), 400, "datatype"),
     Case("json-uint8-out-of-range", JOBS, lambda t: v2_with(data=[300] * 243), 400, "0..255"),
-    Case("json-strings-as-data", JOBS, lambda t: v2_with(datatype="FP32", data=["1"] * 243),
-         400, "numbers only"),
-    Case("json-wrong-image-size", JOBS, lambda t: {"json": v2_json(images(1, h=10))}, 400,
-         "9x9"),
-    Case("json-wrong-channels", JOBS,
-         lambda t: {"json": v2_json(np.zeros((1, 9, 9, 1), np.uint8))}, 400, "channels"),
-    Case("json-unknown-output", JOBS, lambda t: {"json": v2_json(images(1), ["conv9"])}, 400,
-         "conv9"),
-    Case("json-unknown-model", "/v2/models/nope/jobs", lambda t: {"json": v2_json(images(1))},
-         404, "nope"),
-    Case("json-unknown-model-infer", "/v2/models/nope/infer",
-         lambda t: {"json": v2_json(images(1))}, 404, "nope"),
-    Case("json-unknown-version-infer", "/v2/models/tiny/versions/7/infer",
-         lambda t: {"json": v2_json(images(1))}, 404, "version"),
+    Case(
+        "json-strings-as-data",
+        JOBS,
+        lambda t: v2_with(datatype="FP32", data=["1"] * 243),
+        400,
+        "numbers only",
+    ),
+    Case("json-wrong-image-size", JOBS, lambda t: {"json": v2_json(images(1, h=10))}, 400, "9x9"),
+    Case(
+        "json-wrong-channels",
+        JOBS,
+        lambda t: {"json": v2_json(np.zeros((1, 9, 9, 1), np.uint8))},
+        400,
+        "channels",
+    ),
+    Case(
+        "json-unknown-output", JOBS, lambda t: {"json": v2_json(images(1), ["conv9"])}, 400, "conv9"
+    ),
+    Case(
+        "json-unknown-model",
+        "/v2/models/nope/jobs",
+        lambda t: {"json": v2_json(images(1))},
+        404,
+        "nope",
+    ),
+    Case(
+        "json-unknown-model-infer",
+        "/v2/models/nope/infer",
+        lambda t: {"json": v2_json(images(1))},
+        404,
+        "nope",
+    ),
+    Case(
+        "json-unknown-version-infer",
+        "/v2/models/tiny/versions/7/infer",
+        lambda t: {"json": v2_json(images(1))},
+        404,
+        "version",
+    ),
     # V2 binary: sizes that disagree with the header.
-    Case("binary-body-short", JOBS, lambda t: {
-        "data": v2_binary(images(1))[0][:-3], "headers": v2_binary(images(1))[1]}, 400, "binary"),
-    Case("binary-body-long", INFER, lambda t: {
-        "data": v2_binary(images(1))[0] + b"xyz", "headers": v2_binary(images(1))[1]}, 400,
-         "binary"),
-    Case("binary-size-vs-shape", JOBS,
-         lambda t: binary_with(parameters={"binary_data_size": 100}), 400, "binary_data_size"),
-    Case("binary-header-length-past-body", JOBS, lambda t: {
-        "data": v2_binary(images(1))[0],
-        "headers": {**v2_binary(images(1))[1], "Inference-Header-Content-Length": "999999"}},
-         400, "Inference-Header-Content-Length"),
-    Case("binary-header-length-not-a-number", JOBS, lambda t: {
-        "data": v2_binary(images(1))[0],
-        "headers": {**v2_binary(images(1))[1], "Inference-Header-Content-Length": "12abc"}},
-         400, "Inference-Header-Content-Length"),
+    Case(
+        "binary-body-short",
+        JOBS,
+        lambda t: {"data": v2_binary(images(1))[0][:-3], "headers": v2_binary(images(1))[1]},
+        400,
+        "binary",
+    ),
+    Case(
+        "binary-body-long",
+        INFER,
+        lambda t: {"data": v2_binary(images(1))[0] + b"xyz", "headers": v2_binary(images(1))[1]},
+        400,
+        "binary",
+    ),
+    Case(
+        "binary-size-vs-shape",
+        JOBS,
+        lambda t: binary_with(parameters={"binary_data_size": 100}),
+        400,
+        "binary_data_size",
+    ),
+    Case(
+        "binary-header-length-past-body",
+        JOBS,
+        lambda t: {
+            "data": v2_binary(images(1))[0],
+            "headers": {**v2_binary(images(1))[1], "Inference-Header-Content-Length": "999999"},
+        },
+        400,
+        "Inference-Header-Content-Length",
+    ),
+    Case(
+        "binary-header-length-not-a-number",
+        JOBS,
+        lambda t: {
+            "data": v2_binary(images(1))[0],
+            "headers": {**v2_binary(images(1))[1], "Inference-Header-Content-Length": "12abc"},
+        },
+        400,
+        "Inference-Header-Content-Length",
+    ),
     # Wrong content types.
     Case("jobs-text-plain", JOBS, lambda t: {"data": "hi", "content_type": "text/plain"}, 415),
     Case("infer-xml", INFER, lambda t: {"data": "<a/>", "content_type": "application/xml"}, 415),
     Case("upload-text-plain", LOAD, lambda t: {"data": "hi", "content_type": "text/plain"}, 415),
-    Case("index-malformed", "/v2/repository/index", lambda t: raw_json(b"{"), 400,
-         "not valid JSON"),
-    Case("index-unknown-field", "/v2/repository/index", lambda t: {"json": {"colour": 1}}, 400,
-         "colour"),
+    Case(
+        "index-malformed", "/v2/repository/index", lambda t: raw_json(b"{"), 400, "not valid JSON"
+    ),
+    Case(
+        "index-unknown-field",
+        "/v2/repository/index",
+        lambda t: {"json": {"colour": 1}},
+        400,
+        "colour",
+    ),
     # Model uploads: weights files crafted to hurt, and malformed load requests.
     Case("npz-zip-bomb", LOAD, lambda t: upload(npz_single_bomb()), 400, "compresses"),
-    Case("npz-many-member-bomb", LOAD, lambda t: upload(npz_many_members()), 400,
-         "inflate"),
+    Case("npz-many-member-bomb", LOAD, lambda t: upload(npz_many_members()), 400, "inflate"),
     Case("npz-pickle", LOAD, lambda t: upload(pickled_npz(t)), 400, "not a number type"),
-    Case("npz-member-header-lies", LOAD, lambda t: upload(npz_lying_member()), 400,
-         "does not match"),
+    Case(
+        "npz-member-header-lies", LOAD, lambda t: upload(npz_lying_member()), 400, "does not match"
+    ),
     Case("npz-garbage", LOAD, lambda t: upload(b"PK\x03\x04garbage"), 400, "zip"),
-    Case("npz-missing-arrays", LOAD,
-         lambda t: upload(npz_bytes({"conv1.w": arrays()["conv1.w"]})), 400, "missing"),
-    Case("npz-wrong-shape", LOAD,
-         lambda t: upload(npz_bytes({**arrays(), "fc.w": np.zeros((5, 4, 4, 3), np.float32)})),
-         400, "fc"),
-    Case("npz-non-finite", LOAD,
-         lambda t: upload(npz_bytes({**arrays(), "fc.b": np.full(5, np.inf, np.float32)})),
-         400, "fc"),
-    Case("safetensors-huge-header", LOAD,
-         lambda t: upload((1 << 40).to_bytes(8, "little") + b"{}", "w.safetensors"), 400,
-         "header"),
-    Case("safetensors-offsets-past-end", LOAD, lambda t: upload(
-        safetensors({"conv1.w": {**W, "data_offsets": [0, 1 << 30]}}, b"\0" * 432),
-        "w.safetensors"), 400),
-    Case("safetensors-offsets-overlap", LOAD, lambda t: upload(
-        safetensors({"conv1.w": {**W, "data_offsets": [0, 432]},
-                     "conv1.b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
-                    b"\0" * 432), "w.safetensors"), 400),
-    Case("safetensors-offsets-reversed", LOAD, lambda t: upload(
-        safetensors({"conv1.w": {**W, "data_offsets": [8, 4]}}, b"\0" * 432), "w.safetensors"),
-         400),
-    Case("safetensors-object-dtype", LOAD, lambda t: upload(
-        safetensors({"conv1.w": {**W, "dtype": "O", "data_offsets": [0, 432]}}, b"\0" * 432),
-        "w.safetensors"), 400, "dtype"),
+    Case(
+        "npz-missing-arrays",
+        LOAD,
+        lambda t: upload(npz_bytes({"conv1.w": arrays()["conv1.w"]})),
+        400,
+        "missing",
+    ),
+    Case(
+        "npz-wrong-shape",
+        LOAD,
+        lambda t: upload(npz_bytes({**arrays(), "fc.w": np.zeros((5, 4, 4, 3), np.float32)})),
+        400,
+        "fc",
+    ),
+    Case(
+        "npz-non-finite",
+        LOAD,
+        lambda t: upload(npz_bytes({**arrays(), "fc.b": np.full(5, np.inf, np.float32)})),
+        400,
+        "fc",
+    ),
+    Case(
+        "safetensors-huge-header",
+        LOAD,
+        lambda t: upload((1 << 40).to_bytes(8, "little") + b"{}", "w.safetensors"),
+        400,
+        "header",
+    ),
+    Case(
+        "safetensors-offsets-past-end",
+        LOAD,
+        lambda t: upload(
+            safetensors({"conv1.w": {**W, "data_offsets": [0, 1 << 30]}}, b"\0" * 432),
+            "w.safetensors",
+        ),
+        400,
+    ),
+    Case(
+        "safetensors-offsets-overlap",
+        LOAD,
+        lambda t: upload(
+            safetensors(
+                {
+                    "conv1.w": {**W, "data_offsets": [0, 432]},
+                    "conv1.b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                },
+                b"\0" * 432,
+            ),
+            "w.safetensors",
+        ),
+        400,
+    ),
+    Case(
+        "safetensors-offsets-reversed",
+        LOAD,
+        lambda t: upload(
+            safetensors({"conv1.w": {**W, "data_offsets": [8, 4]}}, b"\0" * 432), "w.safetensors"
+        ),
+        400,
+    ),
+    Case(
+        "safetensors-object-dtype",
+        LOAD,
+        lambda t: upload(
+            safetensors({"conv1.w": {**W, "dtype": "O", "data_offsets": [0, 432]}}, b"\0" * 432),
+            "w.safetensors",
+        ),
+        400,
+        "dtype",
+    ),
     Case("safetensors-truncated", LOAD, lambda t: upload(b"\x05\x00\x00", "w.safetensors"), 400),
     Case("onnx-garbage", LOAD, lambda t: upload(b"\x08\x07garbage", "m.onnx"), 400),
-    Case("onnx-pool-without-kernel-shape", LOAD,
-         lambda t: upload(onnx_pool_without_kernel_shape(), "m.onnx"), 400, "kernel_shape"),
+    Case(
+        "onnx-pool-without-kernel-shape",
+        LOAD,
+        lambda t: upload(onnx_pool_without_kernel_shape(), "m.onnx"),
+        400,
+        "kernel_shape",
+    ),
     Case("weights-suffix", LOAD, lambda t: upload(npz_bytes(arrays()), "w.pkl"), 415, ".npz"),
-    Case("load-config-malformed", LOAD,
-         lambda t: {"json": {"parameters": {"config": "{", "file:w.npz": ""}}}, 400, "JSON"),
-    Case("load-config-nested", LOAD, lambda t: {"json": {"parameters": {
-        "config": "[" * 100000, "file:w.npz": ""}}}, 400),
-    Case("load-bad-base64", LOAD, lambda t: {"json": {"parameters": {
-        "config": json.dumps(SPEC), "file:w.npz": "!!!"}}}, 400, "base64"),
-    Case("load-two-files", LOAD, lambda t: {"json": {"parameters": {
-        "config": json.dumps(SPEC), "file:a.npz": "", "file:b.npz": ""}}}, 400, "exactly one"),
-    Case("load-unknown-field", LOAD, lambda t: {"json": {"parameters": {}, "colour": 1}}, 400,
-         "colour"),
-    Case("load-bad-name", "/v2/repository/models/-x/load", lambda t: upload(npz_bytes(arrays())),
-         400, "name"),
+    Case(
+        "load-config-malformed",
+        LOAD,
+        lambda t: {"json": {"parameters": {"config": "{", "file:w.npz": ""}}},
+        400,
+        "JSON",
+    ),
+    Case(
+        "load-config-nested",
+        LOAD,
+        lambda t: {"json": {"parameters": {"config": "[" * 100000, "file:w.npz": ""}}},
+        400,
+    ),
+    Case(
+        "load-bad-base64",
+        LOAD,
+        lambda t: {"json": {"parameters": {"config": json.dumps(SPEC), "file:w.npz": "!!!"}}},
+        400,
+        "base64",
+    ),
+    Case(
+        "load-two-files",
+        LOAD,
+        lambda t: {
+            "json": {"parameters": {"config": json.dumps(SPEC), "file:a.npz": "", "file:b.npz": ""}}
+        },
+        400,
+        "exactly one",
+    ),
+    Case(
+        "load-unknown-field",
+        LOAD,
+        lambda t: {"json": {"parameters": {}, "colour": 1}},
+        400,
+        "colour",
+    ),
+    Case(
+        "load-bad-name",
+        "/v2/repository/models/-x/load",
+        lambda t: upload(npz_bytes(arrays())),
+        400,
+        "name",
+    ),
     # Results and status of jobs that do not exist.
     Case("job-unknown", "/v2/jobs/" + "0" * 32, lambda t: {}, 404, "not found", method="get"),
     Case("job-path-traversal", "/v2/jobs/..%2F..%2Fetc", lambda t: {}, 404, method="get"),
@@ -380,8 +640,10 @@ CASES = [
 
 # Every kind of invalid spec the engine knows, uploaded with weights that fit the valid one.
 BASE_ARRAYS = {
-    "conv1.w": np.zeros((4, 3, 3, 3), np.float32), "conv1.b": np.zeros(4, np.float32),
-    "fc.w": np.zeros((1, 1, 2, 2, 4, 4), np.float32)}
+    "conv1.w": np.zeros((4, 3, 3, 3), np.float32),
+    "conv1.b": np.zeros(4, np.float32),
+    "fc.w": np.zeros((1, 1, 2, 2, 4, 4), np.float32),
+}
 for _i, (_change, _layer, _field, _fragment) in enumerate(BAD_SPECS):
     if (_layer, _field) == (None, "name"):
         continue  # an upload's model name comes from its URL, whatever the spec says
@@ -391,17 +653,33 @@ for _i, (_change, _layer, _field, _fragment) in enumerate(BAD_SPECS):
         _extra["layer"] = _layer
     if "NaN" in json.dumps(_spec):
         _extra = {}  # JSON cannot carry NaN: refused as malformed JSON before the spec check
-    CASES.append(Case(f"spec-{_i}-{_field}-{_fragment[:12]}", "/v2/repository/models/spec/load",
-                      lambda t, s=_spec: {"json": {"parameters": {
-                          "config": json.dumps(s),
-                          "file:w.npz": base64.b64encode(npz_bytes(BASE_ARRAYS)).decode()}}},
-                      400, "", extra=_extra))
+    CASES.append(
+        Case(
+            f"spec-{_i}-{_field}-{_fragment[:12]}",
+            "/v2/repository/models/spec/load",
+            lambda t, s=_spec: {
+                "json": {
+                    "parameters": {
+                        "config": json.dumps(s),
+                        "file:w.npz": base64.b64encode(npz_bytes(BASE_ARRAYS)).decode(),
+                    }
+                }
+            },
+            400,
+            "",
+            extra=_extra,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def api(module_blob_dir):
-    api = Api(blob_dir=module_blob_dir, MAX_CONTENT_LENGTH=MAX_BODY, MAX_MODEL_BYTES=MAX_MODEL,
-              MAX_IMAGES=4)
+    api = Api(
+        blob_dir=module_blob_dir,
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        MAX_MODEL_BYTES=MAX_MODEL,
+        MAX_IMAGES=4,
+    )
     assert api.load().status_code == 200
     return api
 
@@ -442,10 +720,10 @@ def test_bad_input_is_a_quick_4xx_that_stores_nothing(api, case, tmp_path):
     assert case.words in rv.json["error"], rv.json
     for key, value in case.extra.items():
         assert rv.json.get(key) == value, rv.json
-    assert snapshot(api.redis) == before            # nothing queued, stored or replaced
-    assert api.blob_files() == files                # no input file, whole or partial
+    assert snapshot(api.redis) == before  # nothing queued, stored or replaced
+    assert api.blob_files() == files  # no input file, whole or partial
     assert api.queue_keys() == 0
-    assert not any(tmp_path.iterdir())              # no pickled payload ran
+    assert not any(tmp_path.iterdir())  # no pickled payload ran
     assert seconds < ANSWER_SECONDS, seconds
     assert growth < PEAK_GROWTH, f"peak RSS rose {growth / 2**20:.1f} MiB"
 
@@ -453,8 +731,12 @@ def test_bad_input_is_a_quick_4xx_that_stores_nothing(api, case, tmp_path):
 def test_the_spec_rows_fail_only_for_their_one_change(api):
     # The control: the unchanged spec with the same weights loads, so each row's 400 comes
     # from its one bad field.
-    body = {"parameters": {"config": json.dumps(copy.deepcopy(SPEC_BASE)),
-                           "file:w.npz": base64.b64encode(npz_bytes(BASE_ARRAYS)).decode()}}
+    body = {
+        "parameters": {
+            "config": json.dumps(copy.deepcopy(SPEC_BASE)),
+            "file:w.npz": base64.b64encode(npz_bytes(BASE_ARRAYS)).decode(),
+        }
+    }
     rv = api.client.post("/v2/repository/models/control/load", json=body)
     assert rv.status_code == 200, rv.json
     assert api.client.post("/v2/repository/models/control/unload").status_code == 200
@@ -469,18 +751,26 @@ def test_a_refused_replacement_keeps_the_model_as_it_was(api):
 
 # -- fuzzing the upload decoders: weights files and specs ------------------------------------------
 
-FUZZ = settings(max_examples=120, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
-WEIGHT_SEEDS = [("w.npz", npz_bytes(arrays())),
-                ("w.safetensors", reference_model().to_safetensors())]
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+WEIGHT_SEEDS = [
+    ("w.npz", npz_bytes(arrays())),
+    ("w.safetensors", reference_model().to_safetensors()),
+]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False,
-                                                                   allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 300)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                max_size=3),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 def _refused_or_loaded(api, body: dict) -> None:
@@ -495,9 +785,11 @@ def _refused_or_loaded(api, body: dict) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(WEIGHT_SEEDS),
-       st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
-       st.integers(0, 4000))
+@given(
+    st.sampled_from(WEIGHT_SEEDS),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
+    st.integers(0, 4000),
+)
 def test_mutated_weight_files_are_4xx_or_load(api, seed, flips, cut):
     filename, data = seed
     data = bytearray(data)
@@ -508,9 +800,24 @@ def test_mutated_weight_files_are_4xx_or_load(api, seed, flips, cut):
 
 
 @FUZZ
-@given(st.integers(0, 3), st.sampled_from(["type", "filters", "size", "stride", "pad",
-                                           "dilation", "weights", "bias", "name", "count_pad"]),
-       json_values)
+@given(
+    st.integers(0, 3),
+    st.sampled_from(
+        [
+            "type",
+            "filters",
+            "size",
+            "stride",
+            "pad",
+            "dilation",
+            "weights",
+            "bias",
+            "name",
+            "count_pad",
+        ]
+    ),
+    json_values,
+)
 def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
     spec = copy.deepcopy(SPEC)
     spec["layers"][layer][key] = value
@@ -518,8 +825,10 @@ def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
 
 
 @FUZZ
-@given(st.sampled_from(["name", "input", "preprocess", "fit", "layout", "layers", "extra"]),
-       json_values)
+@given(
+    st.sampled_from(["name", "input", "preprocess", "fit", "layout", "layers", "extra"]),
+    json_values,
+)
 def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
     _refused_or_loaded(api, load_body({**SPEC, key: value}))
 
@@ -532,11 +841,22 @@ def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
     api.burst()
     before, files = snapshot(api.redis), api.blob_files()
     for method, path in [
-            ("get", f"/v2/jobs/{job_id}"), ("delete", f"/v2/jobs/{job_id}"),
-            *[("get", f"/v2/jobs/{job_id}/result{q}") for q in (
-                "", "?format=json", "?format=npy&output=fc", "?format=png&output=conv1&image=0")],
-            ("get", "/v2/models/tiny"), ("get", "/v2/models/tiny/versions/1"),
-            ("get", "/v2/models/tiny/ready"), ("post", "/v2/repository/models/tiny/unload")]:
+        ("get", f"/v2/jobs/{job_id}"),
+        ("delete", f"/v2/jobs/{job_id}"),
+        *[
+            ("get", f"/v2/jobs/{job_id}/result{q}")
+            for q in (
+                "",
+                "?format=json",
+                "?format=npy&output=fc",
+                "?format=png&output=conv1&image=0",
+            )
+        ],
+        ("get", "/v2/models/tiny"),
+        ("get", "/v2/models/tiny/versions/1"),
+        ("get", "/v2/models/tiny/ready"),
+        ("post", "/v2/repository/models/tiny/unload"),
+    ]:
         rv = getattr(api.client, method)(path, headers=b)
         assert rv.status_code == 404 and rv.json["error"], (method, path, rv.json)
     for path in (JOBS, INFER):
@@ -546,5 +866,7 @@ def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
     assert api.client.post(LOAD, json=load_body(seed=5), headers=b).status_code == 409
     assert snapshot(api.redis) == before and api.queue_keys() == 0
     assert api.blob_files() == files
-    assert api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=fc",
-                          headers=a).status_code == 200
+    assert (
+        api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=fc", headers=a).status_code
+        == 200
+    )

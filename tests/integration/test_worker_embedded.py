@@ -15,9 +15,14 @@ from worker.embedded import start_workers
 from worker.queue import job_status, make_queue, submit
 from worker.store import Store
 
-SPEC = {"name": "e", "input": {"channels": 1},
-        "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3, "pad": 1},
-                   {"name": "p", "type": "avgpool", "size": 2}]}
+SPEC = {
+    "name": "e",
+    "input": {"channels": 1},
+    "layers": [
+        {"name": "c", "type": "conv", "filters": 2, "size": 3, "pad": 1},
+        {"name": "p", "type": "avgpool", "size": 2},
+    ],
+}
 
 
 def _wait(queue, ids, timeout=30.0):
@@ -34,8 +39,13 @@ def test_threads_share_the_api_server_and_stop_cleanly():
     server = fakeredis.FakeServer()
     api_side = fakeredis.FakeRedis(server=server)
     rng = np.random.default_rng(0)
-    model = Model.from_arrays(SPEC, {"c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
-                                     "c.b": np.zeros(2, np.float32)})
+    model = Model.from_arrays(
+        SPEC,
+        {
+            "c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
+            "c.b": np.zeros(2, np.float32),
+        },
+    )
     store = Store(api_side)
     version = store.put_model("e", model.spec, model.to_safetensors(), owner=None)
     queue = make_queue(api_side)
@@ -44,8 +54,10 @@ def test_threads_share_the_api_server_and_stop_cleanly():
     try:
         assert handle.alive == 2
         images = [rng.integers(0, 256, (1, 8, 8), dtype=np.uint8) for _ in range(6)]
-        ids = [submit(queue, store, model="e", version=version, images=x, outputs=["p"],
-                      owner=None) for x in images]
+        ids = [
+            submit(queue, store, model="e", version=version, images=x, outputs=["p"], owner=None)
+            for x in images
+        ]
         assert _wait(queue, ids) == ["finished"] * 6
         for job_id, x in zip(ids, images, strict=True):
             assert np.array_equal(store.result_array(job_id, "p"), model.run(x, ["p"])["p"])

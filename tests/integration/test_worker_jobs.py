@@ -22,7 +22,8 @@ from worker.runner import burst
 from worker.store import Store
 
 SPEC = {
-    "name": "tiny", "input": {"channels": 3},
+    "name": "tiny",
+    "input": {"channels": 3},
     "preprocess": {"scale": 0.00392156862745098, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
     "layers": [
         {"name": "conv1", "type": "conv", "filters": 5, "size": 3, "stride": 1, "pad": 1},
@@ -36,10 +37,12 @@ SETTINGS = Settings(result_ttl=300, input_ttl=600)
 
 def _arrays(seed=0):
     rng = np.random.default_rng(seed)
-    return {"conv1.w": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
-            "conv1.b": rng.standard_normal(5).astype(np.float32),
-            "conv2.w": rng.standard_normal((3, 2, 1, 5)).astype(np.float32),
-            "conv2.b": rng.standard_normal(3).astype(np.float32)}
+    return {
+        "conv1.w": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+        "conv1.b": rng.standard_normal(5).astype(np.float32),
+        "conv2.w": rng.standard_normal((3, 2, 1, 5)).astype(np.float32),
+        "conv2.b": rng.standard_normal(3).astype(np.float32),
+    }
 
 
 @pytest.fixture
@@ -55,8 +58,14 @@ def env():
 
 def _submit(env, **kw):
     _redis, store, queue, _model, version, images = env
-    args = {"model": "tiny", "version": version, "images": images, "outputs": ["conv1", "conv2"],
-            "owner": "key1", **kw}
+    args = {
+        "model": "tiny",
+        "version": version,
+        "images": images,
+        "outputs": ["conv1", "conv2"],
+        "owner": "key1",
+        **kw,
+    }
     return submit(queue, store, **args)
 
 
@@ -94,23 +103,34 @@ def test_every_blob_and_record_has_a_ttl(env):
     burst(redis, SETTINGS)
     assert job_status(queue, ok)["status"] == "finished"
     assert job_status(queue, bad)["status"] == "failed"
-    keys = [k.decode() for k in redis.keys("convq:input:*") + redis.keys("convq:result:*")
-            + redis.keys("rq:job:*") + redis.keys("rq:results:*")]
+    keys = [
+        k.decode()
+        for k in redis.keys("convq:input:*")
+        + redis.keys("convq:result:*")
+        + redis.keys("rq:job:*")
+        + redis.keys("rq:results:*")
+    ]
     assert any(k.startswith("convq:result:") for k in keys) and len(keys) >= 5
     for key in keys:
         assert 0 < redis.ttl(key) <= 600, key
 
 
-@pytest.mark.parametrize("case, message", [
-    ("model", "no longer available"),
-    ("input", "expired"),
-    ("outputs", "nope"),
-    ("channels", "channel"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("model", "no longer available"),
+        ("input", "expired"),
+        ("outputs", "nope"),
+        ("channels", "channel"),
+    ],
+)
 def test_bad_job_fails_once_with_a_clear_error(env, case, message):
     redis, store, queue, model, version, images = env
-    kw = {"model": {"model": "ghost"}, "outputs": {"outputs": ["nope"]},
-          "channels": {"images": images[..., :2]}}.get(case, {})
+    kw = {
+        "model": {"model": "ghost"},
+        "outputs": {"outputs": ["nope"]},
+        "channels": {"images": images[..., :2]},
+    }.get(case, {})
     job_id = _submit(env, **kw)
     if case == "input":
         redis.delete(store.input_key(job_id))
@@ -138,8 +158,10 @@ def test_progress_is_written_each_layer_and_reset_per_attempt(env, monkeypatch):
     burst(redis, SETTINGS)
     # Reset first, then one entry per layer computed (conv2 is last requested: all 4 run).
     assert seen[0] is None
-    assert seen[1:] == [{"layer": i + 1, "of": 4, "name": n}
-                        for i, n in enumerate(["conv1", "relu1", "pool1", "conv2"])]
+    assert seen[1:] == [
+        {"layer": i + 1, "of": 4, "name": n}
+        for i, n in enumerate(["conv1", "relu1", "pool1", "conv2"])
+    ]
     stored = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).meta
     assert stored["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
 
@@ -164,8 +186,11 @@ def test_fast_layers_record_progress_the_first_time_and_at_the_end(env, monkeypa
     monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 3600)
     job_id = _submit(env)
     burst(redis, SETTINGS)
-    assert seen == [None, {"layer": 1, "of": 4, "name": "conv1"},
-                    {"layer": 4, "of": 4, "name": "conv2"}]
+    assert seen == [
+        None,
+        {"layer": 1, "of": 4, "name": "conv1"},
+        {"layer": 4, "of": 4, "name": "conv2"},
+    ]
     assert len(checks) == 2  # before the first layer and after the last: none in between
     assert job_status(queue, job_id)["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
     assert store.result_names(job_id) is not None
@@ -224,12 +249,22 @@ def test_hand_written_record_naming_os_system_never_runs(env, tmp_path):
     job_id = "evil0001"
     data = json.dumps(["os.system", None, [f"touch {target}"], {}]).encode()
     now = "2026-01-01T00:00:00.000000Z"
-    redis.hset(f"rq:job:{job_id}", mapping={
-        "data": zlib.compress(data), "status": "queued", "origin": queue.name,
-        "created_at": now, "enqueued_at": now, "description": "x", "timeout": 60})
+    redis.hset(
+        f"rq:job:{job_id}",
+        mapping={
+            "data": zlib.compress(data),
+            "status": "queued",
+            "origin": queue.name,
+            "created_at": now,
+            "enqueued_at": now,
+            "description": "x",
+            "timeout": 60,
+        },
+    )
     redis.rpush(queue.key, job_id)
     # The same through stock rq's own API, and a name that only looks like ours.
     import rq
+
     plain = rq.Queue(queue.name, connection=redis, serializer=JSONSerializer)
     sneaky = plain.enqueue_call("worker.jobs.os.system", args=[f"touch {target}"]).id
     burst(redis, SETTINGS)

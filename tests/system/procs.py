@@ -41,8 +41,9 @@ class Proc:
     def __init__(self, args: list[str], env: dict, log_path: Path):
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log,
-                                      stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     @property
     def pid(self) -> int:
@@ -106,8 +107,15 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_worker(redis_url: str, tmp_path: Path, *, env: dict | None = None,
-                 name: str = "worker", ready: bool = True, timeout: float = 60.0) -> Proc:
+def start_worker(
+    redis_url: str,
+    tmp_path: Path,
+    *,
+    env: dict | None = None,
+    name: str = "worker",
+    ready: bool = True,
+    timeout: float = 60.0,
+) -> Proc:
     """Start `convq worker` (python -m worker: the same main) and wait until it listens."""
     log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
     proc = Proc([sys.executable, "-m", "worker"], _env(redis_url, env), log_path)
@@ -141,16 +149,29 @@ def wait_worker_registered(redis_url: str, proc: Proc, timeout: float = 60.0) ->
     raise RuntimeError(f"worker did not register within {timeout} s:\n{proc.log()}")
 
 
-def start_api(redis_url: str | None, tmp_path: Path, *, env: dict | None = None,
-              command: str = "api", timeout: float = 60.0) -> tuple[Proc, str]:
+def start_api(
+    redis_url: str | None,
+    tmp_path: Path,
+    *,
+    env: dict | None = None,
+    command: str = "api",
+    timeout: float = 60.0,
+) -> tuple[Proc, str]:
     """Start `convq api` (or `convq up`) on a free loopback port; return (proc, base URL)."""
     import urllib.error
     import urllib.request
 
     port = free_port()
-    args = [sys.executable, "-c",
-            "import sys; sys.argv[0] = 'convq'; from service.cli import main; sys.exit(main())",
-            command, "--host", "127.0.0.1", "--port", str(port)]
+    args = [
+        sys.executable,
+        "-c",
+        "import sys; sys.argv[0] = 'convq'; from service.cli import main; sys.exit(main())",
+        command,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = Proc(args, _env(redis_url, env), tmp_path / f"{command}-{port}.log")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -42,8 +42,11 @@ def stack(redis_server_factory, tmp_path):
     server = redis_server_factory(aof=True)
     procs = []
     try:
-        api, base = start_api(server.url, tmp_path, env={"CONVQ_API_PROCESSES": "1",
-                                                        "CONVQ_MAX_CONTENT_LENGTH": "4000000"})
+        api, base = start_api(
+            server.url,
+            tmp_path,
+            env={"CONVQ_API_PROCESSES": "1", "CONVQ_MAX_CONTENT_LENGTH": "4000000"},
+        )
         procs.append(api)
         for i in range(2):
             procs.append(start_worker(server.url, tmp_path, name=f"w{i}"))
@@ -54,8 +57,11 @@ def stack(redis_server_factory, tmp_path):
 
 
 def upload(base: str, name: str, spec: dict, arrays: dict) -> None:
-    rv = requests.post(f"{base}/v2/repository/models/{name}/load", timeout=60, files={
-        "spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", npz(arrays))})
+    rv = requests.post(
+        f"{base}/v2/repository/models/{name}/load",
+        timeout=60,
+        files={"spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", npz(arrays))},
+    )
     assert rv.status_code == 200, rv.text
 
 
@@ -76,12 +82,17 @@ def test_job_survives_its_worker_being_killed(stack):
     upload(base, "slow", spec, arrays)
     images = np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
     files = [("images", (f"{i}.npy", _npy(img))) for i, img in enumerate(images)]
-    rv = requests.post(f"{base}/v2/models/slow/jobs", files=files, data={"outputs": "c23"},
-                       timeout=30)
+    rv = requests.post(
+        f"{base}/v2/models/slow/jobs", files=files, data={"outputs": "c23"}, timeout=30
+    )
     assert rv.status_code == 202, rv.text
     job_id = rv.json()["id"]
-    wait_status(base, job_id, lambda s: s["status"] == "started" and s["progress"]
-                and s["progress"]["layer"] >= 2, 60)
+    wait_status(
+        base,
+        job_id,
+        lambda s: s["status"] == "started" and s["progress"] and s["progress"]["layer"] >= 2,
+        60,
+    )
     busy = Job.fetch(job_id, connection=server.client()).worker_name
     pid = worker_pids(server.url)[busy]
     os.kill(pid, signal.SIGKILL)
@@ -101,17 +112,26 @@ def _npy(array: np.ndarray) -> bytes:
 
 def test_redis_outage_is_503_then_recovers(stack):
     server, base, _ = stack
-    spec = {"name": "t", "input": {"height": 8, "width": 8, "channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3}]}
+    spec = {
+        "name": "t",
+        "input": {"height": 8, "width": 8, "channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3}],
+    }
     arrays = {"c.w": np.ones((2, 3, 3, 1), np.float32), "c.b": np.zeros(2, np.float32)}
     upload(base, "t", spec, arrays)
-    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 8, 8, 1],
-                        "data": list(range(64))}]}
+    body = {
+        "inputs": [
+            {"name": "input", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": list(range(64))}
+        ]
+    }
     assert requests.post(f"{base}/v2/models/t/infer", json=body, timeout=30).status_code == 200
     for outage in ("pause", "kill"):
         getattr(server, outage)()
-        for method, path in (("get", "/v2/health/ready"), ("post", "/v2/models/t/jobs"),
-                             ("get", "/v2/models/t")):
+        for method, path in (
+            ("get", "/v2/health/ready"),
+            ("post", "/v2/models/t/jobs"),
+            ("get", "/v2/models/t"),
+        ):
             started = time.monotonic()
             rv = requests.request(method, base + path, json=body, timeout=30)
             took = time.monotonic() - started
@@ -145,7 +165,7 @@ def _post_chunked(base: str, path: str, body: bytes, headers: dict) -> tuple[int
     conn.endheaders()
     try:
         for i in range(0, len(body), 65536):
-            part = body[i:i + 65536]
+            part = body[i : i + 65536]
             conn.send(b"%x\r\n" % len(part) + part + b"\r\n")
         conn.send(b"0\r\n\r\n")
     except OSError:
@@ -158,18 +178,35 @@ def _post_chunked(base: str, path: str, body: bytes, headers: dict) -> tuple[int
 
 def test_chunked_bodies_are_bounded_never_truncated(stack):
     _, base, _ = stack
-    spec = {"name": "g", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
-    upload(base, "g", spec, {"c.w": np.ones((1, 1, 1, 1), np.float32),
-                             "c.b": np.zeros(1, np.float32)})
+    spec = {
+        "name": "g",
+        "input": {"channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+    }
+    upload(
+        base, "g", spec, {"c.w": np.ones((1, 1, 1, 1), np.float32), "c.b": np.zeros(1, np.float32)}
+    )
     for side, status in ((100, 202), (2100, 413)):  # 10 KB fits; 4.4 MB is over 4,000,000
         images = np.zeros((1, side, side, 1), np.uint8)
         raw = images.tobytes()
-        head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8",
-                                       "shape": list(images.shape),
-                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
-        code, doc = _post_chunked(base, "/v2/models/g/jobs", head + raw,
-                                  {"Inference-Header-Content-Length": str(len(head))})
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "UINT8",
+                        "shape": list(images.shape),
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ]
+            }
+        ).encode()
+        code, doc = _post_chunked(
+            base,
+            "/v2/models/g/jobs",
+            head + raw,
+            {"Inference-Header-Content-Length": str(len(head))},
+        )
         assert code == status, doc
         assert ("id" in doc) if status == 202 else ("error" in doc)
 
@@ -177,17 +214,27 @@ def test_chunked_bodies_are_bounded_never_truncated(stack):
 def test_tritonclient_against_real_processes(stack):
     _, base, _ = stack
     client = httpclient.InferenceServerClient(base.removeprefix("http://"), network_timeout=60)
-    spec = {"name": "m", "input": {"height": 16, "width": 16, "channels": 3},
-            "layers": [{"name": "conv", "type": "conv", "filters": 4, "size": 3, "pad": 1},
-                       {"name": "relu", "type": "relu"},
-                       {"name": "pool", "type": "avgpool", "size": 2}]}
+    spec = {
+        "name": "m",
+        "input": {"height": 16, "width": 16, "channels": 3},
+        "layers": [
+            {"name": "conv", "type": "conv", "filters": 4, "size": 3, "pad": 1},
+            {"name": "relu", "type": "relu"},
+            {"name": "pool", "type": "avgpool", "size": 2},
+        ],
+    }
     rng = np.random.default_rng(3)
-    arrays = {"conv.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-              "conv.b": rng.standard_normal(4).astype(np.float32)}
+    arrays = {
+        "conv.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "conv.b": rng.standard_normal(4).astype(np.float32),
+    }
     client.load_model("m", config=json.dumps(spec), files={"file:w.npz": npz(arrays)})
     assert client.is_server_ready() and client.is_model_ready("m")
     assert [o["name"] for o in client.get_model_metadata("m")["outputs"]] == [
-        "conv", "relu", "pool"]
+        "conv",
+        "relu",
+        "pool",
+    ]
     images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     expect = Model.from_arrays(spec, arrays).run(images, outputs="all")
     for binary in (True, False):
@@ -206,18 +253,33 @@ def test_full_redis_is_507_with_retry_after_never_500(redis_server_factory):
     server = redis_server_factory("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
     app = create_app({"TESTING": True, "REDIS_URL": server.url})
     client = app.test_client()
-    spec = {"name": "t", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
-    rv = client.post("/v2/repository/models/t/load", content_type="multipart/form-data", data={
-        "spec": json.dumps(spec),
-        "weights": (io.BytesIO(npz({"c.w": np.ones((1, 1, 1, 1), np.float32),
-                                    "c.b": np.zeros(1, np.float32)})), "w.npz")})
+    spec = {
+        "name": "t",
+        "input": {"channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+    }
+    rv = client.post(
+        "/v2/repository/models/t/load",
+        content_type="multipart/form-data",
+        data={
+            "spec": json.dumps(spec),
+            "weights": (
+                io.BytesIO(
+                    npz({"c.w": np.ones((1, 1, 1, 1), np.float32), "c.b": np.zeros(1, np.float32)})
+                ),
+                "w.npz",
+            ),
+        },
+    )
     assert rv.status_code == 200, rv.json
     image = _npy(np.zeros((700, 700), np.uint8))  # ~0.5 MB per job input
     codes = []
     for _ in range(20):
-        rv = client.post("/v2/models/t/jobs", content_type="multipart/form-data",
-                         data={"images": [(io.BytesIO(image), "a.npy")]})
+        rv = client.post(
+            "/v2/models/t/jobs",
+            content_type="multipart/form-data",
+            data={"images": [(io.BytesIO(image), "a.npy")]},
+        )
         codes.append(rv.status_code)
         if rv.status_code != 202:
             break
@@ -232,8 +294,12 @@ def test_convq_up_serves_the_demo_model_embedded(tmp_path):
     # An empty REDIS_URL counts as unset: `convq up` embeds its own in-process Redis.
     temp = tmp_path / "temp"
     temp.mkdir()
-    proc, base = start_api(None, tmp_path, command="up",
-                           env={"REDIS_URL": "", "CONVQ_BLOB_DIR": "", "TMPDIR": str(temp)})
+    proc, base = start_api(
+        None,
+        tmp_path,
+        command="up",
+        env={"REDIS_URL": "", "CONVQ_BLOB_DIR": "", "TMPDIR": str(temp)},
+    )
     try:
         deadline = time.monotonic() + 60
         while requests.get(f"{base}/v2/health/ready", timeout=10).status_code != 200:
@@ -242,8 +308,12 @@ def test_convq_up_serves_the_demo_model_embedded(tmp_path):
         log = proc.log()
         assert "curl" in log and "convq submit" in log and "/v2/models/demo/jobs" in log
         picture = [line for line in log.split() if line.startswith("images=@")][0][8:]
-        rv = requests.post(f"{base}/v2/models/demo/jobs", timeout=30, data={"outputs": "all"},
-                           files={"images": ("a.png", Path(picture).read_bytes())})
+        rv = requests.post(
+            f"{base}/v2/models/demo/jobs",
+            timeout=30,
+            data={"outputs": "all"},
+            files={"images": ("a.png", Path(picture).read_bytes())},
+        )
         assert rv.status_code == 202, rv.text
         job_id = rv.json()["id"]
         wait_status(base, job_id, lambda s: s["status"] == "finished", 60)

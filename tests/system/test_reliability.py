@@ -65,14 +65,20 @@ def _wait_ready(client, predicate, timeout: float, what: str) -> tuple[int, dict
 
 
 def test_ready_is_503_once_every_worker_is_dead(redis_server, tmp_path):
-    app = create_app({"TESTING": True, "REDIS_URL": redis_server.url,
-                      "SETTINGS": Settings(redis_url=redis_server.url)})
+    app = create_app(
+        {
+            "TESTING": True,
+            "REDIS_URL": redis_server.url,
+            "SETTINGS": Settings(redis_url=redis_server.url),
+        }
+    )
     client = app.test_client()
     status, body = _ready(client)
     assert status == 503 and "no worker" in body["error"]
 
-    workers = [start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False)
-               for i in range(2)]
+    workers = [
+        start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False) for i in range(2)
+    ]
     try:
         for worker in workers:
             wait_worker_registered(redis_server.url, worker)
@@ -89,8 +95,10 @@ def test_ready_is_503_once_every_worker_is_dead(redis_server, tmp_path):
         workers[1].kill()
         killed = time.monotonic()
         status, body = _wait_ready(client, lambda s, b: s == 503, KEY_TTL + 5, "503")
-        assert "no worker" in body["error"] and int(
-            client.get("/v2/health/ready").headers["Retry-After"]) > 0
+        assert (
+            "no worker" in body["error"]
+            and int(client.get("/v2/health/ready").headers["Retry-After"]) > 0
+        )
         assert time.monotonic() - killed < KEY_TTL + 5
         # rq's registry still lists the dead (nobody is left to clean it): counting it, as
         # Worker.count does, would have kept answering ready.
@@ -111,12 +119,16 @@ def _pickled_npy(marker) -> bytes:
 def test_nothing_a_worker_reads_from_redis_is_unpickled(redis_server, tmp_path):
     redis = connect(redis_server.url)
     store, queue = Store(redis), make_queue(redis)
-    spec = {"name": "tiny", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    spec = {
+        "name": "tiny",
+        "input": {"channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+    }
     from engine import Model
 
-    model = Model.from_arrays(spec, {"c.w": np.full((1, 1, 1, 1), 2, np.float32),
-                                     "c.b": np.zeros(1, np.float32)})
+    model = Model.from_arrays(
+        spec, {"c.w": np.full((1, 1, 1, 1), 2, np.float32), "c.b": np.zeros(1, np.float32)}
+    )
     version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
     worker = start_worker(redis_server.url, tmp_path)
     try:
@@ -124,22 +136,44 @@ def test_nothing_a_worker_reads_from_redis_is_unpickled(redis_server, tmp_path):
         record_marker = tmp_path / "record-unpickled"
         job_id = "f" * 32
         now = "2026-01-01T00:00:00.000000Z"
-        redis.hset(f"rq:job:{job_id}", mapping={
-            "data": zlib.compress(pickle.dumps((Marker(record_marker), None, (), {}))),
-            "status": "queued", "origin": queue.name, "created_at": now, "enqueued_at": now,
-            "description": "x", "timeout": 60})
+        redis.hset(
+            f"rq:job:{job_id}",
+            mapping={
+                "data": zlib.compress(pickle.dumps((Marker(record_marker), None, (), {}))),
+                "status": "queued",
+                "origin": queue.name,
+                "created_at": now,
+                "enqueued_at": now,
+                "description": "x",
+                "timeout": 60,
+            },
+        )
         redis.rpush(queue.key, job_id)
 
         # 2. A real job whose stored input was swapped for a pickled object .npy.
         input_marker = tmp_path / "input-unpickled"
-        swapped = submit(queue, store, model="tiny", version=version,
-                         images=np.ones((1, 3, 3, 1), np.uint8), outputs=["c"], owner=None,
-                         retries=0)
+        swapped = submit(
+            queue,
+            store,
+            model="tiny",
+            version=version,
+            images=np.ones((1, 3, 3, 1), np.uint8),
+            outputs=["c"],
+            owner=None,
+            retries=0,
+        )
         redis.set(store.input_key(swapped), _pickled_npy(input_marker))
 
         # 3. A plain job after both: the worker must still be there to run it.
-        after = submit(queue, store, model="tiny", version=version,
-                       images=np.full((1, 3, 3, 1), 5, np.uint8), outputs=["c"], owner=None)
+        after = submit(
+            queue,
+            store,
+            model="tiny",
+            version=version,
+            images=np.full((1, 3, 3, 1), 5, np.uint8),
+            outputs=["c"],
+            owner=None,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             status = job_status(queue, after)
@@ -192,45 +226,94 @@ def _raw_post(base: str, path: str, headers: dict, body: bytes) -> tuple[int, di
 def test_bad_bodies_through_gunicorn_are_quick_4xx_with_flat_memory(redis_server, tmp_path):
     from tests.integration.test_bad_input import npz_many_members, npz_single_bomb, png_claiming
 
-    api, base = start_api(redis_server.url, tmp_path, env={
-        "CONVQ_API_PROCESSES": "1", "CONVQ_MAX_CONTENT_LENGTH": "1000000",
-        "CONVQ_MAX_MODEL_BYTES": "2000000"})
+    api, base = start_api(
+        redis_server.url,
+        tmp_path,
+        env={
+            "CONVQ_API_PROCESSES": "1",
+            "CONVQ_MAX_CONTENT_LENGTH": "1000000",
+            "CONVQ_MAX_MODEL_BYTES": "2000000",
+        },
+    )
     try:
         [horse] = api.children()
-        spec = {"name": "g", "input": {"height": 9, "width": 9, "channels": 1},
-                "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+        spec = {
+            "name": "g",
+            "input": {"height": 9, "width": 9, "channels": 1},
+            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+        }
         weights = io.BytesIO()
-        np.savez(weights, **{"c.w": np.ones((1, 1, 1, 1), np.float32),
-                             "c.b": np.zeros(1, np.float32)})
-        rv = requests.post(f"{base}/v2/repository/models/g/load", timeout=30, files={
-            "spec": ("spec.json", json.dumps(spec)), "weights": ("w.npz", weights.getvalue())})
+        np.savez(
+            weights, **{"c.w": np.ones((1, 1, 1, 1), np.float32), "c.b": np.zeros(1, np.float32)}
+        )
+        rv = requests.post(
+            f"{base}/v2/repository/models/g/load",
+            timeout=30,
+            files={
+                "spec": ("spec.json", json.dumps(spec)),
+                "weights": ("w.npz", weights.getvalue()),
+            },
+        )
         assert rv.status_code == 200, rv.text
 
         def load(data: bytes, filename: str) -> tuple[str, dict, bytes]:
-            body = json.dumps({"parameters": {"config": json.dumps(spec), f"file:{filename}":
-                                              base64.b64encode(data).decode()}}).encode()
+            body = json.dumps(
+                {
+                    "parameters": {
+                        "config": json.dumps(spec),
+                        f"file:{filename}": base64.b64encode(data).decode(),
+                    }
+                }
+            ).encode()
             return "/v2/repository/models/g/load", {"Content-Type": "application/json"}, body
 
-        png_body = (b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\""
-                    b"\r\nContent-Type: image/png\r\n\r\n" + png_claiming(10000, 10000)
-                    + b"\r\n--b--\r\n")
+        png_body = (
+            b'--b\r\nContent-Disposition: form-data; name="images"; filename="x.png"'
+            b"\r\nContent-Type: image/png\r\n\r\n" + png_claiming(10000, 10000) + b"\r\n--b--\r\n"
+        )
         json_head = {"Content-Type": "application/json"}
         cases = [
             # (path, headers, body, status)
             ("/v2/models/g/jobs", {**json_head, "Content-Length": str(10 << 30)}, b"{}", 413),
-            ("/v2/models/g/jobs", {**json_head, "Content-Length": "1500000"},
-             b" " * 1_500_000, 413),
-            ("/v2/models/g/jobs", {**json_head, "Content-Encoding": "gzip",
-                                   "Content-Length": str(len(gz := gzip.compress(
-                                       b" " * (256 << 20))))}, gz, 413),
-            ("/v2/models/g/jobs", {"Content-Type": "multipart/form-data; boundary=b",
-                                   "Content-Length": str(len(png_body))}, png_body, 413),
-            ("/v2/repository/models/g/load", {**json_head, "Content-Length": str(10 << 30)},
-             b"{}", 413),
-            *[(path, {**head, "Content-Length": str(len(body))}, body, 400)
-              for path, head, body in (
-                  load(npz_single_bomb(), "w.npz"), load(npz_many_members(), "w.npz"),
-                  load((1 << 40).to_bytes(8, "little") + b"{}", "w.safetensors"))],
+            (
+                "/v2/models/g/jobs",
+                {**json_head, "Content-Length": "1500000"},
+                b" " * 1_500_000,
+                413,
+            ),
+            (
+                "/v2/models/g/jobs",
+                {
+                    **json_head,
+                    "Content-Encoding": "gzip",
+                    "Content-Length": str(len(gz := gzip.compress(b" " * (256 << 20)))),
+                },
+                gz,
+                413,
+            ),
+            (
+                "/v2/models/g/jobs",
+                {
+                    "Content-Type": "multipart/form-data; boundary=b",
+                    "Content-Length": str(len(png_body)),
+                },
+                png_body,
+                413,
+            ),
+            (
+                "/v2/repository/models/g/load",
+                {**json_head, "Content-Length": str(10 << 30)},
+                b"{}",
+                413,
+            ),
+            *[
+                (path, {**head, "Content-Length": str(len(body))}, body, 400)
+                for path, head, body in (
+                    load(npz_single_bomb(), "w.npz"),
+                    load(npz_many_members(), "w.npz"),
+                    load((1 << 40).to_bytes(8, "little") + b"{}", "w.safetensors"),
+                )
+            ],
         ]
         client = redis_server.client()
         keys = sorted(client.keys("*"))
@@ -257,20 +340,31 @@ def test_reaper_confirms_an_expired_heartbeat_before_requeueing(redis_server):
 
     redis = connect(redis_server.url)
     store, queue = Store(redis), make_queue(redis)
-    spec = {"name": "t", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+    spec = {
+        "name": "t",
+        "input": {"channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+    }
     from engine import Model
 
-    model = Model.from_arrays(spec, {"c.w": np.ones((1, 1, 1, 1), np.float32),
-                                     "c.b": np.zeros(1, np.float32)})
+    model = Model.from_arrays(
+        spec, {"c.w": np.ones((1, 1, 1, 1), np.float32), "c.b": np.zeros(1, np.float32)}
+    )
     version = store.put_model("t", model.spec, model.to_safetensors(), owner=None)
-    job_id = submit(queue, store, model="t", version=version, images=np.ones((1, 2, 2, 1),
-                    np.uint8), outputs=["c"], owner=None)
+    job_id = submit(
+        queue,
+        store,
+        model="t",
+        version=version,
+        images=np.ones((1, 2, 2, 1), np.uint8),
+        outputs=["c"],
+        owner=None,
+    )
     redis.lrem(queue.key, 0, job_id)
     queue.fetch_job(job_id).set_status("started")
     registry = StartedJobRegistry(queue=queue)
     entry, t0 = f"{job_id}:exec1", time.time()
-    redis.zadd(registry.key, {entry: t0 - 1})   # its heartbeat expired a second ago
+    redis.zadd(registry.key, {entry: t0 - 1})  # its heartbeat expired a second ago
 
     # First sighting (say, the first sweep after Redis came back): noted, not acted on.
     assert reap_abandoned(queue, now=t0, confirm_after=3) == []
@@ -290,8 +384,9 @@ def test_redis_paused_past_a_heartbeat_ttl_mid_job_runs_it_once(redis_server, tm
     from tests.system.test_worker_faults import Bench, _assert_right, _submit_slow
 
     bench = Bench(redis_server)
-    workers = [start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False)
-               for i in range(2)]
+    workers = [
+        start_worker(redis_server.url, tmp_path, name=f"w{i}", ready=False) for i in range(2)
+    ]
     try:
         for worker in workers:
             wait_worker_registered(redis_server.url, worker)
@@ -307,8 +402,7 @@ def test_redis_paused_past_a_heartbeat_ttl_mid_job_runs_it_once(redis_server, tm
         assert status["status"] == "finished" and status["attempt"] == 1, status
         _assert_right(bench, job_id)  # the right numbers, not in the failed registry
         time.sleep(2)  # a second run, had one been queued, would have started by now
-        lines = [line for worker in workers for line in worker.log().splitlines()
-                 if job_id in line]
+        lines = [line for worker in workers for line in worker.log().splitlines() if job_id in line]
         assert sum(" finished in " in line for line in lines) == 1, lines
         assert not any("re-queued" in line or "newer attempt" in line for line in lines), lines
         assert all(worker.alive() for worker in workers)

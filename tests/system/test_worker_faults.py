@@ -46,11 +46,21 @@ def slow_expected() -> np.ndarray:
 
 def tiny_model() -> Model:
     rng = np.random.default_rng(2)
-    spec = {"name": "tiny", "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 2, "size": 3},
-                       {"name": "p", "type": "maxpool", "size": 2}]}
-    return Model.from_arrays(spec, {"c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
-                                    "c.b": np.zeros(2, np.float32)})
+    spec = {
+        "name": "tiny",
+        "input": {"channels": 1},
+        "layers": [
+            {"name": "c", "type": "conv", "filters": 2, "size": 3},
+            {"name": "p", "type": "maxpool", "size": 2},
+        ],
+    }
+    return Model.from_arrays(
+        spec,
+        {
+            "c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
+            "c.b": np.zeros(2, np.float32),
+        },
+    )
 
 
 class Bench:
@@ -65,8 +75,16 @@ class Bench:
         return self.store.put_model(name, model.spec, model.to_safetensors(), owner=None)
 
     def submit(self, name, version, images, outputs, **kw) -> str:
-        return submit(self.queue, self.store, model=name, version=version, images=images,
-                      outputs=outputs, owner=None, **kw)
+        return submit(
+            self.queue,
+            self.store,
+            model=name,
+            version=version,
+            images=images,
+            outputs=outputs,
+            owner=None,
+            **kw,
+        )
 
     def status(self, job_id):
         return job_status(self.queue, job_id)
@@ -82,12 +100,19 @@ class Bench:
         raise AssertionError(f"timed out waiting for {what}: {status}")
 
     def wait_layer(self, job_id, layer: int, timeout: float = 60.0):
-        return self.wait(job_id, lambda s: s and s["status"] == "started" and s["progress"]
-                         and s["progress"]["layer"] >= layer, timeout, f"layer {layer}")
+        return self.wait(
+            job_id,
+            lambda s: (
+                s and s["status"] == "started" and s["progress"] and s["progress"]["layer"] >= layer
+            ),
+            timeout,
+            f"layer {layer}",
+        )
 
     def wait_end(self, job_id, timeout: float = 90.0):
-        return self.wait(job_id, lambda s: s and s["status"] in ("finished", "failed"), timeout,
-                         "the job to end")
+        return self.wait(
+            job_id, lambda s: s and s["status"] in ("finished", "failed"), timeout, "the job to end"
+        )
 
 
 @pytest.fixture
@@ -149,8 +174,17 @@ def test_killed_horse_is_retried_and_restarts_progress(redis_server, workers):
     assert len(horses) == 1
     os.kill(horses[0], signal.SIGKILL)
     # Progress starts over on the second attempt.
-    again = bench.wait(job_id, lambda s: s["status"] == "started" and s["attempt"] == 2
-                       and s["progress"] and s["progress"]["layer"] < 3, 60, "attempt 2")
+    again = bench.wait(
+        job_id,
+        lambda s: (
+            s["status"] == "started"
+            and s["attempt"] == 2
+            and s["progress"]
+            and s["progress"]["layer"] < 3
+        ),
+        60,
+        "attempt 2",
+    )
     assert again["progress"]["of"] == LAYERS
     status = bench.wait_end(job_id)
     assert status["status"] == "finished" and status["attempt"] == 2, status
@@ -206,10 +240,16 @@ def test_job_timeout_fails_and_worker_takes_the_next(redis_server, workers):
     # in one conv call takes >= 4.5 s even at one core's peak (~116 GFLOP/s), kill comes at ~3 s.
     rng = np.random.default_rng(3)
     big = Model.from_arrays(
-        {"name": "big", "input": {"channels": 64},
-         "layers": [{"name": "big", "type": "conv", "filters": 512, "size": 11, "pad": 5}]},
-        {"big.w": (rng.standard_normal((512, 11, 11, 64)) * 0.01).astype(np.float32),
-         "big.b": np.zeros(512, np.float32)})
+        {
+            "name": "big",
+            "input": {"channels": 64},
+            "layers": [{"name": "big", "type": "conv", "filters": 512, "size": 11, "pad": 5}],
+        },
+        {
+            "big.w": (rng.standard_normal((512, 11, 11, 64)) * 0.01).astype(np.float32),
+            "big.b": np.zeros(512, np.float32),
+        },
+    )
     x = rng.standard_normal((4, 128, 128, 64)).astype(np.float32)
     in_kernel = bench.submit("big", bench.upload("big", big), x, ["big"], job_timeout=1)
     tiny = tiny_model()

@@ -106,13 +106,33 @@ def test_a_parts_iterator_that_raises_anything_leaves_no_tmp_file(blobs):
     assert listing(blobs) == []
 
 
-@pytest.mark.parametrize("name", [
-    "", "../x", "input-../x", "input-a/b", "/etc/passwd", "input-", "input-j1\n", "model-j1",
-    "weights-j1", ".input-j1.42.tmp", "input-j1.0.1", "result-j1.12345", "input-" + "a" * 65,
-    "input-a b", "input-j1.x"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "../x",
+        "input-../x",
+        "input-a/b",
+        "/etc/passwd",
+        "input-",
+        "input-j1\n",
+        "model-j1",
+        "weights-j1",
+        ".input-j1.42.tmp",
+        "input-j1.0.1",
+        "result-j1.12345",
+        "input-" + "a" * 65,
+        "input-a b",
+        "input-j1.x",
+    ],
+)
 def test_names_the_store_does_not_make_are_refused(blobs, name):
-    for call in (lambda: blobs.write(name, [b"x"]), lambda: blobs.map(name),
-                 lambda: blobs.map(name, writable=True), lambda: blobs.delete(name)):
+    for call in (
+        lambda: blobs.write(name, [b"x"]),
+        lambda: blobs.map(name),
+        lambda: blobs.map(name, writable=True),
+        lambda: blobs.delete(name),
+    ):
         with pytest.raises(ValueError, match="not a blob name"):
             call()
     assert listing(blobs) == []
@@ -160,8 +180,9 @@ def test_sweep_never_touches_foreign_files(blobs):
     assert listing(blobs) == sorted([*foreign, "cache"])
 
 
-@pytest.mark.parametrize("name,is_dir", [("notes.tmp", False), ("input-notes.txt", False),
-                                         ("result-archive", True)])
+@pytest.mark.parametrize(
+    "name,is_dir", [("notes.tmp", False), ("input-notes.txt", False), ("result-archive", True)]
+)
 def test_sweep_never_touches_foreign_files_that_look_like_ours(blobs, name, is_dir):
     ancient = 100 * (RESULT_TTL + SWEEP_MARGIN)
     path = blobs.root / name

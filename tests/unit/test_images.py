@@ -28,12 +28,22 @@ def npy(array: np.ndarray) -> bytes:
 
 def lying_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 12000)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 12000))
+        + chunk(b"IEND", b"")
+    )
 
 
 RGB = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
@@ -86,20 +96,23 @@ def test_pixels_over_our_cap_are_413():
         decode_image(npy(np.zeros((10, 10), np.uint8)), "a.npy", channels=1, max_pixels=99)
 
 
-@pytest.mark.parametrize("data,error", [
-    (b"", UnsupportedMediaType),
-    (b"GIF89a....", UnsupportedMediaType),
-    (b"hello world", UnsupportedMediaType),
-    (png(RGB)[:60], BadRequest),                         # truncated PNG
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, BadRequest),     # PNG magic, garbage after
-    (b"\xff\xd8\xff" + b"\0" * 40, BadRequest),           # JPEG magic, garbage after
-    (npy(np.zeros((3, 3), np.uint8))[:-1], BadRequest),  # header says 9 bytes, 8 follow
-    (npy(np.zeros((3, 3), np.uint8)) + b"\0", BadRequest),
-    (npy(np.zeros((3, 3), np.int64)), BadRequest),
-    (npy(np.zeros((3,), np.uint8)), BadRequest),
-    (npy(np.zeros((1, 2, 2, 3), np.uint8)), BadRequest),
-    (b"\x93NUMPY\x01\x00\x10\x00{'descr': 'zz'}  ", BadRequest),
-])
+@pytest.mark.parametrize(
+    "data,error",
+    [
+        (b"", UnsupportedMediaType),
+        (b"GIF89a....", UnsupportedMediaType),
+        (b"hello world", UnsupportedMediaType),
+        (png(RGB)[:60], BadRequest),  # truncated PNG
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, BadRequest),  # PNG magic, garbage after
+        (b"\xff\xd8\xff" + b"\0" * 40, BadRequest),  # JPEG magic, garbage after
+        (npy(np.zeros((3, 3), np.uint8))[:-1], BadRequest),  # header says 9 bytes, 8 follow
+        (npy(np.zeros((3, 3), np.uint8)) + b"\0", BadRequest),
+        (npy(np.zeros((3, 3), np.int64)), BadRequest),
+        (npy(np.zeros((3,), np.uint8)), BadRequest),
+        (npy(np.zeros((1, 2, 2, 3), np.uint8)), BadRequest),
+        (b"\x93NUMPY\x01\x00\x10\x00{'descr': 'zz'}  ", BadRequest),
+    ],
+)
 def test_bad_files_are_4xx(data, error):
     with pytest.raises(error):
         decode_image(data, "f", channels=3, max_pixels=10000)
@@ -121,13 +134,21 @@ def test_a_pickle_npy_is_refused_without_running_its_payload(tmp_path):
 
 def test_stack_needs_one_size_and_dtype_and_a_count_cap():
     a, b = npy(np.zeros((4, 4, 3), np.uint8)), npy(np.zeros((4, 5, 3), np.uint8))
-    assert stack_images([("a", a), ("b", a)], channels=3, max_pixels=100,
-                        max_images=2).shape == (2, 4, 4, 3)
+    assert stack_images([("a", a), ("b", a)], channels=3, max_pixels=100, max_images=2).shape == (
+        2,
+        4,
+        4,
+        3,
+    )
     with pytest.raises(BadRequest, match="share size"):
         stack_images([("a", a), ("b", b)], channels=3, max_pixels=100, max_images=4)
     with pytest.raises(BadRequest, match="share size"):
-        stack_images([("a", a), ("c", npy(np.zeros((4, 4, 3), np.float32)))], channels=3,
-                     max_pixels=100, max_images=4)
+        stack_images(
+            [("a", a), ("c", npy(np.zeros((4, 4, 3), np.float32)))],
+            channels=3,
+            max_pixels=100,
+            max_images=4,
+        )
     with pytest.raises(TooLarge):
         stack_images([("a", a)] * 3, channels=3, max_pixels=100, max_images=2)
     with pytest.raises(BadRequest):

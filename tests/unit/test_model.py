@@ -146,8 +146,11 @@ def test_prepare_is_bit_identical_to_the_numpy_formula(model):
 
 
 def test_prepare_scalar_preprocess_broadcasts_over_channels():
-    spec = {"input": {"channels": 2}, "preprocess": {"scale": 0.5, "mean": 3.0, "std": 0.25},
-            "layers": [{"name": "r", "type": "relu"}]}
+    spec = {
+        "input": {"channels": 2},
+        "preprocess": {"scale": 0.5, "mean": 3.0, "std": 0.25},
+        "layers": [{"name": "r", "type": "relu"}],
+    }
     m = Model.from_arrays(spec, {})
     pixels = np.array([[[[0, 255], [7, 8]]]], np.uint8)
     expected = (pixels.astype(np.float32) * np.float32(0.5) - np.float32(3.0)) / np.float32(0.25)
@@ -364,11 +367,20 @@ def test_packed_filters_made_by_one_run_serve_the_next_bit_identically():
     # One conv per engine path: Winograd (3x3, C >= 32), 1x1, implicit GEMM (wide, unpadded)
     # and tiled im2col (stride 2); the second run reuses the filters the first one packed.
     rng = np.random.default_rng(7)
-    layers = [("wino", 3, 1, 1, 32), ("point", 1, 0, 1, 24), ("implicit", 3, 0, 1, 16),
-              ("strided", 3, 1, 2, 8)]
-    spec = {"name": "paths", "input": {"height": 21, "width": 21, "channels": 32},
-            "layers": [{"name": n, "type": "conv", "filters": k, "size": f, "pad": p,
-                        "stride": s} for n, f, p, s, k in layers]}
+    layers = [
+        ("wino", 3, 1, 1, 32),
+        ("point", 1, 0, 1, 24),
+        ("implicit", 3, 0, 1, 16),
+        ("strided", 3, 1, 2, 8),
+    ]
+    spec = {
+        "name": "paths",
+        "input": {"height": 21, "width": 21, "channels": 32},
+        "layers": [
+            {"name": n, "type": "conv", "filters": k, "size": f, "pad": p, "stride": s}
+            for n, f, p, s, k in layers
+        ],
+    }
     arrays, c = {}, 32
     for n, f, _, _, k in layers:
         arrays[f"{n}.w"] = rng.standard_normal((k, f, f, c)).astype(np.float32) * 0.2

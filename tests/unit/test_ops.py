@@ -120,8 +120,9 @@ def test_conv2d_many_small_tiles(monkeypatch, pointwise, threads, gemm_path):
     f = 1 if pointwise else 3
     x, wt, b = rand(7, 5, 5, 3, seed=6), rand(4, f, f, 3, seed=7), rand(4, seed=8)
     pad = 0 if pointwise else 1
-    assert_matches(ops.conv2d(x, wt, b, pad=pad, relu=True),
-                   ref.conv2d_reference(x, wt, b, pad=pad, relu=True))
+    assert_matches(
+        ops.conv2d(x, wt, b, pad=pad, relu=True), ref.conv2d_reference(x, wt, b, pad=pad, relu=True)
+    )
 
 
 @pytest.mark.parametrize("f,pad", [(1, 0), (3, 1), (5, 2)])
@@ -205,8 +206,10 @@ POOL_CASES = {
 def test_max_pool2d_matches_reference(case, threads):
     n, h, w, c, size, stride, pad, dilation = case
     x = rand(n, h, w, c, seed=21) - 3.0  # mostly negative: a pad read as 0 would win
-    assert_matches(ops.max_pool2d(x, size, stride, pad, dilation),
-                   ref.max_pool2d_reference(x, size, stride, pad, dilation))
+    assert_matches(
+        ops.max_pool2d(x, size, stride, pad, dilation),
+        ref.max_pool2d_reference(x, size, stride, pad, dilation),
+    )
 
 
 # avg_pool2d takes no dilation, like PyTorch's AvgPool2d
@@ -218,8 +221,10 @@ AVG_CASES = {name: case for name, case in POOL_CASES.items() if case[-1] == 1}
 def test_avg_pool2d_matches_reference(case, count_pad, threads):
     n, h, w, c, size, stride, pad, _ = case
     x = rand(n, h, w, c, seed=22) + 2.0
-    assert_matches(ops.avg_pool2d(x, size, stride, pad, count_pad),
-                   ref.avg_pool2d_reference(x, size, stride, pad, count_pad))
+    assert_matches(
+        ops.avg_pool2d(x, size, stride, pad, count_pad),
+        ref.avg_pool2d_reference(x, size, stride, pad, count_pad),
+    )
 
 
 def test_max_pool2d_keeps_nan_like_the_reference():
@@ -266,28 +271,43 @@ def test_empty_batch_gives_empty_output():
 F32 = np.float32
 BAD_CALLS = {
     "x-3d": (lambda: ops.conv2d(rand(5, 5, 3), rand(2, 3, 3, 3)), InputError, "x"),
-    "x-strings": (lambda: ops.conv2d(np.full((1, 3, 3, 1), "a"), rand(1, 1, 1, 1)), InputError,
-                  "x"),
+    "x-strings": (
+        lambda: ops.conv2d(np.full((1, 3, 3, 1), "a"), rand(1, 1, 1, 1)),
+        InputError,
+        "x",
+    ),
     "x-complex": (lambda: ops.max_pool2d(np.ones((1, 3, 3, 1), complex), 2), InputError, "x"),
     "x-no-channels": (lambda: ops.max_pool2d(np.ones((1, 2, 2, 0), F32), 1), InputError, "x"),
     "w-3d": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(3, 3, 3)), ShapeError, "w"),
     "channel-mismatch": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(2, 3, 3, 4)), ShapeError, "w"),
-    "bias-shape": (lambda: ops.conv2d(rand(1, 5, 5, 3), rand(2, 3, 3, 3), rand(3)), ShapeError,
-                   "b"),
+    "bias-shape": (
+        lambda: ops.conv2d(rand(1, 5, 5, 3), rand(2, 3, 3, 3), rand(3)),
+        ShapeError,
+        "b",
+    ),
     "window-too-big": (lambda: ops.conv2d(rand(1, 4, 4, 1), rand(1, 5, 5, 1)), ShapeError, "size"),
     "dilated-too-big": (
-        lambda: ops.conv2d(rand(1, 6, 6, 1), rand(1, 3, 3, 1), dilation=3), ShapeError, "size"
+        lambda: ops.conv2d(rand(1, 6, 6, 1), rand(1, 3, 3, 1), dilation=3),
+        ShapeError,
+        "size",
     ),
     "pool-too-big": (lambda: ops.max_pool2d(rand(1, 2, 2, 1), 3), ShapeError, "size"),
-    "stride-0": (lambda: ops.conv2d(rand(1, 5, 5, 1), rand(1, 3, 3, 1), stride=0), ModelError,
-                 "stride"),
+    "stride-0": (
+        lambda: ops.conv2d(rand(1, 5, 5, 1), rand(1, 3, 3, 1), stride=0),
+        ModelError,
+        "stride",
+    ),
     "negative-pad": (lambda: ops.avg_pool2d(rand(1, 5, 5, 1), 2, pad=-1), ModelError, "pad"),
     "pad-3-values": (lambda: ops.max_pool2d(rand(1, 5, 5, 1), 2, pad=[1, 1, 1]), ModelError, "pad"),
     "local-wrong-output": (
-        lambda: ops.local2d(rand(1, 6, 6, 2), rand(3, 3, 1, 3, 3, 2)), ShapeError, "w"
+        lambda: ops.local2d(rand(1, 6, 6, 2), rand(3, 3, 1, 3, 3, 2)),
+        ShapeError,
+        "w",
     ),
     "local-bias-shape": (
-        lambda: ops.local2d(rand(1, 5, 5, 2), rand(3, 3, 1, 3, 3, 2), rand(1)), ShapeError, "b"
+        lambda: ops.local2d(rand(1, 5, 5, 2), rand(3, 3, 1, 3, 3, 2), rand(1)),
+        ShapeError,
+        "b",
     ),
 }
 
@@ -348,15 +368,27 @@ def test_read_only_and_writeable_inputs_share_one_compiled_kernel():
 
 def test_warmup_compiles_every_kernel():
     ops.warmup()
-    convs = ([_conv.conv_im2col_mk, _conv.conv_pointwise_mk, _conv.conv_implicit_mk,
-              _winograd.conv3x3] if ops.MICROKERNEL
-             else [_conv.conv_im2col, _conv.conv_pointwise])
+    convs = (
+        [_conv.conv_im2col_mk, _conv.conv_pointwise_mk, _conv.conv_implicit_mk, _winograd.conv3x3]
+        if ops.MICROKERNEL
+        else [_conv.conv_im2col, _conv.conv_pointwise]
+    )
     kernels = [*convs, _conv.local_gemm, _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
     assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
 
 
-@pytest.mark.parametrize("k,widths", [(1, [48]), (32, [48]), (64, [64]), (96, [48, 48]),
-                                      (112, [64, 48]), (128, [64, 64]), (200, [64, 48, 48, 48])])
+@pytest.mark.parametrize(
+    "k,widths",
+    [
+        (1, [48]),
+        (32, [48]),
+        (64, [64]),
+        (96, [48, 48]),
+        (112, [64, 48]),
+        (128, [64, 64]),
+        (200, [64, 48, 48, 48]),
+    ],
+)
 def test_weight_blocks_cover_k_with_least_padding(k, widths):
     assert _gemm.plan_blocks(k) == widths
 

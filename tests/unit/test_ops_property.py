@@ -65,8 +65,10 @@ def test_local2d_sweep(case, k):
 @given(case=windows())
 def test_max_pool2d_sweep(case):
     x, size, stride, pad, dilation, _ = case
-    assert_matches(ops.max_pool2d(x, size, stride, pad, dilation),
-                   ref.max_pool2d_reference(x, size, stride, pad, dilation))
+    assert_matches(
+        ops.max_pool2d(x, size, stride, pad, dilation),
+        ref.max_pool2d_reference(x, size, stride, pad, dilation),
+    )
 
 
 @SWEEP
@@ -76,13 +78,20 @@ def test_avg_pool2d_sweep(case, count_pad):
     # a window wholly inside the padding has no cells to average (the reference divides 0 by 0);
     # PyTorch forbids such pads outright
     assume(count_pad or (max(pad[0], pad[2]) < size[0] and max(pad[1], pad[3]) < size[1]))
-    assert_matches(ops.avg_pool2d(x, size, stride, pad, count_pad),
-                   ref.avg_pool2d_reference(x, size, stride, pad, count_pad))
+    assert_matches(
+        ops.avg_pool2d(x, size, stride, pad, count_pad),
+        ref.avg_pool2d_reference(x, size, stride, pad, count_pad),
+    )
 
 
 @SWEEP
-@given(h=st.integers(1, 6), f=st.integers(1, 9), s=st.integers(1, 3), p=st.integers(0, 2),
-       d=st.integers(1, 3))
+@given(
+    h=st.integers(1, 6),
+    f=st.integers(1, 9),
+    s=st.integers(1, 3),
+    p=st.integers(0, 2),
+    d=st.integers(1, 3),
+)
 def test_conv2d_output_size_or_shape_error(h, f, s, p, d):
     """Every geometry either gives PyTorch's floor size or a ShapeError naming `size`."""
     x = np.ones((1, h, h, 1), np.float32)

@@ -42,16 +42,26 @@ CONV = {
 def test_conv2d_matches_torch(case):
     n, h, w, c, k, size, stride, pad, dilation = case
     x, wt, b = rand(n, h, w, c, seed=31), rand(k, *size, c, seed=32), rand(k, seed=33)
-    want = F.conv2d(torch_pad(x, pad), torch.from_numpy(wt).permute(0, 3, 1, 2),
-                    torch.from_numpy(b), stride=stride, dilation=dilation)
+    want = F.conv2d(
+        torch_pad(x, pad),
+        torch.from_numpy(wt).permute(0, 3, 1, 2),
+        torch.from_numpy(b),
+        stride=stride,
+        dilation=dilation,
+    )
     got = ops.conv2d(x, wt, b, stride=stride, pad=pad, dilation=dilation, relu=True)
     assert_matches(got, to_nhwc(F.relu(want)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("size,stride,pad,dilation", [
-    (3, 2, (0, 0, 0, 0), 1), (2, 2, (1, 1, 1, 1), 1), ((3, 2), (1, 2), (1, 0, 1, 0), 1),
-    (3, 1, (2, 2, 2, 2), 2),
-])
+@pytest.mark.parametrize(
+    "size,stride,pad,dilation",
+    [
+        (3, 2, (0, 0, 0, 0), 1),
+        (2, 2, (1, 1, 1, 1), 1),
+        ((3, 2), (1, 2), (1, 0, 1, 0), 1),
+        (3, 1, (2, 2, 2, 2), 2),
+    ],
+)
 def test_max_pool2d_matches_torch(size, stride, pad, dilation):
     x = rand(2, 13, 12, 6, seed=34)
     # F.max_pool2d only pads symmetrically, so asymmetric cases pad with -inf first

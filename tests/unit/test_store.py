@@ -57,8 +57,10 @@ def test_input_round_trip_with_ttl(store, dtype):
 
 
 def test_result_round_trip_keeps_order_and_ttl(store):
-    outs = {"pool": np.full((1, 2, 2, 3), 2.5, np.float32),
-            "conv": np.ones((1, 4, 4, 3), np.float32)}
+    outs = {
+        "pool": np.full((1, 2, 2, 3), 2.5, np.float32),
+        "conv": np.ones((1, 4, 4, 3), np.float32),
+    }
     store.put_result("j", outs)
     assert store.result_names("j") == ["pool", "conv"]
     assert np.array_equal(np.load(io.BytesIO(store.result_npy("j", "conv"))), outs["conv"])
@@ -90,12 +92,19 @@ class _FakeStore:
 
     def model_spec(self, name, version):
         self.calls += 1
-        return None if name == "gone" else {
-            "name": name, "input": {"channels": 1},
-            "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}]}
+        return (
+            None
+            if name == "gone"
+            else {
+                "name": name,
+                "input": {"channels": 1},
+                "layers": [{"name": "c", "type": "conv", "filters": 1, "size": 1}],
+            }
+        )
 
     def model_weights(self, name, version):
         from engine import Model
+
         if name == "gone":
             return None
         w = {"c.w": np.ones((1, 1, 1, 1), np.float32) * version, "c.b": np.zeros(1, np.float32)}
@@ -109,8 +118,8 @@ def test_model_cache_is_lru_and_byte_bounded():
     a = cache.get(fake, "a", 1)
     assert cache.get(fake, "a", 1) is a and cache.hits == 1
     cache.get(fake, "b", 1)
-    cache.get(fake, "a", 1)           # a is now the most recent
-    cache.get(fake, "c", 1)           # evicts b, not a
+    cache.get(fake, "a", 1)  # a is now the most recent
+    cache.get(fake, "c", 1)  # evicts b, not a
     assert ("a", 1) in cache and ("c", 1) in cache and ("b", 1) not in cache
     assert cache.bytes <= 2 * size
     with pytest.raises(ModelGone, match="no longer available"):
@@ -138,8 +147,14 @@ def test_model_bigger_than_cache_is_not_kept():
 
 
 def test_settings_from_env():
-    s = Settings.from_env({"REDIS_URL": "redis://x:1/0", "CONVQ_THREADS": "3",
-                           "CONVQ_JOB_TIMEOUT": "7", "CONVQ_RETRIES": "0"})
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "redis://x:1/0",
+            "CONVQ_THREADS": "3",
+            "CONVQ_JOB_TIMEOUT": "7",
+            "CONVQ_RETRIES": "0",
+        }
+    )
     assert (s.redis_url, s.threads, s.job_timeout, s.retries) == ("redis://x:1/0", 3, 7, 0)
     assert Settings.from_env({}).redis_url is None
     with pytest.raises(ValueError, match="CONVQ_THREADS"):

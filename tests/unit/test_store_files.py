@@ -25,8 +25,9 @@ def redis():
 
 @pytest.fixture
 def store(redis, tmp_path):
-    return Store(redis, result_ttl=RESULT_TTL, input_ttl=INPUT_TTL,
-                 blob_dir=str(tmp_path / "blobs"))
+    return Store(
+        redis, result_ttl=RESULT_TTL, input_ttl=INPUT_TTL, blob_dir=str(tmp_path / "blobs")
+    )
 
 
 def files(store: Store) -> list[str]:
@@ -54,10 +55,12 @@ def some_images(dtype, shape=(2, 32, 32, 3)) -> np.ndarray:
 
 def some_outputs() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
-    return {"pool1": rng.standard_normal((2, 7, 7, 8)).astype(np.float32),
-            # Not C-contiguous: the store must write its C-order bytes, not its memory.
-            "conv1": rng.standard_normal((2, 9, 9, 4)).astype(np.float32).transpose(0, 2, 1, 3),
-            "fc": rng.standard_normal((2, 1, 1, 5)).astype(np.float64)}
+    return {
+        "pool1": rng.standard_normal((2, 7, 7, 8)).astype(np.float32),
+        # Not C-contiguous: the store must write its C-order bytes, not its memory.
+        "conv1": rng.standard_normal((2, 9, 9, 4)).astype(np.float32).transpose(0, 2, 1, 3),
+        "fc": rng.standard_normal((2, 1, 1, 5)).astype(np.float64),
+    }
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
@@ -125,8 +128,12 @@ def test_a_store_without_the_blob_dir_cannot_read_files_and_says_why(store, redi
     store.put_input("j1", some_images(np.uint8))
     store.put_result("j1", some_outputs())
     plain = Store(redis, result_ttl=RESULT_TTL, input_ttl=INPUT_TTL)
-    for read in (lambda: plain.get_input("j1"), lambda: plain.result_array("j1", "fc"),
-                 lambda: plain.result_slices("j1", "fc"), lambda: plain.result_npy("j1", "fc")):
+    for read in (
+        lambda: plain.get_input("j1"),
+        lambda: plain.result_array("j1", "fc"),
+        lambda: plain.result_slices("j1", "fc"),
+        lambda: plain.result_npy("j1", "fc"),
+    ):
         with pytest.raises(BlobMissing, match="CONVQ_BLOB_DIR") as caught:
             read()
         assert isinstance(caught.value, LookupError)
