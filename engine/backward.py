@@ -151,6 +151,21 @@ def local2d_backward(x, w, dout, stride=1, pad=0, dilation=1):
     return dx, dw, g.sum(axis=0, dtype=np.float64).astype(np.float32)
 
 
+def local2d_backward_input(dout, w, hw, stride=1, pad=0, dilation=1) -> np.ndarray:
+    """Return dx (N, H, W, C) of local2d(x, w, ...) for x of spatial size hw = (H, W)."""
+    w = _args.weights(w, 6, "(Hout, Wout, K, FH, FW, C)")
+    hout, wout, k, fh, fw, c = w.shape
+    win = Window.make([fh, fw], stride, pad, dilation)
+    g = _args.input_array(dout, "dout")
+    if g.shape[1:] != (hout, wout, k):
+        raise ShapeError(f"dout must be (N, {hout}, {wout}, {k}), got {g.shape}", field="dout")
+    dx = np.zeros((g.shape[0], *hw, c), np.float32)
+    if g.size:
+        _threads.enter(g.size * fh * fw * c)
+        _backward.local_backward_dx(g, w, dx, *_geometry(win))
+    return dx
+
+
 def max_pool2d_argmax(x, size, stride=None, pad=0, dilation=1):
     """Return (out, idx): max_pool2d's output and each window's first maximum as iy*W + ix."""
     x = _args.input_array(x)
@@ -219,6 +234,7 @@ __all__ = [
     "conv2d_backward_input",
     "conv2d_backward_weights",
     "local2d_backward",
+    "local2d_backward_input",
     "max_pool2d_argmax",
     "max_pool2d_backward",
     "max_pool2d_backward_idx",

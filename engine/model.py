@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import ops
+from . import backprop, ops
 from .errors import InputError, ModelError, ShapeError, WeightsError
 from .spec import WEIGHTED, Layer, Spec, load_spec, parse_spec, parse_spec_json
 from .summary import summarize
@@ -325,6 +325,13 @@ class Model:
                 x, self._conv_weights[layer.name], bias, stride, pad, dilation, relu=relu
             )
         return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+
+    def gradients(self, images, target, wrt=("input",)) -> dict[str, np.ndarray]:
+        """Return {name: gradient} of sum(channel k of layer L) for "input" and layers in wrt.
+
+        target is {"layer": L, "channel": k or "top"}; see engine.backprop.
+        """
+        return backprop.gradients(self, images, target, wrt)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.layer_names})"
