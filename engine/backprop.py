@@ -148,7 +148,7 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
         if name != INPUT and names.index(name) > last:  # the objective does not depend on it
             grads[name] = np.zeros((n, *shapes[name]), np.float32)
     lowest = -1 if INPUT in wanted else min(names.index(w) for w in wanted if w not in grads)
-    for i in range(last, lowest, -1):
+    for i in range(last, max(lowest, 0) - 1, -1):
         layer = layers[i]
         if layer.name in wanted:
             grads[layer.name] = g

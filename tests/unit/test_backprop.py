@@ -46,6 +46,16 @@ def test_gradients_match_the_chained_references(model):
         assert_matches(got[name], want[name], atol=1e-4)
 
 
+def test_gradients_of_layers_only_stop_at_the_lowest(model):
+    x = rand(2, 9, 9, 3, seed=4)
+    want = reference_gradients(make_arrays(), x, 0)
+    for wrt in (["conv2"], ["pool1", "avg"], ["fc"], ["conv1"]):
+        got = model.gradients(x, {"layer": "fc", "channel": 0}, wrt)
+        assert list(got) == wrt
+        for name in wrt:
+            assert_matches(got[name], want[name], atol=1e-4)
+
+
 def test_top_picks_each_images_largest_channel(model):
     x = rand(4, 9, 9, 3, seed=5)
     scores = model.run(x)["fc"].sum(axis=(1, 2))
