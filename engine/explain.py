@@ -19,6 +19,10 @@ from .backprop import INPUT, run_backward
 from .errors import ModelError
 
 METHODS = ("saliency", "gradcam", "gradient")
+# A job's result arrays for an explanation (float32): the maps, the overlays (N, H, W, 3) in
+# 0..255, and the channel explained per image (N,).
+MAP, OVERLAY, CHANNEL = "explain:map", "explain:overlay", "explain:channel"
+RESULTS = (MAP, OVERLAY, CHANNEL)
 HEAT_WEIGHT = 0.5  # share of the heatmap in an overlay pixel; the image keeps the rest
 
 
@@ -33,8 +37,11 @@ class Explanation:
     at: str | None = None
 
 
-def check_request(model, explain) -> dict:
-    """Return {"method", "layer", "channel", "at"} checked against model, or ModelError."""
+def check_request(model, explain, hw: tuple[int, int] | None = None) -> dict:
+    """Return {"method", "layer", "channel", "at"} checked against model, or ModelError.
+
+    hw, the images' (H, W), lets a channel be checked when the model declares no input size.
+    """
     if not isinstance(explain, dict):
         raise ModelError(
             'explain must be {"method": "saliency" | "gradcam" | "gradient", "layer": <name>, '
@@ -62,6 +69,8 @@ def check_request(model, explain) -> dict:
         )
     if isinstance(channel, int):
         h, w, _ = model.input_shape
+        if h is None and hw is not None:
+            h, w = hw
         k = model.output_shapes(h, w)[layer][2] if h is not None else None
         if channel < 0 or (k is not None and channel >= k):
             raise ModelError(
@@ -114,6 +123,21 @@ def explain(model, images, explain_request) -> Explanation:
         overlays=overlay(images, heat),
         at=req["at"],
     )
+
+
+def as_results(e: Explanation) -> dict[str, np.ndarray]:
+    """Return an explanation as a job's float32 result arrays {MAP, OVERLAY, CHANNEL}."""
+    return {
+        MAP: e.maps,
+        OVERLAY: e.overlays.astype(np.float32),
+        CHANNEL: e.channels.astype(np.float32),
+    }
+
+
+def result_bytes(model, n: int, h: int, w: int, request: dict) -> int:
+    """Return the float32 bytes of an explanation's results for n images of h x w."""
+    c = model.input_shape[2] if request["method"] == "gradient" else 1
+    return 4 * n * (h * w * (c + 3) + 1)
 
 
 def upsample(maps: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -33,6 +33,7 @@ class InferRequest:
     binary: dict[str, bool] = field(default_factory=dict)  # per requested output
     binary_default: bool | None = None  # request-level binary_data_output
     id: str | None = None
+    explain: dict | None = None  # parameters.explain, checked against the model at enqueue
 
 
 def parse_header_length(value: str | None, body_size: int) -> int | None:
@@ -215,6 +216,13 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
                 "parameters.binary_data_output must be true or false", field="binary_data_output"
             )
         request.binary_default = rparams["binary_data_output"]
+    if "explain" in rparams:
+        if not isinstance(rparams["explain"], dict):
+            raise BadRequest(
+                'parameters.explain must be an object {"method", "layer", "channel"}',
+                field="explain",
+            )
+        request.explain = rparams["explain"]
     return request
 
 

@@ -31,3 +31,10 @@ def grid_png(maps: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(grid(maps)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def rgb_png(picture: np.ndarray) -> bytes:
+    """Return an (H, W, 3) picture of 0..255 values as PNG bytes (RGB, 8 bits)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(picture), 0, 255).astype(np.uint8), "RGB").save(buf, "PNG")
+    return buf.getvalue()

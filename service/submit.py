@@ -12,6 +12,8 @@ import numpy as np
 from flask import current_app, request
 
 from engine import Model
+from engine.explain import RESULTS as EXPLAIN_RESULTS
+from engine.explain import check_request, result_bytes
 from worker.queue import queue_depth, submit
 
 from .app import convq
@@ -130,6 +132,10 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     outputs = target.model.resolve_outputs(parsed.outputs)
     n, h, w, _ = images.shape
     predicted = target.model.output_bytes(n, h, w, outputs)
+    explain = None
+    if parsed.explain is not None:
+        explain = check_request(target.model, parsed.explain, (h, w))  # ModelError: 400
+        predicted += result_bytes(target.model, n, h, w, explain)
     if predicted > int(cfg["MAX_OUTPUT_BYTES"]):
         raise TooLarge(
             f"the requested outputs would take {predicted} bytes; the limit is "
@@ -152,5 +158,6 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
         meta=meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
+        explain=explain,
     )
-    return job_id, list(outputs)
+    return job_id, list(outputs) if explain is None else [*outputs, *EXPLAIN_RESULTS]

@@ -11,6 +11,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 from rq.results import Result
 
+from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
 from worker.queue import cancel, job_status
 
@@ -26,7 +27,7 @@ from .errors import (
     NotFound,
     TooLarge,
 )
-from .render import grid_png
+from .render import grid_png, rgb_png
 from .submit import enqueue, find_model, parse_request
 
 bp = Blueprint("v2_jobs", __name__, url_prefix="/v2")
@@ -136,6 +137,7 @@ def infer(name: str, version: str | None = None):
         n, h, w = parsed.images.shape[:3]
         _check_json_size(target.model.output_bytes(n, h, w, as_json))
     job_id, outputs = enqueue(target, parsed)
+    binary |= {n for n in outputs if n not in wanted and default}  # an explanation's arrays
     enqueued_at = time.perf_counter()
     status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
@@ -282,6 +284,8 @@ def get_result(job_id: str):
     maps = store.result_array(job_id, names[0])
     if maps is None:
         raise NotFound(f"the result of job {job_id} has expired")
+    if names[0] == EXPLAIN_OVERLAY:  # an RGB picture, not maps to tile
+        return Response(rgb_png(maps[image]), mimetype="image/png")
     return Response(grid_png(maps[image].astype(np.float32, copy=False)), mimetype="image/png")
 
 

@@ -13,6 +13,8 @@ import redis
 from rq import get_current_job
 
 from engine import EngineError
+from engine.explain import as_results
+from engine.explain import explain as explain_images
 
 from . import runtime
 from .cache import ModelGone
@@ -55,8 +57,17 @@ def _store_for(job) -> Store:
     return Store.from_settings(job.connection, runtime.current().settings)
 
 
-def run_model(model: str, version: int, outputs: list[str] | str | None, input_id: str) -> dict:
+def run_model(
+    model: str,
+    version: int,
+    outputs: list[str] | str | None,
+    input_id: str,
+    explain: dict | None = None,
+) -> dict:
     """Run model version on the images stored under input_id; store the requested outputs.
+
+    With explain ({"method", "layer", "channel"[, "at"]}, engine.explain) the explanation's
+    arrays (engine.explain.RESULTS) are stored beside the outputs.
 
     Writes job.meta["progress"] = {"layer": i (1-based), "of": n, "name"} before each layer and
     stops between layers once the job's timeout has passed or the job was canceled.
@@ -118,6 +129,9 @@ def run_model(model: str, version: int, outputs: list[str] | str | None, input_i
 
     try:
         result = net.run(images, outputs=outputs, on_layer=on_layer)
+        if explain is not None:
+            check()
+            result.update(as_results(explain_images(net, images, explain)))
     except EngineError as exc:
         raise JobFailed(str(exc)) from None
     check()

@@ -12,6 +12,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import missing_keys
 from rq.worker_registration import get_keys
 
+from engine.explain import RESULTS as EXPLAIN_RESULTS
+
 from . import defaults
 from .jobclass import ConvqJob
 
@@ -50,6 +52,7 @@ def submit(
     job_timeout: int | None = None,
     meta: dict | None = None,
     retries: int = defaults.RETRIES,
+    explain: dict | None = None,
 ) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
@@ -57,12 +60,15 @@ def submit(
     `retries` times, a bad job fails at once.
     """
     job_id = uuid.uuid4().hex
+    kwargs = {"model": model, "version": int(version), "outputs": outputs, "input_id": job_id}
+    if explain is not None:  # only then, so records stay readable by workers without it
+        kwargs["explain"] = explain
     store.put_input(job_id, images)
     job_meta = {
         "owner": owner,
         "model": model,
         "version": int(version),
-        "outputs": outputs,
+        "outputs": outputs if explain is None else [*(outputs or []), *EXPLAIN_RESULTS],
         "retries": retries,
         "progress": None,
         **(meta or {}),
@@ -70,12 +76,7 @@ def submit(
     try:
         queue.enqueue_call(
             RUN_MODEL,
-            kwargs={
-                "model": model,
-                "version": int(version),
-                "outputs": outputs,
-                "input_id": job_id,
-            },
+            kwargs=kwargs,
             timeout=job_timeout or defaults.JOB_TIMEOUT,
             job_id=job_id,
             meta=job_meta,
