@@ -1,10 +1,15 @@
 """`convq submit`: upload a model if asked, run images as one job, save the activations.
 
     convq submit --url URL [--model NAME] [--spec spec.json --weights w.npz | --onnx m.onnx]
-                 [--outputs all|a,b] [--out DIR] [--api-key KEY] IMAGES_OR_FOLDERS...
+                 [--outputs all|a,b] [--out DIR] [--api-key KEY]
+                 [--explain METHOD [--layer L] [--channel K|top] [--at CONV]]
+                 IMAGES_OR_FOLDERS...
 
 Saves DIR/<job>.npz (one float32 (N, Hout, Wout, K) array per requested layer) and
 DIR/<job>/<layer>/<i>-<image>.png (that layer's maps as a grid, one picture per image).
+With --explain saliency|gradcam|gradient [--layer fc] [--channel K|top] the job also explains
+that channel over the pixels: DIR/<job>/explain:overlay/<i>-<image>.png are heatmaps over the
+images, and the .npz holds explain:map and explain:channel.
 Exit status: 0 done, 1 the server or the job refused, 2 bad arguments.
 """
 
@@ -58,7 +63,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     p.add_argument("--no-png", action="store_true", help="save the .npz only")
+    p.add_argument(
+        "--explain",
+        choices=("saliency", "gradcam", "gradient"),
+        help="also explain a channel of --layer over the pixels; saves heatmap overlays",
+    )
+    p.add_argument("--layer", help="the layer to explain (default: the last)")
+    p.add_argument(
+        "--channel", default="top", help="channel to explain, or 'top' (each image's highest)"
+    )
+    p.add_argument("--at", help="gradcam: the conv layer (default: the last before --layer)")
     args = p.parse_args(argv)
+    if args.channel != "top" and not args.channel.isdigit():
+        p.error("--channel is a channel number or 'top'")
     if (args.spec is None) != (args.weights is None):
         p.error("--spec and --weights go together")
     if args.onnx is not None and args.spec is not None:
@@ -137,10 +154,28 @@ def model_name(args: argparse.Namespace) -> str:
     return "demo"
 
 
-def submit(api: Api, model: str, images: list[Path], outputs: str) -> str:
+def explain_request(args: argparse.Namespace) -> dict | None:
+    """Return the job's explain object from --explain, --layer, --channel and --at."""
+    if args.explain is None:
+        return None
+    req: dict = {"method": args.explain, "channel": "top"}
+    if args.channel != "top":
+        req["channel"] = int(args.channel)
+    for key in ("layer", "at"):
+        if getattr(args, key):
+            req[key] = getattr(args, key)
+    return req
+
+
+def submit(
+    api: Api, model: str, images: list[Path], outputs: str, explain: dict | None = None
+) -> str:
     """POST the images as one multipart job; return the job id."""
     files = [("images", (p.name, p.read_bytes())) for p in images]
-    resp = api.call("POST", f"/v2/models/{model}/jobs", files=files, data={"outputs": outputs})
+    data = {"outputs": outputs}
+    if explain is not None:
+        data["explain"] = json.dumps(explain)
+    resp = api.call("POST", f"/v2/models/{model}/jobs", files=files, data=data)
     return resp.json()["id"]
 
 
@@ -191,7 +226,7 @@ def save(
             "GET", f"/v2/jobs/{job}/result", params={"output": name, "format": "npy"}
         ).content
         arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
-        if not png:
+        if not png or arrays[name].ndim < 3:  # explain:channel is one number per image
             continue
         folder = out / job / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     if args.spec is not None or args.onnx is not None:
         print(f"uploaded {name} version {upload(api, name, args)}", file=sys.stderr)
     layers = layer_count(api, name)
-    job = submit(api, name, images, args.outputs)
+    job = submit(api, name, images, args.outputs, explain_request(args))
     print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
     status = wait(api, job, args.timeout, layers)
     if status["status"] != "finished":

@@ -6,6 +6,7 @@ so a bad request costs milliseconds and never reaches the queue.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +61,22 @@ def _multipart(model: Model) -> InferRequest:
         for i, f in enumerate(request.files.getlist("images"))
     ]
     unknown = sorted(set(request.files) - {"images"})
-    unknown += sorted(set(request.form) - {"outputs"})
+    unknown += sorted(set(request.form) - {"outputs", "explain"})
     if unknown:
         raise BadRequest(
-            f"unknown form field(s) {', '.join(unknown)}; send images and outputs", field=unknown[0]
+            f"unknown form field(s) {', '.join(unknown)}; send images, outputs and explain",
+            field=unknown[0],
         )
+    explain = None
+    if "explain" in request.form:
+        try:
+            explain = json.loads(request.form["explain"])
+        except ValueError:
+            raise BadRequest("the explain field must be JSON", field="explain") from None
+        if not isinstance(explain, dict):
+            raise BadRequest(
+                'explain must be an object {"method", "layer", "channel"}', field="explain"
+            )
     channels = model.input_shape[2]
     images = stack_images(
         files,
@@ -76,7 +88,7 @@ def _multipart(model: Model) -> InferRequest:
     fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
     if fields:
         outputs = "all" if [f.strip() for f in fields] == ["all"] else [f.strip() for f in fields]
-    return InferRequest(images=images, outputs=outputs)
+    return InferRequest(images=images, outputs=outputs, explain=explain)
 
 
 def parse_request(model: Model) -> InferRequest:

@@ -272,6 +272,8 @@ def get_result(job_id: str):
     if layout is None:
         raise NotFound(f"the result of job {job_id} has expired")
     shape = layout[0]
+    if len(shape) < 3:
+        raise BadRequest(f"{names[0]} holds no maps to draw; fetch format=npy", field="format")
     if image >= shape[0]:
         raise NotFound(
             f"job {job_id} has {shape[0]} image(s); image={image} is past the end", field="image"
@@ -286,7 +288,8 @@ def get_result(job_id: str):
         raise NotFound(f"the result of job {job_id} has expired")
     if names[0] == EXPLAIN_OVERLAY:  # an RGB picture, not maps to tile
         return Response(rgb_png(maps[image]), mimetype="image/png")
-    return Response(grid_png(maps[image].astype(np.float32, copy=False)), mimetype="image/png")
+    one = maps[image] if maps.ndim == 4 else maps[image][..., None]  # (N, H, W): one map each
+    return Response(grid_png(one.astype(np.float32, copy=False)), mimetype="image/png")
 
 
 def _chain(head: bytes, pieces: Iterator[bytes]) -> Iterator[bytes]:

@@ -171,3 +171,26 @@ def test_local_mistakes_need_no_server(tmp_path, capsys):
     img.write_bytes(demo_images()[0][1])
     assert client.main(["--url", "http://127.0.0.1:9", str(img)]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_explain_saves_overlays_and_maps(server, demo_files, tmp_path, capsys):
+    spec, arrays = demo_model()
+    last = spec["layers"][-1]["name"]
+    args = ["--url", server, "--api-key", "k1", "--model", "explained"]
+    args += ["--spec", str(demo_files / "spec.json"), "--weights", str(demo_files / "weights.npz")]
+    args += ["--outputs", last, "--explain", "saliency", "--layer", last, "--channel", "top"]
+    status = client.main([*args, "--out", str(tmp_path), str(demo_files / "pics")])
+    assert status == 0, capsys.readouterr().err
+    npz_path = capsys.readouterr().out.strip()
+    saved = np.load(npz_path)
+    assert set(saved.files) == {last, "explain:map", "explain:overlay", "explain:channel"}
+    pics = sorted((demo_files / "pics").glob("*.png"))
+    want = Model.from_arrays(spec, arrays).gradients(
+        np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pics]),
+        {"layer": last, "channel": "top"},
+    )["input"]
+    np.testing.assert_allclose(saved["explain:map"], np.abs(want).max(axis=3), rtol=1e-4, atol=1e-6)
+    overlays = sorted((tmp_path / npz_path.split("/")[-1][:-4] / "explain:overlay").iterdir())
+    assert len(overlays) == len(pics)
+    picture = np.asarray(Image.open(overlays[0]))
+    assert picture.shape == (*want.shape[1:3], 3)
