@@ -3,6 +3,20 @@
 Never imports flask, redis or rq.
 """
 
+from .backward import (
+    avg_pool2d_backward,
+    conv2d_backward,
+    local2d_backward,
+    max_pool2d_backward,
+    relu_backward,
+)
+from .backward_reference import (
+    avg_pool2d_backward_reference,
+    conv2d_backward_reference,
+    local2d_backward_reference,
+    max_pool2d_backward_reference,
+    relu_backward_reference,
+)
 from .errors import EngineError, InputError, ModelError, ShapeError, WeightsError
 from .geometry import Window, out_size
 from .model import Model
@@ -48,4 +62,14 @@ __all__ = [
     "set_threads",
     "get_threads",
     "warmup",
+    "conv2d_backward",
+    "local2d_backward",
+    "max_pool2d_backward",
+    "avg_pool2d_backward",
+    "relu_backward",
+    "conv2d_backward_reference",
+    "local2d_backward_reference",
+    "max_pool2d_backward_reference",
+    "avg_pool2d_backward_reference",
+    "relu_backward_reference",
 ]

@@ -239,4 +239,19 @@ __all__ = [
     "max_pool2d_backward",
     "max_pool2d_backward_idx",
     "relu_backward",
+    "warmup",
 ]
+
+
+def warmup() -> None:
+    """Compile, or load from Numba's cache, every backward kernel (convq warmup runs this)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+    w = np.ones((2, 3, 3, 2), np.float32)
+    for stride in (1, 2):
+        hout = (5 + 2 - 3) // stride + 1
+        conv2d_backward(x, w, np.ones((1, hout, hout, 2), np.float32), stride, 1)
+    local2d_backward(x, np.ones((3, 3, 2, 3, 3, 2), np.float32), np.ones((1, 3, 3, 2), np.float32))
+    max_pool2d_backward(x, np.ones((1, 2, 2, 2), np.float32), 3, 2)
+    avg_pool2d_backward(x, np.ones((1, 2, 2, 2), np.float32), 3, 2)
+    relu_backward(x, x)

@@ -187,6 +187,7 @@ def warmup(argv: list[str]) -> int:
 
     started = time.monotonic()
     engine.warmup()
+    engine.backward.warmup()  # explain jobs' kernels
     print(f"kernels ready in {time.monotonic() - started:.1f} s")
     return 0
 

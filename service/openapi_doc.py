@@ -226,7 +226,37 @@ SCHEMAS = {
             "outputs": {"type": "array", "items": _ref("RequestedOutput")},
             "parameters": {
                 "type": "object",
-                "properties": {"binary_data_output": {"type": "boolean"}},
+                "properties": {
+                    "binary_data_output": {"type": "boolean"},
+                    "explain": _ref("Explain"),
+                },
+            },
+        },
+    },
+    "Explain": {
+        "type": "object",
+        "description": "Explain channel `channel` of layer `layer` (its sum over positions) "
+        "over the input pixels. The result gains explain:map (N, H, W) float32 "
+        "((N, H, W, C) for gradient), explain:overlay (N, H, W, 3) RGB 0..255 (format=png "
+        "draws it) and explain:channel (N,), the channel explained per image.",
+        "required": ["method"],
+        "additionalProperties": False,
+        "properties": {
+            "method": {
+                "enum": ["saliency", "gradcam", "gradient"],
+                "description": "saliency: max over channels of |d score / d input|; gradcam: "
+                "ReLU of the gradient-weighted channels of conv layer `at`, upsampled; "
+                "gradient: d score / d input",
+            },
+            "layer": {"type": "string", "description": "the target layer (default: the last)"},
+            "channel": {
+                "oneOf": [{"type": "integer", "minimum": 0}, {"const": "top"}],
+                "description": "a channel, or top: each image's highest-scoring one (default)",
+            },
+            "at": {
+                "type": "string",
+                "description": "gradcam only: the conv layer (default: the last at or before "
+                "`layer`)",
             },
         },
     },
