@@ -12,7 +12,7 @@ import numpy as np
 from flask import current_app, request
 
 from engine import Model
-from worker.queue import queue_depth, submit
+from worker.contract.queue import queue_depth, submit
 
 from .app import convq
 from .auth import check_visible, current_owner

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, request, url_for
 from rq.results import Result
 
 from engine.npy import npy_header
-from worker.queue import cancel, job_status
+from worker.contract.queue import cancel, job_status
 
 from .app import convq
 from .auth import check_visible

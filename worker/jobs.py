@@ -15,8 +15,8 @@ from rq import get_current_job
 from engine import EngineError
 
 from . import runtime
-from .cache import ModelGone
-from .store import BlobMissing, Store
+from .contract.cache import ModelGone
+from .contract.store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
 
