@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import Model  # noqa: E402
 from tests.redis_proc import RedisServer  # noqa: E402
 from tests.system.procs import start_api, start_worker  # noqa: E402
-from worker.connection import connect  # noqa: E402
-from worker.queue import job_status, make_queue, submit  # noqa: E402
-from worker.store import Store  # noqa: E402
+from worker.contract.connection import connect  # noqa: E402
+from worker.contract.queue import job_status, make_queue, submit  # noqa: E402
+from worker.contract.store import Store  # noqa: E402
 
 DONE = ("finished", "failed")
 BLOB_DIR: str | None = None

@@ -229,8 +229,8 @@ def redis_floor(stack: Stack, images: np.ndarray, output: np.ndarray, rounds: in
     """Return the median seconds the job's bytes take through Redis alone, by the same Store
     calls the service makes: input SET (API) + GET (worker), result SET (worker) + slices (API).
     """
-    from worker.connection import connect
-    from worker.store import Store
+    from worker.contract.connection import connect
+    from worker.contract.store import Store
 
     store = Store(connect(stack.url))
     times = []

@@ -61,10 +61,10 @@ def convq() -> Convq:
 
 
 def _connect(app: Flask) -> Convq:
-    from worker.config import Settings
-    from worker.connection import connect
-    from worker.queue import make_queue
-    from worker.store import Store
+    from worker.contract.config import Settings
+    from worker.contract.connection import connect
+    from worker.contract.queue import make_queue
+    from worker.contract.store import Store
 
     settings = app.config.get("SETTINGS") or Settings.from_env()
     redis = app.config.get("REDIS")

@@ -93,7 +93,7 @@ def up(argv: list[str]) -> int:
     from werkzeug.serving import make_server
 
     from service.app import create_app
-    from worker.config import Settings
+    from worker.contract.config import Settings
     from worker.embedded import start_workers
 
     args = _serve_args("up", argv, workers=1)

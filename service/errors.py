@@ -10,8 +10,8 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from engine import EngineError
-from worker.blobs import BlobDirError
-from worker.store import BlobMissing
+from worker.contract.blobs import BlobDirError
+from worker.contract.store import BlobMissing
 
 log = logging.getLogger(__name__)
 

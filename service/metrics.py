@@ -26,7 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from rq import Worker
 
-from worker.telemetry import read_telemetry
+from worker.contract.telemetry import read_telemetry
 
 log = logging.getLogger(__name__)
 

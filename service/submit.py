@@ -15,7 +15,7 @@ from flask import current_app, request
 from engine import Model
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 from engine.explain import check_request, result_bytes
-from worker.queue import queue_depth, submit
+from worker.contract.queue import queue_depth, submit
 
 from .app import convq
 from .auth import check_visible, current_owner

@@ -13,7 +13,7 @@ from rq.results import Result
 
 from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
-from worker.queue import cancel, job_status
+from worker.contract.queue import cancel, job_status
 
 from .app import convq
 from .auth import check_visible

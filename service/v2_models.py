@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
-from worker.queue import live_workers
+from worker.contract.queue import live_workers
 
 from .app import convq
 from .auth import check_visible, current_owner

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from .config import Settings
-from .connection import own_client
+from .contract.config import Settings
+from .contract.connection import own_client
 from .runner import _runtime_for, warm
 from .workers import build
 

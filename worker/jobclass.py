@@ -8,7 +8,7 @@ import redis
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from . import telemetry
+from .contract import telemetry
 from .jobs import JOB_FUNCTIONS, JobSuperseded
 
 log = logging.getLogger("convq.worker")

@@ -17,8 +17,8 @@ from engine.explain import as_results
 from engine.explain import explain as explain_images
 
 from . import runtime
-from .cache import ModelGone
-from .store import BlobMissing, Store
+from .contract.cache import ModelGone
+from .contract.store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
 

@@ -112,7 +112,12 @@ def reap_unstarted(worker, queue, *, older_than: float) -> list[str]:
     for job_id in intermediate.get_job_ids():
         if job_id in started:
             continue
-        job = queue.fetch_job(job_id)
+        try:  # the worker's own job class: the queue may be the API's plain-Job view of it
+            job = worker.job_class.fetch(
+                job_id, connection=queue.connection, serializer=queue.serializer
+            )
+        except NoSuchJobError:
+            job = None
         if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
             intermediate.remove(job_id)  # gone, or already taken care of
             continue

@@ -15,9 +15,9 @@ from rq.exceptions import StopRequested
 
 import engine
 
-from . import defaults
-from .config import Settings
-from .connection import connect
+from .contract import defaults
+from .contract.config import Settings
+from .contract.connection import connect
 from .horse import keep_freed_memory
 from .runtime import Runtime, current, install
 from .workers import build

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cache import ModelCache
-from .config import Settings
+from .contract.cache import ModelCache
+from .contract.config import Settings
 
 
 @dataclass

@@ -23,12 +23,12 @@ from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, Worker
 
-from . import defaults
+from .contract import defaults
+from .contract.store import Store
 from .horse import ReusedHorseMixin
 from .jobclass import ConvqJob
 from .jobs import JOB_FUNCTIONS
 from .reaper import reap_abandoned, reap_unstarted
-from .store import Store
 
 log = logging.getLogger("convq.worker")
 _PR_SET_PDEATHSIG = 1
@@ -285,11 +285,11 @@ WORKER_KINDS = {"fork": ConvqWorker, "thread": ConvqThreadWorker}
 
 def build(kind: str, redis_client, settings, runtime) -> _ConvqMixin:
     """Create a configured worker of kind 'fork' or 'thread' on settings.queue."""
-    from .queue import make_queue
+    from .contract.queue import make_queue
 
     cls = WORKER_KINDS[kind]
     worker = cls(
-        [make_queue(redis_client, settings.queue)],
+        [make_queue(redis_client, settings.queue, ConvqJob)],
         connection=redis_client,
         serializer=JSONSerializer,
         job_class=ConvqJob,

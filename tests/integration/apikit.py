@@ -12,7 +12,7 @@ import numpy as np
 
 from engine import Model
 from service.app import create_app
-from worker.config import Settings
+from worker.contract.config import Settings
 from worker.runner import burst
 
 SPEC = {

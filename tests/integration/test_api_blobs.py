@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tests.integration.apikit import Api, images, parse_v2, reference_model, v2_json
-from worker.blobs import SWEEP_MARGIN, BlobDir, BlobDirError
-from worker.config import Settings
+from worker.contract.blobs import SWEEP_MARGIN, BlobDir, BlobDirError
+from worker.contract.config import Settings
 from worker.runner import burst
 from worker.runtime import current
 from worker.workers import build

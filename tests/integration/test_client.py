@@ -16,7 +16,7 @@ from engine import Model
 from service import client
 from service.app import create_app
 from service.demo import demo_images, demo_model
-from worker.config import Settings
+from worker.contract.config import Settings
 from worker.embedded import start_workers
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.system.procs import start_worker
 from tests.system.test_worker_faults import Bench, tiny_model
-from worker.store import SLICE_BYTES, Store
+from worker.contract.store import SLICE_BYTES, Store
 
 
 @pytest.fixture

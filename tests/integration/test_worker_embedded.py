@@ -10,10 +10,10 @@ import fakeredis
 import numpy as np
 
 from engine import Model
-from worker.config import Settings
+from worker.contract.config import Settings
+from worker.contract.queue import job_status, make_queue, submit
+from worker.contract.store import Store
 from worker.embedded import start_workers
-from worker.queue import job_status, make_queue, submit
-from worker.store import Store
 
 SPEC = {
     "name": "e",

@@ -15,11 +15,11 @@ from rq.serializers import JSONSerializer
 
 from engine import Model
 from worker import jobs
-from worker.config import Settings
-from worker.queue import cancel, job_status, make_queue, queue_depth, submit
+from worker.contract.config import Settings
+from worker.contract.queue import cancel, job_status, make_queue, queue_depth, submit
+from worker.contract.store import Store
 from worker.reaper import reap_abandoned
 from worker.runner import burst
-from worker.store import Store
 
 SPEC = {
     "name": "tiny",

@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 
 from service.app import create_app
 from service.demo import demo_images, demo_model
-from worker.config import Settings
+from worker.contract.config import Settings
 from worker.embedded import start_workers
 
 pytestmark = pytest.mark.system

@@ -26,10 +26,10 @@ from rq import Worker
 
 from service.app import create_app
 from tests.system.procs import start_api, start_worker, wait_worker_registered
-from worker.config import Settings
-from worker.connection import connect
-from worker.queue import job_status, live_workers, make_queue, submit
-from worker.store import Store
+from worker.contract.config import Settings
+from worker.contract.connection import connect
+from worker.contract.queue import job_status, live_workers, make_queue, submit
+from worker.contract.store import Store
 
 pytestmark = [pytest.mark.system]
 

@@ -19,9 +19,9 @@ from rq.registry import FailedJobRegistry
 from engine import Model
 from tests.system.models import conv_stack
 from tests.system.procs import pid_alive, start_worker, worker_pids
-from worker.connection import connect
-from worker.queue import job_status, make_queue, submit
-from worker.store import Store
+from worker.contract.connection import connect
+from worker.contract.queue import job_status, make_queue, submit
+from worker.contract.store import Store
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

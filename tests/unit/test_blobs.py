@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.blobs import SWEEP_MARGIN, BlobDir, BlobDirError
+from worker.contract.blobs import SWEEP_MARGIN, BlobDir, BlobDirError
 
 INPUT_TTL, RESULT_TTL = 100, 1000
 NOW = 2_000_000_000.0  # a fixed clock for sweep(now=...); files are aged relative to it

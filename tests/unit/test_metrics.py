@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from service import metrics
 from tests.redis_proc import free_port
-from worker import telemetry
+from worker.contract import telemetry
 
 
 def make_app(conn) -> Flask:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from engine.npy import from_npy, to_npy
-from worker.cache import ModelCache, ModelGone
-from worker.config import Settings
-from worker.store import Store
+from worker.contract.cache import ModelCache, ModelGone
+from worker.contract.config import Settings
+from worker.contract.store import Store
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import fakeredis
 import numpy as np
 import pytest
 
-from worker import store as store_module
-from worker.blobs import SWEEP_MARGIN, BlobDirError
-from worker.config import Settings
-from worker.store import BlobMissing, Store
+from worker.contract import store as store_module
+from worker.contract.blobs import SWEEP_MARGIN, BlobDirError
+from worker.contract.config import Settings
+from worker.contract.store import BlobMissing, Store
 
 INPUT_TTL, RESULT_TTL = 200, 100
 

@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import rq
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import JobStatus, Retry
+from rq.job import Job, JobStatus, Retry
 from rq.serializers import JSONSerializer
 from rq.utils import missing_keys
 from rq.worker_registration import get_keys
@@ -15,7 +15,6 @@ from rq.worker_registration import get_keys
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 
 from . import defaults
-from .jobclass import ConvqJob
 
 RUN_MODEL = "worker.jobs.run_model"
 
@@ -35,9 +34,9 @@ _STATUS = {
 }
 
 
-def make_queue(redis, name: str = defaults.QUEUE_NAME) -> rq.Queue:
-    """Return the convq queue: JSON serializer (nothing pickled) and ConvqJob."""
-    return rq.Queue(name, connection=redis, serializer=JSONSerializer, job_class=ConvqJob)
+def make_queue(redis, name: str = defaults.QUEUE_NAME, job_class: type[Job] = Job) -> rq.Queue:
+    """Return the convq queue: JSON serializer (nothing pickled); workers pass their job class."""
+    return rq.Queue(name, connection=redis, serializer=JSONSerializer, job_class=job_class)
 
 
 def submit(
@@ -92,7 +91,7 @@ def submit(
     return job_id
 
 
-def _fetch(queue: rq.Queue, job_id: str) -> ConvqJob | None:
+def _fetch(queue: rq.Queue, job_id: str) -> Job | None:
     try:
         return queue.job_class.fetch(
             job_id, connection=queue.connection, serializer=queue.serializer
@@ -101,7 +100,7 @@ def _fetch(queue: rq.Queue, job_id: str) -> ConvqJob | None:
         return None
 
 
-def _error(job: ConvqJob, status: str) -> str | None:
+def _error(job: Job, status: str) -> str | None:
     if status != "failed":
         return None
     if job.meta.get("error"):
