@@ -180,6 +180,11 @@ class Model:
         return out
 
     @property
+    def labels(self) -> list[str] | None:
+        """Class labels, one per channel of the last layer, or None when the spec has none."""
+        return None if self._spec.labels is None else list(self._spec.labels)
+
+    @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self._spec.layers]
 
@@ -232,13 +237,15 @@ class Model:
                 )
         return list(dict.fromkeys(outputs))
 
-    def summary(self, h: int | None = None, w: int | None = None) -> list[dict]:
+    def summary(
+        self, h: int | None = None, w: int | None = None, *, batch: int | None = None
+    ) -> list[dict]:
         """Return one row per layer (engine.summary.summarize) for h x w or the declared input."""
         if h is None or w is None:
             h, w = self._spec.height, self._spec.width
         if h is not None:
             self.output_shapes(h, w)
-        return summarize(self._spec, h, w, local_hw=self._local_hw)
+        return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
 
     def to_safetensors(self) -> bytes:
         """Return the weights (float32, OHWI) as safetensors bytes."""

@@ -51,7 +51,8 @@ LAYER_KEYS = {
     "clip": _BASE_KEYS | {"min", "max"},
 } | {kind: _BASE_KEYS for kind in ("relu", "concat", "globalavgpool", "globalmaxpool", "softmax")}
 LAYER_KEYS |= {kind: _BASE_KEYS for kind in ("sigmoid", "tanh")}
-MODEL_KEYS = {"name", "input", "preprocess", "fit", "layout", "layers"}
+MODEL_KEYS = {"name", "input", "preprocess", "fit", "layout", "layers", "labels"}
+MAX_LABEL_CHARS = 256
 MAX_LAYERS = 4096
 MAX_DIM = 1 << 16  # caps every size, stride, pad, filter count and input side: keeps sizes sane
 # The spec field behind each Window attribute, by its first letter (fh, sw, dh, top, left, ...).
@@ -185,6 +186,7 @@ class Spec:
     fit: str
     layout: str
     layers: tuple[Layer, ...]
+    labels: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         """Return the normalised spec as a JSON-ready dict."""
@@ -193,7 +195,8 @@ class Spec:
         if self.height is not None:
             inp = {"height": self.height, "width": self.width, "channels": self.channels}
         p = self.preprocess
-        return {
+        labels = {} if self.labels is None else {"labels": list(self.labels)}
+        return labels | {
             "name": self.name,
             "input": inp,
             "preprocess": {"scale": p.scale, "mean": list(p.mean), "std": list(p.std)},
@@ -455,6 +458,27 @@ def _input(raw) -> tuple[int | None, int | None, int]:
     )
 
 
+def _labels(raw, last: str, depth: int) -> tuple[str, ...] | None:
+    """Check class labels: strings, one per channel of the last layer."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise _fail("labels must be a list of strings", None, "labels")
+    if len(raw) != depth:
+        raise _fail(
+            f"labels: {len(raw)} given, but the last layer {last!r} has {depth} channels "
+            "(one label per channel)",
+            None,
+            "labels",
+        )
+    long = next((v for v in raw if len(v) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise _fail(
+            f"labels: {long[:20]!r}... is over {MAX_LABEL_CHARS} characters", None, "labels"
+        )
+    return tuple(raw)
+
+
 MAX_SPEC_BYTES = 1 << 20
 """Largest spec JSON accepted (bytes)."""
 
@@ -515,7 +539,8 @@ def parse_spec(raw) -> Spec:
     parsed = tuple(
         graph.topological([_layer(item, i, seen, arrays) for i, item in enumerate(layers)])
     )
-    graph.channels(parsed, channels)
+    depth = graph.channels(parsed, channels)
+    labels = _labels(raw.get("labels"), parsed[-1].name, depth[parsed[-1].name])
     spec = Spec(
         name,
         height,
@@ -525,6 +550,7 @@ def parse_spec(raw) -> Spec:
         fit,
         layout,
         parsed,
+        labels,
     )
     if height is not None:
         spec.shapes(height, width)
