@@ -148,7 +148,7 @@ class Model:
             if layer.type == "conv"
         }
         self._folds: dict[tuple[str, str], tuple] = {}
-        self._plans: dict[tuple[str, ...], list[Step]] = {}
+        self._plans: dict[tuple, list[Step]] = {}
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
     @classmethod
@@ -325,7 +325,7 @@ class Model:
         return {name: values[name] for name in wanted}
 
     def _steps(self, wanted: list[str]) -> list[Step]:
-        key = tuple(wanted)
+        key = (self.fuse, *wanted)
         steps = self._plans.get(key)
         if steps is None:
             steps = plan(self._spec.layers, wanted, fuse=self.fuse)
