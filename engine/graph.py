@@ -61,15 +61,28 @@ def topological(layers: Sequence[Layer]) -> list[Layer]:
             if waiting[r] == 0:
                 heapq.heappush(ready, r)
     if len(order) < len(layers):
-        stuck = next(layers[i] for i, count in enumerate(waiting) if count)
+        cycle = _cycle(layers, index, waiting)
+        first = layers[index[cycle[0]]]
         raise ModelError(
-            f"{stuck.name}: its inputs form a cycle (it depends on itself through "
-            f"{', '.join(repr(s) for s in stuck.inputs)}); a layer may only read layers that do "
-            "not read it back",
-            layer=stuck.name,
-            field=input_field(stuck),
+            f"{first.name}: its inputs form a cycle ({' -> '.join(cycle + [cycle[0]])} "
+            "reads itself back); a layer may only read layers that do not depend on it",
+            layer=first.name,
+            field=input_field(first),
         )
     return order
+
+
+def _cycle(layers: Sequence[Layer], index: dict[str, int], waiting: list[int]) -> list[str]:
+    """Return the names of one cycle among the layers left unordered (each reads the next)."""
+    at = next(i for i, count in enumerate(waiting) if count)
+    path: list[int] = []
+    seen: dict[int, int] = {}
+    while at not in seen:
+        seen[at] = len(path)
+        path.append(at)
+        # follow an input that is itself stuck: every unordered layer has one
+        at = next(index[s] for s in layers[at].inputs if s != IMAGE and waiting[index[s]])
+    return [layers[i].name for i in path[seen[at] :]]
 
 
 def input_field(layer: Layer) -> str:
