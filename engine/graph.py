@@ -108,12 +108,12 @@ def channels(layers: Sequence[Layer], image_channels: int) -> dict[str, int]:
                 layer=layer.name,
                 field="inputs",
             )
-        c = cins[0]
-        if layer.type == "conv" and (c % layer.groups or layer.filters % layer.groups):
+        c, k = cins[0], layer.filters or 0
+        if layer.type == "conv" and (c % layer.groups or k % layer.groups):
             raise ModelError(
                 f"{layer.name}: groups {layer.groups} must divide both the input channels ({c}) "
                 f"and filters ({layer.filters}); try a divisor of both, e.g. "
-                f"{_common_divisor(c, layer.filters, layer.groups)}",
+                f"{_common_divisor(c, k, layer.groups)}",
                 layer=layer.name,
                 field="groups",
             )
@@ -132,7 +132,8 @@ def _common_divisor(a: int, b: int, near: int) -> int:
 
 def readers(layers: Sequence[Layer]) -> dict[str, list[str]]:
     """Return {name: the layers reading it} (a layer reading one input twice is listed twice)."""
-    out: dict[str, list[str]] = {IMAGE: []} | {layer.name: [] for layer in layers}
+    out: dict[str, list[str]] = {layer.name: [] for layer in layers}
+    out[IMAGE] = []
     for layer in layers:
         for src in layer.inputs:
             out[src].append(layer.name)
