@@ -2,10 +2,13 @@
 other layers' outputs, by one forward pass and one backward pass through engine.backward.
 
 The objective is the sum over the batch and every position of channel k of layer L's output
-(k per image when "top": the channel with the largest sum in that image). The forward pass
-keeps only what the backward pass reads: each ReLU's output (its mask), each max pool's argmax
-indices, and the layers asked for by `keep`; a conv or local layer needs only its weights for
-the input gradient, a pool only its geometry.
+(k per image when "top": the channel with the largest sum in that image). The forward pass runs
+only the layers L depends on and keeps only what the backward pass reads: the outputs of ReLU,
+softmax, sigmoid, tanh and add-with-ReLU, the inputs of lrn, clip and global max pool, each
+max pool's argmax indices, and the layers asked for by `keep`; a conv or local layer needs only
+its weights for the input gradient, pools and batchnorm only their geometry and arrays. The
+backward pass walks the layers in reverse, summing the gradients of a value read by several
+layers (a residual's two branches), and stops once every asked-for gradient is complete.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from . import backward
+from . import backward, backward_graph
 from .errors import InputError, ModelError, ShapeError
-from .spec import WEIGHTED
+from .graph import IMAGE
+from .plan import plan
 
 INPUT = "input"
 
 # Each model's flipped conv filters (backward.ConvGrad), made on first use and kept with it.
-_conv_grads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_conv_grads_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def parse_target(model, target) -> tuple[str, int | str]:
@@ -76,11 +80,22 @@ def _prepared(model, images) -> np.ndarray:
     return x
 
 
-def _conv_grad(model, name: str) -> backward.ConvGrad:
-    per_model = _conv_grads.setdefault(model, {})
-    if name not in per_model:
-        per_model[name] = backward.ConvGrad(model._conv_weights[name])
-    return per_model[name]
+def _conv_grads(model, layer) -> list[backward.ConvGrad]:
+    """Return a conv's filters per group as ConvGrads (flipped forms kept with the model)."""
+    per_model = _conv_grads_cache.setdefault(model, {})
+    if layer.name not in per_model:
+        w = model._arrays[layer.weights]
+        kg = w.shape[0] // layer.groups
+        per_model[layer.name] = [
+            backward.ConvGrad(np.ascontiguousarray(w[i * kg : (i + 1) * kg]))
+            for i in range(layer.groups)
+        ]
+    return per_model[layer.name]
+
+
+# What each layer type's backward reads from its forward pass: its output or its input.
+_SAVES_OUTPUT = {"relu", "softmax", "sigmoid", "tanh", "add"}
+_SAVES_INPUT = {"lrn", "clip", "globalmaxpool"}
 
 
 def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] = ()):
@@ -90,47 +105,43 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
     """
     layer_name, channel = parse_target(model, target)
     wanted = parse_wrt(model, wrt)
-    keep = set(keep)
+    keep = list(dict.fromkeys(keep))
     x = _prepared(model, images)
-    layers = model._spec.layers
+    n = x.shape[0]
     names = model.layer_names
-    last = names.index(layer_name)
     for name in keep:
-        if names.index(name) > last:
-            raise ModelError(f"{name} comes after the target layer {layer_name}", field="keep")
-    # Forward: layer i's input size, what its backward reads, and the kept outputs.
-    in_hw: list[tuple[int, int]] = []
-    saved: dict[int, np.ndarray] = {}
-    kept: dict[str, np.ndarray] = {}
-    i = 0
-    while i <= last:
-        layer = layers[i]
-        in_hw.append((x.shape[1], x.shape[2]))
-        fuse = (
-            layer.type in WEIGHTED
-            and i < last
-            and layers[i + 1].type == "relu"
-            and layer.name not in keep
-        )
+        if name not in names:
+            raise ModelError(f"unknown layer {name!r} to keep", field="keep")
+    shapes = model.output_shapes(x.shape[1], x.shape[2]) | {IMAGE: x.shape[1:]}
+    # Forward, one layer per step (nothing fused, so every layer's gradient exists), keeping
+    # what each backward reads; the plan frees every other value once read.
+    steps = plan(model._spec.layers, [layer_name, *keep], fuse=False)
+    values: dict[str, np.ndarray] = {IMAGE: x}
+    del x
+    saved: dict[str, np.ndarray] = {}
+    order = []
+    for step in steps:
+        layer = step.head
+        xs = [values[src] for src in layer.inputs]
         if layer.type == "maxpool":
             win = layer.window
-            x, saved[i] = backward.max_pool2d_argmax(
-                x, (win.fh, win.fw), (win.sh, win.sw), win.pad, (win.dh, win.dw)
+            out, saved[layer.name] = backward.max_pool2d_argmax(
+                xs[0], (win.fh, win.fw), (win.sh, win.sw), win.pad, (win.dh, win.dw)
             )
         else:
-            x = model._apply(layer, x, relu=fuse)
-        if fuse:
-            i += 1
-            in_hw.append((x.shape[1], x.shape[2]))
-        if layers[i].type == "relu":
-            saved[i] = x
-        if layers[i].name in keep:
-            kept[layers[i].name] = x
-        i += 1
-    k = x.shape[3]
-    n = x.shape[0]
+            out = model._apply(step, xs)
+        if layer.type in _SAVES_INPUT:
+            saved[layer.name] = xs[0]
+        elif layer.type in _SAVES_OUTPUT and (layer.type != "add" or layer.relu):
+            saved[layer.name] = out
+        values[layer.name] = out
+        order.append(layer)
+        for src in step.frees:
+            del values[src]
+    y = values[layer_name]
+    k = y.shape[3]
     if channel == "top":
-        channels = np.argmax(x.sum(axis=(1, 2), dtype=np.float64), axis=1)
+        channels = np.argmax(y.sum(axis=(1, 2), dtype=np.float64), axis=1)
     else:
         if not 0 <= channel < k:
             raise ModelError(
@@ -139,50 +150,98 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
                 field="target",
             )
         channels = np.full(n, channel)
-    g = np.zeros(x.shape, np.float32)
+    kept = {name: values[name] for name in keep}
+    del values, y
+    g = np.zeros((n, *shapes[layer_name]), np.float32)
     g[np.arange(n), :, :, channels] = 1.0
-    del x
+    pending: dict[str, np.ndarray] = {layer_name: g}
     grads: dict[str, np.ndarray] = {}
-    shapes = model.output_shapes(*in_hw[0])
-    for name in wanted:
-        if name != INPUT and names.index(name) > last:  # the objective does not depend on it
-            grads[name] = np.zeros((n, *shapes[name]), np.float32)
-    lowest = -1 if INPUT in wanted else min(names.index(w) for w in wanted if w not in grads)
-    for i in range(last, max(lowest, 0) - 1, -1):
-        layer = layers[i]
-        if layer.name in wanted:
+    want = {IMAGE if name == INPUT else name for name in wanted}
+    for layer in reversed(order):
+        g = pending.pop(layer.name, None)
+        if g is None:
+            continue  # the target does not depend on it
+        if layer.name in want:
             grads[layer.name] = g
-        if i == lowest:
+        if not want - set(grads):
             break
-        g = _layer_backward(model, layer, g, in_hw[i], saved.get(i))
-    if INPUT in wanted:
-        grads[INPUT] = g
-    return {name: grads[name] for name in wanted}, kept, channels
+        hw = [shapes[src][:2] for src in layer.inputs]
+        chans = [shapes[src][2] for src in layer.inputs]
+        parts = _layer_backward(model, layer, g, hw, chans, saved.pop(layer.name, None))
+        for src, part in zip(layer.inputs, parts, strict=True):
+            pending[src] = part if src not in pending else pending[src] + part
+    if IMAGE in pending and IMAGE in want:
+        grads[IMAGE] = pending[IMAGE]
+    out = {}
+    for name in wanted:
+        key = IMAGE if name == INPUT else name
+        out[name] = grads.get(key)
+        if out[name] is None:  # the objective does not depend on it
+            out[name] = np.zeros((n, *shapes[key]), np.float32)
+    return out, kept, channels
 
 
-def _layer_backward(model, layer, g: np.ndarray, hw, saved) -> np.ndarray:
-    """Return the gradient with respect to layer's input given g with respect to its output."""
-    if layer.type == "relu":
-        return backward.relu_backward(saved, g)
+def _layer_backward(model, layer, g: np.ndarray, hw, chans, saved) -> list[np.ndarray]:
+    """Return the gradients with respect to layer's inputs given g with respect to its output."""
+    kind = layer.type
+    a = model._arrays
+    if kind == "relu":
+        return [backward.relu_backward(saved, g)]
+    if kind == "add":
+        g = backward.relu_backward(saved, g) if layer.relu else g
+        return [g] * len(layer.inputs)
+    if kind == "concat":
+        return backward_graph.concat_backward(g, chans)
+    if kind == "batchnorm":
+        return [backward_graph.batchnorm_backward(g, *(a[k] for k in layer.arrays), layer.eps)]
+    if kind == "lrn":
+        return [
+            backward_graph.lrn_backward(
+                saved, g, layer.size or 1, layer.alpha, layer.beta, layer.lrn_bias
+            )
+        ]
+    if kind == "softmax":
+        return [backward_graph.softmax_backward(saved, g)]
+    if kind == "sigmoid":
+        return [backward_graph.sigmoid_backward(saved, g)]
+    if kind == "tanh":
+        return [backward_graph.tanh_backward(saved, g)]
+    if kind == "clip":
+        return [backward_graph.clip_backward(saved, g, layer.lo, layer.hi)]
+    if kind == "globalavgpool":
+        return [backward_graph.global_avg_pool_backward(g, hw[0])]
+    if kind == "globalmaxpool":
+        return [backward_graph.global_max_pool_backward(saved, g)]
     win = layer.window
     stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
-    if layer.type == "maxpool":
-        return backward.max_pool2d_backward_idx(saved, g, hw)
-    if layer.type == "avgpool":
-        shape = (g.shape[0], *hw, g.shape[3])
-        return backward.avg_pool2d_backward(
-            shape, g, (win.fh, win.fw), stride, pad, layer.count_pad
-        )
-    if layer.type == "conv":
-        return backward.conv2d_backward_input(
-            g, _conv_grad(model, layer.name), hw, stride, pad, dilation
-        )
-    if layer.type == "local":
-        w = model._arrays[layer.weights]
-        return backward.local2d_backward_input(g, w, hw, stride, pad, dilation)
-    raise ModelError(
-        f"{layer.name}: no backward pass for layer type {layer.type!r}", layer=layer.name
-    )
+    if kind == "maxpool":
+        return [backward.max_pool2d_backward_idx(saved, g, hw[0])]
+    if kind == "avgpool":
+        shape = (g.shape[0], *hw[0], g.shape[3])
+        return [
+            backward.avg_pool2d_backward(shape, g, (win.fh, win.fw), stride, pad, layer.count_pad)
+        ]
+    if kind == "conv":
+        parts = _conv_grads(model, layer)
+        if len(parts) == 1:
+            return [backward.conv2d_backward_input(g, parts[0], hw[0], stride, pad, dilation)]
+        kg = g.shape[3] // len(parts)
+        dx = [
+            backward.conv2d_backward_input(
+                np.ascontiguousarray(g[..., i * kg : (i + 1) * kg]),
+                cg,
+                hw[0],
+                stride,
+                pad,
+                dilation,
+            )
+            for i, cg in enumerate(parts)
+        ]
+        return [np.concatenate(dx, axis=-1)]
+    if kind == "local":
+        w = a[layer.weights]
+        return [backward.local2d_backward_input(g, w, hw[0], stride, pad, dilation)]
+    raise ModelError(f"{layer.name}: no backward pass for layer type {kind!r}", layer=layer.name)
 
 
 def gradients(model, images, target, wrt=(INPUT,)) -> dict[str, np.ndarray]:
