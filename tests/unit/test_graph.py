@@ -207,6 +207,21 @@ def test_values_are_freed_after_their_last_reader():
     assert all("norm" not in s.frees for s in asked)
 
 
+def test_elementwise_steps_overwrite_values_nobody_reads_later():
+    steps = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["prob"])}
+    assert steps["sum"].in_place == "bn2"  # not "image": that may be the caller's array
+    assert steps["prob"].in_place is None  # softmax makes a new array
+    kept = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["bn2", "prob"])}
+    assert kept["sum"].in_place is None
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    x = np.random.default_rng(8).standard_normal((1, 6, 7, 4)).astype(np.float32)
+    before = x.copy()
+    both = model.run(x, outputs=["bn2", "sum"])
+    np.testing.assert_array_equal(x, before)
+    np.testing.assert_allclose(both["sum"], model.run(x, outputs="sum")["sum"], rtol=1e-6)
+    assert not np.shares_memory(both["bn2"], both["sum"])
+
+
 def test_memory_is_the_live_set_not_the_sum():
     model = Model.from_arrays(INCEPTION, inception_arrays())
     shapes = model.output_shapes(8, 8)
