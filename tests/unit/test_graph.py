@@ -398,3 +398,19 @@ def test_two_thousand_layer_graph_loads():
     assert model.memory(1, 4, 4) <= 3 * 4 * 4 * 4 * 2  # image, the running value, the new one
     x = np.ones((1, 4, 4, 2), np.float32)
     np.testing.assert_array_equal(model.run(x)[f"r{n - 1}"], x * (1 + n // 2))
+
+
+def test_summary_cli_prints_batch_bytes_and_the_live_set_peak(tmp_path, capsys):
+    import json
+
+    from engine.summary import main, peak_bytes
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(INCEPTION))
+    assert main([str(path), "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    model = Model.from_arrays(INCEPTION, inception_arrays())
+    last, every = model.memory(4, 8, 8), model.memory(4, 8, 8, "all")
+    assert peak_bytes(parse_spec(INCEPTION), 8, 8, 4) == last
+    assert f"{last:,} B asking for the last layer, {every:,} B asking for all" in out
+    assert "per batch (B)" in out and "b1,b2,b3,b4_relu6" in out
