@@ -246,3 +246,56 @@ def local_gemm(x, w2d, bias, out, cols, fh, fw, sh, sw, dh, dw, top, left, relu)
                         if relu and v < 0.0:
                             v = 0.0
                         out[n, y, xo, j] = v
+
+
+@njit(parallel=True, cache=True)
+def conv_depthwise(x, wd, bias, out, sh, sw, dh, dw, top, left, relu):
+    """Depthwise conv, direct: out (N, Hout, Wout, K) from x (N, H, W, C), wd (FH, FW, K), K = C*m.
+
+    Output channel j reads input channel j // m only (groups == C), so there is no GEMM to
+    speak of: im2col would copy FH*FW values to multiply each by one weight. Each output row
+    (n, y) is one task; it starts at the bias, adds every tap whose input row and columns fall
+    inside the image (pads contribute nothing), then applies the ReLU.
+    """
+    n_img, h, w, c = x.shape
+    hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
+    fh, fw = wd.shape[0], wd.shape[1]
+    m = k // c
+    for task in prange(n_img * hout):
+        n = task // hout
+        y = task - n * hout
+        o = out[n, y]
+        for xo in range(wout):
+            for j in range(k):
+                o[xo, j] = bias[j]
+        for fy in range(fh):
+            iy = y * sh - top + fy * dh
+            if iy < 0 or iy >= h:
+                continue
+            xr = x[n, iy]
+            for fx in range(fw):
+                off = fx * dw - left  # input column of output column xo is xo*SW + off
+                if off > w - 1:
+                    continue
+                lo = 0 if off >= 0 else (sw - 1 - off) // sw
+                hi = min(wout, (w - 1 - off) // sw + 1)
+                wk = wd[fy, fx]
+                if m == 1:
+                    for xo in range(lo, hi):
+                        xi = xr[xo * sw + off]
+                        oo = o[xo]
+                        for j in range(k):
+                            oo[j] += xi[j] * wk[j]
+                else:
+                    for xo in range(lo, hi):
+                        xi = xr[xo * sw + off]
+                        oo = o[xo]
+                        for ci in range(c):
+                            v = xi[ci]
+                            for q in range(ci * m, ci * m + m):
+                                oo[q] += v * wk[q]
+        if relu:
+            for xo in range(wout):
+                for j in range(k):
+                    if o[xo, j] < 0.0:
+                        o[xo, j] = 0.0
