@@ -254,8 +254,9 @@ def conv_depthwise(x, wd, bias, out, sh, sw, dh, dw, top, left, relu):
 
     Output channel j reads input channel j // m only (groups == C), so there is no GEMM to
     speak of: im2col would copy FH*FW values to multiply each by one weight. Each output row
-    (n, y) is one task; it starts at the bias, adds every tap whose input row and columns fall
-    inside the image (pads contribute nothing), then applies the ReLU.
+    (n, y) is one task; each pixel's K sums start at the bias, take every tap whose input pixel
+    is inside the image (pads contribute nothing), then the ReLU. Pixel by pixel, not tap by tap
+    over the whole row: the K running sums stay in L1 (N=32 56x56x128: 33 vs 43 ms, 2 threads).
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
@@ -266,36 +267,29 @@ def conv_depthwise(x, wd, bias, out, sh, sw, dh, dw, top, left, relu):
         y = task - n * hout
         o = out[n, y]
         for xo in range(wout):
+            oo = o[xo]
             for j in range(k):
-                o[xo, j] = bias[j]
-        for fy in range(fh):
-            iy = y * sh - top + fy * dh
-            if iy < 0 or iy >= h:
-                continue
-            xr = x[n, iy]
-            for fx in range(fw):
-                off = fx * dw - left  # input column of output column xo is xo*SW + off
-                if off > w - 1:
+                oo[j] = bias[j]
+            for fy in range(fh):
+                iy = y * sh - top + fy * dh
+                if iy < 0 or iy >= h:
                     continue
-                lo = 0 if off >= 0 else (sw - 1 - off) // sw
-                hi = min(wout, (w - 1 - off) // sw + 1)
-                wk = wd[fy, fx]
-                if m == 1:
-                    for xo in range(lo, hi):
-                        xi = xr[xo * sw + off]
-                        oo = o[xo]
+                xr = x[n, iy]
+                for fx in range(fw):
+                    ix = xo * sw - left + fx * dw
+                    if ix < 0 or ix >= w:
+                        continue
+                    xi = xr[ix]
+                    wk = wd[fy, fx]
+                    if m == 1:
                         for j in range(k):
                             oo[j] += xi[j] * wk[j]
-                else:
-                    for xo in range(lo, hi):
-                        xi = xr[xo * sw + off]
-                        oo = o[xo]
+                    else:
                         for ci in range(c):
                             v = xi[ci]
                             for q in range(ci * m, ci * m + m):
                                 oo[q] += v * wk[q]
-        if relu:
-            for xo in range(wout):
+            if relu:
                 for j in range(k):
-                    if o[xo, j] < 0.0:
-                        o[xo, j] = 0.0
+                    if oo[j] < 0.0:
+                        oo[j] = 0.0
