@@ -15,6 +15,11 @@ conv2d picks one of four paths, all with bias and ReLU fused into the GEMM's sto
 The GEMM is engine._gemm's AVX-512 micro-kernel (MICROKERNEL) or, without AVX-512, one
 single-threaded BLAS sgemm per tile. Tiles never cross images and their sizes depend on neither
 N nor the thread count, so an image's result is bit-identical whatever batch it came in.
+
+conv2d's groups (PyTorch's): w is (K, FH, FW, C/groups). Depthwise (C/groups == 1, any
+multiplier K/C) runs engine._conv.conv_depthwise, a direct kernel: each output is FH*FW
+multiply-adds, too few for a GEMM to pay for its packing. Other groups run the paths above once
+per group on that group's channels (copied out, once) and filters (packed per group).
 """
 
 from __future__ import annotations
