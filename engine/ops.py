@@ -18,8 +18,9 @@ N nor the thread count, so an image's result is bit-identical whatever batch it 
 
 conv2d's groups (PyTorch's): w is (K, FH, FW, C/groups). Depthwise (C/groups == 1, any
 multiplier K/C) runs engine._conv.conv_depthwise, a direct kernel: each output is FH*FW
-multiply-adds, too few for a GEMM to pay for its packing. Other groups run the paths above once
-per group on that group's channels (copied out, once) and filters (packed per group).
+multiply-adds, too few for a GEMM to pay for its packing.
+Other groups run the paths above once per group on that group's channels (copied out, once)
+and filters (packed per group).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class ConvWeights:
     layer, so a worker packs its filters once rather than on every run (1x1 28x28x256 K64 at
     N=1: 23 of 300 us; a 3x3x128x128 Winograd filter transform: ~130 us of 1.1 ms). With
     groups > 1 filters [g*K/groups, (g+1)*K/groups) see only channels [g*C/groups, ...) and are
-    packed per group; depthwise weights (C/groups == 1) are kept as (FH, FW, K) instead.
+    packed per group; depthwise filters are kept as (FH, FW, m, C) taps instead (K = C*m).
     """
 
     def __init__(self, w, b=None, groups=1):
@@ -160,9 +161,11 @@ class ConvWeights:
         return self._parts
 
     def depthwise_taps(self) -> np.ndarray:
-        """Return depthwise weights (K, FH, FW, 1) as the (FH, FW, K) taps of the direct kernel."""
+        """Return depthwise w (C*m, FH, FW, 1) as the (FH, FW, m, C) taps of the direct kernel."""
         if self._depthwise is None:
-            taps = np.ascontiguousarray(self.w[..., 0].transpose(1, 2, 0))
+            k, fh, fw, _ = self.w.shape
+            per_channel = self.w.reshape(self.groups, k // self.groups, fh, fw)  # [ci, q, fy, fx]
+            taps = np.ascontiguousarray(per_channel.transpose(2, 3, 1, 0))
             self._depthwise = _args.read_only(taps)
         return self._depthwise
 
@@ -256,9 +259,18 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> n
         _dense_conv(x, cw, bias, out, win, bool(relu))
     elif cg == 1:
         _threads.enter(out.size * fh * fw)
-        taps = cw.depthwise_taps()
         _conv.conv_depthwise(
-            x, taps, bias, out, win.sh, win.sw, win.dh, win.dw, win.top, win.left, bool(relu)
+            x,
+            cw.depthwise_taps(),
+            bias,
+            out,
+            win.sh,
+            win.sw,
+            win.dh,
+            win.dw,
+            win.top,
+            win.left,
+            bool(relu),
         )
     else:
         _grouped_conv(x, cw, bias, out, win, bool(relu))
