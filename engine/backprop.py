@@ -80,16 +80,11 @@ def _prepared(model, images) -> np.ndarray:
     return x
 
 
-def _conv_grads(model, layer) -> list[backward.ConvGrad]:
-    """Return a conv's filters per group as ConvGrads (flipped forms kept with the model)."""
+def _conv_grad(model, layer) -> backward.ConvGrad:
+    """Return a conv's ConvGrad (its flipped filters are kept with the model)."""
     per_model = _conv_grads_cache.setdefault(model, {})
     if layer.name not in per_model:
-        w = model._arrays[layer.weights]
-        kg = w.shape[0] // layer.groups
-        per_model[layer.name] = [
-            backward.ConvGrad(np.ascontiguousarray(w[i * kg : (i + 1) * kg]))
-            for i in range(layer.groups)
-        ]
+        per_model[layer.name] = backward.ConvGrad(model._arrays[layer.weights], layer.groups)
     return per_model[layer.name]
 
 
@@ -222,22 +217,8 @@ def _layer_backward(model, layer, g: np.ndarray, hw, chans, saved) -> list[np.nd
             backward.avg_pool2d_backward(shape, g, (win.fh, win.fw), stride, pad, layer.count_pad)
         ]
     if kind == "conv":
-        parts = _conv_grads(model, layer)
-        if len(parts) == 1:
-            return [backward.conv2d_backward_input(g, parts[0], hw[0], stride, pad, dilation)]
-        kg = g.shape[3] // len(parts)
-        dx = [
-            backward.conv2d_backward_input(
-                np.ascontiguousarray(g[..., i * kg : (i + 1) * kg]),
-                cg,
-                hw[0],
-                stride,
-                pad,
-                dilation,
-            )
-            for i, cg in enumerate(parts)
-        ]
-        return [np.concatenate(dx, axis=-1)]
+        cg = _conv_grad(model, layer)
+        return [backward.conv2d_backward_input(g, cg, hw[0], stride, pad, dilation)]
     if kind == "local":
         w = a[layer.weights]
         return [backward.local2d_backward_input(g, w, hw[0], stride, pad, dilation)]

@@ -32,22 +32,50 @@ COLS_BYTES = 64 * 1024 * 1024
 
 
 class ConvGrad:
-    """A conv's filters w (K, FH, FW, C) with the flipped, channel-transposed filters
-    (C, FH, FW, K) the input gradient convolves with, made on first use and kept."""
+    """A conv's filters w (K, FH, FW, C/groups) with the flipped, channel-transposed filters
+    the input gradient convolves with, made on first use and kept.
 
-    def __init__(self, w):
-        self.w = w.w if isinstance(w, ConvWeights) else _args.weights(w, 4, "(K, FH, FW, C)")
+    Group g's flipped filters are its (K/groups, FH, FW, C/groups) block flipped in space and
+    transposed to (C/groups, FH, FW, K/groups): the input gradient is again a grouped conv.
+    """
+
+    def __init__(self, w, groups: int = 1):
+        if isinstance(w, ConvWeights):
+            w, groups = w.w, w.groups
+        self.w = _args.weights(w, 4, "(K, FH, FW, C/groups)")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ShapeError(f"groups must be a positive integer, got {groups!r}", field="groups")
+        if self.w.shape[0] % groups:
+            raise ShapeError(
+                f"groups={groups} does not divide the {self.w.shape[0]} filters", field="groups"
+            )
+        self.groups = groups
         self._flipped: ConvWeights | None = None
-        self._w2d: np.ndarray | None = None
+        self._w2d: list[np.ndarray] | None = None
+
+    @property
+    def channels(self) -> int:
+        """C, the input channels of the forward conv."""
+        return self.w.shape[3] * self.groups
 
     def flipped(self) -> ConvWeights:
         if self._flipped is None:
-            self._flipped = ConvWeights(self.w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0))
+            kg = self.w.shape[0] // self.groups
+            parts = [
+                self.w[i * kg : (i + 1) * kg, ::-1, ::-1, :].transpose(3, 1, 2, 0)
+                for i in range(self.groups)
+            ]
+            self._flipped = ConvWeights(np.concatenate(parts), groups=self.groups)
         return self._flipped
 
-    def w2d(self) -> np.ndarray:
+    def w2d(self) -> list[np.ndarray]:
+        """Return each group's filters as a (K/groups, FH*FW*C/groups) matrix."""
         if self._w2d is None:
-            self._w2d = _args.read_only(np.ascontiguousarray(self.w.reshape(self.w.shape[0], -1)))
+            kg = self.w.shape[0] // self.groups
+            self._w2d = [
+                _args.read_only(np.ascontiguousarray(self.w[i * kg : (i + 1) * kg].reshape(kg, -1)))
+                for i in range(self.groups)
+            ]
         return self._w2d
 
 
@@ -66,15 +94,18 @@ def _geometry(win: Window) -> tuple[int, ...]:
     return (win.fh, win.fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
 
 
-def conv2d_backward_input(dout, w, hw, stride=1, pad=0, dilation=1, via_conv=None) -> np.ndarray:
-    """Return dx (N, H, W, C) of conv2d(x, w, ...) for x of spatial size hw = (H, W).
+def conv2d_backward_input(
+    dout, w, hw, stride=1, pad=0, dilation=1, via_conv=None, groups=1
+) -> np.ndarray:
+    """Return dx (N, H, W, C) of conv2d(x, w, ..., groups) for x of spatial size hw = (H, W).
 
     w may be a ConvGrad (its flipped filters are then kept between calls). via_conv forces the
     dilated-convolution route (True) or the GEMM + col2im one (False); by default stride 1 takes
     the convolution and larger strides the GEMM.
     """
-    cg = w if isinstance(w, ConvGrad) else ConvGrad(w)
-    k, fh, fw, c = cg.w.shape
+    cg = w if isinstance(w, ConvGrad) else ConvGrad(w, groups)
+    k, fh, fw, _ = cg.w.shape
+    c = cg.channels
     win = Window.make([fh, fw], stride, pad, dilation)
     h, w_in = hw
     g = _dout(dout, np.asarray(dout).shape[0] if np.ndim(dout) == 4 else -1, win.out_hw(h, w_in), k)
@@ -91,16 +122,42 @@ def conv2d_backward_input(dout, w, hw, stride=1, pad=0, dilation=1, via_conv=Non
             _threads.enter(g.size)
             _backward.dilate(g, big, win.sh, win.sw, oy - win.top, ox - win.left)
         return conv2d(big, cg.flipped(), None, 1, 0, (win.dh, win.dw))
-    dx = np.zeros((n, h, w_in, c), np.float32)
-    if g.size:
-        nthreads = _threads.enter(g.size * fh * fw * c)
-        _backward.conv_dx(g, cg.w2d(), dx, nthreads, *_geometry(win))
-    return dx
+    if cg.groups == 1:
+        dx = np.zeros((n, h, w_in, c), np.float32)
+        if g.size:
+            nthreads = _threads.enter(g.size * fh * fw * c)
+            _backward.conv_dx(g, cg.w2d()[0], dx, nthreads, *_geometry(win))
+        return dx
+    kg, parts = k // cg.groups, []
+    for i, w2d in enumerate(cg.w2d()):
+        part = np.zeros((n, h, w_in, c // cg.groups), np.float32)
+        gi = _args.read_only(np.ascontiguousarray(g[..., i * kg : (i + 1) * kg]))
+        if g.size:
+            nthreads = _threads.enter(gi.size * fh * fw * part.shape[3])
+            _backward.conv_dx(gi, w2d, part, nthreads, *_geometry(win))
+        parts.append(part)
+    return np.concatenate(parts, axis=-1)
 
 
-def conv2d_backward_weights(x, dout, size, stride=1, pad=0, dilation=1) -> np.ndarray:
-    """Return dw (K, FH, FW, C) of conv2d(x, w, ...) for filters of size (FH, FW)."""
+def conv2d_backward_weights(x, dout, size, stride=1, pad=0, dilation=1, groups=1) -> np.ndarray:
+    """Return dw (K, FH, FW, C/groups) of conv2d(x, w, ..., groups) for filters (FH, FW)."""
     x = _args.input_array(x)
+    if groups > 1:
+        g = _args.input_array(dout, "dout")
+        cg, kg = x.shape[3] // groups, g.shape[3] // groups
+        return np.concatenate(
+            [
+                conv2d_backward_weights(
+                    x[..., i * cg : (i + 1) * cg],
+                    g[..., i * kg : (i + 1) * kg],
+                    size,
+                    stride,
+                    pad,
+                    dilation,
+                )
+                for i in range(groups)
+            ]
+        )
     win = Window.make(size, stride, pad, dilation)
     n, h, w_in, c = x.shape
     hout, wout = win.out_hw(h, w_in)
@@ -115,16 +172,16 @@ def conv2d_backward_weights(x, dout, size, stride=1, pad=0, dilation=1) -> np.nd
     return partial.sum(axis=0).reshape(k, win.fh, win.fw, c)
 
 
-def conv2d_backward(x, w, dout, stride=1, pad=0, dilation=1):
-    """Return (dx, dw, db) of conv2d(x, w, b, stride, pad, dilation) given dout.
+def conv2d_backward(x, w, dout, stride=1, pad=0, dilation=1, groups=1):
+    """Return (dx, dw, db) of conv2d(x, w, b, stride, pad, dilation, groups=groups) given dout.
 
     Matches conv2d_backward_reference; db is dout summed over N, Hout and Wout.
     """
     x = _args.input_array(x)
-    cg = w if isinstance(w, ConvGrad) else ConvGrad(w)
-    _args.channels(x, cg.w.shape[3])
+    cg = w if isinstance(w, ConvGrad) else ConvGrad(w, groups)
+    _args.channels(x, cg.channels)
     dx = conv2d_backward_input(dout, cg, x.shape[1:3], stride, pad, dilation)
-    dw = conv2d_backward_weights(x, dout, cg.w.shape[1:3], stride, pad, dilation)
+    dw = conv2d_backward_weights(x, dout, cg.w.shape[1:3], stride, pad, dilation, cg.groups)
     db = np.asarray(dout, np.float32).sum(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
     return dx, dw, db
 

@@ -31,8 +31,29 @@ def _cols(x: int, win: Window) -> slice:
     return slice(x * win.sw, x * win.sw + win.dw * (win.fw - 1) + 1, win.dw)
 
 
-def conv2d_backward_reference(x, w, dout, stride=1, pad=0, dilation=1):
-    """Return (dx (N, H, W, C), dw (K, FH, FW, C), db (K,)) of conv2d(x, w, b, ...), float32."""
+def conv2d_backward_reference(x, w, dout, stride=1, pad=0, dilation=1, groups=1):
+    """Return (dx (N, H, W, C), dw (K, FH, FW, C/groups), db (K,)) of conv2d, float32.
+
+    With groups, each group's filters see only their slice of channels: one ungrouped backward
+    per group, the slices put back side by side.
+    """
+    if groups > 1:
+        cg, kg = x.shape[3] // groups, w.shape[0] // groups
+        parts = [
+            conv2d_backward_reference(
+                x[..., i * cg : (i + 1) * cg],
+                w[i * kg : (i + 1) * kg],
+                dout[..., i * kg : (i + 1) * kg],
+                stride,
+                pad,
+                dilation,
+            )
+            for i in range(groups)
+        ]
+        return tuple(
+            np.concatenate(p, axis=a)
+            for p, a in zip(zip(*parts, strict=True), (-1, 0, 0), strict=True)
+        )
     win = Window.make([w.shape[1], w.shape[2]], stride, pad, dilation)
     xd = np.pad(
         x.astype(np.float64), ((0, 0), (win.top, win.bottom), (win.left, win.right), (0, 0))

@@ -225,3 +225,29 @@ def test_pool_backward_sweep(case, count_pad):
     got = bw.avg_pool2d_backward(x, dout, size, stride, win.pad, count_pad)
     want = ref.avg_pool2d_backward_reference(x, dout, size, stride, win.pad, count_pad)
     assert_matches(got, want)
+
+
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation, groups)
+GROUPED = {
+    "g2": (2, 7, 6, 4, 6, (3, 3), 1, 1, 1, 2),
+    "depthwise": (1, 8, 9, 5, 5, (3, 3), 1, (1, 0, 2, 1), 1, 5),
+    "depthwise-x2-strided": (2, 9, 8, 3, 6, (3, 2), 2, 1, (1, 2), 3),
+    "g3-stride3": (1, 11, 10, 6, 9, (3, 3), 3, 0, 1, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+@pytest.mark.parametrize("via_conv", [None, True, False])
+def test_grouped_conv2d_backward_matches_reference(name, via_conv):
+    n, h, w, c, k, size, stride, pad, dilation, groups = GROUPED[name]
+    x = rand(n, h, w, c, seed=1)
+    wt = rand(k, *size, c // groups, seed=2)
+    out = ops.conv2d(x, wt, None, stride, pad, dilation, groups=groups)
+    dout = rand(*out.shape, seed=3)
+    want = ref.conv2d_backward_reference(x, wt, dout, stride, pad, dilation, groups)
+    for g, r in zip(
+        bw.conv2d_backward(x, wt, dout, stride, pad, dilation, groups), want, strict=True
+    ):
+        assert_matches(g, r, atol=1e-4)
+    dx = bw.conv2d_backward_input(dout, wt, (h, w), stride, pad, dilation, via_conv, groups)
+    assert_matches(dx, want[0], atol=1e-4)

@@ -119,3 +119,19 @@ def test_model_gradients_match_autograd(layer, channel):
             assert not got[name].any()
         else:
             close(got[name], nhwc(outs[name].grad))
+
+
+@pytest.mark.parametrize("name", ["g2", "depthwise", "depthwise-x2-strided", "g3-stride3"])
+def test_grouped_conv2d_backward_matches_autograd(name):
+    from test_backward import GROUPED
+
+    n, h, w, c, k, size, stride, pad, dilation, groups = GROUPED[name]
+    x, wt = rand(n, h, w, c, seed=4), rand(k, *size, c // groups, seed=5)
+    pads = ops.Window.make(size, stride, pad, dilation).pad
+    tx, tw = nchw(x, True), nchw(wt, True)
+    out = F.conv2d(pad4(tx, pads), tw, None, stride, 0, dilation, groups)
+    dout = rand(*nhwc(out).shape, seed=6)
+    out.backward(nchw(dout))
+    dx, dw, _ = bw.conv2d_backward(x, wt, dout, stride, pad, dilation, groups)
+    close(dx, nhwc(tx.grad))
+    close(dw, nhwc(tw.grad))
