@@ -258,6 +258,8 @@ async function showMaps(id, outputs) {
     title.textContent = s ? `${name}: ${shape(s.slice(1))}` : name;
     const img = document.createElement("img");
     img.alt = `activation maps of ${name}`;
+    img.title = "click a channel to see which pixels made it fire (saliency)";
+    img.addEventListener("click", (e) => explainChannel(figure, img, name, s, e));
     figure.append(title, img);
     $("maps").append(figure);
     try {
@@ -269,6 +271,45 @@ async function showMaps(id, outputs) {
       note.textContent = err.message;
       figure.append(note);
     }
+  }
+}
+
+// The channel under a click on a layer's grid (engine tiles: ceil(sqrt(K)) columns, 1 px gaps).
+function channelAt(img, s, e) {
+  if (!s || s.length < 4) return null;
+  const [h, w, k] = s.slice(1).map(Number);
+  const cols = Math.ceil(Math.sqrt(k));
+  const scale = img.naturalWidth / img.clientWidth;
+  const x = Math.floor((e.offsetX * scale) / (w + 1));
+  const y = Math.floor((e.offsetY * scale) / (h + 1));
+  const channel = y * cols + x;
+  return x < cols && channel < k ? channel : null;
+}
+
+async function explainChannel(figure, img, layer, s, e) {
+  const channel = channelAt(img, s, e);
+  if (channel === null || !state.image) return;
+  const form = new FormData();
+  form.append("images", state.image, state.imageName.replace(/\.\w+$/, "") + ".png");
+  form.append("outputs", layer);
+  form.append("explain", JSON.stringify({ method: "saliency", layer, channel }));
+  setStatus(`Explaining ${layer} channel ${channel}…`);
+  try {
+    const model = encodeURIComponent(state.meta.name);
+    const { id } = await (await api(`/v2/models/${model}/jobs`, { method: "POST", body: form })).json();
+    const status = await waitFor(id);
+    if (status.status !== "finished") throw new Error(status.error || status.status);
+    let overlay = figure.querySelector("img.overlay");
+    if (!overlay) {
+      overlay = document.createElement("img");
+      overlay.className = "overlay";
+      figure.append(overlay);
+    }
+    overlay.alt = `saliency of ${layer} channel ${channel}`;
+    overlay.src = await imageUrl(`/v2/jobs/${id}/result?output=explain:overlay&format=png&image=0`);
+    setStatus(`${layer} channel ${channel}: saliency over the image`);
+  } catch (err) {
+    setStatus(err.message, true);
   }
 }
 
