@@ -89,7 +89,9 @@ def plan(layers: Sequence[Layer], wanted: Sequence[str], *, fuse: bool = True) -
     for group, freed in zip(steps, frees, strict=True):
         over = None
         if group[0].type in IN_PLACE:
-            over = next((s for s in group[0].inputs if s in freed and s != IMAGE), None)
+            ins = group[0].inputs
+            # not a value the step reads twice (add [a, b, a]): it would change while being read
+            over = next((s for s in ins if s in freed and s != IMAGE and ins.count(s) == 1), None)
         out.append(Step(tuple(group), tuple(freed), over))
     return out
 

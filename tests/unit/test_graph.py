@@ -211,6 +211,14 @@ def test_elementwise_steps_overwrite_values_nobody_reads_later():
     steps = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["prob"])}
     assert steps["sum"].in_place == "bn2"  # not "image": that may be the caller's array
     assert steps["prob"].in_place is None  # softmax makes a new array
+    twice = copy.deepcopy(RESIDUAL)
+    twice["layers"][5]["inputs"] = ["bn2", "image", "bn2"]
+    assert {s.name: s for s in plan(parse_spec(twice).layers, ["sum"])}["sum"].in_place is None
+    x = np.random.default_rng(9).standard_normal((1, 6, 7, 4)).astype(np.float32)
+    ref = residual_reference(x, residual_arrays())
+    want = lref.add_reference([ref["bn2"], x, ref["bn2"]], relu=True)
+    got = Model.from_arrays(twice, residual_arrays()).run(x, outputs="sum")["sum"]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
     kept = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["bn2", "prob"])}
     assert kept["sum"].in_place is None
     model = Model.from_arrays(RESIDUAL, residual_arrays())
