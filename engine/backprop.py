@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 
@@ -124,7 +125,8 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
                 xs[0], (win.fh, win.fw), (win.sh, win.sw), win.pad, (win.dh, win.dw)
             )
         else:
-            out = model._apply(step, xs)
+            # never over an input: the backward pass may hold that array (a ReLU's output, say)
+            out = model._apply(replace(step, in_place=None), xs)
         if layer.type in _SAVES_INPUT:
             saved[layer.name] = xs[0]
         elif layer.type in _SAVES_OUTPUT and (layer.type != "add" or layer.relu):

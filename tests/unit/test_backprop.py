@@ -92,3 +92,29 @@ def test_bad_arguments(model, target, wrt, error, fragment):
 def test_bad_images(model):
     with pytest.raises(InputError):
         model.gradients(rand(1, 8, 9, 3), {"layer": "fc", "channel": 0})
+
+
+def test_a_layer_that_may_run_in_place_leaves_the_saved_relu_output_alone():
+    """sigmoid may overwrite the ReLU output it reads in a run; the ReLU's backward needs it."""
+    spec = {
+        "name": "inplace",
+        "input": {"height": 6, "width": 6, "channels": 2},
+        "layers": [
+            {"name": "c1", "type": "conv", "filters": 3, "size": 3, "pad": 1},
+            {"name": "r1", "type": "relu"},
+            {"name": "s1", "type": "sigmoid"},
+        ],
+    }
+    a = {"c1.w": rand(3, 3, 3, 2, seed=1), "c1.b": rand(3, seed=2)}
+    model = Model.from_arrays(spec, a)
+    x = rand(2, 6, 6, 2, seed=3)
+    c = model.run(x, outputs=["c1"])["c1"].astype(np.float64)
+    r = np.maximum(c, 0)
+    s = 1 / (1 + np.exp(-r))
+    g = np.zeros(c.shape)
+    g[..., 1] = s[..., 1] * (1 - s[..., 1]) * (c[..., 1] > 0)
+    assert (c[..., 1] <= 0).any()  # some gradients must be cut by the ReLU
+    want = ref.conv2d_backward_reference(x, a["c1.w"], g.astype(np.float32), 1, 1)[0]
+    got = model.gradients(x, {"layer": "s1", "channel": 1}, ["input", "c1"])
+    assert_matches(got["c1"], g.astype(np.float32), atol=1e-6)
+    assert_matches(got["input"], want, atol=1e-5)
