@@ -6,7 +6,7 @@
 Both run float32 with the same thread count in the same process, rounds alternating, medians
 reported; PyTorch's weights do not require grad, so it too computes only the input gradient.
 The objective is the sum of channel 0 of the last layer. Peak memory is the RSS growth of one
-call in a fresh subprocess (as bench/engine.py measures it).
+call in a fresh subprocess, code loaded first (as bench/engine.py measures it).
 """
 
 from __future__ import annotations
@@ -133,12 +133,22 @@ def _status_kb(key: str) -> int:
 
 
 def peak_growth(impl: str, net: str, n: int, threads: int) -> float:
-    """Run in a subprocess: peak RSS growth (bytes) of one call after a warm-up call."""
+    """Run in a subprocess: peak RSS growth (bytes) over the first call at batch n.
+
+    Code is loaded first without touching this batch's buffers (as bench/engine.py does):
+    the engine's kernels by its warmups on tiny inputs, PyTorch's by one call at N=1.
+    """
     from worker.horse import keep_freed_memory
 
     keep_freed_memory()
+    if impl == "engine":
+        import engine
+
+        engine.warmup()
+        engine.backward.warmup()
+    else:
+        IMPLS[impl](net, 1, threads)()
     fn = IMPLS[impl](net, n, threads)
-    fn()
     import gc
 
     gc.collect()
