@@ -111,7 +111,7 @@ class ConvWeights:
     packed per group; depthwise filters are kept as (FH, FW, m, C) taps instead (K = C*m).
     """
 
-    def __init__(self, w, b=None, groups=1):
+    def __init__(self, w, b=None, groups=1) -> None:
         self.w = _args.weights(w, 4, "(K, FH, FW, C/groups)")
         k = self.w.shape[0]
         self.groups = _groups(groups, k)
