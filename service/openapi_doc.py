@@ -105,6 +105,11 @@ JOB_BODY = {
                         "type": "string",
                         "description": "Comma-separated layer names, or all",
                     },
+                    "explain": {
+                        "type": "string",
+                        "description": "An Explain object as JSON text, e.g. "
+                        '{"method": "saliency", "layer": "fc", "channel": "top"}',
+                    },
                 },
             }
         },

@@ -77,3 +77,24 @@ def test_bad_explain_requests_are_400_and_never_queued(api, explain_, fragment):
     rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1), explain=explain_))
     assert rv.status_code == 400 and fragment in rv.json["error"]
     assert api.queue_keys() == 0
+
+
+def test_multipart_explain_field(api):
+    imgs = images(1)
+    buf = io.BytesIO()
+    Image.fromarray(imgs[0]).save(buf, format="PNG")
+    form = {
+        "images": (io.BytesIO(buf.getvalue()), "a.png"),
+        "outputs": "fc",
+        "explain": '{"method": "gradcam", "layer": "fc", "channel": 1}',
+    }
+    rv = api.client.post("/v2/models/tiny/jobs", data=form, content_type="multipart/form-data")
+    assert rv.status_code == 202, rv.json
+    api.burst()
+    rv = api.client.get(f"/v2/jobs/{rv.json['id']}/result?format=npy&output={MAP}")
+    got = np.load(io.BytesIO(rv.data))
+    want = explain(reference_model(), imgs, {"method": "gradcam", "layer": "fc", "channel": 1})
+    np.testing.assert_allclose(got, want.maps, rtol=1e-5, atol=1e-6)
+    form = {"images": (io.BytesIO(buf.getvalue()), "a.png"), "explain": "{saliency"}
+    rv = api.client.post("/v2/models/tiny/jobs", data=form, content_type="multipart/form-data")
+    assert rv.status_code == 400 and "JSON" in rv.json["error"]
