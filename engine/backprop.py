@@ -13,6 +13,7 @@ layers (a residual's two branches), and stops once every asked-for gradient is c
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Iterable
 from dataclasses import replace
@@ -45,11 +46,13 @@ def parse_target(model, target) -> tuple[str, int | str]:
         raise ModelError(
             f"target layer {layer!r} is unknown; layers are: {', '.join(names)}", field="target"
         )
-    if channel != "top" and (isinstance(channel, bool) or not isinstance(channel, int)):
+    if isinstance(channel, str) and channel == "top":
+        return layer, channel
+    if isinstance(channel, (bool, np.bool_)) or not isinstance(channel, numbers.Integral):
         raise ModelError(
             f'target channel must be an integer or "top", got {channel!r}', field="target"
         )
-    return layer, channel
+    return layer, int(channel)
 
 
 def parse_wrt(model, wrt) -> list[str]:

@@ -65,6 +65,12 @@ def test_top_picks_each_images_largest_channel(model):
         assert_matches(got[i : i + 1], one, atol=1e-5)
 
 
+def test_numpy_integer_channels_are_taken(model):
+    x = rand(1, 9, 9, 3, seed=6)
+    got = model.gradients(x, {"layer": "fc", "channel": np.int64(1)})["input"]
+    assert_matches(got, model.gradients(x, {"layer": "fc", "channel": 1})["input"], 0, 0)
+
+
 def test_uint8_images_give_the_gradient_of_the_preprocessed_input(model):
     img = np.random.default_rng(0).integers(0, 255, (1, 9, 9, 3), dtype=np.uint8)
     target = {"layer": "conv2", "channel": 2}
