@@ -131,6 +131,8 @@ def run_model(
         result = net.run(images, outputs=outputs, on_layer=on_layer)
         if explain is not None:
             check()
+            if time.monotonic() - started > timeout:
+                raise JobTimeout(f"job timed out: past its {timeout} s timeout before explain")
             result.update(as_results(explain_images(net, images, explain)))
     except EngineError as exc:
         raise JobFailed(str(exc)) from None
