@@ -122,7 +122,7 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
     for step in steps:
         layer = step.head
         xs = [values[src] for src in layer.inputs]
-        if layer.type == "maxpool":
+        if layer.type == "maxpool" and layer.window is not None:
             win = layer.window
             out, saved[layer.name] = backward.max_pool2d_argmax(
                 xs[0], (win.fh, win.fw), (win.sh, win.sw), win.pad, (win.dh, win.dw)
@@ -140,7 +140,7 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
             del values[src]
     y = values[layer_name]
     k = y.shape[3]
-    if channel == "top":
+    if not isinstance(channel, int):  # "top"
         channels = np.argmax(y.sum(axis=(1, 2), dtype=np.float64), axis=1)
     else:
         if not 0 <= channel < k:
@@ -158,9 +158,9 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
     grads: dict[str, np.ndarray] = {}
     want = {IMAGE if name == INPUT else name for name in wanted}
     for layer in reversed(order):
-        g = pending.pop(layer.name, None)
-        if g is None:
+        if layer.name not in pending:
             continue  # the target does not depend on it
+        g = pending.pop(layer.name)
         if layer.name in want:
             grads[layer.name] = g
         if not want - set(grads):
@@ -193,7 +193,8 @@ def _layer_backward(model, layer, g: np.ndarray, hw, chans, saved) -> list[np.nd
     if kind == "concat":
         return backward_graph.concat_backward(g, chans)
     if kind == "batchnorm":
-        return [backward_graph.batchnorm_backward(g, *(a[k] for k in layer.arrays), layer.eps)]
+        scale, shift, mean, var = (a[k] for k in layer.arrays)
+        return [backward_graph.batchnorm_backward(g, scale, shift, mean, var, layer.eps)]
     if kind == "lrn":
         return [
             backward_graph.lrn_backward(
@@ -213,6 +214,10 @@ def _layer_backward(model, layer, g: np.ndarray, hw, chans, saved) -> list[np.nd
     if kind == "globalmaxpool":
         return [backward_graph.global_max_pool_backward(saved, g)]
     win = layer.window
+    if win is None:  # every other type is windowed (spec.WINDOWED)
+        raise ModelError(
+            f"{layer.name}: no backward pass for layer type {kind!r}", layer=layer.name
+        )
     stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
     if kind == "maxpool":
         return [backward.max_pool2d_backward_idx(saved, g, hw[0])]
