@@ -218,6 +218,14 @@ def convert(
     onnx_bytes: bytes, *, name: str | None = None, labels: list[str] | None = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Return (spec dict, {name: float32 OHWI array}) for a serialized ONNX ConvNet."""
+    spec, arrays, _ = convert_graph(onnx_bytes, name=name, labels=labels)
+    return spec, arrays
+
+
+def convert_graph(
+    onnx_bytes: bytes, *, name: str | None = None, labels: list[str] | None = None
+) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+    """Return what convert does plus {layer name: the ONNX tensor that holds its output}."""
     try:
         import onnx
     except ImportError:
@@ -272,7 +280,7 @@ def convert(
         if len(labels) != out.c:
             raise fail(f"{len(labels)} labels for a last layer of {out.c} channels", field="labels")
         spec["labels"] = list(labels)
-    return spec, arrays
+    return spec, arrays, dict(g.tensors)
 
 
 def _image_name(graph, consts) -> str:

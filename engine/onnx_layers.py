@@ -48,6 +48,7 @@ class Graph:
         self.arrays: dict[str, np.ndarray] = {}
         self.node_names = names  # node.output[0] -> the layer name that node gets
         self.bias_owner: dict[str, str] = {}  # layer -> the tensor it outputs, for Add folding
+        self.tensors: dict[str, str] = {}  # layer -> the ONNX tensor holding the same values
 
     def add(self, node, layer: dict, sources: list[Value], out: Value) -> Value:
         """Append layer (named after node) reading sources; map node's output to out."""
@@ -59,6 +60,7 @@ class Graph:
         else:
             layer["inputs"] = [s.layer for s in sources]
         self.layers.append(layer)
+        self.tensors[name] = node.output[0]
         out = replace(out, layer=name)
         self.values[node.output[0]] = out
         return out
@@ -317,6 +319,7 @@ def add_bias(graph: Graph, node, v: Value, value: np.ndarray) -> Value:
     graph.arrays[name] = np.broadcast_to(value.reshape(-1), (k,)).copy()
     last["bias"] = name
     graph.values[node.output[0]] = v
+    graph.tensors[v.layer] = node.output[0]
     return v
 
 
