@@ -16,6 +16,7 @@ from worker.queue import cancel, job_status
 
 from .app import convq
 from .auth import check_visible
+from .classify import top_k
 from .codec import Streamed, encode_infer, iter_body
 from .errors import (
     ApiError,
@@ -50,12 +51,20 @@ def _public(status: dict) -> dict:
 
 
 def _v2_body(
-    job_id: str, status: dict, names: list[str], binary: set[str], request_id: str | None = None
+    job_id: str,
+    status: dict,
+    names: list[str],
+    binary: set[str],
+    request_id: str | None = None,
+    classes: dict[str, int] | None = None,
+    labels: dict[str, list[str]] | None = None,
 ) -> tuple[Iterator[bytes], dict]:
     """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
 
-    Binary outputs are read from Redis in slices while the body is sent, never assembled.
+    Binary outputs are read from Redis in slices while the body is sent, never assembled;
+    an output in classes is sent as its top-k strings (labels: output -> class names).
     """
+    classes, labels = classes or {}, labels or {}
     store = convq().store
     layouts = {}
     for name in names:
@@ -63,10 +72,18 @@ def _v2_body(
         if layout is None:
             raise NotFound(f"the result of job {job_id} has expired")
         layouts[name] = layout
-    _check_json_size(sum(_nbytes(*layouts[n]) for n in names if n not in binary))
-    outputs = []
+    plain = [n for n in names if n not in binary and n not in classes]
+    _check_json_size(sum(_nbytes(*layouts[n]) for n in plain))
+    outputs: list[tuple[str, tuple, object]] = []
     for name in names:
         shape, dtype = layouts[name]
+        if name in classes:
+            array = store.result_array(job_id, name)
+            if array is None:
+                raise NotFound(f"the result of job {job_id} has expired")
+            rows = top_k(array, classes[name], labels.get(name))
+            outputs.append((name, (len(rows), len(rows[0]) if rows else 0), sum(rows, [])))
+            continue
         if name in binary:
             pieces = store.result_slices(job_id, name)
             data = None if pieces is None else Streamed(_nbytes(shape, dtype), pieces)
@@ -78,6 +95,12 @@ def _v2_body(
         outputs.append((name, shape, data))
     chunks, headers = encode_infer(status["model"], status["version"], outputs, binary, request_id)
     return iter_body(chunks), headers
+
+
+def _labels(model) -> dict[str, list[str]]:
+    """Return {last layer: its class labels} when the model carries labels, else {}."""
+    labels = model.spec.get("labels")
+    return {model.layer_names[-1]: list(labels)} if labels else {}
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -130,8 +153,9 @@ def infer(name: str, version: str | None = None):
     if default is None:
         default = request.headers.get("Inference-Header-Content-Length") is not None
     wanted = target.model.resolve_outputs(parsed.outputs)
-    binary = {n for n in wanted if parsed.binary.get(n, default)}
-    as_json = [n for n in wanted if n not in binary]
+    classes = parsed.classification
+    binary = {n for n in wanted if parsed.binary.get(n, default) and n not in classes}
+    as_json = [n for n in wanted if n not in binary and n not in classes]
     if as_json:
         n, h, w = parsed.images.shape[:3]
         _check_json_size(target.model.output_bytes(n, h, w, as_json))
@@ -148,7 +172,8 @@ def infer(name: str, version: str | None = None):
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"
             raise JobFailed(f"the job failed: {error}")
-        body, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
+        labels = _labels(target.model)
+        body, headers = _v2_body(job_id, status, outputs, binary, parsed.id, classes, labels)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
         raise
@@ -176,6 +201,12 @@ def _forget(ext, job_id: str) -> None:
 def submit_job(name: str):
     target = find_model(name)
     parsed = parse_request(target.model)
+    if parsed.classification:
+        raise BadRequest(
+            "the classification extension applies to /infer; a job's results are the layers "
+            "themselves (convq submit --top K ranks them)",
+            field="classification",
+        )
     job_id, outputs = enqueue(target, parsed)
     location = url_for("v2_jobs.get_job", job_id=job_id)
     return (
