@@ -6,22 +6,27 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import ops
+from . import layers, ops
+from ._grouped import convolve, pack, packed_nbytes
 from .errors import InputError, ModelError, ShapeError, WeightsError
-from .spec import WEIGHTED, Layer, Spec, load_spec, parse_spec, parse_spec_json
+from .graph import IMAGE
+from .plan import Step, peak_bytes, plan
+from .spec import BATCHNORM_ARRAYS, Layer, Spec, load_spec, parse_spec, parse_spec_json
 from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
 OnLayer = Callable[[int, int, str], object]
 
 
-def _expected_shapes(layer: Layer, c: int, out_hw) -> tuple[tuple, tuple]:
-    """Return the (weights, bias) shapes a layer needs in OHWI, None where not yet known."""
+def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
+    """Return {field: shape} of the arrays a layer needs in OHWI, None where not yet known."""
     win, k = layer.window, layer.filters
+    if layer.type == "batchnorm":
+        return dict.fromkeys(BATCHNORM_ARRAYS, (c,))
     if layer.type == "conv":
-        return (k, win.fh, win.fw, c), (k,)
+        return {"weights": (k, win.fh, win.fw, c // layer.groups), "bias": (k,)}
     hout, wout = out_hw
-    return (hout, wout, k, win.fh, win.fw, c), (hout, wout, k)
+    return {"weights": (hout, wout, k, win.fh, win.fw, c), "bias": (hout, wout, k)}
 
 
 def _as_layout(shape: tuple, layout: str) -> tuple:
@@ -84,10 +89,8 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
     sizes = spec.shapes(spec.height, spec.width) if spec.height is not None else None
     needed = {}
     for layer in spec.layers:
-        if layer.type in WEIGHTED:
-            needed[layer.weights] = (layer, "weights")
-            if layer.bias is not None:
-                needed[layer.bias] = (layer, "bias")
+        for field, key in layer.array_keys().items():
+            needed[key] = (layer, field)
     for key, (layer, field) in needed.items():
         if key not in arrays:
             have = ", ".join(sorted(map(str, arrays))[:10]) or "none"
@@ -103,20 +106,33 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
         )
     out, local_hw = {}, {}
     for i, (layer, c) in enumerate(zip(spec.layers, spec.channels_in(), strict=True)):
-        if layer.type not in WEIGHTED:
+        keys = layer.array_keys()
+        if not keys:
             continue
         hw = (sizes[i][0], sizes[i][1]) if sizes else (None, None)
-        w_shape, b_shape = _expected_shapes(layer, c, hw)
-        out[layer.weights] = _check_array(
-            layer, "weights", arrays[layer.weights], w_shape, spec.layout
-        )
+        shapes = _expected_shapes(layer, c, hw)
+        if "weights" in keys:
+            out[layer.weights] = _check_array(
+                layer, "weights", arrays[layer.weights], shapes["weights"], spec.layout
+            )
         if layer.type == "local":
             hw = out[layer.weights].shape[:2]
             local_hw[layer.name] = hw
-            b_shape = (*hw, layer.filters)
-        if layer.bias is not None:
-            out[layer.bias] = _check_array(layer, "bias", arrays[layer.bias], b_shape, spec.layout)
+            shapes["bias"] = (*hw, layer.filters)
+        for field, key in keys.items():
+            if field != "weights":
+                out[key] = _check_array(layer, field, arrays[key], shapes[field], spec.layout)
     return out, local_hw
+
+
+_SIMPLE = {
+    "relu": ops.relu,
+    "globalavgpool": layers.global_avg_pool,
+    "globalmaxpool": layers.global_max_pool,
+    "softmax": layers.softmax,
+    "sigmoid": layers.sigmoid,
+    "tanh": layers.tanh,
+}
 
 
 class Model:
@@ -127,10 +143,13 @@ class Model:
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
         # Each conv's packed filters, made on its first run and reused by every later one.
         self._conv_weights = {
-            layer.name: ops.ConvWeights(self._arrays[layer.weights])
+            layer.name: pack(self._arrays[layer.weights], layer.groups)
             for layer in spec.layers
             if layer.type == "conv"
         }
+        self._folds: dict[tuple[str, str], tuple] = {}
+        self._plans: dict[tuple[str, ...], list[Step]] = {}
+        self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
     @classmethod
     def from_arrays(cls, spec: dict | Spec, arrays: Mapping[str, np.ndarray]) -> Model:
@@ -159,6 +178,11 @@ class Model:
         out = self._spec.to_dict()
         out["layout"] = "OHWI"
         return out
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class labels, one per channel of the last layer, or None when the spec has none."""
+        return None if self._spec.labels is None else list(self._spec.labels)
 
     @property
     def layer_names(self) -> list[str]:
@@ -213,13 +237,15 @@ class Model:
                 )
         return list(dict.fromkeys(outputs))
 
-    def summary(self, h: int | None = None, w: int | None = None) -> list[dict]:
+    def summary(
+        self, h: int | None = None, w: int | None = None, *, batch: int | None = None
+    ) -> list[dict]:
         """Return one row per layer (engine.summary.summarize) for h x w or the declared input."""
         if h is None or w is None:
             h, w = self._spec.height, self._spec.width
         if h is not None:
             self.output_shapes(h, w)
-        return summarize(self._spec, h, w, local_hw=self._local_hw)
+        return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
 
     def to_safetensors(self) -> bytes:
         """Return the weights (float32, OHWI) as safetensors bytes."""
@@ -264,7 +290,8 @@ class Model:
     @property
     def packed_bytes(self) -> int:
         """Bytes of the packed conv filters made so far by runs (beside the weights)."""
-        return sum(cw.nbytes for cw in self._conv_weights.values())
+        packed = [*self._conv_weights.values(), *(p for p, _ in self._folds.values())]
+        return sum(packed_nbytes(p) for p in packed)
 
     def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
         """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.
@@ -283,48 +310,85 @@ class Model:
                 layer=err.layer,
                 field=err.field,
             ) from None
-        layers = self._spec.layers
-        n = max(self.layer_names.index(name) for name in wanted) + 1
-        results: dict[str, np.ndarray] = {}
-        i = 0
-        while i < n:
-            layer = layers[i]
-            if on_layer is not None:
-                on_layer(i, n, layer.name)
-            # Fold a following ReLU into the conv's epilogue unless the conv's own output is wanted.
-            fuse = (
-                layer.type in WEIGHTED
-                and i + 1 < n
-                and layers[i + 1].type == "relu"
-                and layer.name not in wanted
-            )
-            x = self._apply(layer, x, relu=fuse)
-            if fuse:
-                i += 1
+        steps = self._steps(wanted)
+        values: dict[str, np.ndarray] = {IMAGE: x}
+        del x
+        n, i = sum(len(step.layers) for step in steps), 0
+        for step in steps:
+            for layer in step.layers:
                 if on_layer is not None:
-                    on_layer(i, n, layers[i].name)
-            if layers[i].name in wanted:
-                results[layers[i].name] = x
-            i += 1
-        return {name: results[name] for name in wanted}
+                    on_layer(i, n, layer.name)
+                i += 1
+            values[step.name] = self._apply(step, [values[src] for src in step.head.inputs])
+            for src in step.frees:
+                del values[src]
+        return {name: values[name] for name in wanted}
 
-    def _apply(self, layer: Layer, x: np.ndarray, *, relu: bool = False) -> np.ndarray:
-        """Run one layer through the fast path."""
+    def _steps(self, wanted: list[str]) -> list[Step]:
+        key = tuple(wanted)
+        steps = self._plans.get(key)
+        if steps is None:
+            steps = plan(self._spec.layers, wanted, fuse=self.fuse)
+            if len(self._plans) < 64:
+                self._plans[key] = steps
+        return steps
+
+    def memory(self, n: int, h: int, w: int, outputs=None) -> int:
+        """Return the peak float32 activation bytes a run of n h x w images holds at once.
+
+        Counts the input, the values still to be read or requested, and the layer being made
+        (engine.plan.peak_bytes); not weights, packed filters or kernel scratch.
+        """
+        shapes = self.output_shapes(h, w) | {IMAGE: (h, w, self._spec.channels)}
+        return peak_bytes(self._steps(self.resolve_outputs(outputs)), shapes, n)
+
+    def _apply(self, step: Step, xs: list[np.ndarray]) -> np.ndarray:
+        """Run one step (a layer and what is fused into it) through the fast path."""
+        layer, x = step.head, xs[0]
+        relu = step.fused("relu") is not None
+        kind = layer.type
+        if kind in _SIMPLE:
+            return _SIMPLE[kind](x)
+        if kind == "add":
+            return layers.add(xs, relu=relu or layer.relu)
+        if kind == "concat":
+            return layers.concat(xs)
+        if kind == "batchnorm":
+            a = self._arrays
+            return layers.batchnorm(x, *(a[k] for k in layer.arrays), eps=layer.eps)
+        if kind == "lrn":
+            return layers.lrn(x, layer.size, layer.alpha, layer.beta, layer.lrn_bias)
+        if kind == "clip":
+            return layers.clip(x, layer.lo, layer.hi)
         win = layer.window
-        if layer.type == "relu":
-            return ops.relu(x)
         stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
         size = (win.fh, win.fw)
-        if layer.type == "maxpool":
+        if kind == "maxpool":
             return ops.max_pool2d(x, size, stride, pad, dilation)
-        if layer.type == "avgpool":
+        if kind == "avgpool":
             return ops.avg_pool2d(x, size, stride, pad, count_pad=layer.count_pad)
         bias = self._arrays[layer.bias] if layer.bias is not None else None
-        if layer.type == "conv":
-            return ops.conv2d(
-                x, self._conv_weights[layer.name], bias, stride, pad, dilation, relu=relu
+        if kind == "conv":
+            bn = step.fused("batchnorm")
+            packed, bias = (
+                self._folded(layer, bn)
+                if bn is not None
+                else (self._conv_weights[layer.name], bias)
             )
+            return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
         return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+
+    def _folded(self, conv: Layer, bn: Layer):
+        """Return (packed filters, bias) of conv with batchnorm bn folded in (made once)."""
+        key = (conv.name, bn.name)
+        if key not in self._folds:
+            a = self._arrays
+            scale, shift = layers.batchnorm_affine(*(a[k] for k in bn.arrays), eps=bn.eps)
+            w = a[conv.weights].astype(np.float64) * scale[:, None, None, None]
+            b = a[conv.bias].astype(np.float64) if conv.bias is not None else 0.0
+            bias = (b * scale + shift).astype(np.float32)
+            self._folds[key] = (pack(w.astype(np.float32), conv.groups), bias)
+        return self._folds[key]
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.layer_names})"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ShapeError
 from .geometry import out_size
+from .graph import IMAGE
 
 if TYPE_CHECKING:
     from .spec import Layer, Spec
@@ -19,37 +20,66 @@ if TYPE_CHECKING:
 
 def layer_shapes(spec: Spec, h: int, w: int) -> list[tuple[int, int, int]]:
     """Return each layer's (Hout, Wout, K) for an h x w input; ShapeError where it misfits."""
-    out, c, h0, w0 = [], spec.channels, h, w
+    depth = spec.depths()
+    shapes: dict[str, tuple[int, int, int]] = {IMAGE: (h, w, spec.channels)}
     for layer in spec.layers:
+        ins = [shapes[src] for src in layer.inputs]
+        hin, win_, _ = ins[0]
         if layer.window is not None:
             try:
-                hout, wout = layer.window.out_hw(h, w, spec.fit, layer=layer.name)
+                hout, wout = layer.window.out_hw(hin, win_, spec.fit, layer=layer.name)
             except ShapeError as err:
-                raise _with_input_hint(spec, err, h0, w0) from None
+                raise _with_input_hint(spec, err, h, w) from None
             if layer.type == "maxpool" or (layer.type == "avgpool" and not layer.count_pad):
-                check_pool_windows(layer, h, w, hout, wout)
-            h, w = hout, wout
-        if layer.filters is not None:
-            c = layer.filters
-        out.append((h, w, c))
-    return out
+                check_pool_windows(layer, hin, win_, hout, wout)
+        elif layer.type in ("globalavgpool", "globalmaxpool"):
+            hout, wout = 1, 1
+        else:
+            hout, wout = hin, win_
+            _check_joined(layer, ins, h, w)
+        shapes[layer.name] = (hout, wout, depth[layer.name])
+    return [shapes[layer.name] for layer in spec.layers]
+
+
+def _check_joined(layer: Layer, ins: list, h: int, w: int) -> None:
+    """Raise ShapeError unless an add's inputs share a shape, a concat's their height x width."""
+    key = slice(0, 3) if layer.type == "add" else slice(0, 2)
+    if len(ins) < 2 or len({s[key] for s in ins}) == 1:
+        return
+    what = "shapes" if layer.type == "add" else "heights x widths"
+    shown = ", ".join(
+        f"{src} {'x'.join(map(str, s[key]))}" for src, s in zip(layer.inputs, ins, strict=True)
+    )
+    raise ShapeError(
+        f"{layer.name}: {layer.type} needs inputs of equal {what}, but for a {h}x{w} input "
+        f"they are {shown}",
+        layer=layer.name,
+        field="inputs",
+    )
 
 
 def axis_fits(spec: Spec, n: int, axis: str) -> bool:
     """Return whether an input of n pixels along axis ("height"/"width") fits every layer."""
+    sizes = {IMAGE: n}
     for layer in spec.layers:
+        ins = [sizes[src] for src in layer.inputs]
+        m = ins[0]
         win = layer.window
-        if win is None:
-            continue
-        f, s, lo, hi, d = (
-            (win.fh, win.sh, win.top, win.bottom, win.dh)
-            if axis == "height"
-            else (win.fw, win.sw, win.left, win.right, win.dw)
-        )
-        try:
-            n = out_size(n, f, s, lo, hi, d, spec.fit, layer=layer.name, axis=axis)
-        except ShapeError:
+        if layer.type in ("add", "concat") and len(set(ins)) > 1:
             return False
+        if layer.type in ("globalavgpool", "globalmaxpool"):
+            m = 1
+        elif win is not None:
+            f, s, lo, hi, d = (
+                (win.fh, win.sh, win.top, win.bottom, win.dh)
+                if axis == "height"
+                else (win.fw, win.sw, win.left, win.right, win.dw)
+            )
+            try:
+                m = out_size(m, f, s, lo, hi, d, spec.fit, layer=layer.name, axis=axis)
+            except ShapeError:
+                return False
+        sizes[layer.name] = m
     return True
 
 
