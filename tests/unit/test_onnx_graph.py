@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engine import ModelError
+from engine import Model, ModelError
 from engine.onnx_import import SUPPORTED, convert, convert_graph
 from tests.onnx_check import assert_every_layer_matches, run_spec_torch
 
@@ -41,11 +41,13 @@ def conv(inp, out, w, b=None, **attrs):
 
 
 def check(data, n=2, hw=(9, 9), c=4) -> dict:
-    """Import data, run it, assert every layer equals ONNX Runtime's tensor; return the spec."""
+    """Import data; assert every layer, by the engine and by torch, equals ONNX Runtime's."""
     x = RNG.standard_normal((n, c, *hw)).astype(np.float32)
     spec, arrays, tensors = convert_graph(data)
-    got = run_spec_torch(spec, arrays, x.transpose(0, 2, 3, 1).copy())
-    assert_every_layer_matches(data, x, got, tensors)
+    x_nhwc = x.transpose(0, 2, 3, 1).copy()
+    assert_every_layer_matches(data, x, run_spec_torch(spec, arrays, x_nhwc), tensors)
+    model = Model.from_arrays(spec, arrays)
+    assert_every_layer_matches(data, x, model.run(x_nhwc, model.layer_names), tensors)
     return spec
 
 

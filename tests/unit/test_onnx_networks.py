@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
+from engine import Model
 from engine.onnx_import import convert_graph
 from tests.onnx_check import as_nhwc, assert_every_layer_matches, run_spec_torch
 
@@ -34,7 +35,10 @@ def test_exported_network_imports_and_every_layer_matches(name, side, types):
     spec, arrays, tensors = convert_graph(data)
     assert {layer["type"] for layer in spec["layers"]} == types
     x = np.random.default_rng(1).standard_normal((2, 3, side, side)).astype(np.float32)
-    got = run_spec_torch(spec, arrays, x.transpose(0, 2, 3, 1).copy())
+    x_nhwc = x.transpose(0, 2, 3, 1).copy()
+    assert_every_layer_matches(data, x, run_spec_torch(spec, arrays, x_nhwc), tensors)
+    model = Model.from_arrays(spec, arrays)
+    got = model.run(x_nhwc, model.layer_names)
     assert_every_layer_matches(data, x, got, tensors)
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
