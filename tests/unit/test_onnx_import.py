@@ -265,6 +265,17 @@ def test_cli_writes_spec_and_safetensors(tmp_path, capsys):
         rtol=1e-4,
         atol=1e-4,
     )
+    (tmp_path / "labels.txt").write_text("cat\ndog\n\neel\nfox\n")
+    out = str(tmp_path / "labeled")
+    assert (
+        main([str(tmp_path / "m.onnx"), "-o", out, "--labels", str(tmp_path / "labels.txt")]) == 0
+    )
+    assert json.loads((tmp_path / "labeled" / "spec.json").read_text())["labels"] == [
+        "cat",
+        "dog",
+        "eel",
+        "fox",
+    ]
     (tmp_path / "bad.onnx").write_bytes(b"nope")
     assert main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "out2")]) == 2
     assert "error:" in capsys.readouterr().err
