@@ -118,8 +118,17 @@ def _status_kb(key: str) -> int:
 
 
 def peak_growth(impl: str, name: str, n: int, threads: int) -> float:
-    """Run in a subprocess: peak RSS growth (bytes) of one call at batch n, after a warm-up at 1."""
-    make(impl, name, 1, threads)()
+    """Run in a subprocess: peak RSS growth (bytes) of one call at batch n.
+
+    Code is loaded first without touching this network's buffers: engine.warmup() (tiny
+    inputs) for the engine, one call at N=1 for the others (as bench/engine.py does).
+    """
+    if impl == "engine":
+        import engine
+
+        engine.warmup()
+    else:
+        make(impl, name, 1, threads)()
     fn = make(impl, name, n, threads)
     import gc
 
