@@ -5,6 +5,31 @@ Never imports flask, redis or rq.
 
 from .errors import EngineError, InputError, ModelError, ShapeError, WeightsError
 from .geometry import Window, out_size
+from .graph import IMAGE
+from .layers import (
+    add,
+    batchnorm,
+    clip,
+    concat,
+    global_avg_pool,
+    global_max_pool,
+    lrn,
+    sigmoid,
+    softmax,
+    tanh,
+)
+from .layers_reference import (
+    add_reference,
+    batchnorm_reference,
+    clip_reference,
+    concat_reference,
+    global_avg_pool_reference,
+    global_max_pool_reference,
+    lrn_reference,
+    sigmoid_reference,
+    softmax_reference,
+    tanh_reference,
+)
 from .model import Model
 from .ops import (
     ConvWeights,
@@ -48,4 +73,25 @@ __all__ = [
     "set_threads",
     "get_threads",
     "warmup",
+    "IMAGE",
+    "add",
+    "concat",
+    "batchnorm",
+    "lrn",
+    "global_avg_pool",
+    "global_max_pool",
+    "softmax",
+    "sigmoid",
+    "tanh",
+    "clip",
+    "add_reference",
+    "concat_reference",
+    "batchnorm_reference",
+    "lrn_reference",
+    "global_avg_pool_reference",
+    "global_max_pool_reference",
+    "softmax_reference",
+    "sigmoid_reference",
+    "tanh_reference",
+    "clip_reference",
 ]

@@ -61,15 +61,28 @@ def topological(layers: Sequence[Layer]) -> list[Layer]:
             if waiting[r] == 0:
                 heapq.heappush(ready, r)
     if len(order) < len(layers):
-        stuck = next(layers[i] for i, count in enumerate(waiting) if count)
+        cycle = _cycle(layers, index, waiting)
+        first = layers[index[cycle[0]]]
         raise ModelError(
-            f"{stuck.name}: its inputs form a cycle (it depends on itself through "
-            f"{', '.join(repr(s) for s in stuck.inputs)}); a layer may only read layers that do "
-            "not read it back",
-            layer=stuck.name,
-            field=input_field(stuck),
+            f"{first.name}: its inputs form a cycle ({' -> '.join(cycle + [cycle[0]])} "
+            "reads itself back); a layer may only read layers that do not depend on it",
+            layer=first.name,
+            field=input_field(first),
         )
     return order
+
+
+def _cycle(layers: Sequence[Layer], index: dict[str, int], waiting: list[int]) -> list[str]:
+    """Return the names of one cycle among the layers left unordered (each reads the next)."""
+    at = next(i for i, count in enumerate(waiting) if count)
+    path: list[int] = []
+    seen: dict[int, int] = {}
+    while at not in seen:
+        seen[at] = len(path)
+        path.append(at)
+        # follow an input that is itself stuck: every unordered layer has one
+        at = next(index[s] for s in layers[at].inputs if s != IMAGE and waiting[index[s]])
+    return [layers[i].name for i in path[seen[at] :]]
 
 
 def input_field(layer: Layer) -> str:
@@ -95,12 +108,12 @@ def channels(layers: Sequence[Layer], image_channels: int) -> dict[str, int]:
                 layer=layer.name,
                 field="inputs",
             )
-        c = cins[0]
-        if layer.type == "conv" and (c % layer.groups or layer.filters % layer.groups):
+        c, k = cins[0], layer.filters or 0
+        if layer.type == "conv" and (c % layer.groups or k % layer.groups):
             raise ModelError(
                 f"{layer.name}: groups {layer.groups} must divide both the input channels ({c}) "
                 f"and filters ({layer.filters}); try a divisor of both, e.g. "
-                f"{_common_divisor(c, layer.filters, layer.groups)}",
+                f"{_common_divisor(c, k, layer.groups)}",
                 layer=layer.name,
                 field="groups",
             )
@@ -119,7 +132,8 @@ def _common_divisor(a: int, b: int, near: int) -> int:
 
 def readers(layers: Sequence[Layer]) -> dict[str, list[str]]:
     """Return {name: the layers reading it} (a layer reading one input twice is listed twice)."""
-    out: dict[str, list[str]] = {IMAGE: []} | {layer.name: [] for layer in layers}
+    out: dict[str, list[str]] = {layer.name: [] for layer in layers}
+    out[IMAGE] = []
     for layer in layers:
         for src in layer.inputs:
             out[src].append(layer.name)

@@ -148,7 +148,7 @@ class Model:
             if layer.type == "conv"
         }
         self._folds: dict[tuple[str, str], tuple] = {}
-        self._plans: dict[tuple[str, ...], list[Step]] = {}
+        self._plans: dict[tuple, list[Step]] = {}
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
     @classmethod
@@ -325,7 +325,7 @@ class Model:
         return {name: values[name] for name in wanted}
 
     def _steps(self, wanted: list[str]) -> list[Step]:
-        key = tuple(wanted)
+        key = (self.fuse, *wanted)
         steps = self._plans.get(key)
         if steps is None:
             steps = plan(self._spec.layers, wanted, fuse=self.fuse)
@@ -354,10 +354,10 @@ class Model:
         if kind == "concat":
             return layers.concat(xs)
         if kind == "batchnorm":
-            a = self._arrays
-            return layers.batchnorm(x, *(a[k] for k in layer.arrays), eps=layer.eps)
+            scale, shift, mean, var = (self._arrays[k] for k in layer.arrays)
+            return layers.batchnorm(x, scale, shift, mean, var, eps=layer.eps)
         if kind == "lrn":
-            return layers.lrn(x, layer.size, layer.alpha, layer.beta, layer.lrn_bias)
+            return layers.lrn(x, layer.size or 1, layer.alpha, layer.beta, layer.lrn_bias)
         if kind == "clip":
             return layers.clip(x, layer.lo, layer.hi)
         win = layer.window
@@ -383,7 +383,8 @@ class Model:
         key = (conv.name, bn.name)
         if key not in self._folds:
             a = self._arrays
-            scale, shift = layers.batchnorm_affine(*(a[k] for k in bn.arrays), eps=bn.eps)
+            s, t, m, v = (a[k] for k in bn.arrays)
+            scale, shift = layers.batchnorm_affine(s, t, m, v, eps=bn.eps)
             w = a[conv.weights].astype(np.float64) * scale[:, None, None, None]
             b = a[conv.bias].astype(np.float64) if conv.bias is not None else 0.0
             bias = (b * scale + shift).astype(np.float32)

@@ -116,7 +116,7 @@ class Layer:
 
     def array_keys(self) -> dict[str, str]:
         """Return {field: array key} of the weight arrays this layer reads."""
-        if self.type in WEIGHTED:
+        if self.type in WEIGHTED and self.weights is not None:
             keys = {"weights": self.weights}
             return keys | ({"bias": self.bias} if self.bias is not None else {})
         return dict(zip(BATCHNORM_ARRAYS, self.arrays, strict=False))

@@ -19,7 +19,7 @@ USAGE = """convq <command> [options]
   api          the API alone (gunicorn), against REDIS_URL
   worker       one worker process
   submit       send images to a server, wait, save the activations
-  summary      print a model's layer table:  convq summary SPEC [--height H --width W]
+  summary      print a model's layer table:  convq summary SPEC [--height H --width W] [--batch N]
   import-onnx  convert an .onnx file:         convq import-onnx MODEL.onnx -o DIR
   warmup       compile (or load from cache) every engine kernel
   bench        run the benchmarks:            convq bench [engine|service] [args]

@@ -1,0 +1,385 @@
+"""Graph models: wiring checks, residual and inception blocks against hand-written reference runs,
+fusion, freeing, memory, labels and the 2,000-layer load."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from engine import Model, ModelError, ShapeError, WeightsError
+from engine import layers_reference as lref
+from engine.plan import plan
+from engine.reference import conv2d_reference, max_pool2d_reference, relu_reference
+from engine.spec import MAX_LAYERS, parse_spec
+
+RTOL, ATOL = 2e-4, 2e-5
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def bn(rng, name, c):
+    return {
+        f"{name}.scale": rand(rng, c),
+        f"{name}.shift": rand(rng, c),
+        f"{name}.mean": rand(rng, c),
+        f"{name}.var": rng.uniform(0.2, 2.0, c).astype(np.float32),
+    }
+
+
+def bn_ref(x, a, name, eps=1e-5):
+    return lref.batchnorm_reference(
+        x, *(a[f"{name}.{k}"] for k in ("scale", "shift", "mean", "var")), eps
+    )
+
+
+def grouped_ref(x, w, b, groups, **kw):
+    """Grouped convolution from its definition: group g convolves its own channel slice."""
+    cg, kg = x.shape[3] // groups, w.shape[0] // groups
+    parts = [
+        conv2d_reference(
+            x[..., g * cg : (g + 1) * cg], w[g * kg : (g + 1) * kg], b[g * kg : (g + 1) * kg], **kw
+        )
+        for g in range(groups)
+    ]
+    return np.concatenate(parts, axis=3)
+
+
+RESIDUAL = {
+    "name": "resblock",
+    "input": {"height": 6, "width": 7, "channels": 4},
+    "labels": ["a", "b", "c", "d"],
+    "layers": [
+        {"name": "c1", "type": "conv", "filters": 4, "size": 3, "pad": 1, "bias": None},
+        {"name": "bn1", "type": "batchnorm"},
+        {"name": "r1", "type": "relu"},
+        {"name": "c2", "type": "conv", "filters": 4, "size": 3, "pad": 1, "groups": 2},
+        {"name": "bn2", "type": "batchnorm", "eps": 1e-3},
+        {"name": "sum", "type": "add", "inputs": ["bn2", "image"], "relu": True},
+        {"name": "gap", "type": "globalavgpool"},
+        {"name": "prob", "type": "softmax"},
+    ],
+}
+
+
+def residual_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "c1.w": rand(rng, 4, 3, 3, 4),
+        "c2.w": rand(rng, 4, 3, 3, 2),
+        "c2.b": rand(rng, 4),
+        **bn(rng, "bn1", 4),
+        **bn(rng, "bn2", 4),
+    }
+
+
+def residual_reference(x, a):
+    out = {"c1": conv2d_reference(x, a["c1.w"], None, pad=1)}
+    out["bn1"] = bn_ref(out["c1"], a, "bn1")
+    out["r1"] = relu_reference(out["bn1"])
+    out["c2"] = grouped_ref(out["r1"], a["c2.w"], a["c2.b"], 2, pad=1)
+    out["bn2"] = bn_ref(out["c2"], a, "bn2", 1e-3)
+    out["sum"] = lref.add_reference([out["bn2"], x], relu=True)
+    out["gap"] = lref.global_avg_pool_reference(out["sum"])
+    out["prob"] = lref.softmax_reference(out["gap"])
+    return out
+
+
+INCEPTION = {
+    "name": "inception",
+    "input": {"height": 8, "width": 8, "channels": 3},
+    "fit": "floor",
+    "layers": [
+        {"name": "stem", "type": "conv", "filters": 6, "size": 3, "pad": 1},
+        {"name": "stem_relu", "type": "relu"},
+        {"name": "norm", "type": "lrn", "size": 5, "alpha": 1e-2},
+        {"name": "b1", "type": "conv", "filters": 4, "size": 1, "input": "norm"},
+        {"name": "b2_reduce", "type": "conv", "filters": 3, "size": 1, "input": "norm"},
+        {"name": "b2", "type": "conv", "filters": 5, "size": 3, "pad": 1},
+        {"name": "b3", "type": "conv", "filters": 2, "size": 5, "pad": 2, "input": "norm"},
+        {"name": "b4_pool", "type": "maxpool", "size": 3, "stride": 1, "pad": 1, "input": "norm"},
+        {"name": "b4", "type": "conv", "filters": 3, "size": 1},
+        {"name": "b4_relu6", "type": "clip", "min": 0, "max": 6},
+        {"name": "mixed", "type": "concat", "inputs": ["b1", "b2", "b3", "b4_relu6"]},
+        {"name": "gmp", "type": "globalmaxpool"},
+        {"name": "gate", "type": "sigmoid"},
+        {"name": "squash", "type": "tanh", "input": "gmp"},
+    ],
+}
+
+
+def inception_arrays(seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (6, 3, 3, 3), "b1": (4, 1, 1, 6), "b2_reduce": (3, 1, 1, 6)}
+    shapes |= {"b2": (5, 3, 3, 3), "b3": (2, 5, 5, 6), "b4": (3, 1, 1, 6)}
+    out = {}
+    for name, shape in shapes.items():
+        out[f"{name}.w"], out[f"{name}.b"] = rand(rng, *shape), rand(rng, shape[0])
+    return out
+
+
+def inception_reference(x, a):
+    def conv(name, src, **kw):
+        return conv2d_reference(src, a[f"{name}.w"], a[f"{name}.b"], **kw)
+
+    o = {"stem": conv("stem", x, pad=1)}
+    o["stem_relu"] = relu_reference(o["stem"])
+    o["norm"] = lref.lrn_reference(o["stem_relu"], 5, 1e-2)
+    o["b1"] = conv("b1", o["norm"])
+    o["b2_reduce"] = conv("b2_reduce", o["norm"])
+    o["b2"] = conv("b2", o["b2_reduce"], pad=1)
+    o["b3"] = conv("b3", o["norm"], pad=2)
+    o["b4_pool"] = max_pool2d_reference(o["norm"], 3, 1, 1)
+    o["b4"] = conv("b4", o["b4_pool"])
+    o["b4_relu6"] = lref.clip_reference(o["b4"], 0.0, 6.0)
+    o["mixed"] = lref.concat_reference([o["b1"], o["b2"], o["b3"], o["b4_relu6"]])
+    o["gmp"] = lref.global_max_pool_reference(o["mixed"])
+    o["gate"] = lref.sigmoid_reference(o["gmp"])
+    o["squash"] = lref.tanh_reference(o["gmp"])
+    return o
+
+
+NETS = {
+    "residual": (RESIDUAL, residual_arrays, residual_reference, (2, 6, 7, 4)),
+    "inception": (INCEPTION, inception_arrays, inception_reference, (3, 8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("net", NETS.values(), ids=NETS.keys())
+def test_outputs_all_match_the_reference_graph_run(net):
+    spec, make, reference, shape = net
+    arrays = make()
+    model = Model.from_arrays(spec, arrays)
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    got, want = model.run(x, outputs="all"), reference(x, arrays)
+    assert list(got) == model.layer_names and set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape, name
+        np.testing.assert_allclose(got[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("net", NETS.values(), ids=NETS.keys())
+def test_each_layer_asked_alone_returns_its_own_values(net):
+    spec, make, reference, shape = net
+    arrays = make()
+    model = Model.from_arrays(spec, arrays)
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    want = reference(x, arrays)
+    for name in model.layer_names:
+        got = model.run(x, outputs=name)[name]
+        np.testing.assert_allclose(got, want[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_fused_and_unfused_runs_agree():
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    steps = plan(parse_spec(RESIDUAL).layers, ["prob"])
+    fused = [[lay.name for lay in step.layers] for step in steps]
+    assert ["c1", "bn1", "r1"] in fused and ["c2", "bn2"] in fused
+    x = np.random.default_rng(7).standard_normal((2, 6, 7, 4)).astype(np.float32)
+    fast = model.run(x)["prob"]
+    model.fuse = False
+    assert all(len(step.layers) == 1 for step in model._steps(["prob"]))
+    np.testing.assert_allclose(fast, model.run(x)["prob"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_requested_or_shared_layer_is_not_fused_away():
+    layers = parse_spec(RESIDUAL).layers
+    names = [[lay.name for lay in s.layers] for s in plan(layers, ["bn1", "prob"])]
+    # bn1 is asked for: c1 may fold into it (the step yields bn1's values) but r1 may not
+    assert ["c1", "bn1"] in names and ["r1"] in names
+    shared = copy.deepcopy(RESIDUAL)
+    shared["layers"][5]["inputs"] = ["bn2", "bn1"]  # bn1 read by r1 and sum
+    names = [[lay.name for lay in s.layers] for s in plan(parse_spec(shared).layers, ["prob"])]
+    assert ["c1", "bn1"] in names and ["r1"] in names
+
+
+def test_values_are_freed_after_their_last_reader():
+    layers = parse_spec(INCEPTION).layers
+    steps = plan(layers, ["gate"])
+    freed_at = {src: i for i, s in enumerate(steps) for src in s.frees}
+    made_at = {s.name: i for i, s in enumerate(steps)}
+    assert freed_at["norm"] == made_at["b4_pool"]  # its last reader, listed after b1, b2, b3
+    assert freed_at["b1"] == made_at["mixed"] and "squash" not in made_at
+    asked = plan(layers, ["norm", "gate"])
+    assert all("norm" not in s.frees for s in asked)
+
+
+def test_memory_is_the_live_set_not_the_sum():
+    model = Model.from_arrays(INCEPTION, inception_arrays())
+    shapes = model.output_shapes(8, 8)
+    last = model.memory(4, 8, 8, "squash")
+    everything = model.memory(4, 8, 8, "all")
+    total = 4 * 4 * sum(int(np.prod(s)) for s in shapes.values())
+    assert last < everything <= total + 4 * 4 * 8 * 8 * 3
+    # the widest moment: the four branches held while mixed is made (norm and the image are gone)
+    live = [shapes[n] for n in ("b1", "b2", "b3", "b4_relu6", "mixed")]
+    assert last == 4 * 4 * sum(int(np.prod(s)) for s in live)
+
+
+def test_on_layer_sees_every_layer_once_in_order():
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    calls = []
+    model.run(
+        np.zeros((1, 6, 7, 4), np.float32), on_layer=lambda i, n, name: calls.append((i, n, name))
+    )
+    assert [c[2] for c in calls] == model.layer_names
+    assert [c[0] for c in calls] == list(range(8)) and {c[1] for c in calls} == {8}
+
+
+def test_labels_are_kept_and_checked():
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    assert model.labels == ["a", "b", "c", "d"] and model.spec["labels"] == model.labels
+    bad = copy.deepcopy(RESIDUAL) | {"labels": ["a", "b"]}
+    with pytest.raises(ModelError, match="'prob' has 4 channels") as err:
+        parse_spec(bad)
+    assert err.value.field == "labels"
+    with pytest.raises(ModelError, match="strings"):
+        parse_spec(copy.deepcopy(RESIDUAL) | {"labels": [1, 2, 3, 4]})
+
+
+def test_graph_spec_round_trips_even_listed_out_of_order():
+    spec = copy.deepcopy(INCEPTION)
+    spec["layers"].insert(0, spec["layers"].pop(10))  # mixed first: it reads layers listed later
+    spec["layers"][1]["input"] = "image"
+    spec["layers"][11]["input"] = "mixed"
+    parsed = parse_spec(spec)
+    names = [lay.name for lay in parsed.layers]
+    assert names.index("mixed") > names.index("b4_relu6")
+    again = parse_spec(parsed.to_dict())
+    assert again == parsed
+    original = parse_spec(INCEPTION)
+    assert original.to_dict()["layers"][6] == {
+        "name": "b3",
+        "type": "conv",
+        "input": "norm",
+        "filters": 2,
+        "size": [5, 5],
+        "stride": [1, 1],
+        "pad": [2, 2, 2, 2],
+        "dilation": [1, 1],
+        "weights": "b3.w",
+        "bias": "b3.b",
+    }
+    assert "input" not in original.to_dict()["layers"][3]  # b1 reads norm, the layer before it
+    assert "input" not in original.to_dict()["layers"][5]  # b2 reads the layer before it
+
+
+def test_grouped_conv_in_oihw_layout():
+    spec = {
+        "input": {"height": 5, "width": 5, "channels": 6},
+        "layout": "OIHW",
+        "layers": [{"name": "dw", "type": "conv", "filters": 6, "size": 3, "groups": 6}],
+    }
+    rng = np.random.default_rng(3)
+    w = rand(rng, 6, 1, 3, 3)
+    b = rand(rng, 6)
+    model = Model.from_arrays(spec, {"dw.w": w, "dw.b": b})
+    x = rand(rng, 2, 5, 5, 6)
+    want = grouped_ref(x, np.moveaxis(w, 1, -1), b, 6)
+    np.testing.assert_allclose(model.run(x)["dw"], want, rtol=RTOL, atol=ATOL)
+    with pytest.raises(WeightsError, match=r"\(6, 1, 3, 3\)"):
+        Model.from_arrays(spec, {"dw.w": rand(rng, 6, 6, 3, 3), "dw.b": b})
+
+
+def test_summary_follows_the_graph():
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    rows = {r["name"]: r for r in model.summary(batch=3)}
+    assert rows["sum"]["inputs"] == ["bn2", "image"]
+    assert rows["c2"]["params"] == 4 * 3 * 3 * 2 + 4 and rows["bn1"]["params"] == 16
+    assert rows["c2"]["flops"] == 2 * 6 * 7 * 4 * 9 * 2
+    assert rows["bn1"]["param_bytes"] == 64
+    assert rows["sum"]["batch_activation_bytes"] == 3 * 4 * 6 * 7 * 4
+    assert rows["gap"]["output_shape"] == (1, 1, 4)
+    assert rows["gap"]["receptive_field"] == (10, 11)  # 5x5 from two 3x3 convs, then all 6x7
+
+
+def base():
+    spec = copy.deepcopy(RESIDUAL)
+    spec["layers"].append({"name": "gp", "type": "globalmaxpool", "input": "image"})
+    return spec
+
+
+def _set(index, **fields):
+    def change(spec):
+        spec["layers"][index].update(fields)
+
+    return change
+
+
+def _without(index, key):
+    def change(spec):
+        del spec["layers"][index][key]
+
+    return change
+
+
+BAD = [
+    (_set(5, inputs=["bn2", "nope"]), "sum", "inputs", "unknown layer 'nope'"),
+    (_set(1, input="gap"), "bn1", "input", "cycle"),
+    (_set(2, input="r1"), "r1", "input", "cycle"),
+    (_set(5, inputs=[]), "sum", "inputs", "must read something"),
+    (_set(5, inputs=["bn2"]), "sum", "inputs", "at least 2"),
+    (_set(2, inputs=["bn1", "c1"]), "r1", "inputs", "reads one input"),
+    (_set(2, input="bn1", inputs=["bn1"]), "r1", "inputs", "not both"),
+    (_set(0, name="image"), "image", "name", "reserved"),
+    (_set(5, inputs=["bn2", "gp"]), "sum", "inputs", "equal shapes"),
+    (_set(3, filters=6), "sum", "inputs", "equal depth"),
+    (_set(3, groups=3), "c2", "groups", "must divide both"),
+    (_set(3, groups=0), "c2", "groups", "between 1"),
+    (_set(1, eps=0), "bn1", "eps", "> 0"),
+    (_set(1, weights="x"), "bn1", "weights", "unknown key"),
+    (_set(1, scale="c1.w"), "bn1", "scale", "already used"),
+    (_set(5, relu="yes"), "sum", "relu", "true or false"),
+]
+
+
+@pytest.mark.parametrize(("change", "layer", "field", "fragment"), BAD)
+def test_bad_graphs_name_layer_and_field(change, layer, field, fragment):
+    spec = base()
+    change(spec)
+    with pytest.raises(ModelError) as err:
+        parse_spec(spec)
+    assert (err.value.layer, err.value.field) == (layer, field)
+    assert fragment in err.value.message
+
+
+def test_concat_of_unequal_height_width_and_other_layer_fields():
+    spec = copy.deepcopy(INCEPTION)
+    spec["layers"][7]["stride"] = 2  # b4_pool halves its branch
+    with pytest.raises(ShapeError, match="heights x widths") as err:
+        parse_spec(spec)
+    assert (err.value.layer, err.value.field) == ("mixed", "inputs")
+    cases = [
+        ({"type": "lrn"}, "size", "required"),
+        ({"type": "lrn", "size": 3, "bias": 0}, "bias", "> 0"),
+        ({"type": "lrn", "size": 3, "alpha": -1}, "alpha", ">= 0"),
+        ({"type": "clip", "min": 2, "max": 1}, "min", "above max"),
+        ({"type": "clip", "max": "6"}, "max", "finite number"),
+        ({"type": "softmax", "axis": 1}, "axis", "unknown key"),
+    ]
+    for fields, field, fragment in cases:
+        spec = {"layers": [{"name": "x"} | fields]}
+        with pytest.raises(ModelError, match=fragment) as err:
+            parse_spec(spec)
+        assert (err.value.layer, err.value.field) == ("x", field)
+
+
+def test_two_thousand_layer_graph_loads():
+    # a residual tower listed backwards: every layer names its input, so ordering does the work
+    n = 2000
+    layers = [{"name": "r0", "type": "relu", "input": "image"}]
+    for i in range(1, n):
+        kind = {"type": "add", "inputs": [f"r{i - 1}", "image"]} if i % 2 else {"type": "relu"}
+        layers.append({"name": f"r{i}", "input": f"r{i - 1}"} | kind)
+        if i % 2:
+            del layers[-1]["input"]
+    spec = parse_spec({"input": {"height": 4, "width": 4, "channels": 2}, "layers": layers[::-1]})
+    assert [lay.name for lay in spec.layers] == [f"r{i}" for i in range(n)]
+    assert len(spec.shapes(4, 4)) == n and MAX_LAYERS >= 4096
+    model = Model.from_arrays(spec, {})
+    assert model.memory(1, 4, 4) <= 3 * 4 * 4 * 4 * 2  # image, the running value, the new one
+    x = np.ones((1, 4, 4, 2), np.float32)
+    np.testing.assert_array_equal(model.run(x)[f"r{n - 1}"], x * (1 + n // 2))
