@@ -103,6 +103,14 @@ def _labels(model) -> dict[str, list[str]]:
     return {model.layer_names[-1]: list(labels)} if labels else {}
 
 
+def _job_labels(status: dict) -> dict[str, list[str]]:
+    """Return _labels of the model version the job ran on; {} when it is gone."""
+    try:
+        return _labels(find_model(status["model"], str(status["version"])).model)
+    except ApiError:
+        return {}
+
+
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
@@ -203,8 +211,8 @@ def submit_job(name: str):
     parsed = parse_request(target.model)
     if parsed.classification:
         raise BadRequest(
-            "the classification extension applies to /infer; a job's results are the layers "
-            "themselves (convq submit --top K ranks them)",
+            "the classification extension applies to /infer; a job ranks its results when "
+            "they are read: GET /v2/jobs/{id}/result?format=json&top=K",
             field="classification",
         )
     job_id, outputs = enqueue(target, parsed)
@@ -236,9 +244,9 @@ def delete_job(job_id: str):
     return {"id": job_id, "status": "canceled" if was in ("queued", "started") else "deleted"}
 
 
-def _query() -> tuple[str, list[str], int]:
+def _query() -> tuple[str, list[str], int, int | None]:
     args = request.args
-    unknown = sorted(set(args) - {"format", "output", "image"})
+    unknown = sorted(set(args) - {"format", "output", "image", "top"})
     if unknown:
         raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
     fmt = args.get("format", "binary")
@@ -250,13 +258,19 @@ def _query() -> tuple[str, list[str], int]:
         raise BadRequest("image must be an image index (0, 1, ...)", field="image")
     if fmt in ("npy", "png") and len(outputs) != 1:
         raise BadRequest(f"format={fmt} needs exactly one output=NAME", field="output")
-    return fmt, outputs, int(image)
+    top = args.get("top")
+    if top is not None and (fmt != "json" or not top.isdigit() or not 0 < int(top) <= 10**6):
+        raise BadRequest(
+            "top=K (a positive integer) ranks outputs as classification strings with format=json",
+            field="top",
+        )
+    return fmt, outputs, int(image), None if top is None else int(top)
 
 
 @bp.get("/jobs/<job_id>/result")
 def get_result(job_id: str):
     status = _status(job_id)
-    fmt, wanted, image = _query()
+    fmt, wanted, image, top = _query()
     if status["status"] in ("queued", "started"):
         raise ApiError(
             f"job {job_id} is {status['status']}; its result is not ready",
@@ -279,6 +293,11 @@ def get_result(job_id: str):
                 field="output",
             )
     names = wanted or names
+    if top is not None:  # the classification extension on a job's result
+        labels = _job_labels(status)
+        classes = {name: top for name in names}
+        body, headers = _v2_body(job_id, status, names, set(), None, classes, labels)
+        return Response(body, status=200, headers=headers)
     if fmt in ("binary", "json"):
         body, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
         return Response(body, status=200, headers=headers)

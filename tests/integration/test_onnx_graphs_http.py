@@ -101,3 +101,13 @@ def test_uploaded_graph_runs_with_every_layer_equal_to_onnxruntime(api, net, sid
     assert list(got) == [layer["name"] for layer in spec["layers"]]
     assert {layer["type"] for layer in spec["layers"]} == types
     assert_every_layer_matches(data, x.transpose(0, 3, 1, 2).copy(), got, tensors)
+    last = spec["layers"][-1]["name"]
+    rv = api.client.get(f"/v2/jobs/{job}/result?output={last}&format=json&top=3")
+    assert rv.status_code == 200, rv.json
+    (out,) = rv.json["outputs"]
+    assert out["datatype"] == "BYTES" and out["shape"] == [2, 3]
+    scores = got[last].reshape(2, -1)
+    for i, row in enumerate(np.reshape(out["data"], (2, 3))):
+        assert [int(s.split(":")[1]) for s in row] == list(np.argsort(-scores[i])[:3])
+    rv = api.client.get(f"/v2/jobs/{job}/result?output={last}&format=npy&top=3")
+    assert rv.status_code == 400 and rv.json["field"] == "top"
