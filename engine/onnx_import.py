@@ -65,7 +65,7 @@ def layer_names(nodes) -> dict[str, str]:
     paths = {n.output[0]: _module_path(n) for n in nodes}
     shared = Counter(paths.values())
     counts: Counter = Counter()
-    names: dict[int, str] = {}
+    names: dict[str, str] = {}
     taken = {"image"}
     for node in nodes:
         path = paths[node.output[0]]

@@ -296,7 +296,7 @@ def dense(graph: Graph, node, v: Value, weight: np.ndarray, bias) -> Value:
 def add_bias(graph: Graph, node, v: Value, value: np.ndarray) -> Value:
     """Fold Add(x, constant) into the bias of the conv or fc layer that made x."""
     last = next((layer for layer in graph.layers if layer["name"] == v.layer), {})
-    k = last.get("filters")
+    k = int(last.get("filters") or 0)
     ok_owner = graph.bias_owner.get(v.layer) is not None and not v.flat and v.pad is None
     if last.get("type") != "conv" or last.get("bias") is not None or not ok_owner:
         raise fail(
@@ -356,6 +356,7 @@ def global_pool(graph: Graph, node, v: Value) -> Value:
     """
     average = node.op_type == "GlobalAveragePool"
     name = graph.name(node)
+    layer: dict
     if v.h is None or v.w is None:
         layer = {"name": name, "type": "globalavgpool" if average else "globalmaxpool"}
     else:
