@@ -3,8 +3,9 @@
 Every supported node becomes one layer named after the node (a PyTorch export's
 "/layer1/layer1.0/conv1/Conv" becomes "layer1.0.conv1"), reading the layers its inputs come
 from, so ResNet's residual Adds and GoogLeNet's Concats are kept as they are. Identity, Dropout
-and Constant fold away, a constant Pad folds into the conv or pool after it, Add of a constant
-folds into a bias, Flatten/Reshape feed a Gemm that becomes a conv over the whole remaining
+and Constant fold away; nodes whose inputs are all constants (the exporter's pad arithmetic)
+are computed at import; a constant Pad folds into the conv or pool after it; Add of a constant
+folds into a bias; Flatten/Reshape feed a Gemm that becomes a conv over the whole remaining
 H x W x C extent. ONNX pads are [top, left, bottom, right], like ours; NCHW weights move to OHWI
 (in engine.onnx_layers). The spec uses `fit: floor`, ONNX's rounding.
 """
@@ -132,6 +133,9 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
     if op in ("Identity", "Dropout") and ins and ins[0] in consts:
         consts[node.output[0]] = consts[ins[0]]
         return
+    if ins and all(not i or i in consts for i in ins) and node.domain in ("", "ai.onnx"):
+        _fold(node, ins, consts)
+        return
     if node.domain not in ("", "ai.onnx"):
         raise fail(
             f"unsupported op {node.domain}.{op} (node {node.name!r}); convq imports {SUPPORTED}",
@@ -208,6 +212,34 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         raise fail(
             f"unsupported op {op} (node {node.name!r}); convq imports {SUPPORTED}", field="op"
         )
+
+
+MAX_FOLD_ELEMENTS = 1 << 20
+"""Largest constant input (elements) a node computed at import time may read."""
+
+
+def _fold(node, ins: list[str], consts: dict) -> None:
+    """Compute a node whose inputs are all constants (an exporter's pad or shape arithmetic)."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = [consts[i] for i in ins if i]
+    if sum(np.asarray(v).size for v in values) > MAX_FOLD_ELEMENTS:
+        raise fail(
+            f"{node.op_type} node {node.name!r} computes on constants larger than "
+            f"{MAX_FOLD_ELEMENTS} elements; convq folds only small shape arithmetic",
+            field="op",
+        )
+    try:
+        outputs = ReferenceEvaluator(node).run(None, {i: consts[i] for i in ins if i})
+    except Exception as err:  # an op the evaluator lacks, or inputs it refuses
+        raise fail(
+            f"{node.op_type} node {node.name!r}: cannot compute it from its constant inputs "
+            f"({type(err).__name__}: {str(err)[:200]}); convq imports {SUPPORTED}",
+            field="op",
+        ) from None
+    for name, value in zip(node.output, outputs, strict=False):
+        if name:
+            consts[name] = np.asarray(value)
 
 
 def _opset(model) -> int:

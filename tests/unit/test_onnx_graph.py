@@ -186,6 +186,39 @@ def test_constant_pad_folds_into_the_next_window(consumer, fill):
     assert "Pad" not in {layer["type"] for layer in spec["layers"]}
 
 
+def test_torch_padding_modules_export_as_pad_arithmetic_that_folds():
+    import io
+    import warnings
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.ZeroPad2d((1, 2, 0, 1)),
+        nn.Conv2d(4, 5, 3),
+        nn.ReLU(),
+        nn.ConstantPad2d(1, 0.0),
+        nn.MaxPool2d(2),
+    ).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 4, 9, 9),),
+            buf,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "N"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    spec = check(buf.getvalue())
+    assert [(layer["type"], layer.get("pad")) for layer in spec["layers"]] == [
+        ("conv", [0, 1, 1, 2]),
+        ("relu", None),
+        ("maxpool", [1, 1, 1, 1]),
+    ]
+
+
 def test_batch_dimension_fixed_or_symbolic():
     for in_shape in [(3, 4, 9, 9), ("batch", 4, 9, 9)]:
         data = model_bytes([node("Relu", ["x"], "y")], [], in_shape=in_shape)
