@@ -3,7 +3,9 @@
 x is (N, H, W, C) float32 NHWC; per-channel arrays are (C,). Each function matches its
 *_reference in engine.layers_reference to float32 rounding (tests/unit/test_layers*.py). They are
 whole-array NumPy passes (memory-bound, a few per layer), never Python loops over elements; lrn's
-only loop runs over its window's `size` channel offsets.
+only loop runs over its window's `size` channel offsets. The elementwise ones (add, batchnorm,
+sigmoid, tanh, clip) take `out=`, which may be their (first) input: a model overwrites a value
+no later layer reads instead of allocating another.
 """
 
 from __future__ import annotations
@@ -21,13 +23,30 @@ def _same(xs, op: str) -> list[np.ndarray]:
     return arrays
 
 
-def add(xs, relu: bool = False) -> np.ndarray:
+def _target(out, shape: tuple) -> np.ndarray | None:
+    """Return out if it can take a result of this shape in place (float32, C order, writeable)."""
+    if out is None:
+        return None
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.shape != shape
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise InputError(
+            f"out must be a writeable C-contiguous float32 array of shape {shape}", field="out"
+        )
+    return out
+
+
+def add(xs, relu: bool = False, out=None) -> np.ndarray:
     """Return the elementwise sum of arrays of one shape (N, H, W, C), max(., 0) if relu."""
     arrays = _same(xs, "add")
     if len({a.shape for a in arrays}) > 1:
         shapes = ", ".join(str(a.shape) for a in arrays)
         raise ShapeError(f"add needs arrays of one shape, got {shapes}", field="xs")
-    out = np.add(arrays[0], arrays[1])
+    out = np.add(arrays[0], arrays[1], out=_target(out, arrays[0].shape))
     for a in arrays[2:]:
         out += a
     if relu:
@@ -61,7 +80,7 @@ def batchnorm_affine(scale, shift, mean, var, eps: float = 1e-5) -> tuple[np.nda
     return a, t - m * a
 
 
-def batchnorm(x, scale, shift, mean, var, eps: float = 1e-5) -> np.ndarray:
+def batchnorm(x, scale, shift, mean, var, eps: float = 1e-5, out=None) -> np.ndarray:
     """Return (x - mean) / sqrt(var + eps) * scale + shift per channel (inference mode)."""
     x = _args.input_array(x)
     if np.ndim(scale) != 1 or np.shape(scale)[0] != x.shape[3]:
@@ -69,7 +88,7 @@ def batchnorm(x, scale, shift, mean, var, eps: float = 1e-5) -> np.ndarray:
             f"scale must have shape ({x.shape[3]},), got {np.shape(scale)}", field="scale"
         )
     a, b = batchnorm_affine(scale, shift, mean, var, eps)
-    out = np.multiply(x, a.astype(np.float32))
+    out = np.multiply(x, a.astype(np.float32), out=_target(out, x.shape))
     out += b.astype(np.float32)
     return out
 
@@ -123,24 +142,34 @@ def softmax(x) -> np.ndarray:
     return out
 
 
-def sigmoid(x) -> np.ndarray:
+def sigmoid(x, out=None) -> np.ndarray:
     """Return 1 / (1 + exp(-x)) elementwise, as 0.5 * tanh(x / 2) + 0.5 (no overflow)."""
     x = _args.input_array(x)
-    out = np.multiply(x, np.float32(0.5))
+    out = np.multiply(x, np.float32(0.5), out=_target(out, x.shape))
     np.tanh(out, out=out)
     out *= np.float32(0.5)
     out += np.float32(0.5)
     return out
 
 
-def tanh(x) -> np.ndarray:
+def tanh(x, out=None) -> np.ndarray:
     """Return tanh(x) elementwise."""
-    return np.tanh(_args.input_array(x))
+    x = _args.input_array(x)
+    return np.tanh(x, out=_target(out, x.shape))
 
 
-def clip(x, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+def clip(x, lo: float | None = None, hi: float | None = None, out=None) -> np.ndarray:
     """Return x clamped to [lo, hi] elementwise; None leaves that side open (ReLU6: 0, 6)."""
     x = _args.input_array(x)
+    target = _target(out, x.shape)
     if lo is None and hi is None:
-        return x.copy()
-    return np.clip(x, lo, hi).astype(np.float32, copy=False)
+        if target is None:
+            return x.copy()
+        target[...] = x
+        return target
+    return np.clip(
+        x,
+        np.float32(lo) if lo is not None else None,
+        np.float32(hi) if hi is not None else None,
+        out=target,
+    )

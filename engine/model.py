@@ -347,6 +347,8 @@ class Model:
         layer, x = step.head, xs[0]
         relu = step.fused("relu") is not None
         kind = layer.type
+        if step.in_place is not None:
+            return self._in_place(step, xs, relu)
         if kind in _SIMPLE:
             return _SIMPLE[kind](x)
         if kind == "add":
@@ -377,6 +379,23 @@ class Model:
             )
             return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
         return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+
+    def _in_place(self, step: Step, xs: list[np.ndarray], relu: bool) -> np.ndarray:
+        """Run an elementwise step writing over its input step.in_place (nothing reads it later)."""
+        layer = step.head
+        i = layer.inputs.index(step.in_place)
+        x = xs[i]
+        kind = layer.type
+        if kind == "add":
+            return layers.add([x, *xs[:i], *xs[i + 1 :]], relu=relu or layer.relu, out=x)
+        if kind == "relu":
+            return np.maximum(x, np.float32(0), out=x)
+        if kind == "batchnorm":
+            scale, shift, mean, var = (self._arrays[k] for k in layer.arrays)
+            return layers.batchnorm(x, scale, shift, mean, var, eps=layer.eps, out=x)
+        if kind == "clip":
+            return layers.clip(x, layer.lo, layer.hi, out=x)
+        return layers.sigmoid(x, out=x) if kind == "sigmoid" else layers.tanh(x, out=x)
 
     def _folded(self, conv: Layer, bn: Layer):
         """Return (packed filters, bias) of conv with batchnorm bn folded in (made once)."""

@@ -5,7 +5,10 @@ A step is one layer plus the layers fused into it: a conv followed by a batchnor
 conv's weights) and/or a relu (the conv's epilogue), a local layer and its relu, an add and its
 relu. A layer is fused into the one it reads only when that one's value is not requested and it is
 its only reader, so every requested layer still gets its own values. A value is freed after the
-last step reading it unless it was requested: the run's memory is bounded by the live set.
+last step reading it unless it was requested: the run's memory is bounded by the live set. An
+elementwise step (add, batchnorm, relu, clip, sigmoid, tanh) whose input is freed by that very
+step writes its result over that input instead of into a new array (never over the image, which
+may be the caller's own array).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from .graph import IMAGE, readers
 from .spec import Layer
 
+IN_PLACE = ("add", "batchnorm", "relu", "clip", "sigmoid", "tanh")
 # What may follow each head type in one step, in order.
 _CHAINS = {
     "conv": (("batchnorm", "relu"), ("relu",)),
@@ -30,6 +34,7 @@ class Step:
 
     layers: tuple[Layer, ...]
     frees: tuple[str, ...] = ()
+    in_place: str | None = None  # the input whose array the result overwrites
 
     @property
     def head(self) -> Layer:
@@ -80,14 +85,23 @@ def plan(layers: Sequence[Layer], wanted: Sequence[str], *, fuse: bool = True) -
     for src, i in last_read.items():
         if src not in keep:
             frees[i].append(src)
-    return [Step(tuple(g), tuple(f)) for g, f in zip(steps, frees, strict=True)]
+    out = []
+    for group, freed in zip(steps, frees, strict=True):
+        over = None
+        if group[0].type in IN_PLACE:
+            ins = group[0].inputs
+            # not a value the step reads twice (add [a, b, a]): it would change while being read
+            over = next((s for s in ins if s in freed and s != IMAGE and ins.count(s) == 1), None)
+        out.append(Step(tuple(group), tuple(freed), over))
+    return out
 
 
 def peak_bytes(steps: Sequence[Step], shapes: dict[str, tuple[int, int, int]], n: int) -> int:
     """Return the most float32 activation bytes a run of steps holds at once for n images.
 
     shapes maps IMAGE and every layer to (H, W, C). Counts the input, every value still to be read
-    or requested, and the step's output while it is made; not the kernels' own scratch buffers.
+    or requested, and the step's output while it is made (unless it overwrites its input); not the
+    kernels' own scratch buffers.
     """
 
     def size(name: str) -> int:
@@ -98,7 +112,7 @@ def peak_bytes(steps: Sequence[Step], shapes: dict[str, tuple[int, int, int]], n
     held = peak = live[IMAGE]
     for step in steps:
         out = size(step.name)
-        peak = max(peak, held + out)
+        peak = max(peak, held + (0 if step.in_place else out))
         live[step.name] = out
         held += out
         for src in step.frees:

@@ -136,6 +136,16 @@ def summarize(
     return rows
 
 
+def peak_bytes(spec: Spec, h: int, w: int, n: int, outputs=None) -> int:
+    """Return the live-set peak (engine.plan.peak_bytes) of a run of n h x w images."""
+    from . import plan
+
+    shapes = dict(zip((lay.name for lay in spec.layers), spec.shapes(h, w), strict=True))
+    shapes[IMAGE] = (h, w, spec.channels)
+    wanted = list(shapes)[:-1] if outputs == "all" else [spec.layers[-1].name]
+    return plan.peak_bytes(plan.plan(spec.layers, wanted), shapes, n)
+
+
 def _num(value) -> str:
     return "?" if value is None else f"{value:,}"
 
@@ -217,17 +227,20 @@ def main(argv=None) -> int:
     from .model import Model  # imported late: engine.model imports engine.summary
 
     try:
+        spec = load_spec(args.spec)
+        h, w = (args.height, args.width) if args.height is not None else (spec.height, spec.width)
         if args.weights:
-            model = Model.load(args.spec, args.weights)
-            rows = model.summary(args.height, args.width, batch=args.batch)
+            rows = Model.load(args.spec, args.weights).summary(h, w, batch=args.batch)
         else:
-            spec = load_spec(args.spec)
-            h, w = (
-                (args.height, args.width) if args.height is not None else (spec.height, spec.width)
-            )
             rows = summarize(spec, h, w, batch=args.batch)
     except (EngineError, OSError) as err:
         print(f"error: {getattr(err, 'message', err)}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_summary(rows))
+    if not args.json and args.batch is not None and h is not None and w is not None:
+        last, every = (peak_bytes(spec, h, w, args.batch, out) for out in (None, "all"))
+        print(
+            f"peak activations for a batch of {args.batch}: {last:,} B asking for the last layer, "
+            f"{every:,} B asking for all"
+        )
     return 0

@@ -207,6 +207,29 @@ def test_values_are_freed_after_their_last_reader():
     assert all("norm" not in s.frees for s in asked)
 
 
+def test_elementwise_steps_overwrite_values_nobody_reads_later():
+    steps = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["prob"])}
+    assert steps["sum"].in_place == "bn2"  # not "image": that may be the caller's array
+    assert steps["prob"].in_place is None  # softmax makes a new array
+    twice = copy.deepcopy(RESIDUAL)
+    twice["layers"][5]["inputs"] = ["bn2", "image", "bn2"]
+    assert {s.name: s for s in plan(parse_spec(twice).layers, ["sum"])}["sum"].in_place is None
+    x = np.random.default_rng(9).standard_normal((1, 6, 7, 4)).astype(np.float32)
+    ref = residual_reference(x, residual_arrays())
+    want = lref.add_reference([ref["bn2"], x, ref["bn2"]], relu=True)
+    got = Model.from_arrays(twice, residual_arrays()).run(x, outputs="sum")["sum"]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    kept = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["bn2", "prob"])}
+    assert kept["sum"].in_place is None
+    model = Model.from_arrays(RESIDUAL, residual_arrays())
+    x = np.random.default_rng(8).standard_normal((1, 6, 7, 4)).astype(np.float32)
+    before = x.copy()
+    both = model.run(x, outputs=["bn2", "sum"])
+    np.testing.assert_array_equal(x, before)
+    np.testing.assert_allclose(both["sum"], model.run(x, outputs="sum")["sum"], rtol=1e-6)
+    assert not np.shares_memory(both["bn2"], both["sum"])
+
+
 def test_memory_is_the_live_set_not_the_sum():
     model = Model.from_arrays(INCEPTION, inception_arrays())
     shapes = model.output_shapes(8, 8)
@@ -383,3 +406,19 @@ def test_two_thousand_layer_graph_loads():
     assert model.memory(1, 4, 4) <= 3 * 4 * 4 * 4 * 2  # image, the running value, the new one
     x = np.ones((1, 4, 4, 2), np.float32)
     np.testing.assert_array_equal(model.run(x)[f"r{n - 1}"], x * (1 + n // 2))
+
+
+def test_summary_cli_prints_batch_bytes_and_the_live_set_peak(tmp_path, capsys):
+    import json
+
+    from engine.summary import main, peak_bytes
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(INCEPTION))
+    assert main([str(path), "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    model = Model.from_arrays(INCEPTION, inception_arrays())
+    last, every = model.memory(4, 8, 8), model.memory(4, 8, 8, "all")
+    assert peak_bytes(parse_spec(INCEPTION), 8, 8, 4) == last
+    assert f"{last:,} B asking for the last layer, {every:,} B asking for all" in out
+    assert "per batch (B)" in out and "b1,b2,b3,b4_relu6" in out

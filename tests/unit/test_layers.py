@@ -133,3 +133,25 @@ def test_lrn_even_size_window_follows_onnx():
     got = layers.lrn(x, 2, alpha=2.0, beta=1.0, bias=1.0)
     want = [1 / (1 + 1 * (1 + 4)), 2 / (1 + 1 * (4 + 9)), 3 / (1 + 1 * 9)]
     np.testing.assert_allclose(got.ravel(), want, rtol=1e-6)
+
+
+def test_elementwise_layers_can_write_over_their_input():
+    x = rand(2, 3, 3, 4, seed=12)
+    y = rand(2, 3, 3, 4, seed=13)
+    arrays = bn_arrays(4, 14)
+    cases = [
+        (lambda a: layers.add([a, y], relu=True, out=a), ref.add_reference([x, y], relu=True)),
+        (lambda a: layers.batchnorm(a, *arrays, out=a), ref.batchnorm_reference(x, *arrays)),
+        (lambda a: layers.sigmoid(a, out=a), ref.sigmoid_reference(x)),
+        (lambda a: layers.tanh(a, out=a), ref.tanh_reference(x)),
+        (lambda a: layers.clip(a, -0.5, 0.5, out=a), ref.clip_reference(x, -0.5, 0.5)),
+    ]
+    for run, want in cases:
+        a = x.copy()
+        got = run(a)
+        assert got is a
+        assert_matches(got, want)
+    with pytest.raises(InputError, match="writeable C-contiguous float32"):
+        layers.tanh(x, out=np.empty((2, 3, 3, 4), np.float64))
+    with pytest.raises(InputError):
+        layers.add([x, y], out=np.empty((2, 3, 3, 5), np.float32))
