@@ -37,7 +37,8 @@ sys.path.insert(0, ROOT)
 
 @dataclass(frozen=True)
 class Layer:
-    """One benchmark layer: square input H x H x C; conv K filters F x F, or a max pool."""
+    """One benchmark layer: square input H x H x C; conv K filters F x F in g groups, or a max
+    pool."""
 
     name: str
     h: int
@@ -48,6 +49,7 @@ class Layer:
     p: int = 0
     d: int = 1
     pool: bool = False
+    g: int = 1
 
     @property
     def hout(self) -> int:
@@ -55,7 +57,7 @@ class Layer:
 
     def flops(self, n: int) -> float:
         """2 * multiply-adds of one call over n images (0 for a pool)."""
-        return 0.0 if self.pool else 2.0 * n * self.hout**2 * self.k * self.f**2 * self.c
+        return 0.0 if self.pool else 2.0 * n * self.hout**2 * self.k * self.f**2 * self.c // self.g
 
     def io_bytes(self, n: int) -> int:
         """Bytes of the float32 input plus output."""
@@ -71,14 +73,17 @@ SUITE = [
     Layer("dilated-56x64-d2", 56, 64, 64, 3, p=2, d=2),
     Layer("56x64-k128-s2", 56, 64, 128, 3, s=2, p=1),
     Layer("maxpool-3/2-55x96", 55, 96, 96, 3, s=2, pool=True),
+    Layer("alexnet-conv2-g2", 27, 96, 256, 5, p=2, g=2),
+    Layer("dw-56x128-f3", 56, 128, 128, 3, p=1, g=128),
+    Layer("dw-28x256-f3-s2", 28, 256, 256, 3, s=2, p=1, g=256),
 ]
 
 
 def data(layer: Layer, n: int):
-    """Return x (N, H, W, C), w (K, F, F, C), b (K,) float32, fixed seed."""
+    """Return x (N, H, W, C), w (K, F, F, C/g), b (K,) float32, fixed seed."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, layer.h, layer.h, layer.c), dtype=np.float32)
-    w = rng.standard_normal((layer.k, layer.f, layer.f, layer.c), dtype=np.float32) * 0.1
+    w = rng.standard_normal((layer.k, layer.f, layer.f, layer.c // layer.g), dtype=np.float32) * 0.1
     return x, w, rng.standard_normal(layer.k, dtype=np.float32)
 
 
@@ -91,17 +96,20 @@ def engine_fn(layer: Layer, n: int, threads: int):
         return lambda: engine.max_pool2d(x, layer.f, layer.s, layer.p)
     # Filters packed once, as a Model does per layer and as ORT's session and PyTorch's
     # channels-last weights are prepared before their timed calls.
-    cw = engine.ConvWeights(w)
+    cw = engine.ConvWeights(w, groups=layer.g)
     return lambda: engine.conv2d(x, cw, b, stride=layer.s, pad=layer.p, dilation=layer.d)
 
 
 def numpy_fn(layer: Layer, n: int, threads: int):
-    """The plain baseline: whole-batch im2col with sliding_window_view, then one matmul."""
+    """The plain baseline: whole-batch im2col with sliding_window_view, then one matmul (one
+    einsum over the groups when g > 1)."""
     from numpy.lib.stride_tricks import sliding_window_view
 
     x, w, b = data(layer, n)
     span = layer.d * (layer.f - 1) + 1
     wmat = w.reshape(layer.k, -1).T.copy()
+    g = layer.g
+    wg = w.reshape(g, layer.k // g, layer.f**2, layer.c // g)
 
     def run():
         fill = -np.inf if layer.pool else 0.0
@@ -110,6 +118,10 @@ def numpy_fn(layer: Layer, n: int, threads: int):
         win = win[:, :: layer.s, :: layer.s, :, :: layer.d, :: layer.d]  # (N, Ho, Wo, C, F, F)
         if layer.pool:
             return win.max(axis=(4, 5))
+        if g > 1:
+            cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(-1, layer.f**2, g, layer.c // g)
+            out = np.einsum("mfgc,gkfc->mgk", cols, wg, optimize=True).reshape(-1, layer.k)
+            return (out + b).reshape(n, layer.hout, layer.hout, layer.k)
         cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(-1, wmat.shape[0])
         return (cols @ wmat + b).reshape(n, layer.hout, layer.hout, layer.k)
 
@@ -130,7 +142,7 @@ def torch_fn(layer: Layer, n: int, threads: int):
         with torch.inference_mode():
             if layer.pool:
                 return f.max_pool2d(tx, layer.f, layer.s, layer.p)
-            return f.conv2d(tx, tw, tb, layer.s, layer.p, layer.d)
+            return f.conv2d(tx, tw, tb, layer.s, layer.p, layer.d, layer.g)
 
     return run
 
@@ -149,7 +161,9 @@ def ort_fn(layer: Layer, n: int, threads: int):
         node = helper.make_node("MaxPool", ["x"], ["y"], **attrs)
         inits = []
     else:
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], dilations=[layer.d] * 2, **attrs)
+        node = helper.make_node(
+            "Conv", ["x", "w", "b"], ["y"], dilations=[layer.d] * 2, group=layer.g, **attrs
+        )
         inits = [
             numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 3, 1, 2)), "w"),
             numpy_helper.from_array(b, "b"),

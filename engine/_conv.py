@@ -246,3 +246,64 @@ def local_gemm(x, w2d, bias, out, cols, fh, fw, sh, sw, dh, dw, top, left, relu)
                         if relu and v < 0.0:
                             v = 0.0
                         out[n, y, xo, j] = v
+
+
+@njit(parallel=True, cache=True)
+def conv_depthwise(x, wd, bias, out, sh, sw, dh, dw, top, left, relu):
+    """Depthwise conv, direct: out (N, Hout, Wout, K) from x (N, H, W, C), wd (FH, FW, m, C).
+
+    K = C*m; output channel ci*m + q reads input channel ci only, with weight wd[fy, fx, q, ci]
+    (filters regrouped multiplier-major, so each tap is m contiguous runs of C multiply-adds
+    over x's pixel; with m > 1 the sums are kept (m, C) and stored transposed once per pixel).
+    Each output is FH*FW multiply-adds: im2col would copy FH*FW values to multiply each by one
+    weight. Each output row (n, y) is one task; each pixel's sums start at the bias, take every
+    tap whose input pixel is inside the image (pads contribute nothing), then the ReLU. Pixel by
+    pixel, not tap by tap over the whole row: the running sums stay in L1 (N=32 56x56x128:
+    33 vs 43 ms, 2 threads).
+    """
+    n_img, h, w, c = x.shape
+    hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
+    fh, fw, m = wd.shape[0], wd.shape[1], wd.shape[2]
+    for task in prange(n_img * hout):
+        n = task // hout
+        y = task - n * hout
+        o = out[n, y]
+        acc = np.empty((m, c), np.float32)
+        for xo in range(wout):
+            oo = o[xo]
+            if m == 1:
+                for j in range(k):
+                    oo[j] = bias[j]
+            else:
+                for q in range(m):
+                    for ci in range(c):
+                        acc[q, ci] = bias[ci * m + q]
+            for fy in range(fh):
+                iy = y * sh - top + fy * dh
+                if iy < 0 or iy >= h:
+                    continue
+                xr = x[n, iy]
+                for fx in range(fw):
+                    ix = xo * sw - left + fx * dw
+                    if ix < 0 or ix >= w:
+                        continue
+                    xi = xr[ix]
+                    wk = wd[fy, fx]
+                    if m == 1:
+                        w0 = wk[0]
+                        for j in range(k):
+                            oo[j] += xi[j] * w0[j]
+                    else:
+                        for q in range(m):
+                            aq = acc[q]
+                            wq = wk[q]
+                            for ci in range(c):
+                                aq[ci] += xi[ci] * wq[ci]
+            if m > 1:
+                for ci in range(c):
+                    for q in range(m):
+                        oo[ci * m + q] = acc[q, ci]
+            if relu:
+                for j in range(k):
+                    if oo[j] < 0.0:
+                        oo[j] = 0.0

@@ -15,6 +15,12 @@ conv2d picks one of four paths, all with bias and ReLU fused into the GEMM's sto
 The GEMM is engine._gemm's AVX-512 micro-kernel (MICROKERNEL) or, without AVX-512, one
 single-threaded BLAS sgemm per tile. Tiles never cross images and their sizes depend on neither
 N nor the thread count, so an image's result is bit-identical whatever batch it came in.
+
+conv2d's groups (PyTorch's): w is (K, FH, FW, C/groups). Depthwise (C/groups == 1, any
+multiplier K/C) runs engine._conv.conv_depthwise, a direct kernel: each output is FH*FW
+multiply-adds, too few for a GEMM to pay for its packing.
+Other groups run the paths above once per group on that group's channels (copied out, once)
+and filters (packed per group).
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ IMPLICIT_PAD_MAX_C = 16
 # N=32: K32 F5 1.30 -> 1.21 ms, K24 F5 1.69 -> 1.21, K32 F7 2.59 -> 2.35; but K32 F3 0.62 ->
 # 0.81 (the wider window costs more than the lanes save), three pixels (K16) and stride 2 no
 # better: so only 5x5 and wider, stride 1.
-GROUP_MAX_C = 16
-GROUP_MIN_FW = 5
+WIDE_MAX_C = 16
+WIDE_MIN_FW = 5
 
 _workspace = threading.local()
 
@@ -95,19 +101,27 @@ def _round_up(rows: int) -> int:
 
 
 class ConvWeights:
-    """Conv weights w (K, FH, FW, C), checked once, with each packed form made on first use.
+    """Conv weights w (K, FH, FW, C/groups) and bias b (K,) or None, checked once, with each
+    packed form made on first use.
 
-    conv2d takes one in place of w; a Model keeps one per layer, so a worker packs its filters
-    once rather than on every run (1x1 28x28x256 K64 at N=1: 23 of 300 us; a 3x3x128x128
-    Winograd filter transform: ~130 us of 1.1 ms).
+    conv2d takes one in place of w (and uses its b when given none); a Model keeps one per
+    layer, so a worker packs its filters once rather than on every run (1x1 28x28x256 K64 at
+    N=1: 23 of 300 us; a 3x3x128x128 Winograd filter transform: ~130 us of 1.1 ms). With
+    groups > 1 filters [g*K/groups, (g+1)*K/groups) see only channels [g*C/groups, ...) and are
+    packed per group; depthwise filters are kept as (FH, FW, m, C) taps instead (K = C*m).
     """
 
-    def __init__(self, w):
-        self.w = _args.weights(w, 4, "(K, FH, FW, C)")
+    def __init__(self, w, b=None, groups=1) -> None:
+        self.w = _args.weights(w, 4, "(K, FH, FW, C/groups)")
+        k = self.w.shape[0]
+        self.groups = _groups(groups, k)
+        self.b = None if b is None else _args.param(b, (k,), "b")
+        self._parts: list[ConvWeights] | None = None
+        self._depthwise: np.ndarray | None = None
         self._wmat: np.ndarray | None = None
         self._gemm: tuple[np.ndarray, np.ndarray] | None = None
         self._winograd: tuple[np.ndarray, np.ndarray] | None = None
-        self._grouped: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._wide: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _matrix(self) -> np.ndarray:
         k = self.w.shape[0]
@@ -134,33 +148,51 @@ class ConvWeights:
     def nbytes(self) -> int:
         """Bytes of the packed forms made so far (w itself not counted)."""
         parts = [self._wmat, *(self._gemm or ()), *(self._winograd or ())]
-        parts += [a for packed in self._grouped.values() for a in packed]
-        return sum(p.nbytes for p in parts if p is not None)
+        parts += [a for packed in self._wide.values() for a in packed]
+        parts.append(self._depthwise)
+        groups = sum(part.nbytes for part in self._parts or ())
+        return groups + sum(p.nbytes for p in parts if p is not None)
 
-    def group(self, fw: int) -> int:
+    def group_parts(self) -> list[ConvWeights]:
+        """Return one ConvWeights per group (filters of that group, C/groups channels)."""
+        if self._parts is None:
+            kg = self.w.shape[0] // self.groups
+            self._parts = [ConvWeights(self.w[g * kg : (g + 1) * kg]) for g in range(self.groups)]
+        return self._parts
+
+    def depthwise_taps(self) -> np.ndarray:
+        """Return depthwise w (C*m, FH, FW, 1) as the (FH, FW, m, C) taps of the direct kernel."""
+        if self._depthwise is None:
+            k, fh, fw, _ = self.w.shape
+            per_channel = self.w.reshape(self.groups, k // self.groups, fh, fw)  # [ci, q, fy, fx]
+            taps = np.ascontiguousarray(per_channel.transpose(2, 3, 1, 0))
+            self._depthwise = _args.read_only(taps)
+        return self._depthwise
+
+    def pixels_per_row(self, fw: int) -> int:
         """Return 2 if a stride-1 row of FW-wide windows should compute two pixels, else 1."""
         k = self.w.shape[0]
-        if fw < GROUP_MIN_FW or 2 * k not in (48, 64):
+        if fw < WIDE_MIN_FW or 2 * k not in (48, 64):
             return 1
         # Useful lanes now (K of its padded blocks) against useful terms of the wider window.
         return 2 if fw / (fw + 1) > k / sum(_gemm.plan_blocks(k)) else 1
 
-    def grouped_blocks(self, g: int, sw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def wide_blocks(self, g: int, sw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (blocks, table, bias index) of the filters for g pixels per GEMM row.
 
         Row p of the (FH*FWu*C, g*K) operand, FWu = FW + (g-1)*SW, is a union-window element;
         column q*K + j holds filter j placed at pixel q's columns of it, zeros elsewhere.
         """
         key = (g, sw)
-        if key not in self._grouped:
+        if key not in self._wide:
             k, fh, fw, c = self.w.shape
             fwu = fw + (g - 1) * sw
             wide = np.zeros((fh, fwu, c, g * k), np.float32)
             for q in range(g):
                 wide[:, q * sw : q * sw + fw, :, q * k : (q + 1) * k] = self.w.transpose(1, 2, 3, 0)
             blocks, table = _gemm.pack_weights(wide.reshape(fh * fwu * c, g * k))
-            self._grouped[key] = (blocks, table, np.tile(np.arange(k), g))
-        return self._grouped[key]
+            self._wide[key] = (blocks, table, np.tile(np.arange(k), g))
+        return self._wide[key]
 
     def winograd_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the transformed filters (blocks, table) of engine._winograd."""
@@ -169,29 +201,106 @@ class ConvWeights:
         return self._winograd
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
-    """Convolve x (N, H, W, C) with w (K, FH, FW, C) plus b (K,); return (N, Hout, Wout, K).
+def _groups(groups, k: int) -> int:
+    """Return groups as an int >= 1 dividing K, or raise ShapeError."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ShapeError(f"groups must be an int >= 1, got {groups!r}", field="groups")
+    if k % groups:
+        raise ShapeError(
+            f"groups={groups} must divide the filter count K={k} (w is (K, FH, FW, C/groups));"
+            f" {k} % {groups} = {k % groups}",
+            field="groups",
+        )
+    return int(groups)
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> np.ndarray:
+    """Convolve x (N, H, W, C) with w (K, FH, FW, C/groups) plus b (K,); return (N, Hout, Wout, K).
 
     Matches conv2d_reference. With relu=True the ReLU is applied in the same pass. w may be a
-    ConvWeights, whose packed forms are then reused from call to call.
+    ConvWeights, whose packed forms (and groups, and b when b is None) are then used. groups
+    splits channels and filters into that many independent convs (PyTorch's groups); with
+    C/groups == 1 (depthwise) a direct kernel runs, otherwise the GEMM paths run per group.
     """
     x = _args.input_array(x)
-    cw = w if isinstance(w, ConvWeights) else ConvWeights(w)
+    if isinstance(w, ConvWeights):
+        cw = w
+        if groups not in (1, cw.groups):
+            raise ShapeError(
+                f"groups={groups!r} given but the ConvWeights were made with groups={cw.groups}",
+                field="groups",
+            )
+    else:
+        cw = ConvWeights(w, groups=groups)
     w = cw.w
-    k, fh, fw, c = w.shape
-    _args.channels(x, c)
-    bias = _args.read_only(np.zeros(k, np.float32)) if b is None else _args.param(b, (k,), "b")
+    k, fh, fw, cg = w.shape
+    ng = cw.groups
+    if ng == 1:
+        _args.channels(x, cg)
+    elif x.shape[3] != cg * ng:
+        raise ShapeError(
+            f"x has {x.shape[3]} channels but w expects C/groups * groups = {cg} * {ng} = "
+            f"{cg * ng}: groups must divide C and w's last axis be C/groups",
+            field="groups",
+        )
+    if b is not None:
+        bias = _args.param(b, (k,), "b")
+    elif cw.b is not None:
+        bias = cw.b
+    else:
+        bias = _args.read_only(np.zeros(k, np.float32))
     win = Window.make([fh, fw], stride, pad, dilation)
-    n, h, w_in, _ = x.shape
+    n, h, w_in, c = x.shape
     hout, wout = win.out_hw(h, w_in)
     out = np.empty((n, hout, wout, k), np.float32)
-    m = n * hout * wout
-    if m == 0:
+    if out.size == 0:
         return out
+    if ng == 1:
+        _dense_conv(x, cw, bias, out, win, bool(relu))
+    elif cg == 1:
+        _threads.enter(out.size * fh * fw)
+        _conv.conv_depthwise(
+            x,
+            cw.depthwise_taps(),
+            bias,
+            out,
+            win.sh,
+            win.sw,
+            win.dh,
+            win.dw,
+            win.top,
+            win.left,
+            bool(relu),
+        )
+    else:
+        _grouped_conv(x, cw, bias, out, win, bool(relu))
+    return out
+
+
+def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
+    """Run each group's conv through the GEMM paths into its channel slice of out.
+
+    Each group's channels are copied out once (the kernels read contiguous NHWC), so the whole
+    input is copied once in all; each group's result is copied into out's slice.
+    """
+    cg = cw.w.shape[3]
+    kg = cw.w.shape[0] // cw.groups
+    part_out = np.empty(out.shape[:3] + (kg,), np.float32)
+    for g, part in enumerate(cw.group_parts()):
+        xg = _args.read_only(np.ascontiguousarray(x[..., g * cg : (g + 1) * cg]))
+        _dense_conv(xg, part, bias[g * kg : (g + 1) * kg], part_out, win, relu)
+        out[..., g * kg : (g + 1) * kg] = part_out
+
+
+def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
+    """Run an ungrouped conv into out (N, Hout, Wout, K) by the fastest path for its shape."""
+    k, fh, fw, c = cw.w.shape
+    n, hout, wout = out.shape[:3]
+    m = n * hout * wout
     nthreads = _threads.enter(m * k * fh * fw * c)
     if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
-        _winograd_conv(x, cw, bias, out, win, nthreads, bool(relu))
-        return out
+        _winograd_conv(x, cw, bias, out, win, nthreads, relu)
+        return
     out2d = out.reshape(m, k)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
@@ -201,31 +310,26 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
             cols = _columns(nthreads, tile, c)
             blocks, table = cw.gemm_blocks()
             _conv.conv_pointwise_mk(
-                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, bool(relu), _counter()
+                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter()
             )
         else:
-            _conv.conv_pointwise(
-                x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, bool(relu)
-            )
-        return out
+            _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, relu)
+        return
     if (
         MICROKERNEL
         and wout >= IMPLICIT_MIN_WIDTH
         and (win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C)
     ):
-        _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, bool(relu))
-        return out
+        _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, relu)
+        return
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
         blocks, table = cw.gemm_blocks()
-        _conv.conv_im2col_mk(
-            x, blocks, table, bias, out2d, cols, tile, *geometry, bool(relu), _counter()
-        )
+        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter())
     else:
-        _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, bool(relu))
-    return out
+        _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, relu)
 
 
 def _implicit_conv(
@@ -238,13 +342,13 @@ def _implicit_conv(
         xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
         xp[:, win.top : win.top + h, win.left : win.left + w] = x
         xp = _args.read_only(xp)
-    g = cw.group(win.fw) if c <= GROUP_MAX_C and (win.sw, win.dw) == (1, 1) else 1
-    # A grouped row also multiplies its neighbours' extra columns by zero: exact for finite
+    g = cw.pixels_per_row(win.fw) if c <= WIDE_MAX_C and (win.sw, win.dw) == (1, 1) else 1
+    # A two-pixel row also multiplies its neighbours' extra columns by zero: exact for finite
     # inputs (the same FMA chain plus zeros), but 0 * inf would be NaN where the plain path
     # gives a number, so non-finite inputs keep the plain path (a cheap pass: C is small).
     if g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH and np.isfinite(x).all():
         k = out2d.shape[1]
-        blocks, table, cols = cw.grouped_blocks(g, win.sw)
+        blocks, table, cols = cw.wide_blocks(g, win.sw)
         offs = _window_offsets(win.fh, win.fw + (g - 1) * win.sw, c, win.dh, 1, xp.shape[2])
         _conv.conv_implicit_mk(
             xp,
@@ -443,6 +547,8 @@ def warmup() -> None:
             _threads.enter(),
             True,
         )
+    conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
+    conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)

@@ -30,10 +30,12 @@ def _window(xp: np.ndarray, n: int, y: int, x: int, win: Window) -> np.ndarray:
     ]
 
 
-def conv2d_reference(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
-    """Convolve x (N, H, W, C) with w (K, FH, FW, C) and bias b (K,); return (N, Hout, Wout, K)."""
+def conv2d_reference(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> np.ndarray:
+    """Convolve x (N, H, W, C) with w (K, FH, FW, C/groups) and bias b (K,); return (N, Hout,
+    Wout, K). Filter k sees channels [g*C/groups, (g+1)*C/groups) of x, g = k // (K/groups)."""
     n_, h, w_, _ = x.shape
-    k = w.shape[0]
+    k, cg = w.shape[0], w.shape[3]
+    kg = k // groups
     win = Window.make([w.shape[1], w.shape[2]], stride, pad, dilation)
     hout, wout = win.out_hw(h, w_)
     xp = _padded(x, win, 0.0)
@@ -45,7 +47,8 @@ def conv2d_reference(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> n
             for xo in range(wout):
                 patch = _window(xp, n, y, xo, win)
                 for kk in range(k):
-                    out[n, y, xo, kk] = np.sum(patch * wd[kk]) + bias[kk]
+                    c0 = kk // kg * cg
+                    out[n, y, xo, kk] = np.sum(patch[..., c0 : c0 + cg] * wd[kk]) + bias[kk]
     if relu:
         out = np.maximum(out, 0.0)
     return out.astype(np.float32)

@@ -373,7 +373,14 @@ def test_warmup_compiles_every_kernel():
         if ops.MICROKERNEL
         else [_conv.conv_im2col, _conv.conv_pointwise]
     )
-    kernels = [*convs, _conv.local_gemm, _pool.max_pool, _pool.avg_pool, _pool.relu_flat]
+    kernels = [
+        *convs,
+        _conv.conv_depthwise,
+        _conv.local_gemm,
+        _pool.max_pool,
+        _pool.avg_pool,
+        _pool.relu_flat,
+    ]
     assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
 
 
@@ -446,16 +453,16 @@ def test_two_pixels_per_row_is_bit_identical_to_one(monkeypatch, k, f, width):
     w = rng.standard_normal((k, f, f, 3)).astype(np.float32)
     b = rng.standard_normal(k).astype(np.float32)
     cw = ops.ConvWeights(w)
-    assert cw.group(f) == 2
-    grouped = ops.conv2d(x, cw, b, 1, f // 2)
-    assert bool(cw._grouped) == (width % 2 == 0)  # an odd width keeps one pixel per row
-    monkeypatch.setattr(ops, "GROUP_MAX_C", 0)
-    np.testing.assert_array_equal(grouped, ops.conv2d(x, w, b, 1, f // 2))
-    assert_matches(grouped, ref.conv2d_reference(x, w, b, 1, f // 2))
+    assert cw.pixels_per_row(f) == 2
+    wide = ops.conv2d(x, cw, b, 1, f // 2)
+    assert bool(cw._wide) == (width % 2 == 0)  # an odd width keeps one pixel per row
+    monkeypatch.setattr(ops, "WIDE_MAX_C", 0)
+    np.testing.assert_array_equal(wide, ops.conv2d(x, w, b, 1, f // 2))
+    assert_matches(wide, ref.conv2d_reference(x, w, b, 1, f // 2))
 
 
 def test_non_finite_inputs_keep_one_pixel_per_row(monkeypatch):
-    # A grouped row multiplies a neighbour's column by zero: 0 * inf would turn a finite
+    # A two-pixel row multiplies a neighbour's column by zero: 0 * inf would turn a finite
     # output into NaN, so an input with inf runs the plain path and matches the reference.
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 8, 16, 3)).astype(np.float32)
@@ -463,7 +470,7 @@ def test_non_finite_inputs_keep_one_pixel_per_row(monkeypatch):
     w = np.abs(rng.standard_normal((32, 5, 5, 3))).astype(np.float32)
     cw = ops.ConvWeights(w)
     got = ops.conv2d(x, cw, None, 1, 2)
-    assert not cw._grouped
+    assert not cw._wide
     expect = ref.conv2d_reference(x, w, None, 1, 2)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(expect))
     assert not np.isnan(got).any()
