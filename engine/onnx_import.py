@@ -18,7 +18,8 @@ from collections import Counter
 import numpy as np
 
 from . import onnx_layers as ol
-from .onnx_layers import Graph, Value, array, fail
+from . import onnx_windows as ow
+from .onnx_graph import Graph, Value, array, fail
 
 MAX_ONNX_BYTES = 1 << 30
 """Largest .onnx accepted (bytes)."""
@@ -183,9 +184,9 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
     ):
         raise fail(f"{op} node {node.name!r} follows Flatten; only Gemm or MatMul may")
     if op == "Conv":
-        ol.conv(g, node, v, ins, consts)
+        ow.conv(g, node, v, ins, consts)
     elif op in ("MaxPool", "AveragePool"):
-        ol.pool(g, node, v)
+        ow.pool(g, node, v)
     elif op in ("GlobalAveragePool", "GlobalMaxPool"):
         ol.global_pool(g, node, v)
     elif op in ("Relu", "Sigmoid", "Tanh", "Clip"):
@@ -205,7 +206,7 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
     elif op == "Softmax":
         ol.softmax(g, node, v, opset)
     elif op == "Pad":
-        ol.pad(g, node, v, ins, consts, opset)
+        ow.pad(g, node, v, ins, consts, opset)
     elif op in ("Identity", "Dropout"):
         g.values[node.output[0]] = v
     else:
