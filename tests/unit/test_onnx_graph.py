@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import Model, ModelError
@@ -306,3 +310,49 @@ def test_refused_graphs_name_node_and_reason(nodes, inits, fragment):
     assert fragment in err.value.message
     if "unsupported" in fragment:
         assert SUPPORTED in err.value.message
+
+
+@settings(max_examples=int(os.environ.get("CONVQ_ONNX_EXAMPLES", "25")), deadline=None)
+@given(
+    k=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    pads=st.lists(st.integers(0, 2), min_size=4, max_size=4),
+    extra=st.lists(st.integers(0, 2), min_size=4, max_size=4),
+    group=st.sampled_from([1, 2, 4]),
+    pool=st.sampled_from(["MaxPool", "AveragePool", None]),
+    ceil=st.booleans(),
+    residual=st.booleans(),
+)
+def test_random_pad_conv_pool_graphs_match_onnxruntime(
+    k, stride, dilation, pads, extra, group, pool, ceil, residual
+):
+    t, left, b, r = extra
+    hout = (8 + t + b + pads[0] + pads[2] - dilation * (k - 1) - 1) // stride + 1
+    wout = (7 + left + r + pads[1] + pads[3] - dilation * (k - 1) - 1) // stride + 1
+    assume(pool is None or min(hout, wout) >= 2)  # a 2x2 pool needs a 2x2 map
+    nodes = [
+        node("Pad", ["x", "pads"], "p", mode="constant"),
+        conv("p", "c", "w", "b", kernel_shape=[k, k], strides=[stride, stride],
+             dilations=[dilation, dilation], pads=pads, group=group),
+        node("Relu", ["c"], "r"),
+    ]  # fmt: skip
+    inits = [
+        const("pads", [0, 0, t, left, 0, 0, b, r]),
+        tensor("w", (4, 4 // group, k, k)),
+        tensor("b", (4,)),
+    ]
+    last = "r"
+    if pool:
+        nodes.append(
+            node(pool, ["r"], "q", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=int(ceil))
+        )
+        last = "q"
+    if residual:
+        nodes.append(conv(last, "d", "w2", None, kernel_shape=[1, 1]))
+        nodes.append(node("Add", [last, "d"], "s"))
+        last = "s"
+    nodes.append(node("Sigmoid", [last], "y"))
+    if residual:
+        inits.append(tensor("w2", (4, 4, 1, 1)))
+    check(model_bytes(nodes, inits, in_shape=("N", 4, 8, 7)), hw=(8, 7))
