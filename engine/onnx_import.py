@@ -243,6 +243,16 @@ def _fold(node, ins: list[str], consts: dict) -> None:
             consts[name] = np.asarray(value)
 
 
+def _needed(nodes, output: str) -> list:
+    """Return the nodes the output depends on, in their order (dead branches are dropped)."""
+    wanted, kept = {output}, []
+    for node in reversed(nodes):
+        if any(o in wanted for o in node.output):
+            kept.append(node)
+            wanted.update(i for i in node.input if i)
+    return kept[::-1]
+
+
 def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
@@ -274,15 +284,18 @@ def convert_graph(
     graph = model.graph
     consts = {t.name: array(t) for t in graph.initializer}
     image = _input(graph, consts)
-    g = Graph(layer_names(graph.node))
+    outputs = [o.name for o in graph.output]
+    if len(outputs) != 1:
+        raise fail(f"the graph must have one output, it has {outputs}", field="outputs")
+    nodes = _needed(graph.node, outputs[0])
+    g = Graph(layer_names(nodes))
     g.values[_image_name(graph, consts)] = image
     opset = _opset(model)
-    for node in graph.node:
+    for node in nodes:
         _node(g, node, consts, opset)
     if not g.layers:
         raise fail("the graph has no layers convq can run", field="layers")
-    outputs = [o.name for o in graph.output]
-    if len(outputs) != 1 or outputs[0] not in g.values:
+    if outputs[0] not in g.values:
         raise fail(f"the graph must have one output convq computes, it has {outputs}")
     out = g.values[outputs[0]]
     if out.flat or out.pad is not None:

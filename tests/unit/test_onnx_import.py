@@ -219,11 +219,9 @@ def test_grouped_conv_branches_and_bad_uploads_are_refused():
         [tensor("w", (4, 3, 1, 1))],
         "'res': inputs differ in shape [(4, 10, 10), (3, 10, 10)]",
     )
-    _refused(
-        [conv("x", "y", "w", None, kernel_shape=[1, 1]), helper.make_node("Relu", ["x"], ["r"])],
-        [tensor("w", (4, 3, 1, 1))],
-        "convq's model output is its last layer",
-    )
+    dead = [conv("x", "y", "w", None, kernel_shape=[1, 1]), helper.make_node("Relu", ["x"], ["r"])]
+    spec, _ = convert(graph_bytes(dead, [tensor("w", (4, 3, 1, 1))]))
+    assert [layer["name"] for layer in spec["layers"]] == ["y"]  # the dead branch is dropped
     _refused(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["y"])],
         [],
