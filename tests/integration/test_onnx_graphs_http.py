@@ -111,3 +111,36 @@ def test_uploaded_graph_runs_with_every_layer_equal_to_onnxruntime(api, net, sid
         assert [int(s.split(":")[1]) for s in row] == list(np.argsort(-scores[i])[:3])
     rv = api.client.get(f"/v2/jobs/{job}/result?output={last}&format=npy&top=3")
     assert rv.status_code == 400 and rv.json["field"] == "top"
+
+
+def test_onnx_upload_with_a_spec_part_adds_labels_for_classification(api):
+    import json
+
+    data = exported(Residual(), 16)
+    labels = ["ant", "bee", "cat", "dog", "eel"]
+    rv = api.client.post(
+        "/v2/repository/models/labeled/load",
+        content_type="multipart/form-data",
+        data={
+            "spec": (io.BytesIO(json.dumps({"labels": labels}).encode()), "spec.json"),
+            "weights": (io.BytesIO(data), "residual.onnx"),
+        },
+    )
+    assert rv.status_code == 200, rv.json
+    assert api.client.get("/v2/models/labeled").json["labels"] == labels
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(3).standard_normal((16, 16, 3)).astype(np.float32))
+    rv = api.client.post(
+        "/v2/models/labeled/jobs",
+        content_type="multipart/form-data",
+        data={"images": [(io.BytesIO(buf.getvalue()), "a.npy")], "outputs": "all"},
+    )
+    job = rv.json["id"]
+    api.burst()
+    rv = api.client.get(f"/v2/jobs/{job}/result?format=json&top=5&output=softmax")
+    assert rv.status_code == 200, rv.json
+    (row,) = np.reshape(rv.json["outputs"][0]["data"], (1, 5))
+    assert sorted(s.split(":")[2] for s in row) == sorted(labels)
+    assert all(labels[int(s.split(":")[1])] == s.split(":")[2] for s in row)
+    scores = [float(s.split(":")[0]) for s in row]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-5)
