@@ -185,6 +185,11 @@ SCHEMAS = {
                 "items": {"type": "object"},
                 "description": "Per layer: shape, params, FLOPs, receptive field, bytes",
             },
+            "labels": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Class names of the last layer's channels, when the spec has them",
+            },
         },
     },
     "InferInput": {
