@@ -23,11 +23,18 @@ def main(argv=None) -> int:
     parser.add_argument("model", help="the .onnx file")
     parser.add_argument("-o", "--output", required=True, help="directory to write into")
     parser.add_argument("--name", help="model name (default: the graph's name)")
+    parser.add_argument(
+        "--labels", help="a text file of class labels, one per line, one per output channel"
+    )
     args = parser.parse_args(argv)
     try:
         with open(args.model, "rb") as f:
             data = f.read()
-        spec, arrays = convert(data, name=args.name)
+        labels = None
+        if args.labels:
+            with open(args.labels, encoding="utf-8") as f:
+                labels = [line.strip() for line in f if line.strip()]
+        spec, arrays = convert(data, name=args.name, labels=labels)
         from .model import Model  # check the result the way an upload is checked
 
         model = Model.from_arrays(spec, arrays)

@@ -1,12 +1,14 @@
 """`convq submit`: upload a model if asked, run images as one job, save the activations.
 
     convq submit --url URL [--model NAME] [--spec spec.json --weights w.npz | --onnx m.onnx]
-                 [--outputs all|a,b] [--out DIR] [--api-key KEY]
+                 [--outputs all|a,b] [--top K] [--out DIR] [--api-key KEY]
                  [--explain METHOD [--layer L] [--channel K|top] [--at CONV]]
                  IMAGES_OR_FOLDERS...
 
 Saves DIR/<job>.npz (one float32 (N, Hout, Wout, K) array per requested layer) and
 DIR/<job>/<layer>/<i>-<image>.png (that layer's maps as a grid, one picture per image).
+With --top K, prints each image's K highest scores of the last layer as "score:index:label"
+(labels from the model's spec, else the index), as the V2 classification extension does.
 With --explain saliency|gradcam|gradient [--layer fc] [--channel K|top] the job also explains
 that channel over the pixels: DIR/<job>/explain:overlay/<i>-<image>.png are heatmaps over the
 images, and the .npz holds explain:map and explain:channel.
@@ -55,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help=".npz or .safetensors weights to upload")
     p.add_argument("--onnx", type=Path, help="an .onnx model to upload instead of spec+weights")
     p.add_argument("--outputs", default="all", help="'all' or comma-separated layer names")
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="print each image's top K classes of the last layer (score:index:label)",
+    )
     p.add_argument("--out", type=Path, default=Path("convq-out"), help="where to save results")
     p.add_argument(
         "--api-key",
@@ -80,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--spec and --weights go together")
     if args.onnx is not None and args.spec is not None:
         p.error("give --onnx or --spec/--weights, not both")
+    if args.top is not None and args.top < 1:
+        p.error("--top must be a positive integer")
     return args
 
 
@@ -179,9 +189,20 @@ def submit(
     return resp.json()["id"]
 
 
-def layer_count(api: Api, model: str) -> int:
-    """Return how many layers the model has (its V2 metadata lists every layer as an output)."""
-    return max(1, len(api.call("GET", f"/v2/models/{model}").json().get("outputs") or []))
+def model_info(api: Api, model: str) -> tuple[list[str], list[str] | None]:
+    """Return (layer names in order, class labels or None) from the model's V2 metadata."""
+    meta = api.call("GET", f"/v2/models/{model}").json()
+    return [o["name"] for o in meta.get("outputs") or []], meta.get("labels")
+
+
+def print_top(path: Path, last: str, images: list[Path], k: int, labels) -> None:
+    """Print each image's top k of layer last (from the saved .npz) to stdout."""
+    from .classify import top_k
+
+    with np.load(path, allow_pickle=False) as saved:
+        rows = top_k(saved[last], k, labels)
+    for image, row in zip(images, rows, strict=True):
+        print(f"{image.name}: {', '.join(row)}")
 
 
 def wait(api: Api, job: str, timeout: float, layers: int = 1, out=None) -> dict:
@@ -250,10 +271,13 @@ def run(args: argparse.Namespace) -> int:
     name = model_name(args)
     if args.spec is not None or args.onnx is not None:
         print(f"uploaded {name} version {upload(api, name, args)}", file=sys.stderr)
-    layers = layer_count(api, name)
-    job = submit(api, name, images, args.outputs, explain_request(args))
+    layers, labels = model_info(api, name)
+    outputs = args.outputs
+    if args.top and layers and outputs != "all" and layers[-1] not in outputs.split(","):
+        outputs += "," + layers[-1]  # --top ranks the last layer: fetch it too
+    job = submit(api, name, images, outputs, explain_request(args))
     print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
-    status = wait(api, job, args.timeout, layers)
+    status = wait(api, job, args.timeout, max(1, len(layers)))
     if status["status"] != "finished":
         print(
             f"job {job} {status['status']}: {status.get('error') or 'no reason given'}",
@@ -265,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved {saved[0]} ({', '.join(names)})", file=sys.stderr)
     if len(saved) > 1:
         print(f"saved {len(saved) - 1} PNG grid(s) under {args.out / job}", file=sys.stderr)
+    if args.top and layers:
+        print_top(saved[0], layers[-1], images, args.top, labels)
     print(saved[0])  # stdout: the one path a script wants
     return 0
 

@@ -15,6 +15,7 @@ from math import prod
 import numpy as np
 
 from .body import json_object
+from .classify import parse_k
 from .errors import BadRequest
 
 DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
@@ -34,6 +35,7 @@ class InferRequest:
     binary_default: bool | None = None  # request-level binary_data_output
     id: str | None = None
     explain: dict | None = None  # parameters.explain, checked against the model at enqueue
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
 
 
 def parse_header_length(value: str | None, body_size: int) -> int | None:
@@ -130,10 +132,7 @@ def _outputs(value, request: InferRequest) -> None:
         if not isinstance(params, dict):
             raise BadRequest(f"{where}.parameters must be an object", field="parameters")
         if "classification" in params:
-            raise BadRequest(
-                "the classification extension is not supported; request the layer itself",
-                field="classification",
-            )
+            request.classification[name] = parse_k(params["classification"], where)
         binary = params.get("binary_data")
         if binary is not None:
             if not isinstance(binary, bool):
@@ -243,13 +242,17 @@ def encode_infer(
 ) -> tuple[list, dict]:
     """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes.
 
-    Each output's data is a bytes-like of little-endian float32, or (binary outputs only) a
-    Streamed whose pieces are read while the body is sent; iter_body flattens the chunks.
+    Each output's data is a bytes-like of little-endian float32, (binary outputs only) a
+    Streamed whose pieces are read while the body is sent, or a list of strings (a
+    classification output, BYTES, always JSON); iter_body flattens the chunks.
     """
     described, tails = [], []
     for name, shape, raw in outputs:
         entry = {"name": name, "datatype": "FP32", "shape": list(shape)}
-        if name in binary:
+        if isinstance(raw, list):
+            entry["datatype"] = "BYTES"
+            entry["data"] = raw
+        elif name in binary:
             size = raw.size if isinstance(raw, Streamed) else memoryview(raw).nbytes
             entry["parameters"] = {"binary_data_size": size}
             tails.append(raw)

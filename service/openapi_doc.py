@@ -190,6 +190,11 @@ SCHEMAS = {
                 "items": {"type": "object"},
                 "description": "Per layer: shape, params, FLOPs, receptive field, bytes",
             },
+            "labels": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Class names of the last layer's channels, when the spec has them",
+            },
         },
     },
     "InferInput": {
@@ -218,7 +223,19 @@ SCHEMAS = {
         "additionalProperties": False,
         "properties": {
             "name": {"type": "string"},
-            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "binary_data": {"type": "boolean"},
+                    "classification": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "Classification extension (/infer only): return this "
+                        "output's top-k per image as BYTES strings 'score:index:label' (label: "
+                        "the model's labels for its last layer, else the index)",
+                    },
+                },
+            },
         },
     },
     "InferRequest": {
@@ -279,9 +296,13 @@ SCHEMAS = {
                     "required": ["name", "datatype", "shape"],
                     "properties": {
                         "name": {"type": "string"},
-                        "datatype": {"const": "FP32"},
+                        "datatype": {"enum": ["FP32", "BYTES"]},
                         "shape": {"type": "array", "items": {"type": "integer"}},
-                        "data": {"type": "array", "items": {"type": "number"}},
+                        "data": {
+                            "type": "array",
+                            "items": {"type": ["number", "string"]},
+                            "description": "numbers; 'score:index:label' strings for BYTES",
+                        },
                         "parameters": {"type": "object"},
                     },
                 },
@@ -548,6 +569,12 @@ def _paths() -> dict:
                     ),
                     _query(
                         "image", "Image index for format=png", {"type": "integer", "minimum": 0}
+                    ),
+                    _query(
+                        "top",
+                        "With format=json: each output as its top-K 'score:index:label' "
+                        "strings per image (the classification extension)",
+                        {"type": "integer", "minimum": 1},
                     ),
                 ],
             )

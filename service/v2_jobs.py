@@ -17,6 +17,7 @@ from worker.contract.queue import cancel, job_status
 
 from .app import convq
 from .auth import check_visible
+from .classify import top_k
 from .codec import Streamed, encode_infer, iter_body
 from .errors import (
     ApiError,
@@ -51,12 +52,20 @@ def _public(status: dict) -> dict:
 
 
 def _v2_body(
-    job_id: str, status: dict, names: list[str], binary: set[str], request_id: str | None = None
+    job_id: str,
+    status: dict,
+    names: list[str],
+    binary: set[str],
+    request_id: str | None = None,
+    classes: dict[str, int] | None = None,
+    labels: dict[str, list[str]] | None = None,
 ) -> tuple[Iterator[bytes], dict]:
     """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
 
-    Binary outputs are read from Redis in slices while the body is sent, never assembled.
+    Binary outputs are read from Redis in slices while the body is sent, never assembled;
+    an output in classes is sent as its top-k strings (labels: output -> class names).
     """
+    classes, labels = classes or {}, labels or {}
     store = convq().store
     layouts = {}
     for name in names:
@@ -64,10 +73,18 @@ def _v2_body(
         if layout is None:
             raise NotFound(f"the result of job {job_id} has expired")
         layouts[name] = layout
-    _check_json_size(sum(_nbytes(*layouts[n]) for n in names if n not in binary))
-    outputs = []
+    plain = [n for n in names if n not in binary and n not in classes]
+    _check_json_size(sum(_nbytes(*layouts[n]) for n in plain))
+    outputs: list[tuple[str, tuple, object]] = []
     for name in names:
         shape, dtype = layouts[name]
+        if name in classes:
+            array = store.result_array(job_id, name)
+            if array is None:
+                raise NotFound(f"the result of job {job_id} has expired")
+            rows = top_k(array, classes[name], labels.get(name))
+            outputs.append((name, (len(rows), len(rows[0]) if rows else 0), sum(rows, [])))
+            continue
         if name in binary:
             pieces = store.result_slices(job_id, name)
             data = None if pieces is None else Streamed(_nbytes(shape, dtype), pieces)
@@ -79,6 +96,20 @@ def _v2_body(
         outputs.append((name, shape, data))
     chunks, headers = encode_infer(status["model"], status["version"], outputs, binary, request_id)
     return iter_body(chunks), headers
+
+
+def _labels(model) -> dict[str, list[str]]:
+    """Return {last layer: its class labels} when the model carries labels, else {}."""
+    labels = model.spec.get("labels")
+    return {model.layer_names[-1]: list(labels)} if labels else {}
+
+
+def _job_labels(status: dict) -> dict[str, list[str]]:
+    """Return _labels of the model version the job ran on; {} when it is gone."""
+    try:
+        return _labels(find_model(status["model"], str(status["version"])).model)
+    except ApiError:
+        return {}
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -131,8 +162,9 @@ def infer(name: str, version: str | None = None):
     if default is None:
         default = request.headers.get("Inference-Header-Content-Length") is not None
     wanted = target.model.resolve_outputs(parsed.outputs)
-    binary = {n for n in wanted if parsed.binary.get(n, default)}
-    as_json = [n for n in wanted if n not in binary]
+    classes = parsed.classification
+    binary = {n for n in wanted if parsed.binary.get(n, default) and n not in classes}
+    as_json = [n for n in wanted if n not in binary and n not in classes]
     if as_json:
         n, h, w = parsed.images.shape[:3]
         _check_json_size(target.model.output_bytes(n, h, w, as_json))
@@ -150,7 +182,8 @@ def infer(name: str, version: str | None = None):
         if status is None or status["status"] != "finished":
             error = (status or {}).get("error") or "the job was canceled"
             raise JobFailed(f"the job failed: {error}")
-        body, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
+        labels = _labels(target.model)
+        body, headers = _v2_body(job_id, status, outputs, binary, parsed.id, classes, labels)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
         raise
@@ -178,6 +211,12 @@ def _forget(ext, job_id: str) -> None:
 def submit_job(name: str):
     target = find_model(name)
     parsed = parse_request(target.model)
+    if parsed.classification:
+        raise BadRequest(
+            "the classification extension applies to /infer; a job ranks its results when "
+            "they are read: GET /v2/jobs/{id}/result?format=json&top=K",
+            field="classification",
+        )
     job_id, outputs = enqueue(target, parsed)
     location = url_for("v2_jobs.get_job", job_id=job_id)
     return (
@@ -207,9 +246,9 @@ def delete_job(job_id: str):
     return {"id": job_id, "status": "canceled" if was in ("queued", "started") else "deleted"}
 
 
-def _query() -> tuple[str, list[str], int]:
+def _query() -> tuple[str, list[str], int, int | None]:
     args = request.args
-    unknown = sorted(set(args) - {"format", "output", "image"})
+    unknown = sorted(set(args) - {"format", "output", "image", "top"})
     if unknown:
         raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
     fmt = args.get("format", "binary")
@@ -221,13 +260,19 @@ def _query() -> tuple[str, list[str], int]:
         raise BadRequest("image must be an image index (0, 1, ...)", field="image")
     if fmt in ("npy", "png") and len(outputs) != 1:
         raise BadRequest(f"format={fmt} needs exactly one output=NAME", field="output")
-    return fmt, outputs, int(image)
+    top = args.get("top")
+    if top is not None and (fmt != "json" or not top.isdigit() or not 0 < int(top) <= 10**6):
+        raise BadRequest(
+            "top=K (a positive integer) ranks outputs as classification strings with format=json",
+            field="top",
+        )
+    return fmt, outputs, int(image), None if top is None else int(top)
 
 
 @bp.get("/jobs/<job_id>/result")
 def get_result(job_id: str):
     status = _status(job_id)
-    fmt, wanted, image = _query()
+    fmt, wanted, image, top = _query()
     if status["status"] in ("queued", "started"):
         raise ApiError(
             f"job {job_id} is {status['status']}; its result is not ready",
@@ -250,6 +295,11 @@ def get_result(job_id: str):
                 field="output",
             )
     names = wanted or names
+    if top is not None:  # the classification extension on a job's result
+        labels = _job_labels(status)
+        classes = {name: top for name in names}
+        body, headers = _v2_body(job_id, status, names, set(), None, classes, labels)
+        return Response(body, status=200, headers=headers)
     if fmt in ("binary", "json"):
         body, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
         return Response(body, status=200, headers=headers)

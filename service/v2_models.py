@@ -17,7 +17,7 @@ from .upload import check_name, parse_upload
 bp = Blueprint("v2_models", __name__, url_prefix="/v2")
 
 SERVER_NAME = "convq"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "jobs"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "jobs"]
 
 
 @bp.get("/health/live")
@@ -126,6 +126,7 @@ def metadata(name: str, version: str | None):
                 "shape": [-1, *(_dim(d) for d in tuple(shape)[-3:])],
             }
         )
+    labels = model.spec.get("labels")
     return {
         "name": target.name,
         "versions": [str(target.version)],
@@ -140,7 +141,7 @@ def metadata(name: str, version: str | None):
         ],
         "outputs": outputs,
         "summary": summary,
-    }
+    } | ({"labels": list(labels)} if labels else {})
 
 
 @bp.get("/models/<name>")

@@ -73,7 +73,8 @@ async function showModel() {
   for (const row of state.meta.summary || []) {
     const tr = body.insertRow();
     const rf = Array.isArray(row.receptive_field) ? row.receptive_field.join("×") : row.receptive_field;
-    for (const cell of [row.name, row.type, shape(row.output_shape), fmt(row.params), fmt(row.flops), rf]) {
+    const from = (row.inputs || []).join(", ");
+    for (const cell of [row.name, row.type, from, shape(row.output_shape), fmt(row.params), fmt(row.flops), rf]) {
       tr.insertCell().textContent = cell ?? "";
     }
   }
@@ -205,6 +206,7 @@ async function run() {
   const model = state.meta.name;
   $("run-button").disabled = true;
   $("maps").replaceChildren();
+  $("top5").hidden = true;
   $("progress").hidden = false;
   $("progress").value = 0;
   const form = new FormData();
@@ -247,31 +249,75 @@ async function waitFor(id) {
   }
 }
 
+// Layers open with their maps drawn when the model is short; in a long graph (ResNet,
+// GoogLeNet) each layer is a closed row, in graph order with its inputs, whose maps are
+// fetched when it is opened.
+const OPEN_LAYERS = 12;
+
+async function drawMaps(id, name, figure, img) {
+  if (img.dataset.loaded) return;
+  img.dataset.loaded = "1";
+  try {
+    img.src = await imageUrl(
+      `/v2/jobs/${id}/result?output=${encodeURIComponent(name)}&format=png&image=0`);
+  } catch (err) {
+    const note = document.createElement("p");
+    note.className = "error";
+    note.textContent = err.message;
+    figure.append(note);
+  }
+}
+
+async function showTop(id, last) {
+  const box = $("top5");
+  box.hidden = true;
+  if (!(state.meta.labels || []).length) return;
+  try {
+    const doc = await (await api(
+      `/v2/jobs/${id}/result?output=${encodeURIComponent(last)}&format=json&top=5`)).json();
+    const list = $("top5-list");
+    list.replaceChildren();
+    for (const entry of doc.outputs[0].data.slice(0, 5)) {
+      const [score, index, ...label] = entry.split(":");
+      const li = document.createElement("li");
+      li.textContent = `${label.join(":")} (${index}): ${Number(score).toFixed(4)}`;
+      list.append(li);
+    }
+    $("top5-caption").textContent = `Top 5 of ${last}`;
+    box.hidden = false;
+  } catch (err) {
+    setStatus("Could not rank the classes: " + err.message, true);
+  }
+}
+
 async function showMaps(id, outputs) {
   const shapes = Object.fromEntries((state.meta.outputs || []).map((o) => [o.name, o.shape]));
+  const inputs = Object.fromEntries(
+    (state.meta.summary || []).map((r) => [r.name, r.inputs || []]));
+  const open = outputs.length <= OPEN_LAYERS;
+  const pending = [];
+  await showTop(id, outputs[outputs.length - 1]);
   for (const name of outputs) {
     const figure = document.createElement("figure");
     figure.className = "layer";
     figure.dataset.layer = name;
-    const title = document.createElement("h3");
+    const details = document.createElement("details");
+    details.open = open;
+    const title = document.createElement("summary");
     const s = shapes[name];
-    title.textContent = s ? `${name}: ${shape(s.slice(1))}` : name;
+    const from = (inputs[name] || []).length ? ` ← ${inputs[name].join(", ")}` : "";
+    title.textContent = (s ? `${name}: ${shape(s.slice(1))}` : name) + from;
     const img = document.createElement("img");
     img.alt = `activation maps of ${name}`;
     img.title = "click a channel to see which pixels made it fire (saliency)";
     img.addEventListener("click", (e) => explainChannel(figure, img, name, s, e));
-    figure.append(title, img);
+    details.append(title, img);
+    figure.append(details);
+    details.addEventListener("toggle", () => { if (details.open) drawMaps(id, name, figure, img); });
     $("maps").append(figure);
-    try {
-      img.src = await imageUrl(
-        `/v2/jobs/${id}/result?output=${encodeURIComponent(name)}&format=png&image=0`);
-    } catch (err) {
-      const note = document.createElement("p");
-      note.className = "error";
-      note.textContent = err.message;
-      figure.append(note);
-    }
+    if (open) pending.push(drawMaps(id, name, figure, img));
   }
+  await Promise.all(pending);
 }
 
 // The channel under a click on a layer's grid (engine tiles: ceil(sqrt(K)) columns, 1 px gaps).

@@ -134,3 +134,29 @@ def test_an_unexpected_error_is_a_logged_500_json(caplog):
         "type": "InternalError",
     }
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_classification_extension_returns_top_k_strings(live):
+    imgs = images(2)
+    body = v2_json(imgs)
+    body["outputs"] = [
+        {"name": "pool1", "parameters": {"classification": 3}},
+        {"name": "conv1", "parameters": {"binary_data": False}},
+    ]
+    rv = live.client.post("/v2/models/tiny/infer", json=body)
+    assert rv.status_code == 200, rv.json
+    out = {o["name"]: o for o in rv.json["outputs"]}
+    assert out["pool1"]["datatype"] == "BYTES" and out["pool1"]["shape"] == [2, 3]
+    pool1 = reference_model().run(imgs, outputs=["pool1"])["pool1"].reshape(2, -1)
+    for i, row in enumerate(np.reshape(out["pool1"]["data"], (2, 3))):
+        want = np.argsort(-pool1[i], kind="stable")[:3]
+        assert [int(s.split(":")[1]) for s in row] == list(want)
+        assert [float(s.split(":")[0]) for s in row] == pytest.approx(pool1[i][want], abs=1e-6)
+        assert all(s.split(":")[2] == s.split(":")[1] for s in row)  # no labels: the index
+    assert out["conv1"]["datatype"] == "FP32"
+    body["outputs"][0]["parameters"]["classification"] = "3"
+    assert live.client.post("/v2/models/tiny/infer", json=body).status_code == 400
+    jobs = live.client.post(
+        "/v2/models/tiny/jobs", json=v2_json(imgs) | {"outputs": body["outputs"]}
+    )
+    assert jobs.status_code == 400 and "classification" in jobs.json["error"]

@@ -194,3 +194,32 @@ def test_explain_saves_overlays_and_maps(server, demo_files, tmp_path, capsys):
     assert len(overlays) == len(pics)
     picture = np.asarray(Image.open(overlays[0]))
     assert picture.shape == (*want.shape[1:3], 3)
+
+
+def test_top_k_prints_the_last_layers_best_classes_with_labels(
+    server, demo_files, tmp_path, capsys
+):
+    spec, arrays = demo_model()
+    spec = dict(spec, layers=[*spec["layers"], {"name": "gap", "type": "globalavgpool"}])
+    model = Model.from_arrays(spec, arrays)
+    last = model.layer_names[-1]
+    k = model.output_shapes(35, 35)[last][2]
+    labeled = dict(spec, labels=[f"class-{i}" for i in range(k)])
+    (tmp_path / "spec.json").write_text(json.dumps(labeled))
+    args = ["--url", server, "--api-key", "k1", "--model", "labeled", "--no-png"]
+    args += ["--spec", str(tmp_path / "spec.json"), "--weights", str(demo_files / "weights.npz")]
+    args += ["--outputs", model.layer_names[0], "--top", "2", "--out", str(tmp_path)]
+    status = client.main([*args, str(demo_files / "pics")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    *tops, path = captured.out.strip().splitlines()
+    with np.load(path, allow_pickle=False) as saved:
+        assert set(saved.files) == {model.layer_names[0], last}
+        scores = saved[last].reshape(len(tops), -1)
+    assert len(tops) == 2
+    for line, row in zip(tops, scores, strict=True):
+        picture, ranked = line.split(": ", 1)
+        assert picture.endswith(".png")
+        best = np.argsort(-row, kind="stable")[:2]
+        want = [f"{row[i]:f}:{i}:class-{i}" for i in best]
+        assert ranked.split(", ") == want

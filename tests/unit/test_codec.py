@@ -163,8 +163,8 @@ BAD_JSON = [
     ),
     (
         b'{"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1,1,1], "data": [1]}],'
-        b' "outputs": [{"name": "a", "parameters": {"classification": 3}}]}',
-        "classification",
+        b' "outputs": [{"name": "a", "parameters": {"classification": 0}}]}',
+        "classification must be a positive integer",
     ),
     (
         b'{"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1,1,1], "data": [1]}],'

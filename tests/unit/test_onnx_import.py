@@ -188,7 +188,7 @@ def test_symbolic_spatial_size_leaves_input_open():
     spec, arrays = convert(model.SerializeToString())
     assert spec["input"] == {"channels": 3}
     out = Model.from_arrays(spec, arrays).run(np.zeros((1, 7, 9, 3), np.float32))
-    assert out["conv1"].shape == (1, 5, 7, 2)
+    assert out["y"].shape == (1, 5, 7, 2)
 
 
 def _refused(nodes, inits, fragment, **kw):
@@ -200,26 +200,33 @@ def _refused(nodes, inits, fragment, **kw):
 
 def test_unsupported_ops_are_named():
     err = _refused(
-        [helper.make_node("Softmax", ["x"], ["y"], name="sm")], [], "unsupported op Softmax"
+        [helper.make_node("Mul", ["x", "x"], ["y"], name="sq")], [], "unsupported op Mul"
     )
-    assert "'sm'" in err.message and "Conv" in err.message
+    assert "'sq'" in err.message and "Conv" in err.message and "LRN" in err.message
 
 
 def test_grouped_conv_branches_and_bad_uploads_are_refused():
     _refused(
-        [conv("x", "y", "w", None, kernel_shape=[3, 3], group=3)],
-        [tensor("w", (3, 1, 3, 3))],
-        "group=3",
+        [conv("x", "y", "w", None, kernel_shape=[3, 3], group=2)],
+        [tensor("w", (4, 1, 3, 3))],
+        "group=2 must divide the 3 input channels",
     )
     _refused(
         [
             conv("x", "a", "w", None, kernel_shape=[1, 1]),
-            helper.make_node("Add", ["a", "x"], ["y"]),
+            helper.make_node("Add", ["a", "x"], ["y"], name="res"),
         ],
-        [tensor("w", (3, 3, 1, 1))],
-        "must be a constant",
+        [tensor("w", (4, 3, 1, 1))],
+        "'res': inputs differ in shape [(4, 10, 10), (3, 10, 10)]",
     )
-    _refused([helper.make_node("Flatten", ["x"], ["y"])], [], "ends in Flatten")
+    dead = [conv("x", "y", "w", None, kernel_shape=[1, 1]), helper.make_node("Relu", ["x"], ["r"])]
+    spec, _ = convert(graph_bytes(dead, [tensor("w", (4, 3, 1, 1))]))
+    assert [layer["name"] for layer in spec["layers"]] == ["y"]  # the dead branch is dropped
+    _refused(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["y"])],
+        [],
+        "ends in Flatten",
+    )
     _refused(
         [helper.make_node("Relu", ["x"], ["y"])], [], "float32 (N, C, H, W)", in_shape=(1, 3, 4)
     )
@@ -245,7 +252,7 @@ def test_cli_writes_spec_and_safetensors(tmp_path, capsys):
     )
     (tmp_path / "m.onnx").write_bytes(data)
     assert main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")]) == 0
-    assert "conv1" in capsys.readouterr().out
+    assert "\nc " in capsys.readouterr().out
     spec = json.loads((tmp_path / "out" / "spec.json").read_text())
     assert spec["name"] == "tiny-net"
     model = Model.load(tmp_path / "out" / "spec.json", tmp_path / "out" / "weights.safetensors")
@@ -256,6 +263,17 @@ def test_cli_writes_spec_and_safetensors(tmp_path, capsys):
         rtol=1e-4,
         atol=1e-4,
     )
+    (tmp_path / "labels.txt").write_text("cat\ndog\n\neel\nfox\n")
+    out = str(tmp_path / "labeled")
+    assert (
+        main([str(tmp_path / "m.onnx"), "-o", out, "--labels", str(tmp_path / "labels.txt")]) == 0
+    )
+    assert json.loads((tmp_path / "labeled" / "spec.json").read_text())["labels"] == [
+        "cat",
+        "dog",
+        "eel",
+        "fox",
+    ]
     (tmp_path / "bad.onnx").write_bytes(b"nope")
     assert main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "out2")]) == 2
     assert "error:" in capsys.readouterr().err
@@ -299,7 +317,7 @@ def test_torch_export_of_a_small_cnn_matches_torch():
     with torch.no_grad():
         features = net[:3](x).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(
-        model.run(x.numpy().transpose(0, 2, 3, 1).copy(), "maxpool1")["maxpool1"],
+        model.run(x.numpy().transpose(0, 2, 3, 1).copy(), "2")["2"],
         features,
         rtol=1e-4,
         atol=1e-4,
