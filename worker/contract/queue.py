@@ -1,8 +1,10 @@
-"""The service's side of the queue: submit a job, read its status, cancel it."""
+"""The service's side of the queue: submit a job, read its status, wait for it, cancel it."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Literal
 
 import numpy as np
 import rq
@@ -156,6 +158,33 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
             else max(1, retries - left + 1)
         ),
     }
+
+
+ENDED = ("finished", "failed", "canceled")
+
+POLL_FIRST = 0.002
+"""Seconds before a waiter first looks again; each look waits 1.5x longer, up to its cap."""
+
+
+def wait_for_end(
+    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = 0.05
+) -> dict | None | Literal[False]:
+    """Wait until job_id ends; return its status (None if it vanished), False past deadline.
+
+    deadline is on time.monotonic(). The status is read again after 2 ms, then 1.5x longer each
+    time up to poll_max seconds: a 10 ms job is seen within ~3 ms of its end, and every read is a
+    short command, so an outage fails fast with the client's own socket timeout.
+    """
+    pause = POLL_FIRST
+    while True:
+        status = job_status(queue, job_id)
+        if status is None or status["status"] in ENDED:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 1.5, poll_max)
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:
