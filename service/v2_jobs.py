@@ -13,9 +13,9 @@ from flask import Blueprint, Response, current_app, request, url_for
 from engine.npy import npy_header
 from worker.contract.queue import cancel, job_status, wait_for_end
 
-from .app import convq
 from .auth import check_visible
 from .codec import Streamed, encode_infer, iter_body
+from .context import convq
 from .errors import (
     ApiError,
     BadRequest,

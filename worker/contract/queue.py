@@ -18,6 +18,9 @@ from . import defaults
 
 RUN_MODEL = "worker.jobs.run_model"
 
+JobQueue = rq.Queue
+"""The queue type the contract hands out (the service names it without importing rq)."""
+
 # rq statuses a client sees, folded onto the five of the API.
 _STATUS = {
     JobStatus.QUEUED: "queued",
