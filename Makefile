@@ -6,9 +6,10 @@ test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, 
 	bash scripts/system-deps.sh
 	$(PYTHON) -m pytest -q
 
-lint:
+lint:  ## ruff (lint + format) everywhere; mypy on the engine and the job contract (zero errors)
 	$(PYTHON) -m ruff check engine worker service tests bench
 	$(PYTHON) -m ruff format --check engine worker service tests bench
+	$(PYTHON) -m mypy
 
 bench:
 	$(PYTHON) bench/engine.py

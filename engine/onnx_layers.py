@@ -32,7 +32,7 @@ class Chain:
         return f"{kind}{self.counts[kind]}"
 
     def sized(self, node) -> tuple[int, int]:
-        if self.h is None:
+        if self.h is None or self.w is None:
             raise fail(
                 f"{node.op_type} node {node.name!r} needs a fixed input height and width; "
                 "export the model with a static input shape",
@@ -237,7 +237,7 @@ def dense(node, weight: np.ndarray, bias, chain: Chain) -> None:
 def add_bias(node, value: np.ndarray, chain: Chain) -> None:
     """Fold Add(x, constant) into the bias of the conv or fc layer that made x."""
     last = chain.layers[-1] if chain.layers else {}
-    k = last.get("filters")
+    k = int(last.get("filters") or 0)
     if last.get("type") != "conv" or last.get("bias") is not None:
         raise fail(
             f"Add node {node.name!r}: only a bias added straight after Conv, Gemm or "
@@ -277,7 +277,7 @@ def flatten(node, chain: Chain, consts, ins) -> None:
             raise fail(f"Flatten node {node.name!r}: only axis=1 is supported", field="axis")
     else:
         shape = [int(v) for v in consts[ins[1]].reshape(-1)]
-        total = chain.c * chain.h * chain.w if chain.h is not None else None
+        total = chain.c * chain.h * chain.w if chain.h is not None and chain.w is not None else None
         if len(shape) != 2 or shape[1] not in (-1, total) or shape[0] not in (-1, 0, 1):
             raise fail(f"Reshape node {node.name!r}: only a flatten to (N, -1) is supported")
     chain.flat = True
@@ -288,7 +288,7 @@ def global_pool(node, chain: Chain) -> None:
     h, w = chain.sized(node)
     average = node.op_type == "GlobalAveragePool"
     kind = "avgpool" if average else "maxpool"
-    layer = {
+    layer: dict[str, object] = {
         "name": chain.name(kind),
         "type": kind,
         "size": [h, w],

@@ -58,7 +58,7 @@ def summarize(
     """
     if h is None or w is None:
         h, w = spec.height, spec.width
-    shapes = spec.shapes(h, w) if h is not None else [None] * len(spec.layers)
+    shapes = spec.shapes(h, w) if h is not None and w is not None else [None] * len(spec.layers)
     local_hw = local_hw or {}
     rows = []
     rf, jump = [1, 1], [1, 1]
@@ -79,7 +79,7 @@ def summarize(
                 "receptive_field": tuple(rf),
                 "activation_bytes": None if shape is None else 4 * shape[0] * shape[1] * shape[2],
                 "im2col": (win.fh * win.fw * c, shape[0] * shape[1])
-                if layer.type in ("conv", "local") and shape is not None
+                if layer.type in ("conv", "local") and shape is not None and win is not None
                 else None,
             }
         )

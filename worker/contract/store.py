@@ -17,7 +17,7 @@ import functools
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -194,7 +194,7 @@ class Store:
     def _slices(self, key: str, start: int, stop: int) -> Iterator[bytes]:
         client = bulk_client(self.redis)
         for offset in range(start, stop, SLICE_BYTES):
-            yield client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1)
+            yield cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1))
 
     # -- inputs ---------------------------------------------------------------------------------
     def put_input(self, job_id: str, images: np.ndarray) -> None:
@@ -204,9 +204,7 @@ class Store:
             return
         images = np.ascontiguousarray(images)
         name = f"input-{job_id}"
-        self.blobs.write(
-            name, [npy_header(images.shape, images.dtype), memoryview(images).cast("B")]
-        )
+        self.blobs.write(name, [npy_header(images.shape, images.dtype), images.data.cast("B")])
         self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
@@ -261,7 +259,7 @@ class Store:
                 for name, arr in arrays.items():
                     entry = index[name]
                     entry["file"] = f"result-{job_id}.{entry.pop('key')}"
-                    blobs.write(entry["file"], [memoryview(arr).cast("B")])
+                    blobs.write(entry["file"], [arr.data.cast("B")])
                     written.append(entry["file"])
             except BaseException:
                 blobs.delete(*written)
@@ -272,7 +270,7 @@ class Store:
                 if "key" in index[name]:
                     pipe.set(
                         self._data_key(job_id, index[name]["key"]),
-                        memoryview(arr).cast("B"),
+                        arr.data.cast("B"),
                         ex=self.result_ttl,
                     )
             pipe.hset(
@@ -322,7 +320,7 @@ class Store:
         client = bulk_client(self.redis)
 
         def read(offset: int) -> bytes:
-            piece = client.getrange(key, offset, min(offset + SLICE_BYTES, size) - 1)
+            piece = cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, size) - 1))
             if len(piece) != min(SLICE_BYTES, size - offset):
                 raise LookupError(f"the result of job {job_id} vanished while it was read")
             return piece
