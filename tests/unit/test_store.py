@@ -63,9 +63,9 @@ def test_result_round_trip_keeps_order_and_ttl(store):
     }
     store.put_result("j", outs)
     assert store.result_names("j") == ["pool", "conv"]
-    assert np.array_equal(np.load(io.BytesIO(store.result_npy("j", "conv"))), outs["conv"])
-    assert store.result_npy("j", "nope") is None
-    assert store.result_npy("j", "__names__") is None
+    assert np.array_equal(store.result_array("j", "conv"), outs["conv"])
+    assert store.result_array("j", "nope") is None
+    assert store.result_array("j", "__names__") is None
     assert 0 < store.redis.ttl("convq:result:j") <= 100
     assert store.result_names("other") is None
     store.delete_job("j")

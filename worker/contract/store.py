@@ -350,11 +350,6 @@ class Store:
         raw = self._read_into(self._data_key(job_id, entry["key"]), size)
         return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
 
-    def result_npy(self, job_id: str, name: str) -> bytes | None:
-        """Return one output as .npy bytes, or None."""
-        array = self.result_array(job_id, name)
-        return None if array is None else to_npy(array)
-
     # -- cancellation and cleanup ---------------------------------------------------------------
     def mark_canceled(self, job_id: str) -> None:
         """Tell whoever runs job_id to stop at the next layer."""
