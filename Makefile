@@ -6,8 +6,8 @@ test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, 
 	bash scripts/system-deps.sh
 	$(PYTHON) -m pytest -q
 
-test-fast:  ## unit + integration tests (fakeredis, no processes started)
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not system" tests/unit tests/integration
+test-fast:  ## unit + integration tests, without the system and slow ones (fakeredis, no processes started)
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not system and not slow" tests/unit tests/integration
 
 lint:  ## ruff (lint + format) everywhere; mypy on the engine and the job contract (zero errors)
 	$(PYTHON) -m ruff check engine worker service tests bench

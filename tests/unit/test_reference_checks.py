@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.reference_checks import is_missing_library
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,7 @@ def test_reason_of_importorskip_names_a_reference_library():
     assert not is_missing_library("could not import 'selenium': No module named 'selenium'")
 
 
+@pytest.mark.slow  # three pytest runs in subprocesses
 def test_skipped_cross_checks_fail_in_ci_only(tmp_path):
     files = {"test_suite.py": SUITE, "test_marked.py": MARKED, "test_torch.py": MISSING_TORCH}
     ci = _run(tmp_path, files, "true")
@@ -83,6 +86,7 @@ def test_skipped_cross_checks_fail_in_ci_only(tmp_path):
     assert "warning: 2 reference check(s) skipped" in local.stdout
 
 
+@pytest.mark.slow
 def test_other_skips_do_not_fail_ci(tmp_path):
     result = _run(tmp_path, {"test_suite.py": SUITE}, "true")
     assert result.returncode == 0, result.stdout
