@@ -16,7 +16,14 @@ from rq.serializers import JSONSerializer
 from tests.models import tiny_model
 from worker import jobs
 from worker.contract.config import Settings
-from worker.contract.queue import cancel, job_status, make_queue, queue_depth, submit
+from worker.contract.queue import (
+    cancel,
+    job_status,
+    make_queue,
+    queue_depth,
+    submit,
+    wait_for_end,
+)
 from worker.contract.store import Store
 from worker.reaper import reap_abandoned
 from worker.runner import burst
@@ -65,6 +72,19 @@ def test_results_equal_model_run(env):
         assert got.dtype == np.float32 and got.shape == want.shape
         assert np.array_equal(got, want)
     assert queue_depth(queue) == 0
+
+
+def test_wait_for_end_returns_false_past_the_deadline_then_the_ended_status(env):
+    redis, _store, queue, *_ = env
+    job_id = _submit(env)
+    began = time.monotonic()
+    assert wait_for_end(queue, job_id, began + 0.05) is False  # no worker yet
+    assert 0.05 <= time.monotonic() - began < 1.0
+    burst(redis, SETTINGS)
+    status = wait_for_end(queue, job_id, time.monotonic() + 5)
+    assert status is not None and status is not False
+    assert status["status"] == "finished" and status["id"] == job_id
+    assert wait_for_end(queue, "0" * 32, time.monotonic() + 5) is None
 
 
 def test_float_input_and_all_outputs(env):
