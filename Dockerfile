@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # Compiled kernels land here at build time, so a fresh worker loads them in ~0.3 s instead
     # of compiling for ~4 s. The directory must stay readable by the runtime user.
     NUMBA_CACHE_DIR=/var/cache/convq/numba \
-    # Numba's and OpenBLAS's thread pools must not spin against each other (PERF-NOTES.md).
+    # Numba's and OpenBLAS's thread pools must not spin against each other.
     OMP_WAIT_POLICY=PASSIVE \
     # prometheus-client's shared files for gunicorn's workers; compose mounts a tmpfs here.
     PROMETHEUS_MULTIPROC_DIR=/run/convq-metrics

@@ -1,14 +1,18 @@
 PYTHON ?= python3
 
-.PHONY: test lint bench warmup
+.PHONY: test test-fast lint bench warmup
 
 test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, browser
 	bash scripts/system-deps.sh
 	$(PYTHON) -m pytest -q
 
-lint:
+test-fast:  ## unit + integration tests, without the system and slow ones (fakeredis, no processes started)
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not system and not slow" tests/unit tests/integration
+
+lint:  ## ruff (lint + format) everywhere; mypy on the engine and the job contract (zero errors)
 	$(PYTHON) -m ruff check engine worker service tests bench
 	$(PYTHON) -m ruff format --check engine worker service tests bench
+	$(PYTHON) -m mypy
 
 bench:
 	$(PYTHON) bench/engine.py

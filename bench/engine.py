@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 # Rounds alternate between libraries in one process, so each one's thread pool must sleep, not
-# spin, once its call returns, or it steals the cores from the next one (PERF-NOTES trap 1).
+# spin, once its call returns, or it steals the cores from the next one.
 # libgomp (Numba's and PyTorch's) reads this when it starts; ORT is told per session below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # NumPy's OpenBLAS (the baseline) otherwise keeps its threads spinning for 2^28 cycles (~0.1 s)

@@ -1,4 +1,4 @@
-"""convq's compute core: the seed's ConvNet layers, a plain reference and a Numba fast path.
+"""convq's compute core: ConvNet layers, a plain-loop reference and a Numba fast path.
 
 Never imports flask, redis or rq.
 """

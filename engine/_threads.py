@@ -1,6 +1,6 @@
 """Who owns the cores: Numba's thread pool, and nothing else.
 
-Decision (PERF-NOTES trap 1): every kernel splits its work into per-thread tiles with `prange`
+Decision: every kernel splits its work into per-thread tiles with `prange`
 and does each tile's GEMM in that thread — on AVX-512 CPUs with the engine's own micro-kernel
 (engine._gemm), elsewhere with one single-threaded sgemm call (Numba's np.dot -> SciPy's
 OpenBLAS, whose thread count is set to 1 here, once). So only one pool of threads ever runs and

@@ -44,7 +44,7 @@ def to_npy(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array)
     if array.dtype.hasobject:
         raise ValueError("object arrays are not stored")
-    return b"".join([npy_header(array.shape, array.dtype), memoryview(array).cast("B")])
+    return b"".join([npy_header(array.shape, array.dtype), array.data.cast("B")])
 
 
 def npy_layout(data) -> tuple[tuple[int, ...], np.dtype, int]:

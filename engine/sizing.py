@@ -111,6 +111,8 @@ def _with_input_hint(spec: Spec, err: ShapeError, h: int, w: int) -> ShapeError:
 def check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> None:
     """Raise ShapeError if some pooling window holds only padding (its max or mean is undefined)."""
     win = layer.window
+    if win is None:
+        return  # not a windowed layer: nothing to pool over
     for axis, n, out, f, s, lo, d in (
         ("height", h, hout, win.fh, win.sh, win.top, win.dh),
         ("width", w, wout, win.fw, win.sw, win.left, win.dw),

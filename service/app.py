@@ -3,69 +3,21 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
-from flask import Flask, current_app
+from flask import Flask
 
-from engine import Model
+from worker.contract.cache import ModelCache
+from worker.contract.config import Settings
+from worker.contract.connection import connect
+from worker.contract.queue import make_queue
+from worker.contract.store import Store
 
-from . import defaults
+from . import auth, defaults, metrics, openapi, v2_jobs, v2_models, web
+from .context import Convq
 from .errors import register_error_handlers
 
 
-class ModelCache:
-    """Keep recently used validated models (for shape checks and metadata), byte-bounded LRU."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._models: OrderedDict[tuple[str, int], tuple[Model, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, store, name: str, version: int, spec: dict) -> Model | None:
-        """Return the Model of name at version, loading its weights from store on a miss."""
-        key = (name, version)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key][0]
-        weights = store.model_weights(name, version)
-        if weights is None:
-            return None
-        model = Model.from_bytes(spec, weights, filename="weights.safetensors")
-        with self._lock:
-            self._models[key] = (model, len(weights))
-            while (
-                len(self._models) > 1
-                and sum(size for _, size in self._models.values()) > self.max_bytes
-            ):
-                self._models.popitem(last=False)
-        return model
-
-
-@dataclass
-class Convq:
-    """The shared objects of one app: Redis connection, queue, blob store, worker settings."""
-
-    redis: object
-    queue: object
-    store: object
-    settings: object
-    models: ModelCache = field(default_factory=lambda: ModelCache(defaults.MODEL_CACHE_BYTES))
-
-
-def convq() -> Convq:
-    """Return the current app's shared objects."""
-    return current_app.extensions["convq"]
-
-
 def _connect(app: Flask) -> Convq:
-    from worker.contract.config import Settings
-    from worker.contract.connection import connect
-    from worker.contract.queue import make_queue
-    from worker.contract.store import Store
-
     settings = app.config.get("SETTINGS") or Settings.from_env()
     redis = app.config.get("REDIS")
     if redis is None:
@@ -77,7 +29,7 @@ def _connect(app: Flask) -> Convq:
         queue=make_queue(redis, settings.queue),
         store=store,
         settings=settings,
-        models=ModelCache(int(app.config["MODEL_CACHE_BYTES"])),
+        models=ModelCache(int(app.config["MODEL_CACHE_BYTES"]), keep_latest=True),
     )
 
 
@@ -93,8 +45,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.json.sort_keys = False
     register_error_handlers(app)
     app.extensions["convq"] = _connect(app)
-
-    from . import auth, metrics, openapi, v2_jobs, v2_models, web
 
     auth.init_app(app)
     app.register_blueprint(v2_models.bp)

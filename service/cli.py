@@ -50,10 +50,8 @@ def load_demo(store) -> None:
 
 
 def _demo_files() -> list[Path]:
-    try:
-        from service.demo import demo_images
-    except ImportError:
-        from service.demo.images import demo_images
+    from service.demo import demo_images
+
     folder = Path(tempfile.gettempdir()) / "convq-demo"
     folder.mkdir(exist_ok=True)
     paths = []

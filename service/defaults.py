@@ -1,5 +1,7 @@
 """The service's default settings; each can be overridden by a CONVQ_<NAME> environment variable."""
 
+from worker.contract import defaults as _contract
+
 MAX_CONTENT_LENGTH = 64 * 1024 * 1024
 """Bytes of one request body (inference and job submissions)."""
 
@@ -42,6 +44,6 @@ SOCKET_TIMEOUT = 0.5
 """Seconds one Redis socket wait may take. A paused Redis can cost up to four waits (command,
 reconnect handshake, retried command), so the API answers 503 within about 2 s."""
 
-MODEL_CACHE_BYTES = 256 * 1024 * 1024
+MODEL_CACHE_BYTES = _contract.MODEL_CACHE_BYTES
 """Weight bytes of validated models the API keeps in memory for shape checks (the most recent
-model is kept whatever its size)."""
+model is kept whatever its size); one default with the workers' cache of the same name."""

@@ -24,9 +24,8 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from rq import Worker
 
-from worker.contract.telemetry import read_telemetry
+from worker.contract.stats import queue_stats
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +56,28 @@ class RedisCollector:
         yield from families
 
     def _from_redis(self):
-        queue = self.state.queue
-        queue.connection.ping()
-
+        stats = queue_stats(self.state.queue)
         jobs = GaugeMetricFamily("convq_jobs", "Jobs in each RQ state right now", labels=["state"])
-        registries = {
-            "started": queue.started_job_registry,
-            "finished": queue.finished_job_registry,
-            "failed": queue.failed_job_registry,
-            "deferred": queue.deferred_job_registry,
-            "scheduled": queue.scheduled_job_registry,
-            "canceled": queue.canceled_job_registry,
-        }
-        jobs.add_metric(["queued"], queue.count)
-        for state, registry in registries.items():
-            # cleanup=False: a scrape must only read, never move jobs between registries. A set,
-            # because rq 3 keys the started registry by job:execution, one entry per attempt.
-            jobs.add_metric([state], len(set(registry.get_job_ids(cleanup=False))))
+        for state, n in stats.jobs.items():
+            jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily("convq_queue_depth", "Jobs waiting in the queue", value=queue.count)
-
-        workers = Worker.all(queue=queue, serializer=queue.serializer)
-        busy = sum(1 for w in workers if w.get_state() == "busy")
+        yield GaugeMetricFamily("convq_queue_depth", "Jobs waiting in the queue", value=stats.depth)
         live = GaugeMetricFamily("convq_workers", "Live workers on the queue", labels=["state"])
-        live.add_metric(["busy"], busy)
-        live.add_metric(["idle"], len(workers) - busy)
+        live.add_metric(["busy"], stats.workers_busy)
+        live.add_metric(["idle"], stats.workers_idle)
         yield live
 
-        ended, histograms = read_telemetry(queue.connection)
         total = CounterMetricFamily(
             "convq_jobs_ended", "Jobs that ended, by final state", labels=["state"]
         )
-        for state, n in sorted(ended.items()):
+        for state, n in sorted(stats.ended.items()):
             total.add_metric([state], n)
         yield total
         help_text = {
             "queue": "Seconds a job waited between enqueue and a worker starting it",
             "compute": "Seconds a worker spent running a job",
         }
-        for kind, hist in histograms.items():
+        for kind, hist in stats.histograms.items():
             family = HistogramMetricFamily(f"convq_job_{kind}_seconds", help_text[kind])
             buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist.buckets]
             family.add_metric([], buckets, sum_value=hist.sum)

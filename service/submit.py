@@ -15,12 +15,13 @@ from flask import current_app, request
 from engine import Model
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 from engine.explain import check_request, result_bytes
+from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
-from .app import convq
 from .auth import check_visible, current_owner
 from .body import read_body
 from .codec import InferRequest, decode_infer, parse_header_length
+from .context import convq
 from .errors import BadRequest, NotFound, TooLarge, Unavailable, UnsupportedMediaType
 from .images import stack_images
 
@@ -48,9 +49,10 @@ def find_model(name: str, version: str | None = None) -> Target:
             f"model {name!r} has no version {version[:20]!r}; the current version "
             f"is {info['version']}"
         )
-    model = ext.models.get(ext.store, name, int(info["version"]), info["spec"])
-    if model is None:
-        raise NotFound(f"model {name!r} was removed")
+    try:
+        model = ext.models.get(ext.store, name, int(info["version"]), info["spec"])
+    except ModelGone:
+        raise NotFound(f"model {name!r} was removed") from None
     return Target(name, int(info["version"]), model)
 
 

@@ -9,16 +9,15 @@ from collections.abc import Iterator
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
-from rq.results import Result
 
 from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
-from worker.contract.queue import cancel, job_status
+from worker.contract.queue import cancel, job_status, wait_for_end
 
-from .app import convq
 from .auth import check_visible
 from .classify import top_k
 from .codec import Streamed, encode_infer, iter_body
+from .context import convq
 from .errors import (
     ApiError,
     BadRequest,
@@ -126,29 +125,6 @@ def _check_json_size(nbytes: int) -> None:
         )
 
 
-def _wait(job_id: str, deadline: float) -> dict | None | bool:
-    """Wait for job_id to end; return its status (None if it vanished), False past deadline.
-
-    Blocks on the job's rq result stream (XREAD), which the worker appends to in the same
-    transaction that marks the job finished or failed, so a fast job is answered the moment it
-    ends, without polling. Blocks are shorter than the socket timeout; between them the status
-    is read again, which also covers a retried attempt and a canceled job.
-    """
-    ext = convq()
-    stream, last = Result.get_key(job_id), "0-0"
-    block = max(0.001, float(current_app.config["SOCKET_TIMEOUT"]) / 2)
-    while True:
-        status = job_status(ext.queue, job_id)
-        if status is None or status["status"] in ("finished", "failed", "canceled"):
-            return status
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        reply = ext.redis.xread({stream: last}, block=max(1, int(min(left, block) * 1000)))
-        if reply:
-            last = reply[0][1][-1][0]
-
-
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None):
@@ -171,7 +147,7 @@ def infer(name: str, version: str | None = None):
     job_id, outputs = enqueue(target, parsed)
     binary |= {n for n in outputs if n not in wanted and default}  # an explanation's arrays
     enqueued_at = time.perf_counter()
-    status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
+    status = wait_for_end(ext.queue, job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
         cancel(ext.queue, ext.store, job_id)
         raise InferTimeout(

@@ -6,10 +6,10 @@ from flask import Blueprint, current_app
 
 from worker.contract.queue import live_workers
 
-from .app import convq
 from .auth import check_visible, current_owner
 from .body import json_object, read_body
 from .codec import INPUT_NAME
+from .context import convq
 from .errors import BadRequest, Conflict, NotFound, Unavailable
 from .submit import find_model
 from .upload import check_name, parse_upload

@@ -1,8 +1,8 @@
 """The web page at `/`: static HTML/JS/CSS, plus the two pictures the page needs that V2 lacks.
 
 - `GET /` the page; `GET /ui/static/...` its script and styles (no CDN: everything ships here).
-- `GET /ui/models/<name>/filters.png[?layer=NAME]` a conv layer's filters as colour tiles (the
-  seed's Krizhevsky figure); the first conv layer by default.
+- `GET /ui/models/<name>/filters.png[?layer=NAME]` a conv layer's filters as colour tiles (as in
+  Krizhevsky et al.'s figure); the first conv layer by default.
 - `GET /ui/samples` and `/ui/samples/<file>` the demo's sample pictures, so a newcomer has
   something to drop; `GET /ui/demo/spec.json` and `/ui/demo/weights.npz` the demo model as
   upload-ready files, so a stack started without it (docker compose) gets it in one click.

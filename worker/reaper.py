@@ -22,16 +22,15 @@ from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
+from .contract import keys
+
 log = logging.getLogger("convq.worker")
-
-
-SEEN_PREFIX = "convq:expired-seen:"
-"""Hash per queue: registry entry -> when a sweep first saw its heartbeat expired (epoch s)."""
 
 
 def _confirmed(queue, entries: list[str], cutoff: float, confirm_after: float) -> list[str]:
     """Return the entries sweeps have seen expired for confirm_after s; forget renewed ones."""
-    key = SEEN_PREFIX + queue.name
+    # Hash per queue: registry entry -> when a sweep first saw its heartbeat expired (epoch s).
+    key = keys.expired_seen(queue.name)
     seen = {as_text(k): float(v) for k, v in queue.connection.hgetall(key).items()}
     with queue.connection.pipeline() as pipe:
         renewed = [entry for entry in seen if entry not in entries]

@@ -23,7 +23,7 @@ from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, Worker
 
-from .contract import defaults
+from .contract import defaults, keys
 from .contract.store import Store
 from .horse import ReusedHorseMixin
 from .jobclass import ConvqJob
@@ -81,7 +81,7 @@ class _ConvqMixin:
     def clean_registries(self):
         """Sweep each queue: abandoned jobs, expired registry entries, dead worker keys."""
         for queue in self.queues:
-            lock = f"{defaults.KEY_PREFIX}sweep-lock:{queue.name}"
+            lock = keys.sweep_lock(queue.name)
             try:
                 if not self.connection.set(
                     lock, self.name, nx=True, ex=max(1, self.maintenance_interval - 1)

@@ -1,4 +1,4 @@
-"""The demo `convq up` loads: the seed's AlexNet conv1 -> ReLU -> maxpool 3/2 with readable filters.
+"""The demo `convq up` loads: AlexNet conv1 -> ReLU -> maxpool 3/2 with readable filters.
 
 conv1 is 96 filters of 11x11x3, stride 4, on 227x227x3 input (55x55x96 out); pool1 gives 27x27x96.
 """
@@ -14,7 +14,7 @@ NAME = "demo"
 
 
 def demo_spec() -> dict:
-    """Return the demo's spec dict (DESIGN.md's model format)."""
+    """Return the demo's spec dict (the model format of the README's "Models" section)."""
     return {
         "name": NAME,
         "input": {"height": 227, "width": 227, "channels": 3},

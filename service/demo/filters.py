@@ -1,7 +1,7 @@
 """Build the demo's conv1 filter bank: 96 readable 11x11x3 filters, like AlexNet's first layer.
 
 Filters are OHWI (K=96, FH=11, FW=11, C=3) float32, each of unit L2 norm, laid out as 8 rows of 12
-so the tile picture reads like the seed's Krizhevsky figure:
+so the tile picture reads like Krizhevsky et al.'s conv1 figure:
 - rows 0-3: luminance Gabors, 6 edge orientations x (even, odd) phase, one wavelength per row;
 - rows 4-5: colour-opponent Gabors (red-green, blue-yellow), 6 orientations x 2 channels per row;
 - row 6: colour blobs of 12 hues; row 7: luminance centre-surround (on/off x 3 sizes) and 6 large

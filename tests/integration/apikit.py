@@ -12,30 +12,12 @@ import numpy as np
 
 from engine import Model
 from service.app import create_app
+from tests.models import TINY_SPEC, tiny_arrays
 from worker.contract.config import Settings
 from worker.runner import burst
 
-SPEC = {
-    "name": "tiny",
-    "input": {"height": 9, "width": 9, "channels": 3},
-    "preprocess": {"scale": 0.00392156862745098, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25]},
-    "layers": [
-        {"name": "conv1", "type": "conv", "filters": 4, "size": 3, "stride": 2, "pad": 1},
-        {"name": "relu1", "type": "relu"},
-        {"name": "pool1", "type": "maxpool", "size": 2, "stride": 1},
-        {"name": "fc", "type": "conv", "filters": 5, "size": 4},
-    ],
-}
-
-
-def arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "conv1.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-        "conv1.b": rng.standard_normal(4).astype(np.float32),
-        "fc.w": rng.standard_normal((5, 4, 4, 4)).astype(np.float32),
-        "fc.b": rng.standard_normal(5).astype(np.float32),
-    }
+SPEC = TINY_SPEC
+arrays = tiny_arrays
 
 
 def npz_bytes(arrs: dict[str, np.ndarray]) -> bytes:

@@ -283,6 +283,6 @@ def test_model_cache_is_byte_bounded_and_keeps_the_latest():
     cache = api.app.extensions["convq"].models
     assert api.client.get("/v2/models/tiny").status_code == 200
     assert api.client.get("/v2/models/other").status_code == 200
-    assert list(cache._models) == [("other", 1)]
+    assert cache.keys() == [("other", 1)]
     assert api.client.get("/v2/models/tiny").status_code == 200  # reloaded from Redis
-    assert list(cache._models) == [("tiny", 1)]
+    assert cache.keys() == [("tiny", 1)]

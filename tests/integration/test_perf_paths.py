@@ -3,7 +3,6 @@ worker reused across jobs (and replaced when it dies while idle)."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
@@ -12,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.models import tiny_model
 from tests.system.procs import start_worker
-from tests.system.test_worker_faults import Bench, tiny_model
+from tests.system.test_worker_faults import Bench
 from worker.contract.store import SLICE_BYTES, Store
 
 
@@ -33,7 +33,7 @@ def test_results_bigger_than_a_slice_come_back_exact(store):
     assert b"".join(store.result_slices("j", "big")) == big.tobytes()
     back = store.result_array("j", "big")
     assert np.array_equal(back, big) and back.flags.writeable
-    assert np.array_equal(np.load(io.BytesIO(store.result_npy("j", "small"))), small)
+    assert np.array_equal(store.result_array("j", "small"), small)
     assert store.result_slices("j", "nope") is None and store.result_array("j", "nope") is None
     assert 0 < store.redis.ttl("convq:result:j:0") <= 100
     store.delete_job("j")
@@ -73,30 +73,30 @@ def _children(proc, want: int, timeout: float = 20.0) -> list[int]:
 @pytest.mark.system
 def test_one_horse_runs_many_jobs_and_a_dead_idle_horse_is_replaced(redis_server, tmp_path):
     bench = Bench(redis_server)
-    model = tiny_model()
+    model = tiny_model(open_input=True)
     version = bench.upload("tiny", model)
-    x = np.random.default_rng(3).standard_normal((2, 10, 10, 1)).astype(np.float32)
-    want = model.run(x, ["p"])["p"]
+    x = np.random.default_rng(3).standard_normal((2, 9, 9, 3)).astype(np.float32)
+    want = model.run(x, ["pool1"])["pool1"]
     worker = start_worker(redis_server.url, tmp_path)
     try:
         [horse] = _children(worker, 1)  # forked while idle, before any job
         for _ in range(3):
-            job_id = bench.submit("tiny", version, x, ["p"])
+            job_id = bench.submit("tiny", version, x, ["pool1"])
             assert bench.wait_end(job_id, 30)["status"] == "finished"
-            assert np.array_equal(bench.store.result_array(job_id, "p"), want)
+            assert np.array_equal(bench.store.result_array(job_id, "pool1"), want)
             assert worker.children() == [horse]
         os.kill(horse, signal.SIGKILL)  # dies idle: the next job must not be lost to it
-        job_id = bench.submit("tiny", version, x, ["p"])
+        job_id = bench.submit("tiny", version, x, ["pool1"])
         status = bench.wait_end(job_id, 30)
         assert status["status"] == "finished" and status["attempt"] == 1, status
-        assert np.array_equal(bench.store.result_array(job_id, "p"), want)
+        assert np.array_equal(bench.store.result_array(job_id, "pool1"), want)
         [new] = _children(worker, 1)
         assert new != horse and worker.alive()
         # A long-lived horse gives a big job's memory back once idle, not idling at its peak.
         before = _rss_mib(new)
-        big = np.random.default_rng(4).standard_normal((6, 600, 600, 1)).astype(np.float32)
+        big = np.random.default_rng(4).standard_normal((6, 601, 601, 3)).astype(np.float32)
         for _ in range(2):
-            job_id = bench.submit("tiny", version, big, ["c", "p"])
+            job_id = bench.submit("tiny", version, big, ["conv1", "pool1"])
             assert bench.wait_end(job_id, 60)["status"] == "finished"
         deadline = time.monotonic() + 10  # it trims once idle for a second
         while _rss_mib(new) >= before + 16 and time.monotonic() < deadline:

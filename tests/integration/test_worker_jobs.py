@@ -13,36 +13,22 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from engine import Model
+from tests.models import tiny_model
 from worker import jobs
 from worker.contract.config import Settings
-from worker.contract.queue import cancel, job_status, make_queue, queue_depth, submit
+from worker.contract.queue import (
+    cancel,
+    job_status,
+    make_queue,
+    queue_depth,
+    submit,
+    wait_for_end,
+)
 from worker.contract.store import Store
 from worker.reaper import reap_abandoned
 from worker.runner import burst
 
-SPEC = {
-    "name": "tiny",
-    "input": {"channels": 3},
-    "preprocess": {"scale": 0.00392156862745098, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
-    "layers": [
-        {"name": "conv1", "type": "conv", "filters": 5, "size": 3, "stride": 1, "pad": 1},
-        {"name": "relu1", "type": "relu"},
-        {"name": "pool1", "type": "maxpool", "size": 2},
-        {"name": "conv2", "type": "conv", "filters": 3, "size": [2, 1], "pad": [0, 1]},
-    ],
-}
 SETTINGS = Settings(result_ttl=300, input_ttl=600)
-
-
-def _arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "conv1.w": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
-        "conv1.b": rng.standard_normal(5).astype(np.float32),
-        "conv2.w": rng.standard_normal((3, 2, 1, 5)).astype(np.float32),
-        "conv2.b": rng.standard_normal(3).astype(np.float32),
-    }
 
 
 @pytest.fixture
@@ -50,9 +36,9 @@ def env():
     redis = fakeredis.FakeRedis()
     store = Store(redis, result_ttl=SETTINGS.result_ttl, input_ttl=SETTINGS.input_ttl)
     queue = make_queue(redis)
-    model = Model.from_arrays(SPEC, _arrays())
+    model = tiny_model(open_input=True)
     version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
-    images = np.random.default_rng(1).integers(0, 256, (3, 10, 12, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
     return redis, store, queue, model, version, images
 
 
@@ -62,7 +48,7 @@ def _submit(env, **kw):
         "model": "tiny",
         "version": version,
         "images": images,
-        "outputs": ["conv1", "conv2"],
+        "outputs": ["conv1", "fc"],
         "owner": "key1",
         **kw,
     }
@@ -77,10 +63,10 @@ def test_results_equal_model_run(env):
     status = job_status(queue, job_id)
     assert status["status"] == "finished", status
     assert (status["error"], status["attempt"], status["owner"]) == (None, 1, "key1")
-    assert status["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+    assert status["progress"] == {"layer": 4, "of": 4, "name": "fc"}
     assert status["timings"]["compute_seconds"] >= 0 and status["timings"]["queue_seconds"] >= 0
-    expected = model.run(images, outputs=["conv1", "conv2"])
-    assert store.result_names(job_id) == ["conv1", "conv2"]
+    expected = model.run(images, outputs=["conv1", "fc"])
+    assert store.result_names(job_id) == ["conv1", "fc"]
     for name, want in expected.items():
         got = store.result_array(job_id, name)
         assert got.dtype == np.float32 and got.shape == want.shape
@@ -88,9 +74,22 @@ def test_results_equal_model_run(env):
     assert queue_depth(queue) == 0
 
 
+def test_wait_for_end_returns_false_past_the_deadline_then_the_ended_status(env):
+    redis, _store, queue, *_ = env
+    job_id = _submit(env)
+    began = time.monotonic()
+    assert wait_for_end(queue, job_id, began + 0.05) is False  # no worker yet
+    assert 0.05 <= time.monotonic() - began < 1.0
+    burst(redis, SETTINGS)
+    status = wait_for_end(queue, job_id, time.monotonic() + 5)
+    assert status is not None and status is not False
+    assert status["status"] == "finished" and status["id"] == job_id
+    assert wait_for_end(queue, "0" * 32, time.monotonic() + 5) is None
+
+
 def test_float_input_and_all_outputs(env):
     redis, store, queue, model, version, _ = env
-    x = np.random.default_rng(2).standard_normal((1, 6, 6, 3)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((1, 9, 9, 3)).astype(np.float32)
     job_id = _submit(env, images=x, outputs="all")
     burst(redis, SETTINGS)
     assert store.result_names(job_id) == model.layer_names
@@ -156,14 +155,14 @@ def test_progress_is_written_each_layer_and_reset_per_attempt(env, monkeypatch):
     monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0)  # record every layer, however fast
     job_id = _submit(env)
     burst(redis, SETTINGS)
-    # Reset first, then one entry per layer computed (conv2 is last requested: all 4 run).
+    # Reset first, then one entry per layer computed (fc is last requested: all 4 run).
     assert seen[0] is None
     assert seen[1:] == [
         {"layer": i + 1, "of": 4, "name": n}
-        for i, n in enumerate(["conv1", "relu1", "pool1", "conv2"])
+        for i, n in enumerate(["conv1", "relu1", "pool1", "fc"])
     ]
     stored = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).meta
-    assert stored["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+    assert stored["progress"] == {"layer": 4, "of": 4, "name": "fc"}
 
 
 def test_fast_layers_record_progress_the_first_time_and_at_the_end(env, monkeypatch):
@@ -189,10 +188,10 @@ def test_fast_layers_record_progress_the_first_time_and_at_the_end(env, monkeypa
     assert seen == [
         None,
         {"layer": 1, "of": 4, "name": "conv1"},
-        {"layer": 4, "of": 4, "name": "conv2"},
+        {"layer": 4, "of": 4, "name": "fc"},
     ]
     assert len(checks) == 2  # before the first layer and after the last: none in between
-    assert job_status(queue, job_id)["progress"] == {"layer": 4, "of": 4, "name": "conv2"}
+    assert job_status(queue, job_id)["progress"] == {"layer": 4, "of": 4, "name": "fc"}
     assert store.result_names(job_id) is not None
 
 
@@ -284,8 +283,8 @@ def test_abandoned_job_is_requeued_then_finishes(env):
     status = job_status(queue, job_id)
     assert status["status"] == "finished" and status["attempt"] == 2
     assert job.id not in FailedJobRegistry(queue=queue)
-    want = model.run(images, outputs=["conv2"])["conv2"]
-    assert np.array_equal(store.result_array(job_id, "conv2"), want)
+    want = model.run(images, outputs=["fc"])["fc"]
+    assert np.array_equal(store.result_array(job_id, "fc"), want)
 
 
 def test_abandoned_job_without_retries_fails(env):

@@ -17,6 +17,7 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from engine import Model
+from tests.models import tiny_model
 from tests.system.models import conv_stack
 from tests.system.procs import pid_alive, start_worker, worker_pids
 from worker.contract.connection import connect
@@ -42,25 +43,6 @@ def slow_images() -> np.ndarray:
 @functools.cache
 def slow_expected() -> np.ndarray:
     return slow_model().run(slow_images(), outputs=["c29"])["c29"]
-
-
-def tiny_model() -> Model:
-    rng = np.random.default_rng(2)
-    spec = {
-        "name": "tiny",
-        "input": {"channels": 1},
-        "layers": [
-            {"name": "c", "type": "conv", "filters": 2, "size": 3},
-            {"name": "p", "type": "maxpool", "size": 2},
-        ],
-    }
-    return Model.from_arrays(
-        spec,
-        {
-            "c.w": rng.standard_normal((2, 3, 3, 1)).astype(np.float32),
-            "c.b": np.zeros(2, np.float32),
-        },
-    )
 
 
 class Bench:
@@ -153,12 +135,12 @@ def test_kernels_run_only_in_the_horse_so_it_may_use_openmp(redis_server, worker
     bench = Bench(redis_server)
     worker = workers(redis_server.url, env={"CONVQ_THREADS": "2"})
     (horse,) = worker.children()  # forked and warm before the worker registered
-    version = bench.upload("tiny", tiny_model())
-    images = np.random.default_rng(3).integers(0, 256, (4, 12, 12, 1), dtype=np.uint8)
-    job_id = bench.submit("tiny", version, images, ["p"])
+    version = bench.upload("tiny", tiny_model(open_input=True))
+    images = np.random.default_rng(3).integers(0, 256, (4, 11, 13, 3), dtype=np.uint8)
+    job_id = bench.submit("tiny", version, images, ["pool1"])
     assert bench.wait_end(job_id)["status"] == "finished"
-    got = bench.store.result_array(job_id, "p")
-    assert np.array_equal(got, tiny_model().run(images, outputs=["p"])["p"])
+    got = bench.store.result_array(job_id, "pool1")
+    assert np.array_equal(got, tiny_model(open_input=True).run(images, outputs=["pool1"])["pool1"])
     assert worker.children() == [horse]  # the same horse ran it
     assert _numba_pools(worker.pid) == set()  # no thread pool ever started in the worker
     assert _numba_pools(horse) == {"omppool"}  # OpenMP runs the horse's kernels
@@ -252,8 +234,10 @@ def test_job_timeout_fails_and_worker_takes_the_next(redis_server, workers):
     )
     x = rng.standard_normal((4, 128, 128, 64)).astype(np.float32)
     in_kernel = bench.submit("big", bench.upload("big", big), x, ["big"], job_timeout=1)
-    tiny = tiny_model()
-    after = bench.submit("tiny", bench.upload("tiny", tiny), np.ones((1, 6, 6), np.uint8), ["p"])
+    tiny = tiny_model(open_input=True)
+    after = bench.submit(
+        "tiny", bench.upload("tiny", tiny), np.ones((1, 9, 9, 3), np.uint8), ["fc"]
+    )
     for job_id in (between_layers, in_kernel):
         status = bench.wait_end(job_id, timeout=60)
         assert status["status"] == "failed" and "timed out" in status["error"], status
@@ -282,11 +266,11 @@ def test_redis_killed_and_restarted_with_aof_loses_no_job(redis_server_factory, 
     server = redis_server_factory(aof=True)
     bench = Bench(server)
     w1, w2 = workers(server.url), workers(server.url)
-    tiny = tiny_model()
+    tiny = tiny_model(open_input=True)
     version = bench.upload("tiny", tiny)
     rng = np.random.default_rng(4)
-    images = [rng.integers(0, 256, (1, 12, 12), dtype=np.uint8) for _ in range(100)]
-    ids = [bench.submit("tiny", version, x, ["p"]) for x in images]
+    images = [rng.integers(0, 256, (1, 9, 9, 3), dtype=np.uint8) for _ in range(100)]
+    ids = [bench.submit("tiny", version, x, ["fc"]) for x in images]
     time.sleep(1.5)  # appendfsync everysec: the submissions are on disk
     server.restart()
     bench = Bench(server)
@@ -294,26 +278,26 @@ def test_redis_killed_and_restarted_with_aof_loses_no_job(redis_server_factory, 
         status = bench.wait_end(job_id, timeout=120)
         assert status["status"] == "finished", status
     for job_id, x in zip(ids, images, strict=True):
-        assert np.array_equal(bench.store.result_array(job_id, "p"), tiny.run(x, ["p"])["p"])
+        assert np.array_equal(bench.store.result_array(job_id, "fc"), tiny.run(x, ["fc"])["fc"])
     assert len(FailedJobRegistry(queue=bench.queue)) == 0
     assert w1.alive() and w2.alive()
 
 
 def test_worker_survives_redis_outage_and_pause(redis_server, workers):
     worker = workers(redis_server.url)
-    tiny = tiny_model()
+    tiny = tiny_model(open_input=True)
     redis_server.kill()
     time.sleep(4)
     assert worker.alive()
     redis_server.start()
     bench = Bench(redis_server)
     version = bench.upload("tiny", tiny)
-    job_id = bench.submit("tiny", version, np.ones((1, 6, 6), np.uint8), ["p"])
+    job_id = bench.submit("tiny", version, np.ones((1, 9, 9, 3), np.uint8), ["fc"])
     status = bench.wait_end(job_id, timeout=60)
     assert status["status"] == "finished", worker.log()[-3000:]
     redis_server.pause()  # SIGSTOP: connections hang instead of failing
     time.sleep(4)
     redis_server.resume()
-    job_id = bench.submit("tiny", version, np.ones((1, 6, 6), np.uint8), ["p"])
+    job_id = bench.submit("tiny", version, np.ones((1, 9, 9, 3), np.uint8), ["fc"])
     assert bench.wait_end(job_id, timeout=60)["status"] == "finished", worker.log()[-3000:]
     assert worker.alive()

@@ -128,4 +128,4 @@ def test_the_engine_accepts_the_demo_with_the_seeds_numbers():
         "pool1": (27, 27, 96),
     }
     conv = model.summary()[0]
-    assert conv["params"] == 34_944  # 96 * 11 * 11 * 3 weights + 96 biases, as the seed counts
+    assert conv["params"] == 34_944  # 96 * 11 * 11 * 3 weights + 96 biases

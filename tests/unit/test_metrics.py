@@ -169,7 +169,13 @@ def test_multiprocess_mode_sums_counts_written_by_other_processes(conn, tmp_path
     second = make_app(conn)
     second.test_client().get("/boom")
     second.test_client().get("/boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) != []
+    # one file per kind of metric and process id: what the scrape below has to sum
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counter_101.db",
+        "counter_202.db",
+        "histogram_101.db",
+        "histogram_202.db",
+    ]
     s = scrape(first)
     assert value(s, "convq_http_requests_total", route="/boom", code="400") == 3
     assert value(s, "convq_redis_up") == 1

@@ -279,6 +279,7 @@ def test_cli_writes_spec_and_safetensors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.reference
 def test_torch_export_of_a_small_cnn_matches_torch():
     torch = pytest.importorskip("torch")
     nn = torch.nn

@@ -8,6 +8,7 @@ from test_ops import assert_matches, rand
 
 from engine import ops
 
+pytestmark = pytest.mark.reference
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 

@@ -1,4 +1,4 @@
-"""The seed's own numbers (shared/seed/conv-layer.txt), each as a test."""
+"""The conv-layer arithmetic convq was specified with (AlexNet conv1 and others), as tests."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_the_11x11x4_f5_s2_example_through_model_run():
         "input": {"height": 11, "width": 11, "channels": 4},
         "layers": [{"name": "conv", "type": "conv", "filters": 2, "size": 5, "stride": 2}],
     }
-    # The seed indexes X[x, y, d]; ours is X[y, x, d], so its "along x" is our second axis.
+    # The textbook indexes X[x, y, d]; ours is X[y, x, d], so its "along x" is our second axis.
     v = Model.from_arrays(spec, {"conv.w": w, "conv.b": b}).run(x[None])["conv"][0]
     assert v.shape == (4, 4, 2)
     w0, w1, b0, b1 = w[0], w[1], b[0], b[1]

@@ -63,9 +63,9 @@ def test_result_round_trip_keeps_order_and_ttl(store):
     }
     store.put_result("j", outs)
     assert store.result_names("j") == ["pool", "conv"]
-    assert np.array_equal(np.load(io.BytesIO(store.result_npy("j", "conv"))), outs["conv"])
-    assert store.result_npy("j", "nope") is None
-    assert store.result_npy("j", "__names__") is None
+    assert np.array_equal(store.result_array("j", "conv"), outs["conv"])
+    assert store.result_array("j", "nope") is None
+    assert store.result_array("j", "__names__") is None
     assert 0 < store.redis.ttl("convq:result:j") <= 100
     assert store.result_names("other") is None
     store.delete_job("j")
@@ -159,3 +159,54 @@ def test_settings_from_env():
     assert Settings.from_env({}).redis_url is None
     with pytest.raises(ValueError, match="CONVQ_THREADS"):
         Settings.from_env({"CONVQ_THREADS": "many"})
+
+
+def test_key_names_stay_what_deployed_redis_data_uses():
+    from worker.contract import keys
+
+    assert [
+        keys.models(),
+        keys.model("m"),
+        keys.model_version("m"),
+        keys.spec("m", 2),
+        keys.weights("m", 2),
+        keys.job_input("j"),
+        keys.result("j"),
+        keys.result_data("j", 3),
+        keys.cancel("j"),
+        keys.run("j"),
+        keys.sweep_lock("q"),
+        keys.expired_seen("q"),
+        keys.telemetry_jobs(),
+        keys.telemetry_seconds("queue"),
+    ] == [
+        "convq:models",
+        "convq:model:m",
+        "convq:model-version:m",
+        "convq:spec:m:2",
+        "convq:weights:m:2",
+        "convq:input:j",
+        "convq:result:j",
+        "convq:result:j:3",
+        "convq:cancel:j",
+        "convq:run:j",
+        "convq:sweep-lock:q",
+        "convq:expired-seen:q",
+        "convq:telemetry:jobs",
+        "convq:telemetry:queue_seconds",
+    ]
+
+
+def test_every_key_the_store_writes_is_a_convq_key(store):
+    store.put_model("m", {"name": "m"}, b"w", owner=None)
+    store.put_input("j", np.zeros((1, 2, 2, 1), np.uint8))
+    store.mark_canceled("j")
+    assert sorted(k.decode() for k in store.redis.keys("*")) == [
+        "convq:cancel:j",
+        "convq:input:j",
+        "convq:model-version:m",
+        "convq:model:m",
+        "convq:models",
+        "convq:spec:m:1",
+        "convq:weights:m:1",
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 
@@ -92,7 +91,7 @@ def test_results_round_trip_through_files_in_every_form(store):
         assert got.flags.writeable
         got[...] = -1
         assert np.array_equal(store.result_array("j1", name), want)
-        assert np.array_equal(np.load(io.BytesIO(store.result_npy("j1", name))), want)
+        assert np.array_equal(store.result_array("j1", name), want)
     assert store.result_slices("j1", "nope") is None and store.result_array("j1", "nope") is None
     assert 0 < store.redis.ttl(store.result_key("j1")) <= RESULT_TTL
     assert store.redis.keys(store.result_key("j1") + ":*") == []  # no data keys in Redis
@@ -132,7 +131,6 @@ def test_a_store_without_the_blob_dir_cannot_read_files_and_says_why(store, redi
         lambda: plain.get_input("j1"),
         lambda: plain.result_array("j1", "fc"),
         lambda: plain.result_slices("j1", "fc"),
-        lambda: plain.result_npy("j1", "fc"),
     ):
         with pytest.raises(BlobMissing, match="CONVQ_BLOB_DIR") as caught:
             read()

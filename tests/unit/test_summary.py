@@ -43,7 +43,7 @@ def test_rows_hold_shapes_params_flops_and_bytes():
 
 def test_receptive_field_recurrence():
     rows = rows_by_name(summarize(parse_spec(VGGISH)))
-    # two stacked 3x3 convs see 5x5 (the seed's example); the pool adds 1, then a 3x3 conv
+    # two stacked 3x3 convs see 5x5; the pool adds 1, then a 3x3 conv
     # dilated by 2 after a stride-2 pool adds 2*2*2 = 8; the 16x16 pool adds 15*2
     assert rows["conv1"]["receptive_field"] == (3, 3)
     assert rows["conv2"]["receptive_field"] == (5, 5)

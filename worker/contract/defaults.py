@@ -3,9 +3,6 @@
 QUEUE_NAME = "convq"
 """Name of the RQ queue the service enqueues on and the workers listen to."""
 
-KEY_PREFIX = "convq:"
-"""Prefix of every blob key convq writes to Redis (rq's own keys start with 'rq:')."""
-
 JOB_TIMEOUT = 600
 """Seconds a job may run before it fails with a timeout error."""
 
@@ -41,9 +38,6 @@ TIMEOUT_GRACE = 10
 
 SOCKET_TIMEOUT = 2.0
 """Seconds a Redis command may take before the client gives up (connect and read)."""
-
-BLOCKING_SOCKET_TIMEOUT = POLL_SECONDS + 10
-"""Seconds a worker's socket may wait; above POLL_SECONDS so a blocking pop is not cut short."""
 
 BACKOFF_MAX = 30.0
 """Longest pause in seconds between reconnection attempts while Redis is down."""

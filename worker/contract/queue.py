@@ -1,8 +1,10 @@
-"""The service's side of the queue: submit a job, read its status, cancel it."""
+"""The service's side of the queue: submit a job, read its status, wait for it, cancel it."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Literal
 
 import numpy as np
 import rq
@@ -17,6 +19,9 @@ from engine.explain import RESULTS as EXPLAIN_RESULTS
 from . import defaults
 
 RUN_MODEL = "worker.jobs.run_model"
+
+JobQueue = rq.Queue
+"""The queue type the contract hands out (the service names it without importing rq)."""
 
 # rq statuses a client sees, folded onto the five of the API.
 _STATUS = {
@@ -157,6 +162,36 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
             else max(1, retries - left + 1)
         ),
     }
+
+
+ENDED = ("finished", "failed", "canceled")
+
+POLL_FIRST = 0.001
+"""Seconds before a waiter first looks again; each look waits POLL_GROWTH times longer."""
+
+POLL_GROWTH = 1.3
+"""Growth of the pause between status reads: a job is seen at most ~30% (or the cap) late."""
+
+
+def wait_for_end(
+    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = 0.05
+) -> dict | None | Literal[False]:
+    """Wait until job_id ends; return its status (None if it vanished), False past deadline.
+
+    deadline is on time.monotonic(). The status is read again after 1 ms, then 1.3x longer each
+    time up to poll_max seconds: a 10 ms job is seen within ~3 ms of its end after ~7 reads, and
+    every read is a short command, so an outage fails fast with the client's own socket timeout.
+    """
+    pause = POLL_FIRST
+    while True:
+        status = job_status(queue, job_id)
+        if status is None or status["status"] in ENDED:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * POLL_GROWTH, poll_max)
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:

@@ -17,13 +17,13 @@ import functools
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from engine.npy import from_npy, npy_header, to_npy
 
-from . import defaults
+from . import defaults, keys
 from .blobs import BlobDir
 from .connection import bulk_client
 
@@ -50,7 +50,7 @@ def _blob_dir(path: str) -> BlobDir:
 
 
 class Store:
-    """Models, inputs and results of convq jobs, as Redis keys under one prefix."""
+    """Models, inputs and results of convq jobs, as Redis keys named by keys.py."""
 
     def __init__(
         self,
@@ -58,14 +58,12 @@ class Store:
         *,
         result_ttl: int = defaults.RESULT_TTL,
         input_ttl: int = defaults.INPUT_TTL,
-        prefix: str = defaults.KEY_PREFIX,
         old_version_ttl: int | None = None,
         blob_dir: str | None = None,
     ):
         self.redis = redis
         self.result_ttl = result_ttl
         self.input_ttl = input_ttl
-        self.prefix = prefix
         # A replaced version must outlive the jobs already queued on it.
         self.old_version_ttl = old_version_ttl or input_ttl
         self.blobs = _blob_dir(str(blob_dir)) if blob_dir else None
@@ -100,25 +98,22 @@ class Store:
             )
         return data
 
-    # -- keys -----------------------------------------------------------------------------------
-    def _key(self, *parts: object) -> str:
-        return self.prefix + ":".join(str(p) for p in parts)
-
+    # -- keys (all built by keys.py) ------------------------------------------------------------
     def input_key(self, job_id: str) -> str:
-        return self._key("input", job_id)
+        return keys.job_input(job_id)
 
     def result_key(self, job_id: str) -> str:
-        return self._key("result", job_id)
+        return keys.result(job_id)
 
     def cancel_key(self, job_id: str) -> str:
-        return self._key("cancel", job_id)
+        return keys.cancel(job_id)
 
     # -- models ---------------------------------------------------------------------------------
     def put_model(self, name: str, spec: dict, weights: bytes, *, owner: str | None) -> int:
         """Store spec + safetensors weights as the next version of name; return that version."""
         # The counter outlives delete_model, so a name+version never means two different models.
-        version = int(self.redis.incr(self._key("model-version", name)))
-        previous = self.redis.hget(self._key("model", name), "version")
+        version = int(self.redis.incr(keys.model_version(name)))
+        previous = self.redis.hget(keys.model(name), "version")
         info = {
             "name": name,
             "version": version,
@@ -127,22 +122,22 @@ class Store:
             "created": time.time(),
         }
         with self.redis.pipeline() as pipe:
-            pipe.set(self._key("weights", name, version), weights)
-            pipe.set(self._key("spec", name, version), json.dumps(spec))
-            pipe.hset(self._key("model", name), mapping={k: json.dumps(v) for k, v in info.items()})
-            pipe.sadd(self._key("models"), name)
+            pipe.set(keys.weights(name, version), weights)
+            pipe.set(keys.spec(name, version), json.dumps(spec))
+            pipe.hset(keys.model(name), mapping={k: json.dumps(v) for k, v in info.items()})
+            pipe.sadd(keys.models(), name)
             if previous is not None:
                 self._expire_version(pipe, name, int(previous))
             pipe.execute()
         return version
 
     def _expire_version(self, pipe, name: str, version: int) -> None:
-        pipe.expire(self._key("weights", name, version), self.old_version_ttl)
-        pipe.expire(self._key("spec", name, version), self.old_version_ttl)
+        pipe.expire(keys.weights(name, version), self.old_version_ttl)
+        pipe.expire(keys.spec(name, version), self.old_version_ttl)
 
     def model_info(self, name: str) -> dict | None:
         """Return {name, version, spec, owner, weights_bytes, created} of the live version."""
-        raw = self.redis.hgetall(self._key("model", name))
+        raw = self.redis.hgetall(keys.model(name))
         if not raw:
             return None
         info = {k.decode(): json.loads(v) for k, v in raw.items()}
@@ -155,21 +150,21 @@ class Store:
 
     def model_spec(self, name: str, version: int) -> dict | None:
         """Return the spec of one version, or None when it is gone."""
-        raw = self.redis.get(self._key("spec", name, version))
+        raw = self.redis.get(keys.spec(name, version))
         return None if raw is None else json.loads(raw)
 
     def list_models(self) -> list[dict]:
         """Return model_info of every model, sorted by name."""
-        names = sorted(n.decode() for n in self.redis.smembers(self._key("models")))
+        names = sorted(n.decode() for n in self.redis.smembers(keys.models()))
         infos = [self.model_info(n) for n in names]
         return [i for i in infos if i is not None]
 
     def delete_model(self, name: str) -> bool:
         """Unload name; queued jobs on it may still finish until its weights expire."""
-        version = self.redis.hget(self._key("model", name), "version")
+        version = self.redis.hget(keys.model(name), "version")
         with self.redis.pipeline() as pipe:
-            pipe.delete(self._key("model", name))
-            pipe.srem(self._key("models"), name)
+            pipe.delete(keys.model(name))
+            pipe.srem(keys.models(), name)
             if version is not None:
                 self._expire_version(pipe, name, int(version))
             pipe.execute()
@@ -177,7 +172,7 @@ class Store:
 
     def model_weights(self, name: str, version: int) -> bytes | None:
         """Return the safetensors bytes of one version, or None when it is gone."""
-        return self.redis.get(self._key("weights", name, version))
+        return self.redis.get(keys.weights(name, version))
 
     # -- big values -----------------------------------------------------------------------------
     def _read_into(self, key: str, size: int | None = None) -> bytearray | None:
@@ -199,7 +194,7 @@ class Store:
     def _slices(self, key: str, start: int, stop: int) -> Iterator[bytes]:
         client = bulk_client(self.redis)
         for offset in range(start, stop, SLICE_BYTES):
-            yield client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1)
+            yield cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1))
 
     # -- inputs ---------------------------------------------------------------------------------
     def put_input(self, job_id: str, images: np.ndarray) -> None:
@@ -209,9 +204,7 @@ class Store:
             return
         images = np.ascontiguousarray(images)
         name = f"input-{job_id}"
-        self.blobs.write(
-            name, [npy_header(images.shape, images.dtype), memoryview(images).cast("B")]
-        )
+        self.blobs.write(name, [npy_header(images.shape, images.dtype), images.data.cast("B")])
         self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
@@ -241,7 +234,7 @@ class Store:
 
     # -- results --------------------------------------------------------------------------------
     def _data_key(self, job_id: str, index: int) -> str:
-        return self._key("result", job_id, index)
+        return keys.result_data(job_id, index)
 
     def put_result(
         self, job_id: str, outputs: dict[str, np.ndarray], *, files: bool | None = None
@@ -266,7 +259,7 @@ class Store:
                 for name, arr in arrays.items():
                     entry = index[name]
                     entry["file"] = f"result-{job_id}.{entry.pop('key')}"
-                    blobs.write(entry["file"], [memoryview(arr).cast("B")])
+                    blobs.write(entry["file"], [arr.data.cast("B")])
                     written.append(entry["file"])
             except BaseException:
                 blobs.delete(*written)
@@ -277,7 +270,7 @@ class Store:
                 if "key" in index[name]:
                     pipe.set(
                         self._data_key(job_id, index[name]["key"]),
-                        memoryview(arr).cast("B"),
+                        arr.data.cast("B"),
                         ex=self.result_ttl,
                     )
             pipe.hset(
@@ -327,7 +320,7 @@ class Store:
         client = bulk_client(self.redis)
 
         def read(offset: int) -> bytes:
-            piece = client.getrange(key, offset, min(offset + SLICE_BYTES, size) - 1)
+            piece = cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, size) - 1))
             if len(piece) != min(SLICE_BYTES, size - offset):
                 raise LookupError(f"the result of job {job_id} vanished while it was read")
             return piece
@@ -357,11 +350,6 @@ class Store:
         raw = self._read_into(self._data_key(job_id, entry["key"]), size)
         return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
 
-    def result_npy(self, job_id: str, name: str) -> bytes | None:
-        """Return one output as .npy bytes, or None."""
-        array = self.result_array(job_id, name)
-        return None if array is None else to_npy(array)
-
     # -- cancellation and cleanup ---------------------------------------------------------------
     def mark_canceled(self, job_id: str) -> None:
         """Tell whoever runs job_id to stop at the next layer."""
@@ -372,16 +360,16 @@ class Store:
 
     def claim_run(self, job_id: str, token: str, ttl: int) -> None:
         """Record token as the one run of job_id allowed to go on (the latest attempt wins)."""
-        self.redis.set(self._key("run", job_id), token, ex=max(1, int(ttl)))
+        self.redis.set(keys.run(job_id), token, ex=max(1, int(ttl)))
 
     def run_state(self, job_id: str, token: str) -> tuple[bool, bool]:
         """Return (still this run's job, canceled) in one round trip."""
-        run, canceled = self.redis.mget(self._key("run", job_id), self.cancel_key(job_id))
+        run, canceled = self.redis.mget(keys.run(job_id), self.cancel_key(job_id))
         return run is None or run.decode() == token, canceled is not None
 
     def finish_run(self, job_id: str, input_id: str) -> None:
         """Drop what a finished job no longer needs: its input and its run claim."""
-        self.redis.delete(self.input_key(input_id), self._key("run", job_id))
+        self.redis.delete(self.input_key(input_id), keys.run(job_id))
         if self.blobs is not None:
             self.blobs.delete(f"input-{input_id}")
 
@@ -391,7 +379,7 @@ class Store:
         self.redis.delete(
             self.input_key(job_id),
             self.result_key(job_id),
-            self._key("run", job_id),
+            keys.run(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
         if self.blobs is not None:

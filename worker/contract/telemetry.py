@@ -1,7 +1,7 @@
 """Job timings kept in Redis, so the API's /metrics (any process, any machine) can expose them.
 
 Workers call record_job() when a job ends; the API reads the counters back with read_telemetry().
-Layout, under the store's "convq:" prefix:
+Layout (key names built by keys.py):
 - `convq:telemetry:jobs`           hash {state: jobs ended in that state}
 - `convq:telemetry:<kind>_seconds` hash {"<bucket index>": observations, "count", "sum"} per kind
   (queue = enqueued -> started, compute = started -> ended). Buckets are not cumulative in Redis
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import redis as redis_lib
 
+from . import keys
+
 log = logging.getLogger(__name__)
 
-PREFIX = "convq:telemetry:"
 
 # Upper bounds in seconds; +Inf is implied. Queue waits span an idle queue to a long backlog.
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
@@ -40,7 +41,7 @@ class Histogram:
 def _observe(pipe, kind: str, seconds: float | None) -> None:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return  # a job that never started has no compute time; clock skew gives negatives
-    key = f"{PREFIX}{kind}_seconds"
+    key = keys.telemetry_seconds(kind)
     pipe.hincrby(key, str(bisect.bisect_left(BUCKETS[kind], seconds)), 1)
     pipe.hincrby(key, "count", 1)
     pipe.hincrbyfloat(key, "sum", seconds)
@@ -55,7 +56,7 @@ def record_job(
     """
     try:
         pipe = redis.pipeline(transaction=True)
-        pipe.hincrby(f"{PREFIX}jobs", state, 1)
+        pipe.hincrby(keys.telemetry_jobs(), state, 1)
         _observe(pipe, "queue", queue_seconds)
         _observe(pipe, "compute", compute_seconds)
         pipe.execute()
@@ -75,9 +76,9 @@ def _histogram(raw: dict, bounds: tuple[float, ...]) -> Histogram:
 def read_telemetry(redis) -> tuple[dict[str, int], dict[str, Histogram]]:
     """Return ({state: jobs ended}, {"queue"|"compute": Histogram}); raises redis errors."""
     pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(f"{PREFIX}jobs")
+    pipe.hgetall(keys.telemetry_jobs())
     for kind in BUCKETS:
-        pipe.hgetall(f"{PREFIX}{kind}_seconds")
+        pipe.hgetall(keys.telemetry_seconds(kind))
     jobs_raw, *hists = pipe.execute()
     jobs = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in jobs_raw.items()}
     return jobs, {

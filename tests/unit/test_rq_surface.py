@@ -1,0 +1,137 @@
+"""The parts of rq the worker overrides or reaches into, checked against the installed rq.
+
+convq's worker subclasses rq's Worker and Job and reads a few private attributes; pyproject.toml
+pins rq to the range this was written and tested against. Before widening that range, run this
+file against the new rq: a method renamed, a parameter moved or an attribute gone fails here,
+by name, rather than as a stuck or silently misbehaving worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import fakeredis
+import pytest
+import rq
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
+from rq.worker import SimpleWorker, Worker
+
+from worker.contract.queue import make_queue
+
+TESTED = ((3, 0), (3, 1))
+"""rq versions [low, high) this worker was tested with; pyproject.toml pins the same range."""
+
+# Methods overridden or called by worker/*.py, with the parameters they are called with.
+WORKER_METHODS = {
+    "dequeue_job_and_maintain_ttl": ["self", "timeout", "max_idle_time"],
+    "heartbeat": ["self", "timeout", "pipeline"],
+    "clean_registries": ["self"],
+    "handle_job_failure": [
+        "self",
+        "job",
+        "queue",
+        "started_job_registry",
+        "exc_string",
+        "execution",
+    ],
+    "handle_job_success": ["self", "job", "queue", "started_job_registry", "execution"],
+    "get_heartbeat_ttl": ["self", "job", "working_time"],
+    "setup_work_horse_signals": ["self"],
+    "maintain_heartbeats": ["self", "job", "execution"],
+    "monitor_work_horse": ["self", "job", "queue", "execution"],
+    "_handle_stopped_job": ["self", "job", "queue", "execution"],
+    "_install_signal_handlers": ["self"],
+    "execute_job": ["self", "job", "queue"],
+    "wait_for_horse": ["self"],
+    "teardown": ["self"],
+    "procline": ["self", "message"],
+    "prepare_execution": ["self", "job"],
+    "set_state": ["self", "state", "pipeline"],
+    "perform_job": ["self", "job", "queue", "execution"],
+    "kill_horse": ["self", "sig"],
+    "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
+}
+# Attributes a worker instance must have after rq's __init__ (the private ones are read/written).
+WORKER_ATTRIBUTES = [
+    "_stop_requested",
+    "_stopped_job_id",
+    "_horse_pid",
+    "_is_horse",
+    "_shutdown_requested_date",
+    "executions",
+    "death_penalty_class",
+    "job_monitoring_interval",
+    "max_connection_wait_time",
+]
+JOB_METHODS = {
+    "perform": ["self"],
+    "retry": ["self", "queue", "pipeline"],
+    "get_meta": ["self", "refresh"],
+    "save_meta": ["self"],
+    "latest_result": ["self", "timeout"],
+    "fetch": ["id", "connection", "serializer"],
+    "get_status": ["self", "refresh"],
+}
+INTERMEDIATE_METHODS = {
+    "set_first_seen": ["self", "job_id"],
+    "get_first_seen": ["self", "job_id"],
+    "remove": ["self", "job_id"],
+    "get_job_ids": ["self"],
+}
+
+
+def _params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def test_installed_rq_is_in_the_tested_range():
+    version = tuple(int(p) for p in rq.__version__.split(".")[:2])
+    low, high = TESTED
+    assert low <= version < high, (
+        f"rq {rq.__version__} is outside the tested range; run tests/unit/test_rq_surface.py "
+        "and the worker tests against it before widening the pin in pyproject.toml"
+    )
+
+
+def test_pyproject_pins_the_tested_range():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"rq>=3.0,<3.1"' in text
+
+
+@pytest.mark.parametrize(
+    "owner, name, params",
+    [(Worker, n, p) for n, p in WORKER_METHODS.items()]
+    + [(Job, n, p) for n, p in JOB_METHODS.items()]
+    + [(IntermediateQueue, n, p) for n, p in INTERMEDIATE_METHODS.items()],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_method_the_worker_relies_on_keeps_its_signature(owner, name, params):
+    method = getattr(owner, name, None)
+    assert callable(method), f"rq's {owner.__name__}.{name} is gone"
+    assert _params(method) == params, f"rq's {owner.__name__}.{name} changed its parameters"
+
+
+def test_job_func_is_still_a_property():
+    assert isinstance(inspect.getattr_static(Job, "func"), property)
+
+
+@pytest.mark.parametrize("cls", [Worker, SimpleWorker])
+def test_worker_instance_has_the_attributes_the_worker_uses(cls):
+    conn = fakeredis.FakeStrictRedis()
+    worker = cls([make_queue(conn)], connection=conn)
+    missing = [a for a in WORKER_ATTRIBUTES if not hasattr(worker, a)]
+    assert missing == []
+
+
+def test_helpers_the_reaper_and_connection_import_keep_their_signatures():
+    from rq.connections import get_connection_kwargs
+    from rq.job_lifecycle import record_job_failure
+    from rq.utils import parse_composite_key
+
+    assert _params(record_job_failure) == ["job", "exc_string", "pipeline"]
+    assert _params(parse_composite_key) == ["composite_key"]
+    assert _params(get_connection_kwargs) == ["connection"]
+    assert parse_composite_key("abc:def") == ("abc", "def")
