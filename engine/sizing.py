@@ -7,7 +7,6 @@ pooling windows that would see only padding.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from .errors import ShapeError
@@ -53,15 +52,44 @@ def axis_fits(spec: Spec, n: int, axis: str) -> bool:
     return True
 
 
+def _axis_windows(spec: Spec, axis: str) -> list[tuple[int, int, int]]:
+    """Return (stride, extent, total pad) of each window along axis, in layer order."""
+    out = []
+    for lay in spec.layers:
+        win = lay.window
+        if win is None:
+            continue
+        if axis == "height":
+            out.append((win.sh, win.dh * (win.fh - 1) + 1, win.top + win.bottom))
+        else:
+            out.append((win.sw, win.dw * (win.fw - 1) + 1, win.left + win.right))
+    return out
+
+
 def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
-    """Return the nearest input sizes below and above n for which the whole network fits."""
-    period = math.prod(
-        (lay.window.sh if axis == "height" else lay.window.sw) for lay in spec.layers if lay.window
-    )
-    reach = min(max(period, 1) * 2 + 64, 2048)
-    below = next((m for m in range(n - 1, max(n - reach, 0), -1) if axis_fits(spec, m, axis)), None)
-    above = next((m for m in range(n + 1, n + reach) if axis_fits(spec, m, axis)), None)
-    return [m for m in (below, above) if m is not None]
+    """Return the nearest input sizes below and above n for which the whole network fits.
+
+    Closed form, no search: walking back from the last layer, the input of a window whose output
+    is m is (m - 1)*s + extent - pads exactly (strict), or at least that (floor); composed over
+    the layers the inputs that fit are P*m + Q for every final output m >= m0 (strict), or every
+    size from Q + P*(m0 - 1) up (floor), P the product of the strides. Cost: one pass per layer.
+    """
+    windows = _axis_windows(spec, axis)
+    if spec.fit == "floor":
+        least = 1  # the smallest input of the last window, going backwards to the first
+        for s, extent, pads in reversed(windows):
+            least = max(1, (least - 1) * s + extent - pads)
+        below = n - 1 if n - 1 >= least else None
+        return [m for m in (below, max(n + 1, least)) if m is not None]
+    # Strict: size_i(m) = P_i*m + Q_i for the input of window i, m the last output (m >= 1).
+    p, q, m0 = 1, 0, 1  # the last output itself: 1*m + 0
+    for s, extent, pads in reversed(windows):
+        p, q = p * s, (q - 1) * s + extent - pads
+        m0 = max(m0, -((q - 1) // p))  # smallest m with p*m + q >= 1
+    m_above = max(m0, (n - q) // p + 1)  # smallest m with p*m + q > n
+    m_below = -((n - q) // -p) - 1  # largest m with p*m + q < n
+    out = [p * m_below + q] if m_below >= m0 else []
+    return [*out, p * m_above + q]
 
 
 def _with_input_hint(spec: Spec, err: ShapeError, h: int, w: int) -> ShapeError:

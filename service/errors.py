@@ -64,6 +64,10 @@ class JobFailed(ApiError):
     status = 422
 
 
+class Unprocessable(ApiError):
+    status = 422
+
+
 class TooLarge(ApiError):
     status = 413
 

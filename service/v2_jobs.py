@@ -210,12 +210,19 @@ def _query() -> tuple[str, list[str], int]:
     unknown = sorted(set(args) - {"format", "output", "image"})
     if unknown:
         raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
+    repeated = sorted(k for k in ("format", "output", "image") if len(args.getlist(k)) > 1)
+    if repeated:
+        raise BadRequest(
+            f"query parameter {repeated[0]} is given more than once; list outputs with commas "
+            "(output=a,b)",
+            field=repeated[0],
+        )
     fmt = args.get("format", "binary")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}", field="format")
     outputs = [o for raw in args.getlist("output") for o in raw.split(",") if o]
     image = args.get("image", "0")
-    if not image.isdigit() or len(image) > 9:
+    if not (image.isascii() and image.isdigit()) or len(image) > 9:
         raise BadRequest("image must be an image index (0, 1, ...)", field="image")
     if fmt in ("npy", "png") and len(outputs) != 1:
         raise BadRequest(f"format={fmt} needs exactly one output=NAME", field="output")
