@@ -23,13 +23,6 @@ MAX_RUN_BYTES = 2 * 1024 * 1024 * 1024
 """Bytes a job's run may hold at once (input, live layer outputs, requested outputs, scratch),
 predicted before enqueueing from the model and the batch's shape (engine.footprint)."""
 
-MAX_KEY_STORED_BYTES = 4 * 1024 * 1024 * 1024
-"""Bytes of job inputs and predicted results one API key may have stored at once (jobs not yet
-deleted or expired); past it submissions get 429."""
-
-MAX_KEY_JOBS = 100
-"""Jobs one API key may have queued or running at once; past it submissions get 429."""
-
 MAX_JSON_OUTPUT_BYTES = 16 * 1024 * 1024
 """Float32 bytes of outputs sent as JSON number lists (about 10x bigger as text); above it the
 client must take the binary tensor extension or .npy."""
