@@ -72,6 +72,10 @@ class TooLarge(ApiError):
     status = 413
 
 
+class TooManyRequests(ApiError):
+    status = 429
+
+
 class UnsupportedMediaType(ApiError):
     status = 415
 

@@ -17,6 +17,7 @@ ERRORS = {
         "model bytes)"
     ),
     "415": "Wrong content type, content encoding or file format",
+    "429": "The key's budget is spent: jobs queued or bytes stored (see Retry-After)",
     "422": (
         "The job ran and failed, or a result asked for as JSON holds inf or NaN (JSON cannot "
         "carry them: fetch it in binary or .npy)"
@@ -338,6 +339,7 @@ def _paths() -> dict:
         "413",
         "415",
         "422",
+        "429",
         "503",
         "504",
         "507",
@@ -465,6 +467,7 @@ def _paths() -> dict:
                 "404",
                 "413",
                 "415",
+                "429",
                 "503",
                 "507",
                 body=JOB_BODY,

@@ -14,6 +14,7 @@ from flask import current_app, request
 from engine import Model
 from worker.contract.queue import queue_depth, submit
 
+from . import budget
 from .app import convq
 from .auth import check_visible, current_owner
 from .body import read_body
@@ -163,12 +164,21 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     images = check_images(target.model, parsed.images)
     outputs = target.model.resolve_outputs(parsed.outputs)
     n, h, w, _ = images.shape
-    check_cost(target.model, n, h, w, outputs)
+    job_bytes = images.nbytes + check_cost(target.model, n, h, w, outputs)
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
         raise Unavailable(
             f"the queue is full ({cfg['MAX_QUEUE']} jobs); retry later", retry_after=retry
         )
+    owner = current_owner()
+    budget.check(
+        ext.redis,
+        owner,
+        job_bytes,
+        max_jobs=int(cfg["MAX_KEY_JOBS"]),
+        max_bytes=int(cfg["MAX_KEY_STORED_BYTES"]),
+        retry_after=retry,
+    )
     job_id = submit(
         ext.queue,
         ext.store,
@@ -176,9 +186,11 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
         version=target.version,
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
-        owner=current_owner(),
+        owner=owner,
         meta=meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
     )
+    ttl = ext.settings.result_ttl + ext.settings.job_timeout
+    budget.record(ext.redis, owner, job_id, job_bytes, ttl)
     return job_id, list(outputs)

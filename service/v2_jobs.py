@@ -14,8 +14,9 @@ from rq.results import Result
 from engine.npy import npy_header
 from worker.contract.queue import cancel, job_status
 
+from . import budget
 from .app import convq
-from .auth import check_visible
+from .auth import check_visible, current_owner
 from .codec import Streamed, encode_infer, iter_body
 from .errors import (
     ApiError,
@@ -140,6 +141,7 @@ def infer(name: str, version: str | None = None):
     status = _wait(job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, current_owner(), job_id)
         raise InferTimeout(
             f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
             "it to /v2/models/{m}/jobs to wait without a deadline"
@@ -151,6 +153,7 @@ def infer(name: str, version: str | None = None):
         body, headers = _v2_body(job_id, status, outputs, binary, parsed.id)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, current_owner(), job_id)
         raise
     timings = status["timings"]
     spans = [("read", parsed_at - began), ("submit", enqueued_at - parsed_at)]
@@ -161,13 +164,15 @@ def infer(name: str, version: str | None = None):
     )
     response = Response(body, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
-    response.call_on_close(lambda: _forget(ext, job_id))
+    owner = current_owner()  # read now: the request context is gone when the answer is sent
+    response.call_on_close(lambda: _forget(ext, job_id, owner))
     return response
 
 
-def _forget(ext, job_id: str) -> None:
+def _forget(ext, job_id: str, owner: str | None) -> None:
     try:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, owner, job_id)
     except Exception:  # noqa: BLE001 - the answer is sent; the TTLs clean up what is left
         log.warning("could not delete infer job %s", job_id, exc_info=True)
 
@@ -201,6 +206,7 @@ def delete_job(job_id: str):
     status = _status(job_id)
     ext = convq()
     cancel(ext.queue, ext.store, job_id)
+    budget.release(ext.redis, status.get("owner"), job_id)
     was = status["status"]
     return {"id": job_id, "status": "canceled" if was in ("queued", "started") else "deleted"}
 

@@ -108,3 +108,56 @@ def test_non_finite_results_are_422_in_json_and_intact_in_binary(api):
     rv = api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=conv1")
     assert rv.status_code == 200
     assert not np.isfinite(np.load(io.BytesIO(rv.data))).all()
+
+
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+ONE_JOB = 2 * 9 * 9 * 3 + 2 * 1 * 1 * 5 * 4  # two uint8 images in, fc's float32 maps out
+
+
+def _job(api, headers=None):
+    return api.client.post("/v2/models/tiny/jobs", json=v2_json(images(2)), headers=headers or {})
+
+
+def test_a_key_may_have_so_many_jobs_queued_then_429(blob_dir):
+    api = Api(blob_dir=blob_dir, API_KEYS="key-a, key-b", MAX_KEY_JOBS=2, RETRY_AFTER=7)
+    assert api.load(headers=A).status_code == 200
+    assert [_job(api, A).status_code for _ in range(2)] == [202, 202]
+    rv = _job(api, A)
+    assert rv.status_code == 429 and rv.headers["Retry-After"] == "7"
+    assert "2 jobs queued or running" in rv.json["error"]
+    assert api.queue_keys() == 2
+    assert api.client.post(
+        "/v2/repository/models/tiny/load", json=load_body(), headers=B
+    ).status_code in (200, 409)
+    api.burst()  # both finish: the key may queue again
+    assert [_job(api, A).status_code for _ in range(2)] == [202, 202]
+
+
+def test_a_key_may_store_so_many_bytes_then_429_until_it_deletes(blob_dir):
+    api = Api(blob_dir=blob_dir, MAX_KEY_STORED_BYTES=2 * ONE_JOB)
+    assert api.load().status_code == 200
+    first = _job(api)
+    assert first.status_code == 202 and _job(api).status_code == 202
+    api.burst()  # finished jobs still hold their results until deleted or expired
+    rv = _job(api)
+    assert rv.status_code == 429, rv.json
+    assert f"store {2 * ONE_JOB} bytes" in rv.json["error"]
+    assert api.client.delete(f"/v2/jobs/{first.json['id']}").status_code == 200
+    assert _job(api).status_code == 202
+    # A job bigger than the whole budget can never fit: 413, not a retry.
+    rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(5)))
+    assert rv.status_code == 413 and "a key may store" in rv.json["error"]
+
+
+def test_the_stored_bytes_expire_with_the_results(blob_dir, monkeypatch):
+    api = Api(blob_dir=blob_dir, MAX_KEY_STORED_BYTES=ONE_JOB)
+    assert api.load().status_code == 200
+    assert _job(api).status_code == 202
+    api.burst()
+    assert _job(api).status_code == 429
+    import service.budget
+
+    later = service.budget.time.time() + api.settings.result_ttl + api.settings.job_timeout + 1
+    monkeypatch.setattr(service.budget.time, "time", lambda: later)
+    assert _job(api).status_code == 202
