@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .errors import ShapeError
 from .geometry import out_size
 
@@ -113,17 +115,21 @@ def check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> No
         ("height", h, hout, win.fh, win.sh, win.top, win.dh),
         ("width", w, wout, win.fw, win.sw, win.left, win.dw),
     ):
-        # Only windows starting in the leading pad or past the input can miss it.
-        edges = [*range(min(out, -(-lo // s))), *range(max(0, (n + lo) // s), out)]
-        for o in edges:
-            start = o * s - lo
-            # the first tap at or after pixel 0
-            first = start if start >= 0 else start + (-start + d - 1) // d * d
-            if not (first < n and first <= start + d * (f - 1)):
-                raise ShapeError(
-                    f"{layer.name}: output {axis} index {o} of {out} pools only padding "
-                    f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
-                    "use less pad, e.g. at most half the window",
-                    layer=layer.name,
-                    field="pad",
-                )
+        # Only windows starting in the leading pad or past the input can miss it: at most
+        # lo/s + hi/s + 2 of them, checked at once (numpy) rather than one Python step each.
+        lead = np.arange(min(out, -(-lo // s)), dtype=np.int64)
+        tail = np.arange(max(0, (n + lo) // s), out, dtype=np.int64)
+        o = np.concatenate([lead, tail])
+        start = o * s - lo
+        # the first tap at or after pixel 0
+        first = np.where(start >= 0, start, start + (-start + d - 1) // d * d)
+        bad = ~((first < n) & (first <= start + d * (f - 1)))
+        if bad.any():
+            o = int(o[np.argmax(bad)])
+            raise ShapeError(
+                f"{layer.name}: output {axis} index {o} of {out} pools only padding "
+                f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
+                "use less pad, e.g. at most half the window",
+                layer=layer.name,
+                field="pad",
+            )

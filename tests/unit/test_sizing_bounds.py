@@ -107,3 +107,70 @@ def test_strict_misfit_with_an_enormous_stride_answers_at_once():
 )
 def test_nearby_stride_is_the_largest_divisor_up_to_s_plus_2(span, s, expected):
     assert nearby_stride(span, s) == expected
+
+
+def _padding_only_reference(n: int, out: int, f: int, s: int, lo: int, d: int) -> int | None:
+    """The first output index whose window holds only padding, one window at a time."""
+    for o in range(out):
+        taps = [o * s - lo + d * j for j in range(f)]
+        if not any(0 <= t < n for t in taps):
+            return o
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(0, 8),
+    st.integers(0, 8),
+    st.integers(1, 4),
+)
+def test_pool_window_check_matches_a_window_by_window_reference(n, f, s, lo, hi, d):
+    spec = parse_spec(
+        {
+            "name": "m",
+            "input": {"channels": 1},
+            "fit": "floor",
+            "layers": [
+                {"name": "p", "type": "maxpool", "size": f, "stride": s, "pad": [lo, 0, hi, 0]},
+            ],
+        }
+    )
+    extent = d * (f - 1) + 1
+    if n + lo + hi < extent:
+        return
+    out = (n + lo + hi - extent) // s + 1
+    layer = spec.layers[0]
+    layer = type(layer)(
+        **{**layer.__dict__, "window": type(layer.window)(f, 1, s, 1, d, 1, lo, 0, hi, 0)}
+    )
+    expected = _padding_only_reference(n, out, f, s, lo, d)
+    if expected is None:
+        sizing.check_pool_windows(layer, n, 1, out, 1)
+    else:
+        with pytest.raises(ShapeError, match=f"index {expected} of {out} pools only padding"):
+            sizing.check_pool_windows(layer, n, 1, out, 1)
+
+
+def test_pool_checks_of_wide_padded_windows_cost_no_step_per_window():
+    # 256 pools of size 32768 and pad 32767 on 4096 pixels: ~2 * 32767 edge windows per axis and
+    # layer, each a Python step before (seconds); now one numpy pass per axis and layer.
+    layers = [
+        {"name": f"p{i}", "type": "maxpool", "size": 32768, "pad": 32767, "stride": 1}
+        for i in range(256)
+    ]
+    _alarm(10)
+    try:
+        spec = parse_spec(
+            {
+                "name": "m",
+                "input": {"height": 4096, "width": 4096, "channels": 1},
+                "fit": "floor",
+                "layers": layers,
+            }
+        )
+    finally:
+        signal.alarm(0)
+    assert spec.shapes(4096, 4096)[-1] == (4096 + 256 * 32767, 4096 + 256 * 32767, 1)
