@@ -22,32 +22,52 @@ SCRATCH_BYTES = 64 * 1024 * 1024
 (tiles are a fixed size, independent of the batch; this bounds them for any thread count)."""
 
 
+def _inputs(spec: Spec) -> list[list[str | None]]:
+    """Each layer's input names; None is the image. A chain layer reads the one before it."""
+    names = {layer.name for layer in spec.layers}
+    out: list[list[str | None]] = []
+    previous: str | None = None
+    for layer in spec.layers:
+        ins = getattr(layer, "inputs", None)  # graph specs name them; chain specs do not
+        out.append([previous] if not ins else [i if i in names else None for i in ins])
+        previous = layer.name
+    return out
+
+
 def peak_bytes(spec: Spec, n: int, h: int, w: int, outputs: list[str]) -> int:
     """Return the bytes a run of n images h x w holding outputs (layer names) needs at most.
 
-    Raises ShapeError where the layers do not fit h x w (as Spec.shapes does).
+    Each array lives from the layer that makes it to the last layer that reads it (the image from
+    the start), or to the end of the run if it was asked for. Raises ShapeError where the layers
+    do not fit h x w (as Spec.shapes does).
     """
     shapes = layer_shapes(spec, h, w)
-    channels = spec.channels
     names = [layer.name for layer in spec.layers]
     last = max(names.index(name) for name in outputs)
+    inputs = _inputs(spec)[: last + 1]
     wanted = set(outputs)
-    x = n * h * w * channels * FLOAT
-    peak = x + n * h * w * channels  # a uint8 batch and its preprocessed float32 copy
-    kept = 0  # requested outputs made so far, other than the current input
-    c, hi, wi = channels, h, w
-    for i in range(last + 1):
+    size: dict[str | None, int] = {None: n * h * w * spec.channels * FLOAT}
+    hw: dict[str | None, tuple[int, int, int]] = {None: (h, w, spec.channels)}
+    last_read: dict[str | None, int] = {}
+    for i, ins in enumerate(inputs):
+        for src in ins:
+            last_read[src] = i
+    live = {None}
+    peak = size[None] + n * h * w * spec.channels  # a uint8 batch and its float32 copy
+    for i, ins in enumerate(inputs):
         layer = spec.layers[i]
         ho, wo, k = shapes[i]
-        out = n * ho * wo * k * FLOAT
+        size[layer.name] = n * ho * wo * k * FLOAT
+        hw[layer.name] = (ho, wo, k)
         scratch = 0
         if layer.window is not None:
             win = layer.window
+            hi, wi, c = hw[ins[0]]
             if win.top or win.bottom or win.left or win.right:
                 scratch += n * (hi + win.top + win.bottom) * (wi + win.left + win.right) * c * FLOAT
             scratch += SCRATCH_BYTES
-        peak = max(peak, kept + x + out + scratch)
-        if i > 0 and spec.layers[i - 1].name in wanted:
-            kept += x  # the input stays alive as a result once this layer no longer needs it
-        x, c, hi, wi = out, k, ho, wo
+        live.add(layer.name)
+        peak = max(peak, sum(size[a] for a in live) + scratch)
+        # free what no later layer reads and the caller did not ask for
+        live = {a for a in live if a in wanted or last_read.get(a, -1) > i}
     return peak

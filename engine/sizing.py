@@ -68,6 +68,30 @@ def _axis_windows(spec: Spec, axis: str) -> list[tuple[int, int, int]]:
     return out
 
 
+SEARCH_REACH = 256
+"""Sizes tried each way around n where the layers are not one chain (branches, joins)."""
+
+
+def _is_chain(spec: Spec) -> bool:
+    """Return whether each layer reads only the one before it (the image, for the first)."""
+    for i, layer in enumerate(spec.layers):
+        ins = getattr(layer, "inputs", None)  # graph specs name each layer's inputs
+        if layer.type in ("add", "concat", "globalavgpool", "globalmaxpool"):
+            return False
+        if ins and (len(ins) != 1 or (i > 0 and ins[0] != spec.layers[i - 1].name)):
+            return False
+    return True
+
+
+def _searched_inputs(spec: Spec, n: int, axis: str) -> list[int]:
+    """The nearest fitting sizes within SEARCH_REACH of n, one axis_fits per size tried."""
+    below = next(
+        (m for m in range(n - 1, max(n - SEARCH_REACH, 0), -1) if axis_fits(spec, m, axis)), None
+    )
+    above = next((m for m in range(n + 1, n + SEARCH_REACH) if axis_fits(spec, m, axis)), None)
+    return [m for m in (below, above) if m is not None]
+
+
 def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
     """Return the nearest input sizes below and above n for which the whole network fits.
 
@@ -76,6 +100,8 @@ def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
     the layers the inputs that fit are P*m + Q for every final output m >= m0 (strict), or every
     size from Q + P*(m0 - 1) up (floor), P the product of the strides. Cost: one pass per layer.
     """
+    if not _is_chain(spec):
+        return _searched_inputs(spec, n, axis)
     windows = _axis_windows(spec, axis)
     if spec.fit == "floor":
         least = 1  # the smallest input of the last window, going backwards to the first

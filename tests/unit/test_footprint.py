@@ -66,3 +66,28 @@ def test_requested_outputs_stay_counted_after_their_layer():
     assert with_first >= only_last and with_first - only_last <= conv1
     with pytest.raises(Exception, match="larger than the padded input"):
         peak_bytes(spec, 1, 2, 2, ["fc"])
+
+
+def test_a_branch_keeps_its_source_alive_until_its_last_reader(monkeypatch):
+    # image -> a -> b, and c reads the image again (a graph branch): the image stays alive
+    # through b, so b's step holds image + a + b.
+    from types import SimpleNamespace
+
+    from engine import footprint
+
+    layers = [
+        SimpleNamespace(name="a", window=None, inputs=["image"]),
+        SimpleNamespace(name="b", window=None, inputs=["a"]),
+        SimpleNamespace(name="c", window=None, inputs=["image"]),
+    ]
+    spec = SimpleNamespace(layers=layers, channels=1)
+    monkeypatch.setattr(footprint, "layer_shapes", lambda s, h, w: [(h, w, 10)] * 3)
+    unit = 4 * 8 * 8  # one channel of an 8x8 float32 map
+    image, a, b = unit, 10 * unit, 10 * unit
+    assert footprint.peak_bytes(spec, 1, 8, 8, ["c"]) == image + a + b
+    # asking for a keeps it to the end: c's step holds image + a + c
+    assert footprint.peak_bytes(spec, 1, 8, 8, ["a", "c"]) == image + a + b
+    chain = SimpleNamespace(
+        layers=[SimpleNamespace(**{**vars(x), "inputs": None}) for x in layers], channels=1
+    )
+    assert footprint.peak_bytes(chain, 1, 8, 8, ["c"]) == a + b  # the image is freed after a

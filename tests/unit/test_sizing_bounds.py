@@ -174,3 +174,15 @@ def test_pool_checks_of_wide_padded_windows_cost_no_step_per_window():
     finally:
         signal.alarm(0)
     assert spec.shapes(4096, 4096)[-1] == (4096 + 256 * 32767, 4096 + 256 * 32767, 1)
+
+
+def test_specs_that_are_not_one_chain_get_a_bounded_search(monkeypatch):
+    spec = _spec([(3, 2, 1, 1), (2, 2, 0, 1), (3, 3, 0, 1)], "strict")
+    monkeypatch.setattr(sizing, "_is_chain", lambda s: False)
+    calls = []
+    real = sizing.axis_fits
+    monkeypatch.setattr(sizing, "axis_fits", lambda *a: calls.append(1) or real(*a))
+    assert sizing.fitting_inputs(spec, 30, "height") == [23, 35]
+    calls.clear()
+    sizing.fitting_inputs(spec, 10**9, "height")  # nothing fits within reach: bounded anyway
+    assert len(calls) <= 2 * sizing.SEARCH_REACH
