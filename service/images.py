@@ -125,6 +125,8 @@ def _probe_picture(data: bytes, name: str, channels: int, max_pixels: int) -> tu
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
                 w, h = im.size
+    except Image.DecompressionBombError as e:  # past twice Pillow's own cap, from the header
+        raise TooLarge(f"{name}: {e}", field="images") from None
     except Exception as e:  # noqa: BLE001 - Pillow fails on crafted headers in many ways
         raise BadRequest(
             f"{name}: not a readable PNG/JPEG image ({type(e).__name__}: {e})", field="images"

@@ -306,6 +306,13 @@ CASES = [
         "10000x10000 is 100000000 pixels",
     ),
     Case(
+        "png-12KB-claiming-30000x30000",
+        JOBS,
+        lambda t: multipart(("bomb.png", png_claiming(30000, 30000))),
+        413,
+        "bomb.png",
+    ),
+    Case(
         "png-truncated", JOBS, lambda t: multipart(("a.png", png(images(1)[0])[:60])), 400, "a.png"
     ),
     Case(
