@@ -122,6 +122,19 @@ def fitting_sizes(n: int, f: int, s: int, lo: int, hi: int, d: int) -> tuple[int
     return below, above
 
 
+NEARBY_STRIDES = 64
+"""How far below the stride nearby_stride looks: the hint's cost is bounded, whatever the stride."""
+
+
+def nearby_stride(span: int, s: int) -> int | None:
+    """Return the largest stride c != s, c <= s + 2, that divides span, looking at most
+    NEARBY_STRIDES below s (then 1, which divides everything); None when only s itself would do."""
+    for c in range(s + 2, max(s - NEARBY_STRIDES, 1), -1):
+        if c != s and span % c == 0:
+            return c
+    return 1 if s != 1 else None
+
+
 def out_size(
     n: int,
     f: int,
@@ -156,14 +169,14 @@ def out_size(
     if fit == "strict" and span % s:
         below, above = fitting_sizes(n, f, s, lo, hi, d)
         extra = s - span % s
-        strides = [c for c in range(1, s + 3) if c != s and span % c == 0]
+        stride = nearby_stride(span, s)
         hints = [
             f"an input {axis} of {above} or {below}" if below > 0 else f"an input {axis} of {above}"
         ]
         lo2, hi2 = lo + extra // 2, hi + extra - extra // 2
         hints.append(f"{extra} more pad along the {axis} ({lo2} before, {hi2} after)")
-        if strides:
-            hints.append(f"stride {strides[-1]}")
+        if stride is not None:
+            hints.append(f"stride {stride}")
         hints.append('fit="floor"')
         sum_ = _arithmetic(n, f, s, lo, hi, d)
         raise ShapeError(

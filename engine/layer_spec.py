@@ -49,7 +49,7 @@ LAYER_KEYS |= {kind: _BASE_KEYS for kind in ("sigmoid", "tanh")}
 MAX_DIM = 1 << 16  # caps every size, stride, pad, filter count and input side: keeps sizes sane
 # The spec field behind each Window attribute, by its first letter (fh, sw, dh, top, left, ...).
 _SPEC_FIELD = dict(f="size", s="stride", d="dilation", t="pad", l="pad", b="pad", r="pad")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}")
 
 
 def fail(message: str, layer: str | None = None, field: str | None = None) -> ModelError:
@@ -58,7 +58,7 @@ def fail(message: str, layer: str | None = None, field: str | None = None) -> Mo
 
 def check_name(value, *, what: str, layer: str | None = None, field: str = "name") -> str:
     """Return value if it is a usable name: 1-128 of letters, digits, _ . : - ."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise fail(
             f"{what} must be 1-128 characters of letters, digits, '_', '.', ':' or '-' "
             f"(not starting with punctuation), got {value!r}",

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import backprop, layers, ops
+from . import backprop, footprint, layers, ops
 from ._grouped import convolve, pack, packed_nbytes
 from .errors import InputError, ModelError, ShapeError, WeightsError
 from .graph import IMAGE
@@ -216,6 +216,10 @@ class Model:
         """Return the float32 bytes the requested outputs take for n images of h x w."""
         shapes = self.output_shapes(h, w)
         return sum(4 * n * int(np.prod(shapes[name])) for name in self.resolve_outputs(outputs))
+
+    def peak_bytes(self, n: int, h: int, w: int, outputs=None) -> int:
+        """Return the most bytes a run of n images h x w keeping outputs holds at once."""
+        return footprint.peak_bytes(self._spec, n, h, w, self.resolve_outputs(outputs))
 
     def resolve_outputs(self, outputs=None) -> list[str]:
         """Return layer names: None -> [last], "all" -> every layer, a name or list -> checked."""

@@ -7,8 +7,9 @@ pooling windows that would see only padding.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import ShapeError
 from .geometry import out_size
@@ -83,15 +84,70 @@ def axis_fits(spec: Spec, n: int, axis: str) -> bool:
     return True
 
 
-def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
-    """Return the nearest input sizes below and above n for which the whole network fits."""
-    period = math.prod(
-        (lay.window.sh if axis == "height" else lay.window.sw) for lay in spec.layers if lay.window
+def _axis_windows(spec: Spec, axis: str) -> list[tuple[int, int, int]]:
+    """Return (stride, extent, total pad) of each window along axis, in layer order."""
+    out = []
+    for lay in spec.layers:
+        win = lay.window
+        if win is None:
+            continue
+        if axis == "height":
+            out.append((win.sh, win.dh * (win.fh - 1) + 1, win.top + win.bottom))
+        else:
+            out.append((win.sw, win.dw * (win.fw - 1) + 1, win.left + win.right))
+    return out
+
+
+SEARCH_REACH = 256
+"""Sizes tried each way around n where the layers are not one chain (branches, joins)."""
+
+
+def _is_chain(spec: Spec) -> bool:
+    """Return whether each layer reads only the one before it (the image, for the first)."""
+    for i, layer in enumerate(spec.layers):
+        ins = getattr(layer, "inputs", None)  # graph specs name each layer's inputs
+        if layer.type in ("add", "concat", "globalavgpool", "globalmaxpool"):
+            return False
+        if ins and (len(ins) != 1 or (i > 0 and ins[0] != spec.layers[i - 1].name)):
+            return False
+    return True
+
+
+def _searched_inputs(spec: Spec, n: int, axis: str) -> list[int]:
+    """The nearest fitting sizes within SEARCH_REACH of n, one axis_fits per size tried."""
+    below = next(
+        (m for m in range(n - 1, max(n - SEARCH_REACH, 0), -1) if axis_fits(spec, m, axis)), None
     )
-    reach = min(max(period, 1) * 2 + 64, 2048)
-    below = next((m for m in range(n - 1, max(n - reach, 0), -1) if axis_fits(spec, m, axis)), None)
-    above = next((m for m in range(n + 1, n + reach) if axis_fits(spec, m, axis)), None)
+    above = next((m for m in range(n + 1, n + SEARCH_REACH) if axis_fits(spec, m, axis)), None)
     return [m for m in (below, above) if m is not None]
+
+
+def fitting_inputs(spec: Spec, n: int, axis: str) -> list[int]:
+    """Return the nearest input sizes below and above n for which the whole network fits.
+
+    Closed form, no search: walking back from the last layer, the input of a window whose output
+    is m is (m - 1)*s + extent - pads exactly (strict), or at least that (floor); composed over
+    the layers the inputs that fit are P*m + Q for every final output m >= m0 (strict), or every
+    size from Q + P*(m0 - 1) up (floor), P the product of the strides. Cost: one pass per layer.
+    """
+    if not _is_chain(spec):
+        return _searched_inputs(spec, n, axis)
+    windows = _axis_windows(spec, axis)
+    if spec.fit == "floor":
+        least = 1  # the smallest input of the last window, going backwards to the first
+        for s, extent, pads in reversed(windows):
+            least = max(1, (least - 1) * s + extent - pads)
+        below = n - 1 if n - 1 >= least else None
+        return [m for m in (below, max(n + 1, least)) if m is not None]
+    # Strict: size_i(m) = P_i*m + Q_i for the input of window i, m the last output (m >= 1).
+    p, q, m0 = 1, 0, 1  # the last output itself: 1*m + 0
+    for s, extent, pads in reversed(windows):
+        p, q = p * s, (q - 1) * s + extent - pads
+        m0 = max(m0, -((q - 1) // p))  # smallest m with p*m + q >= 1
+    m_above = max(m0, (n - q) // p + 1)  # smallest m with p*m + q > n
+    m_below = -((n - q) // -p) - 1  # largest m with p*m + q < n
+    out = [p * m_below + q] if m_below >= m0 else []
+    return [*out, p * m_above + q]
 
 
 def _with_input_hint(spec: Spec, err: ShapeError, h: int, w: int) -> ShapeError:
@@ -117,17 +173,21 @@ def check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> No
         ("height", h, hout, win.fh, win.sh, win.top, win.dh),
         ("width", w, wout, win.fw, win.sw, win.left, win.dw),
     ):
-        # Only windows starting in the leading pad or past the input can miss it.
-        edges = [*range(min(out, -(-lo // s))), *range(max(0, (n + lo) // s), out)]
-        for o in edges:
-            start = o * s - lo
-            # the first tap at or after pixel 0
-            first = start if start >= 0 else start + (-start + d - 1) // d * d
-            if not (first < n and first <= start + d * (f - 1)):
-                raise ShapeError(
-                    f"{layer.name}: output {axis} index {o} of {out} pools only padding "
-                    f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
-                    "use less pad, e.g. at most half the window",
-                    layer=layer.name,
-                    field="pad",
-                )
+        # Only windows starting in the leading pad or past the input can miss it: at most
+        # lo/s + hi/s + 2 of them, checked at once (numpy) rather than one Python step each.
+        lead = np.arange(min(out, -(-lo // s)), dtype=np.int64)
+        tail = np.arange(max(0, (n + lo) // s), out, dtype=np.int64)
+        o = np.concatenate([lead, tail])
+        start = o * s - lo
+        # the first tap at or after pixel 0
+        first = np.where(start >= 0, start, start + (-start + d - 1) // d * d)
+        bad = ~((first < n) & (first <= start + d * (f - 1)))
+        if bad.any():
+            o = int(o[np.argmax(bad)])
+            raise ShapeError(
+                f"{layer.name}: output {axis} index {o} of {out} pools only padding "
+                f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
+                "use less pad, e.g. at most half the window",
+                layer=layer.name,
+                field="pad",
+            )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -135,8 +136,9 @@ def _read_npy(raw: bytes, member: str) -> np.ndarray:
         raise WeightsError(
             f"npz member {member!r} has dtype {dtype}, not a number type", field="weights"
         )
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count * dtype.itemsize != len(raw) - f.tell():
+    # Python ints: a header shape like (2**32, 2**32) must not wrap around to a small count.
+    count = math.prod(shape)
+    if any(d < 0 for d in shape) or count * dtype.itemsize != len(raw) - f.tell():
         raise WeightsError(
             f"npz member {member!r}: header shape {shape} does not match its data", field="weights"
         )

@@ -21,7 +21,10 @@ def read_body(limit: int) -> bytes:
     stream = request.stream
     parts, total = [], 0
     while True:
-        part = stream.read(_CHUNK)
+        try:
+            part = stream.read(_CHUNK)
+        except (OSError, ValueError) as e:  # a malformed chunk size, a connection cut short
+            raise BadRequest(f"request body could not be read: {e}") from None
         if not part:
             break
         total += len(part)

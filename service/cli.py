@@ -94,6 +94,8 @@ def up(argv: list[str]) -> int:
     from worker.contract.config import Settings
     from worker.embedded import start_workers
 
+    from .servers import JsonErrorRequestHandler
+
     args = _serve_args("up", argv, workers=1)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
@@ -118,7 +120,9 @@ def up(argv: list[str]) -> int:
     began = time.monotonic()
     handle = start_workers(ext.redis, settings, n=args.workers)
     print(f"engine ready in {time.monotonic() - began:.1f} s", flush=True)
-    server = make_server(args.host, args.port, app, threaded=True)
+    server = make_server(
+        args.host, args.port, app, threaded=True, request_handler=JsonErrorRequestHandler
+    )
     where = "embedded in-process Redis" if "REDIS" in config else settings.redis_url
     print(f"{args.workers} worker(s) over {where}", flush=True)
     print(how_to_submit(f"http://{args.host}:{server.server_port}"), flush=True)

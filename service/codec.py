@@ -16,7 +16,7 @@ import numpy as np
 
 from .body import json_object
 from .classify import parse_k
-from .errors import BadRequest
+from .errors import BadRequest, Unprocessable
 
 DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 _REQUEST_KEYS = {"id", "inputs", "outputs", "parameters"}
@@ -43,6 +43,9 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
     if value is None:
         return None
     try:
+        # Digits only: int() would also take "1_0", " 10", "+10" or non-ASCII digits.
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(value)
         n = int(value)
     except ValueError:
         raise BadRequest(
@@ -257,7 +260,16 @@ def encode_infer(
             entry["parameters"] = {"binary_data_size": size}
             tails.append(raw)
         else:
-            entry["data"] = np.frombuffer(raw, dtype="<f4").tolist()
+            values = np.frombuffer(raw, dtype="<f4")
+            if not np.isfinite(values).all():
+                # JSON has no Infinity or NaN: say so rather than send invalid JSON.
+                bad = int(np.count_nonzero(~np.isfinite(values)))
+                raise Unprocessable(
+                    f"output {name!r} holds {bad} non-finite value(s) (inf or NaN), which JSON "
+                    "cannot carry; fetch it in binary (format=binary, binary_data) or as .npy",
+                    field="format",
+                )
+            entry["data"] = values.tolist()
         described.append(entry)
     doc = {"model_name": model, "model_version": str(version), "outputs": described}
     if request_id is not None:

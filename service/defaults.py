@@ -21,6 +21,18 @@ MAX_PIXELS = 4096 * 4096
 MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
 """Float32 bytes a job's requested outputs may take, predicted before enqueueing."""
 
+MAX_RUN_BYTES = 2 * 1024 * 1024 * 1024
+"""Bytes a job's run may hold at once (input, live layer outputs, requested outputs, scratch),
+predicted before enqueueing from the model and the batch's shape (engine.footprint)."""
+
+MAX_KEY_STORED_BYTES = 8 * 1024 * 1024 * 1024
+"""Bytes of job images and predicted outputs one API key (or, with auth off, all clients) may
+have stored at once, until the jobs are deleted or their results expire; past it 429."""
+
+MAX_KEY_JOBS = 500
+"""Jobs one API key (or, with auth off, all clients) may have queued or running at once; past it
+429 + Retry-After."""
+
 MAX_JSON_OUTPUT_BYTES = 16 * 1024 * 1024
 """Float32 bytes of outputs sent as JSON number lists (about 10x bigger as text); above it the
 client must take the binary tensor extension or .npy."""

@@ -64,8 +64,16 @@ class JobFailed(ApiError):
     status = 422
 
 
+class Unprocessable(ApiError):
+    status = 422
+
+
 class TooLarge(ApiError):
     status = 413
+
+
+class TooManyRequests(ApiError):
+    status = 429
 
 
 class UnsupportedMediaType(ApiError):

@@ -9,7 +9,9 @@ bytes that follow and loaded with allow_pickle=False.
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -77,13 +79,7 @@ def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> n
     return array.reshape(array.shape[0], array.shape[1], -1)
 
 
-def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Decode .npy bytes holding (H, W) or (H, W, C) uint8 or float32 to (H, W, C)."""
-    stream = io.BytesIO(data)
-    try:
-        shape, fortran, dtype = read_header(stream)
-    except Exception as e:  # noqa: BLE001 - numpy's header parser has many failure types
-        raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
+def _check_npy(shape: tuple, dtype: np.dtype, name: str, max_pixels: int) -> None:
     if dtype.hasobject or dtype.newbyteorder("<") not in _NPY_DTYPES:
         raise BadRequest(
             f"{name}: .npy dtype {dtype} is not accepted; use uint8 or float32", field="images"
@@ -91,16 +87,14 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise BadRequest(f"{name}: .npy shape {shape} is not (H, W) or (H, W, C)", field="images")
     _check_pixels(shape[0], shape[1], max_pixels, name)
-    need = int(np.prod(shape)) * dtype.itemsize
-    have = len(data) - stream.tell()
-    if have != need:
-        raise BadRequest(
-            f"{name}: .npy header says {shape} {dtype} ({need} bytes) but {have} bytes follow",
-            field="images",
-        )
+
+
+def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Decode .npy bytes holding (H, W) or (H, W, C) uint8 or float32 to (H, W, C)."""
+    (h, w, _), dtype = _probe_npy(data, name, max_pixels)
     array = np.load(io.BytesIO(data), allow_pickle=False)
-    array = np.ascontiguousarray(array, dtype=dtype.newbyteorder("="))
-    return array.reshape(shape[0], shape[1], -1)
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return array.reshape(h, w, -1)
 
 
 _SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy"}
@@ -125,24 +119,92 @@ def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> n
     raise UnsupportedMediaType(f"{name}: not a PNG, JPEG or .npy file", field="images")
 
 
+def _probe_picture(data: bytes, name: str, channels: int, max_pixels: int) -> tuple:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # past twice Pillow's own cap, from the header
+        raise TooLarge(f"{name}: {e}", field="images") from None
+    except Exception as e:  # noqa: BLE001 - Pillow fails on crafted headers in many ways
+        raise BadRequest(
+            f"{name}: not a readable PNG/JPEG image ({type(e).__name__}: {e})", field="images"
+        ) from None
+    _check_pixels(h, w, max_pixels, name)
+    return (h, w, channels), np.dtype(np.uint8)
+
+
+def _probe_npy(data: bytes, name: str, max_pixels: int) -> tuple:
+    stream = io.BytesIO(data)
+    try:
+        shape, _, dtype = read_header(stream)
+    except Exception as e:  # noqa: BLE001 - numpy's header parser has many failure types
+        raise BadRequest(f"{name}: not a valid .npy file ({e})", field="images") from None
+    _check_npy(shape, dtype, name, max_pixels)
+    need = math.prod(shape) * dtype.itemsize  # Python ints: (2, 2, 2**62) does not wrap to 0
+    have = len(data) - stream.tell()
+    if have != need:
+        raise BadRequest(
+            f"{name}: .npy header says {shape} {dtype} ({need} bytes) but {have} bytes follow",
+            field="images",
+        )
+    return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1), dtype.newbyteorder("=")
+
+
+def probe_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> tuple:
+    """Return ((H, W, C), dtype) one file would decode to, from its header alone."""
+    kind = sniff(data)
+    if kind == "npy":
+        return _probe_npy(data, name, max_pixels)
+    if kind in ("png", "jpeg"):
+        return _probe_picture(data, name, channels, max_pixels)
+    return decode_image(data, name, channels=channels, max_pixels=max_pixels)  # raises the 415
+
+
+Check = Callable[[int, int, int, int], None]
+"""Called with (N, H, W, C) of a batch before any of its images is decoded; raises to refuse."""
+
+
 def stack_images(
-    files: list[tuple[str, bytes]], *, channels: int, max_pixels: int, max_images: int
+    files: list[tuple[str, bytes]],
+    *,
+    channels: int,
+    max_pixels: int,
+    max_images: int,
+    check: Check | None = None,
 ) -> np.ndarray:
-    """Decode every file and stack them into (N, H, W, C); all must share size and dtype."""
+    """Decode every file and stack them into (N, H, W, C); all must share size and dtype.
+
+    Every header is read first: sizes that differ, or a batch check refuses (the model's input
+    size, the output and working-memory limits), cost no decoding at all.
+    """
     if not files:
         raise BadRequest("send at least one file in the images field", field="images")
     if len(files) > max_images:
         raise TooLarge(f"{len(files)} images in one job; the limit is {max_images}", field="images")
-    arrays = [
-        decode_image(data, name, channels=channels, max_pixels=max_pixels) for name, data in files
-    ]
-    first_name, first = files[0][0], arrays[0]
-    for (name, _), array in zip(files, arrays, strict=True):
-        if array.shape != first.shape or array.dtype != first.dtype:
+    probed = [probe_image(d, name, channels=channels, max_pixels=max_pixels) for name, d in files]
+    first_name, first = files[0][0], probed[0]
+    for (name, _), (shape, dtype) in zip(files, probed, strict=True):
+        if shape != first[0] or dtype != first[1]:
             raise BadRequest(
                 f"images of one job must share size and dtype: {first_name} is "
-                f"{first.shape} {first.dtype}, {name} is {array.shape} "
-                f"{array.dtype}",
+                f"{first[0]} {first[1]}, {name} is {shape} {dtype}",
                 field="images",
             )
-    return np.stack(arrays)
+    if check is not None:
+        check(len(files), *first[0])
+    out = None
+    for i, (name, data) in enumerate(files):
+        array = decode_image(data, name, channels=channels, max_pixels=max_pixels)
+        if out is None:
+            out = np.empty((len(files), *array.shape), array.dtype)
+        if array.shape != out.shape[1:] or array.dtype != out.dtype:  # a header that lied
+            raise BadRequest(
+                f"images of one job must share size and dtype: {first_name} is "
+                f"{out.shape[1:]} {out.dtype}, {name} is {array.shape} {array.dtype}",
+                field="images",
+            )
+        out[i] = array
+    assert out is not None
+    return out

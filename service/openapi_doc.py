@@ -12,9 +12,16 @@ ERRORS = {
     "401": "Missing or unknown bearer key (only when CONVQ_API_KEYS is set)",
     "404": "Unknown model, version or job, or one that belongs to another key",
     "409": "Conflict: result not ready, job failed, or model name taken",
-    "413": "Over a size limit (body, images, pixels, output bytes, model bytes)",
+    "413": (
+        "Over a size limit (body, images, pixels, output bytes, run working memory, spec or "
+        "model bytes)"
+    ),
     "415": "Wrong content type, content encoding or file format",
-    "422": "The job ran and failed",
+    "429": "The key's budget is spent: jobs queued or bytes stored (see Retry-After)",
+    "422": (
+        "The job ran and failed, or a result asked for as JSON holds inf or NaN (JSON cannot "
+        "carry them: fetch it in binary or .npy)"
+    ),
     "503": "Redis unreachable, queue full, or no worker (see Retry-After)",
     "504": "infer waited past its deadline",
     "507": "Redis is out of memory (see Retry-After)",
@@ -388,6 +395,7 @@ def _paths() -> dict:
         "413",
         "415",
         "422",
+        "429",
         "503",
         "504",
         "507",
@@ -515,6 +523,7 @@ def _paths() -> dict:
                 "404",
                 "413",
                 "415",
+                "429",
                 "503",
                 "507",
                 body=JOB_BODY,
@@ -556,6 +565,7 @@ def _paths() -> dict:
                 "404",
                 "409",
                 "413",
+                "422",
                 "503",
                 params=[
                     JOB,
@@ -565,7 +575,10 @@ def _paths() -> dict:
                         {"enum": ["binary", "json", "npy", "png"]},
                     ),
                     _query(
-                        "output", "Layer name(s); npy and png need exactly one", {"type": "string"}
+                        "output",
+                        "Layer name(s), comma-separated (the parameter is given once); npy and png "
+                        "need exactly one",
+                        {"type": "string"},
                     ),
                     _query(
                         "image", "Image index for format=png", {"type": "integer", "minimum": 0}

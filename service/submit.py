@@ -18,6 +18,7 @@ from engine.explain import check_request, result_bytes
 from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
+from . import budget
 from .auth import check_visible, current_owner
 from .body import read_body
 from .codec import InferRequest, decode_infer, parse_header_length
@@ -56,6 +57,13 @@ def find_model(name: str, version: str | None = None) -> Target:
     return Target(name, int(info["version"]), model)
 
 
+def _form_outputs() -> list[str] | str | None:
+    fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
+    if not fields:
+        return None
+    return "all" if [f.strip() for f in fields] == ["all"] else [f.strip() for f in fields]
+
+
 def _multipart(model: Model) -> InferRequest:
     cfg = current_app.config
     files = [
@@ -79,17 +87,20 @@ def _multipart(model: Model) -> InferRequest:
             raise BadRequest(
                 'explain must be an object {"method", "layer", "channel"}', field="explain"
             )
-    channels = model.input_shape[2]
+    outputs = _form_outputs()
+    resolved = model.resolve_outputs(outputs)
+
+    def check(n: int, h: int, w: int, c: int) -> None:
+        check_shape(model, n, h, w, c)
+        check_cost(model, n, h, w, resolved)
+
     images = stack_images(
         files,
-        channels=channels,
+        channels=model.input_shape[2],
         max_pixels=int(cfg["MAX_PIXELS"]),
         max_images=int(cfg["MAX_IMAGES"]),
+        check=check,
     )
-    outputs: list[str] | str | None = None
-    fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
-    if fields:
-        outputs = "all" if [f.strip() for f in fields] == ["all"] else [f.strip() for f in fields]
     return InferRequest(images=images, outputs=outputs, explain=explain)
 
 
@@ -116,12 +127,9 @@ def parse_request(model: Model) -> InferRequest:
     return decode_infer(body, length)
 
 
-def check_images(model: Model, images: np.ndarray) -> np.ndarray:
-    """Return images as (N, H, W, C) after checking them against what the model takes."""
+def check_shape(model: Model, n: int, h: int, w: int, c: int) -> None:
+    """Check a batch's shape against the limits and what the model takes (no pixel is read)."""
     cfg = current_app.config
-    if images.ndim == 3:
-        images = images[..., None]
-    n, h, w, c = images.shape
     if n > int(cfg["MAX_IMAGES"]):
         raise TooLarge(f"{n} images in one job; the limit is {cfg['MAX_IMAGES']}", field="shape")
     if h * w > int(cfg["MAX_PIXELS"]):
@@ -134,6 +142,33 @@ def check_images(model: Model, images: np.ndarray) -> np.ndarray:
     if (want_h, want_w) != (None, None) and (h, w) != (want_h, want_w):
         raise BadRequest(f"the model takes {want_h}x{want_w} images, got {h}x{w}", field="shape")
     model.output_shapes(h, w)  # ShapeError (400) if the layers do not fit this size
+
+
+def check_cost(model: Model, n: int, h: int, w: int, outputs: list[str]) -> int:
+    """Refuse (413) a run whose outputs or working memory pass the limits; return output bytes."""
+    cfg = current_app.config
+    predicted = model.output_bytes(n, h, w, outputs)
+    if predicted > int(cfg["MAX_OUTPUT_BYTES"]):
+        raise TooLarge(
+            f"the requested outputs would take {predicted} bytes; the limit is "
+            f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images)",
+            field="outputs",
+        )
+    peak = model.peak_bytes(n, h, w, outputs)
+    if peak > int(cfg["MAX_RUN_BYTES"]):
+        raise TooLarge(
+            f"the run would hold up to {peak} bytes at once (input, layer outputs and "
+            f"scratch); the limit is {cfg['MAX_RUN_BYTES']} (send fewer or smaller images)",
+            field="images",
+        )
+    return predicted
+
+
+def check_images(model: Model, images: np.ndarray) -> np.ndarray:
+    """Return images as (N, H, W, C) after checking them against what the model takes."""
+    if images.ndim == 3:
+        images = images[..., None]
+    check_shape(model, *images.shape)
     if images.dtype == np.float32 and not np.isfinite(images).all():
         raise BadRequest("FP32 images must be finite (no NaN or infinity)", field="data")
     return images
@@ -145,22 +180,25 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     images = check_images(target.model, parsed.images)
     outputs = target.model.resolve_outputs(parsed.outputs)
     n, h, w, _ = images.shape
-    predicted = target.model.output_bytes(n, h, w, outputs)
+    job_bytes = images.nbytes + check_cost(target.model, n, h, w, outputs)
     explain = None
     if parsed.explain is not None:
         explain = check_request(target.model, parsed.explain, (h, w))  # ModelError: 400
-        predicted += result_bytes(target.model, n, h, w, explain)
-    if predicted > int(cfg["MAX_OUTPUT_BYTES"]):
-        raise TooLarge(
-            f"the requested outputs would take {predicted} bytes; the limit is "
-            f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images)",
-            field="outputs",
-        )
+        job_bytes += result_bytes(target.model, n, h, w, explain)
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
         raise Unavailable(
             f"the queue is full ({cfg['MAX_QUEUE']} jobs); retry later", retry_after=retry
         )
+    owner = current_owner()
+    budget.check(
+        ext.redis,
+        owner,
+        job_bytes,
+        max_jobs=int(cfg["MAX_KEY_JOBS"]),
+        max_bytes=int(cfg["MAX_KEY_STORED_BYTES"]),
+        retry_after=retry,
+    )
     job_id = submit(
         ext.queue,
         ext.store,
@@ -168,10 +206,12 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
         version=target.version,
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
-        owner=current_owner(),
+        owner=owner,
         meta=meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
         explain=explain,
     )
+    ttl = ext.settings.result_ttl + ext.settings.job_timeout
+    budget.record(ext.redis, owner, job_id, job_bytes, ttl)
     return job_id, list(outputs) if explain is None else [*outputs, *EXPLAIN_RESULTS]

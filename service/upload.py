@@ -10,15 +10,17 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib
+import json
 import logging
 import re
 
 from flask import current_app, request
 
 from engine import EngineError, Model
+from engine.spec import MAX_SPEC_BYTES
 
 from .body import json_object, parse_json, read_body
-from .errors import BadRequest, UnsupportedMediaType
+from .errors import BadRequest, TooLarge, UnsupportedMediaType
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 WEIGHT_SUFFIXES = (".npz", ".safetensors", ".onnx")
@@ -35,7 +37,16 @@ def check_name(name: str) -> str:
 
 
 def _spec(value, where: str) -> dict:
-    spec = parse_json(value, where) if isinstance(value, (str, bytes)) else value
+    # The engine's spec size limit holds on every path, an inline JSON object included.
+    if isinstance(value, str):
+        value = value.encode("utf-8", errors="replace")
+    elif isinstance(value, dict):
+        value = json.dumps(value).encode()
+    if isinstance(value, bytes) and len(value) > MAX_SPEC_BYTES:
+        raise TooLarge(
+            f"{where} is {len(value)} bytes; a spec may take {MAX_SPEC_BYTES}", field="config"
+        )
+    spec = parse_json(value, where) if isinstance(value, bytes) else value
     if not isinstance(spec, dict):
         raise BadRequest(f"{where} must be a JSON object (the model spec)", field="config")
     return spec

@@ -14,7 +14,8 @@ from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
 from worker.contract.queue import cancel, job_status, wait_for_end
 
-from .auth import check_visible
+from . import budget
+from .auth import check_visible, current_owner
 from .classify import top_k
 from .codec import Streamed, encode_infer, iter_body
 from .context import convq
@@ -150,6 +151,7 @@ def infer(name: str, version: str | None = None):
     status = wait_for_end(ext.queue, job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
     if status is False:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, current_owner(), job_id)
         raise InferTimeout(
             f"the job did not finish within {cfg['INFER_TIMEOUT']} s; submit "
             "it to /v2/models/{m}/jobs to wait without a deadline"
@@ -162,6 +164,7 @@ def infer(name: str, version: str | None = None):
         body, headers = _v2_body(job_id, status, outputs, binary, parsed.id, classes, labels)
     except Exception:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, current_owner(), job_id)
         raise
     timings = status["timings"]
     spans = [("read", parsed_at - began), ("submit", enqueued_at - parsed_at)]
@@ -172,13 +175,15 @@ def infer(name: str, version: str | None = None):
     )
     response = Response(body, status=200, headers=headers)
     # An infer result is read once: free it, but after the answer is on its way.
-    response.call_on_close(lambda: _forget(ext, job_id))
+    owner = current_owner()  # read now: the request context is gone when the answer is sent
+    response.call_on_close(lambda: _forget(ext, job_id, owner))
     return response
 
 
-def _forget(ext, job_id: str) -> None:
+def _forget(ext, job_id: str, owner: str | None) -> None:
     try:
         cancel(ext.queue, ext.store, job_id)
+        budget.release(ext.redis, owner, job_id)
     except Exception:  # noqa: BLE001 - the answer is sent; the TTLs clean up what is left
         log.warning("could not delete infer job %s", job_id, exc_info=True)
 
@@ -218,6 +223,7 @@ def delete_job(job_id: str):
     status = _status(job_id)
     ext = convq()
     cancel(ext.queue, ext.store, job_id)
+    budget.release(ext.redis, status.get("owner"), job_id)
     was = status["status"]
     return {"id": job_id, "status": "canceled" if was in ("queued", "started") else "deleted"}
 
@@ -227,12 +233,19 @@ def _query() -> tuple[str, list[str], int, int | None]:
     unknown = sorted(set(args) - {"format", "output", "image", "top"})
     if unknown:
         raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
+    repeated = sorted(k for k in ("format", "output", "image") if len(args.getlist(k)) > 1)
+    if repeated:
+        raise BadRequest(
+            f"query parameter {repeated[0]} is given more than once; list outputs with commas "
+            "(output=a,b)",
+            field=repeated[0],
+        )
     fmt = args.get("format", "binary")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}", field="format")
     outputs = [o for raw in args.getlist("output") for o in raw.split(",") if o]
     image = args.get("image", "0")
-    if not image.isdigit() or len(image) > 9:
+    if not (image.isascii() and image.isdigit()) or len(image) > 9:
         raise BadRequest("image must be an image index (0, 1, ...)", field="image")
     if fmt in ("npy", "png") and len(outputs) != 1:
         raise BadRequest(f"format={fmt} needs exactly one output=NAME", field="output")

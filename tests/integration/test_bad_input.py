@@ -119,6 +119,28 @@ def npz_many_members(count: int = 32, member_bytes: int = 4 << 20) -> bytes:
     return buf.getvalue()
 
 
+def blank_png(side: int) -> bytes:
+    """A few KB of greyscale PNG that decodes to side x side pixels (x3 as RGB)."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npz_member_claiming(shape: tuple) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("conv1.w.npy", npy_header(shape, "<f4"))
+    return buf.getvalue()
+
+
+def spec_renaming(old: str, new: str) -> dict:
+    spec = copy.deepcopy(SPEC)
+    for layer in spec["layers"]:
+        if layer["name"] == old:
+            layer["name"] = new
+    return spec
+
+
 def npz_single_bomb() -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays(), junk=np.zeros(64 << 20, np.uint8))
@@ -210,6 +232,7 @@ def v2_with(**changes) -> dict:
 
 JOBS, INFER = "/v2/models/tiny/jobs", "/v2/models/tiny/infer"
 LOAD = "/v2/repository/models/tiny/load"
+HEADER_1_0 = {"Inference-Header-Content-Length": "1_0"}  # int() reads it as 10
 
 
 @dataclass
@@ -283,6 +306,13 @@ CASES = [
         "10000x10000 is 100000000 pixels",
     ),
     Case(
+        "png-12KB-claiming-30000x30000",
+        JOBS,
+        lambda t: multipart(("bomb.png", png_claiming(30000, 30000))),
+        413,
+        "bomb.png",
+    ),
+    Case(
         "png-truncated", JOBS, lambda t: multipart(("a.png", png(images(1)[0])[:60])), 400, "a.png"
     ),
     Case(
@@ -333,6 +363,27 @@ CASES = [
         lambda t: multipart(("a.npy", npy_header((100000, 100000, 3)) + b"\0" * 10)),
         413,
         "pixels",
+    ),
+    Case(
+        "npy-header-shape-wraps-int64",
+        JOBS,
+        lambda t: multipart(("a.npy", npy_header((2, 2, 2**62)))),
+        400,
+        "bytes follow",
+    ),
+    Case(
+        "pngs-bigger-than-the-model-takes",
+        JOBS,
+        lambda t: multipart(("a.png", blank_png(3000)), ("b.png", blank_png(3000))),
+        400,
+        "takes 9x9",
+    ),
+    Case(
+        "pngs-of-different-sizes-undecoded",
+        JOBS,
+        lambda t: multipart(("a.png", png(images(1)[0])), ("b.png", blank_png(3000))),
+        400,
+        "share",
     ),
     Case(
         "npy-float64",
@@ -600,6 +651,31 @@ CASES = [
         LOAD,
         lambda t: {"json": {"parameters": {"config": "[" * 100000, "file:w.npz": ""}}},
         400,
+    ),
+    Case(
+        "npz-member-shape-wraps-int64",
+        LOAD,
+        lambda t: upload(npz_member_claiming((2**32, 2**32))),
+        400,
+        "does not match",
+    ),
+    Case(
+        "layer-name-with-trailing-newline",
+        LOAD,
+        lambda t: upload(
+            npz_bytes({k.replace("conv1", "conv1\n"): v for k, v in arrays().items()}),
+            spec=spec_renaming("conv1", "conv1\n"),
+        ),
+        400,
+        "name",
+        extra={"field": "name"},
+    ),
+    Case(
+        "binary-header-length-with-underscore",
+        JOBS,
+        lambda t: {**binary_with(), "headers": {**binary_with()["headers"], **HEADER_1_0}},
+        400,
+        "Inference-Header-Content-Length",
     ),
     Case(
         "load-bad-base64",

@@ -1,0 +1,111 @@
+"""Per-key budget: what one API key may have queued and stored at once.
+
+Redis keeps, per owner (the API key's id; every client shares one budget when auth is off):
+- convq:budget:<owner>:jobs, a sorted set of the key's jobs not known to be done (id -> submit
+  time); each check drops the ones rq reports finished, failed, stopped, canceled or gone, so it
+  never holds more than CONVQ_MAX_KEY_JOBS ids;
+- convq:budget:<owner>:bytes, a sorted set of the key's jobs by the time their data expires,
+  with their bytes (input + predicted outputs) in convq:budget:<owner>:sizes and the running sum in
+  convq:budget:<owner>:total. Expired entries are dropped at each check, at most EXPIRE_BATCH per
+  request (the cost of one check stays bounded), and a deleted job gives its bytes back at once.
+
+Two submissions racing past the same check can overshoot a budget by one job each; the budget
+bounds what a key can pile up over many requests, the per-request limits bound each one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .errors import TooLarge, TooManyRequests
+
+EXPIRE_BATCH = 1000
+_DONE = {b"finished", b"failed", b"stopped", b"canceled"}
+
+
+def _keys(owner: str | None) -> tuple[str, str, str, str]:
+    base = f"convq:budget:{owner or '-'}"
+    return f"{base}:jobs", f"{base}:bytes", f"{base}:sizes", f"{base}:total"
+
+
+def _expire(redis, owner: str | None, now: float) -> None:
+    _, by_time, sizes, total = _keys(owner)
+    gone = redis.zrangebyscore(by_time, 0, now, start=0, num=EXPIRE_BATCH)
+    if gone:
+        _drop(redis, owner, gone)
+
+
+def _drop(redis, owner: str | None, ids: list) -> None:
+    _, by_time, sizes, total = _keys(owner)
+    amounts = redis.hmget(sizes, ids)
+    pipe = redis.pipeline()
+    pipe.zrem(by_time, *ids)
+    pipe.hdel(sizes, *ids)
+    freed = sum(int(a) for a in amounts if a is not None)
+    if freed:
+        pipe.decrby(total, freed)
+    pipe.execute()
+
+
+def _active(redis, owner: str | None) -> int:
+    """Return how many of the owner's jobs are queued or running (dropping the others)."""
+    jobs = _keys(owner)[0]
+    ids = redis.zrange(jobs, 0, -1)
+    if not ids:
+        return 0
+    pipe = redis.pipeline()
+    for job_id in ids:
+        pipe.hget(b"rq:job:" + job_id, "status")
+    statuses = pipe.execute()
+    done = [i for i, s in zip(ids, statuses, strict=True) if s is None or s in _DONE]
+    if done:
+        redis.zrem(jobs, *done)
+    return len(ids) - len(done)
+
+
+def check(
+    redis, owner: str | None, job_bytes: int, *, max_jobs: int, max_bytes: int, retry_after: int
+) -> None:
+    """Refuse a job that would take the key past its budget: 413 alone, 429 with the others."""
+    if job_bytes > max_bytes:
+        raise TooLarge(
+            f"this job stores {job_bytes} bytes (images and outputs); a key may store "
+            f"{max_bytes} in all",
+            field="images",
+        )
+    now = time.time()
+    _expire(redis, owner, now)
+    stored = int(redis.get(_keys(owner)[3]) or 0)
+    if stored + job_bytes > max_bytes:
+        raise TooManyRequests(
+            f"this key's jobs store {stored} bytes and this one would add {job_bytes}; the "
+            f"limit is {max_bytes} per key: delete finished jobs (DELETE /v2/jobs/<id>) or wait "
+            "for results to expire",
+            retry_after=retry_after,
+        )
+    active = _active(redis, owner)
+    if active >= max_jobs:
+        raise TooManyRequests(
+            f"this key has {active} jobs queued or running; the limit is {max_jobs} per key: "
+            "wait for some to finish",
+            retry_after=retry_after,
+        )
+
+
+def record(redis, owner: str | None, job_id: str, job_bytes: int, ttl: float) -> None:
+    """Count a queued job against the key's budget until ttl seconds from now."""
+    jobs, by_time, sizes, total = _keys(owner)
+    now = time.time()
+    pipe = redis.pipeline()
+    pipe.zadd(jobs, {job_id: now})
+    pipe.zadd(by_time, {job_id: now + ttl})
+    pipe.hset(sizes, job_id, job_bytes)
+    pipe.incrby(total, job_bytes)
+    pipe.execute()
+
+
+def release(redis, owner: str | None, job_id: str) -> None:
+    """Give a deleted job's place and bytes back to the key."""
+    redis.zrem(_keys(owner)[0], job_id)
+    if redis.hexists(_keys(owner)[2], job_id):
+        _drop(redis, owner, [job_id])
