@@ -88,6 +88,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["REDIS_URL"] = os.environ.get("REDIS_URL")
     app.config["JSON_SORT_KEYS"] = False
     app.config.from_prefixed_env("CONVQ")
+    # Taken as written: Flask's JSON parsing of the environment would turn false, 0 or [] into
+    # "no keys", silently switching auth off (auth.parse_keys refuses them instead).
+    app.config["API_KEYS"] = os.environ.get("CONVQ_API_KEYS", "")
     if test_config:
         app.config.update(test_config)
     app.json.sort_keys = False

@@ -45,3 +45,10 @@ reconnect handshake, retried command), so the API answers 503 within about 2 s."
 MODEL_CACHE_BYTES = 256 * 1024 * 1024
 """Weight bytes of validated models the API keeps in memory for shape checks (the most recent
 model is kept whatever its size)."""
+
+API_WORKERS = 2
+"""gunicorn processes of `convq api`, the Dockerfile and compose (CONVQ_API_WORKERS)."""
+
+API_TIMEOUT = 180
+"""Seconds gunicorn lets one request run (CONVQ_API_TIMEOUT); above INFER_TIMEOUT, so a waiting
+/infer answers 504 itself instead of being cut off."""

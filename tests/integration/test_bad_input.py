@@ -834,8 +834,11 @@ def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
 
 
 def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
-    api = Api(blob_dir=blob_dir, API_KEYS="key-a,key-b")
-    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    api = Api(blob_dir=blob_dir, API_KEYS="key-a-0123456789ab,key-b-0123456789ab")
+    a, b = (
+        {"Authorization": "Bearer key-a-0123456789ab"},
+        {"Authorization": "Bearer key-b-0123456789ab"},
+    )
     assert api.load(headers=a).status_code == 200
     job_id = api.client.post(JOBS, json=v2_json(images(1)), headers=a).json["id"]
     api.burst()

@@ -151,15 +151,23 @@ def test_filters_png_errors_are_json(demo):
 
 
 def test_filters_png_follows_api_keys(redis_conn):
-    app = create_app({"REDIS": redis_conn, "TESTING": True, "API_KEYS": "alice,bob"})
+    app = create_app(
+        {"REDIS": redis_conn, "TESTING": True, "API_KEYS": "alice-0123456789ab,bob-0123456789abcd"}
+    )
     client = app.test_client()
-    assert upload(client, "mine", *demo_model(), key="alice").status_code == 200
+    assert upload(client, "mine", *demo_model(), key="alice-0123456789ab").status_code == 200
     assert client.get("/ui/models/mine/filters.png").status_code == 401
     bad = client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer eve"})
     assert bad.status_code == 401 and "error" in bad.get_json()
-    other = client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer bob"})
+    other = client.get(
+        "/ui/models/mine/filters.png", headers={"Authorization": "Bearer bob-0123456789abcd"}
+    )
     assert other.status_code == 404
-    png(client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer alice"}))
+    png(
+        client.get(
+            "/ui/models/mine/filters.png", headers={"Authorization": "Bearer alice-0123456789ab"}
+        )
+    )
     assert get_closed(client, "/").status_code == 200  # the page itself stays public
 
 
