@@ -26,6 +26,10 @@ client must take the binary tensor extension or .npy."""
 MAX_PNG_PIXELS = 32 * 1024 * 1024
 """Values (H x W x K) of one image's maps drawn as a PNG grid."""
 
+MAX_FILTERS_DRAWN = 1024
+"""Filters of one layer drawn by the page's filters.png (the first ones; the response's
+X-Convq-Filters header says "drawn of total")."""
+
 MAX_QUEUE = 1000
 """Jobs waiting in the queue before submissions get 503 + Retry-After."""
 

@@ -25,8 +25,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 from PIL import Image
 
-from engine import Model
-
+from . import defaults
 from .auth import api_keys, check_visible, owner_id
 from .demo import demo_images, demo_model
 from .errors import BadRequest, NotFound, Unauthorized
@@ -35,9 +34,8 @@ bp = Blueprint("web", __name__, static_folder="static", static_url_path="/ui/sta
 
 TILE_PX = 44  # on-screen side of one filter tile; 11x11 filters are drawn 4x
 GAP_PX = 2
-_filter_pngs: OrderedDict[tuple[str, int, str], bytes] = (
-    OrderedDict()
-)  # a model version is immutable
+# (model, version, layer) -> (PNG, filters in the layer); a model version is immutable
+_filter_pngs: OrderedDict[tuple[str, int, str], tuple[bytes, int]] = OrderedDict()
 _filter_lock = threading.Lock()
 _FILTER_CACHE = 16
 
@@ -54,9 +52,15 @@ def filter_tiles(w: np.ndarray, columns: int | None = None) -> Image.Image:
     """Draw conv weights w (K, FH, FW, C) as a grid of tiles, mid-grey at zero.
 
     Each filter is scaled by its own largest |weight| so weak and strong filters read alike;
-    C == 3 is drawn as RGB, any other C as the grey mean over channels.
+    C == 3 is drawn as RGB, any other C as the grey mean over channels. Only the first
+    MAX_FILTERS_DRAWN filters are drawn, and a tile is at most TILE_PX on a side (a bigger
+    filter is sampled down), so the picture's cost is bounded whatever the layer's size.
     """
+    w = w[: defaults.MAX_FILTERS_DRAWN]
     k, fh, fw, c = w.shape
+    if max(fh, fw) > TILE_PX:  # sample big filters down before any arithmetic on them
+        w = w[:, :: math.ceil(fh / TILE_PX), :: math.ceil(fw / TILE_PX)]
+        k, fh, fw, c = w.shape
     tiles = w if c == 3 else w.mean(axis=3, keepdims=True)
     peak = np.abs(tiles).reshape(k, -1).max(axis=1)
     peak[peak == 0] = 1.0
@@ -117,21 +121,25 @@ def filters_png(name: str):
     layer = _conv_layer(info["spec"], request.args.get("layer") or None)
     key = (name, int(info["version"]), layer["name"])
     with _filter_lock:
-        png = _filter_pngs.get(key)
-    if png is None:
-        weights = store.model_weights(name, int(info["version"]))
-        if weights is None:
+        cached = _filter_pngs.get(key)
+    if cached is None:
+        models = current_app.extensions["convq"].models
+        model = models.get(store, name, int(info["version"]), info["spec"])
+        if model is None:
             raise NotFound(f"model {name!r} was removed")
-        model = Model.from_bytes(info["spec"], weights, filename="weights.safetensors")
         buf = io.BytesIO()
-        filter_tiles(model.arrays()[layer["weights"]]).save(buf, format="PNG")
-        png = buf.getvalue()
+        weights = model.arrays()[layer["weights"]]
+        filter_tiles(weights).save(buf, format="PNG")
+        cached = (buf.getvalue(), int(weights.shape[0]))
         with _filter_lock:
-            _filter_pngs[key] = png
+            _filter_pngs[key] = cached
             while len(_filter_pngs) > _FILTER_CACHE:
                 _filter_pngs.popitem(last=False)
+    png, total = cached
     response = Response(png, mimetype="image/png")
     response.headers["X-Convq-Layer"] = layer["name"]
+    drawn = min(total, defaults.MAX_FILTERS_DRAWN)
+    response.headers["X-Convq-Filters"] = f"{drawn} of {total}"
     response.headers["Cache-Control"] = "private, max-age=60"
     return response
 
