@@ -207,6 +207,15 @@ def test_cancel_queued_job_deletes_everything(env):
     assert cancel(queue, store, "no-such-job") is False
 
 
+def test_deleting_a_finished_job_leaves_no_cancel_mark(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    burst(redis, SETTINGS)
+    assert job_status(queue, job_id)["status"] == "finished"
+    assert cancel(queue, store, job_id) is True
+    assert redis.keys("convq:*") != [] and redis.keys(f"convq:*{job_id}*") == []
+
+
 def test_cancel_running_job_stops_between_layers(env, monkeypatch):
     redis, store, queue, *_ = env
     job_id = _submit(env)
@@ -226,6 +235,7 @@ def test_cancel_running_job_stops_between_layers(env, monkeypatch):
     assert layers == [None, 1, 2]  # layer 3 never started
     assert job_status(queue, job_id) is None
     assert store.result_names(job_id) is None and store.get_input(job_id) is None
+    assert redis.keys("convq:cancel:*") == [] and redis.keys("convq:run:*") == []
     assert job_id not in FailedJobRegistry(queue=queue)
 
 
@@ -241,6 +251,8 @@ def test_timeout_between_layers_fails_with_timeout_error(env, monkeypatch):
     assert "5 s timeout" in status["error"] and status["attempt"] == 1
     # The worker went on to the next job, whose default timeout (600 s) is not reached.
     assert job_status(queue, follower)["status"] == "finished"
+    # Neither keeps its input (or a run claim) for the input's TTL.
+    assert redis.keys("convq:input*") == [] and redis.keys("convq:run:*") == []
 
 
 def test_hand_written_record_naming_os_system_never_runs(env, tmp_path):

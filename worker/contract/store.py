@@ -380,8 +380,11 @@ class Store:
         return run is None or run.decode() == token, canceled is not None
 
     def finish_run(self, job_id: str, input_id: str) -> None:
-        """Drop what a finished job no longer needs: its input and its run claim."""
-        self.redis.delete(self.input_key(input_id), self._key("run", job_id))
+        """Drop what an ended job (finished or failed for good) no longer needs: its input, its
+        run claim and its cancel mark."""
+        self.redis.delete(
+            self.input_key(input_id), self._key("run", job_id), self.cancel_key(job_id)
+        )
         if self.blobs is not None:
             self.blobs.delete(f"input-{input_id}")
 
