@@ -97,9 +97,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     register_error_handlers(app)
     app.extensions["convq"] = _connect(app)
 
-    from . import auth, metrics, openapi, v2_jobs, v2_models, web
+    from . import auth, guard, metrics, openapi, v2_jobs, v2_models, web
 
     auth.init_app(app)
+    guard.init_app(app)
     app.register_blueprint(v2_models.bp)
     app.register_blueprint(v2_jobs.bp)
     app.register_blueprint(openapi.bp)

@@ -42,6 +42,9 @@ RETRY_AFTER = 5
 API_KEYS = ""
 """Comma-separated bearer keys; empty means no auth."""
 
+ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
+"""With auth off: comma-separated Host names the API answers ('*' for any); see guard.py."""
+
 SOCKET_TIMEOUT = 0.5
 """Seconds one Redis socket wait may take. A paused Redis can cost up to four waits (command,
 reconnect handshake, retried command), so the API answers 503 within about 2 s."""
