@@ -15,11 +15,12 @@ from engine import Model
 from worker.contract.queue import queue_depth, submit
 
 from .app import convq
-from .auth import check_visible, current_owner
+from .auth import current_owner
 from .body import read_body
 from .codec import InferRequest, decode_infer, parse_header_length
 from .errors import BadRequest, NotFound, TooLarge, Unavailable, UnsupportedMediaType
 from .images import stack_images
+from .names import resolve
 
 _V2_TYPES = ("", "application/json", "application/octet-stream")
 
@@ -31,24 +32,26 @@ class Target:
     name: str
     version: int
     model: Model
+    stored: str = ""
+    """The store's name (names.stored_name): what a job asks a worker to load."""
 
 
 def find_model(name: str, version: str | None = None) -> Target:
-    """Return the visible model name (at version, when given); 404 otherwise."""
+    """Return the model name means to the caller (at version, when given); 404 otherwise."""
     ext = convq()
-    info = ext.store.model_info(name)
-    if info is None:
+    found = resolve(ext.store, name)
+    if found is None:
         raise NotFound(f"model {name[:80]!r} not found")
-    check_visible(info.get("owner"), f"model {name[:80]!r}")
+    stored, info = found
     if version not in (None, "", str(info["version"])):
         raise NotFound(
             f"model {name!r} has no version {version[:20]!r}; the current version "
             f"is {info['version']}"
         )
-    model = ext.models.get(ext.store, name, int(info["version"]), info["spec"])
+    model = ext.models.get(ext.store, stored, int(info["version"]), info["spec"])
     if model is None:
         raise NotFound(f"model {name!r} was removed")
-    return Target(name, int(info["version"]), model)
+    return Target(name, int(info["version"]), model, stored)
 
 
 def _multipart(model: Model) -> InferRequest:
@@ -144,12 +147,12 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     job_id = submit(
         ext.queue,
         ext.store,
-        model=target.name,
+        model=target.stored or target.name,
         version=target.version,
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
         owner=current_owner(),
-        meta=meta,
+        meta={"model": target.name, **(meta or {})},
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
     )

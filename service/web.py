@@ -26,9 +26,10 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, send_fr
 from PIL import Image
 
 from . import defaults
-from .auth import api_keys, check_visible, owner_id
+from .auth import api_keys, owner_id
 from .demo import demo_images, demo_model
 from .errors import BadRequest, NotFound, Unauthorized
+from .names import resolve
 
 bp = Blueprint("web", __name__, static_folder="static", static_url_path="/ui/static")
 
@@ -114,17 +115,17 @@ def filters_png(name: str):
     """Draw a conv layer's filters (the first conv layer unless ?layer=NAME)."""
     _check_key()
     store = current_app.extensions["convq"].store
-    info = store.model_info(name)
-    if info is None:
+    found = resolve(store, name)
+    if found is None:
         raise NotFound(f"model {name!r} not found")
-    check_visible(info.get("owner"), f"model {name!r}")
+    stored, info = found
     layer = _conv_layer(info["spec"], request.args.get("layer") or None)
-    key = (name, int(info["version"]), layer["name"])
+    key = (stored, int(info["version"]), layer["name"])
     with _filter_lock:
         cached = _filter_pngs.get(key)
     if cached is None:
         models = current_app.extensions["convq"].models
-        model = models.get(store, name, int(info["version"]), info["spec"])
+        model = models.get(store, stored, int(info["version"]), info["spec"])
         if model is None:
             raise NotFound(f"model {name!r} was removed")
         buf = io.BytesIO()

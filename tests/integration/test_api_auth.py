@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.integration.apikit import Api, images, load_body, v2_json
@@ -70,9 +71,43 @@ def test_another_keys_models_are_invisible_and_untouchable(api):
     rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=B)
     assert rv.status_code == 404 and api.queue_keys() == 0
     assert api.client.post("/v2/repository/models/tiny/unload", headers=B).status_code == 404
+    # Each key names models in its own namespace: B's "tiny" is B's, A's stays A's, and the
+    # answer is the same whether or not another key uses the name (nothing to probe or squat).
     rv = api.client.post("/v2/repository/models/tiny/load", json=load_body(seed=9), headers=B)
-    assert rv.status_code == 409  # the name is taken; B cannot replace A's model
+    assert rv.status_code == 200 and rv.json["name"] == "tiny"
     assert api.client.get("/v2/models/tiny", headers=A).json["versions"] == ["1"]
+    assert api.client.get("/v2/models/tiny", headers=B).json["name"] == "tiny"
+    assert [m["name"] for m in api.client.post("/v2/repository/index", headers=B).json] == ["tiny"]
+    assert api.client.post("/v2/repository/models/tiny/unload", headers=B).status_code == 200
+    assert api.client.get("/v2/models/tiny", headers=A).status_code == 200
+    assert api.client.get("/v2/models/tiny", headers=B).status_code == 404
+
+
+def test_two_keys_running_one_name_get_their_own_results(api):
+    from tests.integration.apikit import reference_model
+
+    assert api.load(headers=A).status_code == 200
+    assert (
+        api.client.post(
+            "/v2/repository/models/tiny/load", json=load_body(seed=9), headers=B
+        ).status_code
+        == 200
+    )
+    imgs = images(1)
+    ids = {}
+    for who, headers in (("a", A), ("b", B)):
+        rv = api.client.post("/v2/models/tiny/jobs", json=v2_json(imgs, ["fc"]), headers=headers)
+        assert rv.status_code == 202 and rv.json["model"] == "tiny"
+        ids[who] = rv.json["id"]
+    api.burst()
+    for who, headers, seed in (("a", A, 0), ("b", B, 9)):
+        status = api.client.get(f"/v2/jobs/{ids[who]}", headers=headers).json
+        assert status["status"] == "finished" and status["model"] == "tiny"
+        rv = api.client.get(f"/v2/jobs/{ids[who]}/result?output=fc&format=npy", headers=headers)
+        import io
+
+        got = np.load(io.BytesIO(rv.data))
+        np.testing.assert_array_equal(got, reference_model(seed).run(imgs, ["fc"])["fc"])
 
 
 def test_server_models_are_shared_but_read_only():
@@ -87,8 +122,12 @@ def test_server_models_are_shared_but_read_only():
         api.client.post("/v2/models/tiny/jobs", json=v2_json(images(1)), headers=A).status_code
         == 202
     )
-    assert api.load(headers=A).status_code == 409
     assert api.client.post("/v2/repository/models/tiny/unload", headers=A).status_code == 409
+    # A key's own model of that name shadows the server's for that key alone.
+    assert api.load(headers=A, seed=9).status_code == 200
+    assert store.model_info("tiny")["owner"] is None  # the server's is untouched
+    assert api.client.post("/v2/repository/models/tiny/unload", headers=A).status_code == 200
+    assert api.client.get("/v2/models/tiny", headers=A).status_code == 200  # the server's again
 
 
 def test_without_keys_everything_is_open():

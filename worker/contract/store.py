@@ -44,6 +44,14 @@ class BlobMissing(LookupError):
         self.name = name
 
 
+class NameTaken(Exception):
+    """A model name is held by another owner."""
+
+    def __init__(self, name: str):
+        super().__init__(f"model name {name!r} is held by another owner")
+        self.name = name
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -115,10 +123,15 @@ class Store:
 
     # -- models ---------------------------------------------------------------------------------
     def put_model(self, name: str, spec: dict, weights: bytes, *, owner: str | None) -> int:
-        """Store spec + safetensors weights as the next version of name; return that version."""
+        """Store spec + safetensors weights as the next version of name; return that version.
+
+        The name is claimed in the same transaction (WATCH on the model's record): if another
+        owner (or the server) holds it, or takes it while this one writes, NameTaken and nothing
+        is written. The server's own uploads (owner None) may take any name.
+        """
         # The counter outlives delete_model, so a name+version never means two different models.
         version = int(self.redis.incr(self._key("model-version", name)))
-        previous = self.redis.hget(self._key("model", name), "version")
+        model_key = self._key("model", name)
         info = {
             "name": name,
             "version": version,
@@ -126,14 +139,20 @@ class Store:
             "weights_bytes": len(weights),
             "created": time.time(),
         }
-        with self.redis.pipeline() as pipe:
+
+        def write(pipe) -> None:
+            held, previous = pipe.hmget(model_key, "owner", "version")
+            if owner is not None and held is not None and (json.loads(held) or None) != owner:
+                raise NameTaken(name)  # the server (owner None) may take any name
+            pipe.multi()
             pipe.set(self._key("weights", name, version), weights)
             pipe.set(self._key("spec", name, version), json.dumps(spec))
-            pipe.hset(self._key("model", name), mapping={k: json.dumps(v) for k, v in info.items()})
+            pipe.hset(model_key, mapping={k: json.dumps(v) for k, v in info.items()})
             pipe.sadd(self._key("models"), name)
             if previous is not None:
                 self._expire_version(pipe, name, int(previous))
-            pipe.execute()
+
+        self.redis.transaction(write, model_key)
         return version
 
     def _expire_version(self, pipe, name: str, version: int) -> None:
