@@ -13,6 +13,12 @@ from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
 OnLayer = Callable[[int, int, str], object]
+OnStep = Callable[[], object]
+
+STEP_MACS = 500_000_000
+"""Multiply-adds of one step of a layer when a run is given on_step (about 0.05-0.5 s of one
+core): a layer bigger than this is computed in steps (groups of images, or bands of output rows
+of one image) with on_step() called before each, so a caller can stop a run inside a layer."""
 
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> tuple[tuple, tuple]:
@@ -266,12 +272,22 @@ class Model:
         """Bytes of the packed conv filters made so far by runs (beside the weights)."""
         return sum(cw.nbytes for cw in self._conv_weights.values())
 
-    def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        images,
+        outputs=None,
+        on_layer: OnLayer | None = None,
+        on_step: OnStep | None = None,
+    ) -> dict[str, np.ndarray]:
         """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.
 
         Only the requested outputs are kept; layers past the last requested one are not run.
         on_layer(i, n, name) is called before layer i (0-based) of the n layers this run computes;
-        it may raise to abort the run.
+        on_step() before each step of a layer bigger than STEP_MACS (see _apply_in_steps), so a
+        run can be stopped inside one long layer. Either may raise to abort the run. Steps split
+        images or output rows only, so results equal an unstepped run's (bit for bit where a
+        layer's kernel does not depend on where a band starts, within float rounding where the
+        Winograd kernel's tiles shift).
         """
         wanted = self.resolve_outputs(outputs)
         x = self.prepare(images)
@@ -298,7 +314,10 @@ class Model:
                 and layers[i + 1].type == "relu"
                 and layer.name not in wanted
             )
-            x = self._apply(layer, x, relu=fuse)
+            if on_step is None:
+                x = self._apply(layer, x, relu=fuse)
+            else:
+                x = self._apply_in_steps(layer, x, relu=fuse, on_step=on_step)
             if fuse:
                 i += 1
                 if on_layer is not None:
@@ -308,12 +327,71 @@ class Model:
             i += 1
         return {name: results[name] for name in wanted}
 
-    def _apply(self, layer: Layer, x: np.ndarray, *, relu: bool = False) -> np.ndarray:
-        """Run one layer through the fast path."""
+    def _apply_in_steps(
+        self, layer: Layer, x: np.ndarray, *, relu: bool, on_step: OnStep
+    ) -> np.ndarray:
+        """Run one layer as _apply does, in steps of at most about STEP_MACS multiply-adds.
+
+        Images are grouped while a group fits a step; an image too big for one step is computed
+        in bands of output rows, each from the input rows its windows read, with the real pads
+        only where a band touches the top or bottom edge (Hout = (H + 2P - D(F-1) - 1)/S + 1 per
+        band, as for the whole image).
+        """
+        win = layer.window
+        if win is None:
+            on_step()
+            return self._apply(layer, x, relu=relu)
+        n, h, w, c = x.shape
+        hout, wout = win.out_hw(h, w)
+        k = layer.filters or c
+        per_row = wout * k * win.fh * win.fw * (c if layer.filters else 1)
+        per_image = max(1, hout * per_row)
+        if n * per_image <= STEP_MACS:
+            on_step()
+            return self._apply(layer, x, relu=relu)
+        out = np.empty((n, hout, wout, k), np.float32)
+        group = max(1, STEP_MACS // per_image)
+        rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
+        for a in range(0, n, group):
+            b = min(n, a + group)
+            for y0 in range(0, hout, rows):
+                y1 = min(hout, y0 + rows)
+                on_step()
+                out[a:b, y0:y1] = self._band(layer, x[a:b], y0, y1, relu=relu)
+        return out
+
+    def _band(self, layer: Layer, x: np.ndarray, y0: int, y1: int, *, relu: bool) -> np.ndarray:
+        """Return output rows [y0, y1) of layer on x (all rows when they are the whole output)."""
+        win = layer.window
+        h = x.shape[1]
+        lo = y0 * win.sh - win.top
+        hi = (y1 - 1) * win.sh - win.top + win.dh * (win.fh - 1) + 1
+        if lo <= -win.top and hi >= h + win.bottom:
+            return self._apply(layer, x, relu=relu)
+        if lo >= h or hi <= 0:  # a band of pad rows only: give them as rows of the pad value
+            fill = -np.inf if layer.type == "maxpool" else 0.0
+            part = np.full((x.shape[0], hi - lo, *x.shape[2:]), fill, np.float32)
+            pad = (0, win.left, 0, win.right)
+        else:
+            pad = (max(0, -lo), win.left, max(0, hi - h), win.right)
+            part = x[:, max(0, lo) : min(h, hi)]
+        return self._apply(layer, part, relu=relu, pad=pad, rows=(y0, y1))
+
+    def _apply(
+        self,
+        layer: Layer,
+        x: np.ndarray,
+        *,
+        relu: bool = False,
+        pad: tuple[int, int, int, int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Run one layer through the fast path (pad and rows: for a band of output rows)."""
         win = layer.window
         if layer.type == "relu":
             return ops.relu(x)
-        stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
+        stride, dilation = (win.sh, win.sw), (win.dh, win.dw)
+        pad = win.pad if pad is None else pad
         size = (win.fh, win.fw)
         if layer.type == "maxpool":
             return ops.max_pool2d(x, size, stride, pad, dilation)
@@ -324,7 +402,11 @@ class Model:
             return ops.conv2d(
                 x, self._conv_weights[layer.name], bias, stride, pad, dilation, relu=relu
             )
-        return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+        weights = self._arrays[layer.weights]
+        if rows is not None:  # a local layer's weights and bias are per output position
+            weights = weights[rows[0] : rows[1]]
+            bias = None if bias is None else bias[rows[0] : rows[1]]
+        return ops.local2d(x, weights, bias, stride, pad, dilation, relu=relu)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.layer_names})"

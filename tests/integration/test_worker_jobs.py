@@ -255,6 +255,40 @@ def test_timeout_between_layers_fails_with_timeout_error(env, monkeypatch):
     assert redis.keys("convq:input*") == [] and redis.keys("convq:run:*") == []
 
 
+def test_timeout_inside_one_long_layer_stops_the_thread_worker(env, monkeypatch):
+    from engine import model as model_module
+
+    redis, store, queue, *_ = env
+    one = {"name": "one", "input": {"channels": 3}, "layers": [SPEC["layers"][0]]}
+    arrays = {k: v for k, v in _arrays().items() if k.startswith("conv1")}
+    net = Model.from_arrays(one, arrays)
+    version = store.put_model("one", net.spec, net.to_safetensors(), owner=None)
+    steps = []
+    monkeypatch.setattr(model_module, "STEP_MACS", 1)  # one output row per step
+    real_step = model_module.Model._apply_in_steps
+
+    def counting(self, layer, x, **kw):
+        step = kw["on_step"]
+
+        def on_step():
+            steps.append(1)
+            step()
+
+        return real_step(self, layer, x, relu=kw["relu"], on_step=on_step)
+
+    monkeypatch.setattr(model_module.Model, "_apply_in_steps", counting)
+    clock = iter(range(0, 10_000, 4))  # every look run_model takes at the clock is 4 s later
+    monkeypatch.setattr(jobs, "time", type("Clock", (), {"monotonic": lambda: next(clock)}))
+    job_id = _submit(env, model="one", version=version, outputs=["conv1"], job_timeout=5)
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    # One layer only: the old between-layers check never fired and the job finished.
+    assert status["status"] == "failed" and "timed out" in status["error"], status
+    assert "in layer 1 of 1 (conv1)" in status["error"]
+    assert len(steps) == 1  # stopped at the first band; the image has 10 output rows
+    assert redis.keys("convq:input*") == []
+
+
 def test_hand_written_record_naming_os_system_never_runs(env, tmp_path):
     redis, store, queue, *_ = env
     target = tmp_path / "pwned"
