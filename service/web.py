@@ -35,8 +35,8 @@ bp = Blueprint("web", __name__, static_folder="static", static_url_path="/ui/sta
 
 TILE_PX = 44  # on-screen side of one filter tile; 11x11 filters are drawn 4x
 GAP_PX = 2
-# (model, version, layer) -> (PNG, filters in the layer); a model version is immutable
-_filter_pngs: OrderedDict[tuple[str, int, str], tuple[bytes, int]] = OrderedDict()
+# (model, version, layer, limit) -> (PNG, filters in the layer); a model version is immutable
+_filter_pngs: OrderedDict[tuple[str, int, str, int], tuple[bytes, int]] = OrderedDict()
 _filter_lock = threading.Lock()
 _FILTER_CACHE = 16
 
@@ -49,15 +49,17 @@ def index():
     return response
 
 
-def filter_tiles(w: np.ndarray, columns: int | None = None) -> Image.Image:
+def filter_tiles(
+    w: np.ndarray, columns: int | None = None, limit: int = defaults.MAX_FILTERS_DRAWN
+) -> Image.Image:
     """Draw conv weights w (K, FH, FW, C) as a grid of tiles, mid-grey at zero.
 
     Each filter is scaled by its own largest |weight| so weak and strong filters read alike;
     C == 3 is drawn as RGB, any other C as the grey mean over channels. Only the first
-    MAX_FILTERS_DRAWN filters are drawn, and a tile is at most TILE_PX on a side (a bigger
+    limit filters (CONVQ_MAX_FILTERS_DRAWN) are drawn, and a tile is at most TILE_PX on a side (a bigger
     filter is sampled down), so the picture's cost is bounded whatever the layer's size.
     """
-    w = w[: defaults.MAX_FILTERS_DRAWN]
+    w = w[: max(1, limit)]
     k, fh, fw, c = w.shape
     if max(fh, fw) > TILE_PX:  # sample big filters down before any arithmetic on them
         w = w[:, :: math.ceil(fh / TILE_PX), :: math.ceil(fw / TILE_PX)]
@@ -120,7 +122,8 @@ def filters_png(name: str):
         raise NotFound(f"model {name!r} not found")
     stored, info = found
     layer = _conv_layer(info["spec"], request.args.get("layer") or None)
-    key = (stored, int(info["version"]), layer["name"])
+    limit = max(1, int(current_app.config["MAX_FILTERS_DRAWN"]))
+    key = (stored, int(info["version"]), layer["name"], limit)
     with _filter_lock:
         cached = _filter_pngs.get(key)
     if cached is None:
@@ -130,7 +133,7 @@ def filters_png(name: str):
             raise NotFound(f"model {name!r} was removed")
         buf = io.BytesIO()
         weights = model.arrays()[layer["weights"]]
-        filter_tiles(weights).save(buf, format="PNG")
+        filter_tiles(weights, limit=limit).save(buf, format="PNG")
         cached = (buf.getvalue(), int(weights.shape[0]))
         with _filter_lock:
             _filter_pngs[key] = cached
@@ -139,7 +142,7 @@ def filters_png(name: str):
     png, total = cached
     response = Response(png, mimetype="image/png")
     response.headers["X-Convq-Layer"] = layer["name"]
-    drawn = min(total, defaults.MAX_FILTERS_DRAWN)
+    drawn = min(total, limit)
     response.headers["X-Convq-Filters"] = f"{drawn} of {total}"
     response.headers["Cache-Control"] = "private, max-age=60"
     return response

@@ -249,6 +249,15 @@ def test_filters_png_draws_at_most_max_filters_and_says_so(client):
     assert columns * rows >= MAX_FILTERS_DRAWN > columns * (rows - 1)
 
 
+def test_filters_png_limit_comes_from_the_configuration(redis_conn):
+    client = create_app(
+        {"REDIS": redis_conn, "TESTING": True, "MAX_FILTERS_DRAWN": 5}
+    ).test_client()
+    assert upload(client, "wide", *_conv_only(12, 1)).status_code == 200
+    resp = client.get("/ui/models/wide/filters.png")
+    assert resp.headers["X-Convq-Filters"] == "5 of 12"
+
+
 def test_filters_png_samples_big_filters_down_to_one_tile(client):
     assert upload(client, "big", *_conv_only(2, 200)).status_code == 200
     resp = client.get("/ui/models/big/filters.png")
