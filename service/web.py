@@ -56,8 +56,9 @@ def filter_tiles(
 
     Each filter is scaled by its own largest |weight| so weak and strong filters read alike;
     C == 3 is drawn as RGB, any other C as the grey mean over channels. Only the first
-    limit filters (CONVQ_MAX_FILTERS_DRAWN) are drawn, and a tile is at most TILE_PX on a side (a bigger
-    filter is sampled down), so the picture's cost is bounded whatever the layer's size.
+    limit filters (CONVQ_MAX_FILTERS_DRAWN) are drawn, and a tile is at most TILE_PX on a
+    side (a bigger filter is sampled down), so the picture's cost is bounded whatever the
+    layer's size.
     """
     w = w[: max(1, limit)]
     k, fh, fw, c = w.shape
