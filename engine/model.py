@@ -363,6 +363,8 @@ class Model:
     def _band(self, layer: Layer, x: np.ndarray, y0: int, y1: int, *, relu: bool) -> np.ndarray:
         """Return output rows [y0, y1) of layer on x (all rows when they are the whole output)."""
         win = layer.window
+        if win is None:  # elementwise: a band is its own rows
+            return self._apply(layer, x[:, y0:y1], relu=relu)
         h = x.shape[1]
         lo = y0 * win.sh - win.top
         hi = (y1 - 1) * win.sh - win.top + win.dh * (win.fh - 1) + 1
