@@ -35,5 +35,5 @@ USER convq
 RUN convq warmup
 
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "2", \
-     "--threads", "8", "--timeout", "180", "--access-logfile", "-", "service.wsgi:app"]
+# Workers, worker class and timeout: service/gunicorn_conf.py (CONVQ_API_WORKERS, CONVQ_API_TIMEOUT).
+CMD ["gunicorn", "-c", "python:service.gunicorn_conf", "--bind", "0.0.0.0:8000", "service.wsgi:app"]

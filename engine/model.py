@@ -16,6 +16,9 @@ from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
 OnLayer = Callable[[int, int, str], object]
+OnStep = Callable[[], object]
+# A layer bigger than this many multiply-adds runs in steps when a run asks for on_step.
+STEP_MACS = 500_000_000
 
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
@@ -297,12 +300,21 @@ class Model:
         packed = [*self._conv_weights.values(), *(p for p, _ in self._folds.values())]
         return sum(packed_nbytes(p) for p in packed)
 
-    def run(self, images, outputs=None, on_layer: OnLayer | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        images,
+        outputs=None,
+        on_layer: OnLayer | None = None,
+        on_step: OnStep | None = None,
+    ) -> dict[str, np.ndarray]:
         """Run images (N, H, W, C) through the layers; return {name: float32 (N, Hout, Wout, K)}.
 
         Only the requested outputs are kept; layers past the last requested one are not run.
         on_layer(i, n, name) is called before layer i (0-based) of the n layers this run computes;
-        it may raise to abort the run.
+        on_step() before each step of a windowed layer bigger than STEP_MACS (image groups or
+        bands of output rows, see _apply_in_steps), so a run can be stopped inside one long layer.
+        Either may raise to abort the run. Steps split images or output rows only, so results equal
+        an unstepped run's (within float rounding where the Winograd kernel's tiles shift).
         """
         wanted = self.resolve_outputs(outputs)
         x = self.prepare(images)
@@ -323,7 +335,12 @@ class Model:
                 if on_layer is not None:
                     on_layer(i, n, layer.name)
                 i += 1
-            values[step.name] = self._apply(step, [values[src] for src in step.head.inputs])
+            xs = [values[src] for src in step.head.inputs]
+            if on_step is None:
+                values[step.name] = self._apply(step, xs)
+            else:
+                values[step.name] = self._apply_in_steps(step, xs, on_step=on_step)
+            del xs
             for src in step.frees:
                 del values[src]
         return {name: values[name] for name in wanted}
@@ -346,8 +363,70 @@ class Model:
         shapes = self.output_shapes(h, w) | {IMAGE: (h, w, self._spec.channels)}
         return peak_bytes(self._steps(self.resolve_outputs(outputs)), shapes, n)
 
-    def _apply(self, step: Step, xs: list[np.ndarray]) -> np.ndarray:
-        """Run one step (a layer and what is fused into it) through the fast path."""
+    def _apply_in_steps(self, step: Step, xs: list[np.ndarray], *, on_step: OnStep) -> np.ndarray:
+        """Run one step as _apply does, in parts of at most about STEP_MACS multiply-adds.
+
+        Images are grouped while a group fits a part; an image too big for one part is computed
+        in bands of output rows, each from the input rows its windows read, with the real pads
+        only where a band touches the top or bottom edge (Hout = (H + 2P - D(F-1) - 1)/S + 1 per
+        band, as for the whole image). Only single-input windowed layers are split.
+        """
+        layer = step.head
+        win = layer.window
+        if win is None or len(xs) != 1 or step.in_place is not None:
+            on_step()
+            return self._apply(step, xs)
+        x = xs[0]
+        n, h, w, c = x.shape
+        hout, wout = win.out_hw(h, w)
+        k = layer.filters or c
+        per_row = wout * k * win.fh * win.fw * (c if layer.filters else 1)
+        per_image = max(1, hout * per_row)
+        if n * per_image <= STEP_MACS:
+            on_step()
+            return self._apply(step, xs)
+        out = np.empty((n, hout, wout, k), np.float32)
+        group = max(1, STEP_MACS // per_image)
+        rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
+        for a in range(0, n, group):
+            b = min(n, a + group)
+            for y0 in range(0, hout, rows):
+                y1 = min(hout, y0 + rows)
+                on_step()
+                out[a:b, y0:y1] = self._band(step, x[a:b], y0, y1)
+        return out
+
+    def _band(self, step: Step, x: np.ndarray, y0: int, y1: int) -> np.ndarray:
+        """Return output rows [y0, y1) of a windowed step on x (all rows: the whole output)."""
+        layer = step.head
+        win = layer.window
+        assert win is not None
+        h = x.shape[1]
+        lo = y0 * win.sh - win.top
+        hi = (y1 - 1) * win.sh - win.top + win.dh * (win.fh - 1) + 1
+        if lo <= -win.top and hi >= h + win.bottom:
+            return self._apply(step, [x])
+        if lo >= h or hi <= 0:  # a band of pad rows only: give them as rows of the pad value
+            fill = -np.inf if layer.type == "maxpool" else 0.0
+            part = np.full((x.shape[0], hi - lo, *x.shape[2:]), fill, np.float32)
+            pad = (0, win.left, 0, win.right)
+        else:
+            pad = (max(0, -lo), win.left, max(0, hi - h), win.right)
+            part = x[:, max(0, lo) : min(h, hi)]
+        return self._apply(step, [part], pad=pad, rows=(y0, y1))
+
+    def _apply(
+        self,
+        step: Step,
+        xs: list[np.ndarray],
+        *,
+        pad: tuple[int, int, int, int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Run one step (a layer and what is fused into it) through the fast path.
+
+        pad and rows: for a band of output rows (_band) of a windowed layer.
+        """
         layer, x = step.head, xs[0]
         relu = step.fused("relu") is not None
         kind = layer.type
@@ -367,7 +446,8 @@ class Model:
         if kind == "clip":
             return layers.clip(x, layer.lo, layer.hi)
         win = layer.window
-        stride, pad, dilation = (win.sh, win.sw), win.pad, (win.dh, win.dw)
+        stride, dilation = (win.sh, win.sw), (win.dh, win.dw)
+        pad = win.pad if pad is None else pad
         size = (win.fh, win.fw)
         if kind == "maxpool":
             return ops.max_pool2d(x, size, stride, pad, dilation)
@@ -382,7 +462,11 @@ class Model:
                 else (self._conv_weights[layer.name], bias)
             )
             return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
-        return ops.local2d(x, self._arrays[layer.weights], bias, stride, pad, dilation, relu=relu)
+        weights = self._arrays[layer.weights]
+        if rows is not None:  # a local layer's weights and bias are per output position
+            weights = weights[rows[0] : rows[1]]
+            bias = None if bias is None else bias[rows[0] : rows[1]]
+        return ops.local2d(x, weights, bias, stride, pad, dilation, relu=relu)
 
     def _in_place(self, step: Step, xs: list[np.ndarray], relu: bool) -> np.ndarray:
         """Run an elementwise step writing over its input step.in_place (nothing reads it later)."""

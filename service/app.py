@@ -12,7 +12,7 @@ from worker.contract.connection import connect
 from worker.contract.queue import make_queue
 from worker.contract.store import Store
 
-from . import auth, defaults, metrics, openapi, v2_jobs, v2_models, web
+from . import auth, defaults, guard, metrics, openapi, v2_jobs, v2_models, web
 from .context import Convq
 from .errors import register_error_handlers
 
@@ -40,6 +40,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["REDIS_URL"] = os.environ.get("REDIS_URL")
     app.config["JSON_SORT_KEYS"] = False
     app.config.from_prefixed_env("CONVQ")
+    # Taken as written: Flask's JSON parsing of the environment would turn false, 0 or [] into
+    # "no keys", silently switching auth off (auth.parse_keys refuses them instead).
+    app.config["API_KEYS"] = os.environ.get("CONVQ_API_KEYS", "")
     if test_config:
         app.config.update(test_config)
     app.json.sort_keys = False
@@ -47,6 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["convq"] = _connect(app)
 
     auth.init_app(app)
+    guard.init_app(app)
     app.register_blueprint(v2_models.bp)
     app.register_blueprint(v2_jobs.bp)
     app.register_blueprint(openapi.bp)

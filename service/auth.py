@@ -7,18 +7,60 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 from flask import Flask, current_app, g, request
 
 from .errors import NotFound, Unauthorized
 
+MIN_KEY_LENGTH = 16
+"""Characters of the shortest bearer key accepted; a shorter secret is guessable."""
+
+_KEY = re.compile(r"[A-Za-z0-9._~+/=-]+")
+
+
+class KeyListError(ValueError):
+    """CONVQ_API_KEYS is not a valid key list; the server must not start."""
+
+
+def parse_keys(value: object) -> list[str]:
+    """Return the keys of a CONVQ_API_KEYS value: empty (auth off) or comma-separated keys.
+
+    Anything else stops the server rather than leaving it open: a JSON value such as false, 0
+    or [] (which Flask's environment parsing would have turned into "no keys"), an empty item,
+    a key shorter than MIN_KEY_LENGTH or one with characters outside [A-Za-z0-9._~+/=-].
+    """
+    if isinstance(value, (list, tuple)):
+        items = [str(k) for k in value]
+        if not items:
+            raise KeyListError("CONVQ_API_KEYS is an empty list; leave it unset for no auth")
+    elif isinstance(value, str):
+        if not value.strip():
+            return []
+        items = [k.strip() for k in value.split(",")]
+    else:
+        raise KeyListError(
+            f"CONVQ_API_KEYS={value!r} is not a key list; give comma-separated keys "
+            "or leave it empty for no auth"
+        )
+    for i, key in enumerate(items):
+        if not key:
+            raise KeyListError(f"CONVQ_API_KEYS: item {i + 1} is empty (stray comma?)")
+        if not _KEY.fullmatch(key):
+            raise KeyListError(
+                f"CONVQ_API_KEYS: key {i + 1} has characters outside [A-Za-z0-9._~+/=-]"
+            )
+        if len(key) < MIN_KEY_LENGTH:
+            raise KeyListError(
+                f"CONVQ_API_KEYS: key {i + 1} has {len(key)} characters; use at least "
+                f"{MIN_KEY_LENGTH} (python -c 'import secrets; print(secrets.token_urlsafe())')"
+            )
+    return items
+
 
 def api_keys() -> list[str]:
-    """Return the configured keys (CONVQ_API_KEYS, comma-separated); empty: auth is off."""
-    keys = current_app.config.get("API_KEYS") or ""
-    if isinstance(keys, (list, tuple)):
-        return [str(k) for k in keys if str(k)]
-    return [k.strip() for k in str(keys).split(",") if k.strip()]
+    """Return the configured keys, checked once at startup; empty: auth is off."""
+    return current_app.extensions["convq.keys"]
 
 
 def owner_id(key: str) -> str:
@@ -58,5 +100,6 @@ def _authenticate() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Check the bearer key before every request."""
+    """Parse the configured keys (KeyListError if invalid); check the bearer key on requests."""
+    app.extensions["convq.keys"] = parse_keys(app.config.get("API_KEYS", ""))
     app.before_request(_authenticate)

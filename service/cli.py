@@ -34,7 +34,8 @@ def _serve_args(prog: str, argv: list[str], workers: int) -> argparse.Namespace:
         "--workers",
         type=int,
         default=workers,
-        help=f"{'worker threads' if prog == 'up' else 'API processes'} (default {workers})",
+        help=f"{'worker threads' if prog == 'up' else 'API processes (CONVQ_API_WORKERS)'}"
+        f" (default {workers})",
     )
     return p.parse_args(argv)
 
@@ -91,12 +92,18 @@ def up(argv: list[str]) -> int:
     from werkzeug.serving import make_server
 
     from service.app import create_app
+    from service.auth import KeyListError, parse_keys
     from worker.contract.config import Settings
     from worker.embedded import start_workers
 
     from .servers import JsonErrorRequestHandler
 
     args = _serve_args("up", argv, workers=1)
+    try:
+        parse_keys(os.environ.get("CONVQ_API_KEYS", ""))
+    except KeyListError as exc:
+        print(f"convq: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
     blobs = None
@@ -144,22 +151,19 @@ def up(argv: list[str]) -> int:
 
 
 def api(argv: list[str]) -> int:
-    """Serve service.wsgi:app with gunicorn (threaded workers, so waiting infer calls share)."""
+    """Serve service.wsgi:app with gunicorn, configured by service/gunicorn_conf.py."""
     from gunicorn.app.base import BaseApplication
 
-    args = _serve_args("api", argv, workers=int(os.environ.get("CONVQ_API_PROCESSES", "2")))
+    from service import gunicorn_conf  # exits 2 on an invalid CONVQ_API_KEYS
+
+    args = _serve_args("api", argv, workers=gunicorn_conf.workers)
+    names = ("worker_class", "worker_connections", "timeout", "graceful_timeout", "accesslog")
+    settings = {name: getattr(gunicorn_conf, name) for name in names}
+    settings.update(bind=f"{args.host}:{args.port}", workers=args.workers)
 
     class Gunicorn(BaseApplication):
         def load_config(self):
-            for key, value in {
-                "bind": f"{args.host}:{args.port}",
-                "workers": args.workers,
-                "worker_class": "gthread",
-                "threads": 8,
-                "timeout": 60,
-                "graceful_timeout": 30,
-                "accesslog": "-",
-            }.items():
+            for key, value in settings.items():
                 self.cfg.set(key, value)
 
         def load(self):

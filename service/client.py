@@ -21,8 +21,10 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -235,10 +237,41 @@ def wait(api: Api, job: str, timeout: float, layers: int = 1, out=None) -> dict:
             delay = min(delay * 1.5, 1.0)
 
 
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}")
+
+
+def safe_part(value: object, what: str) -> str:
+    """Return value if it can name one file inside a folder; ClientError otherwise.
+
+    Job ids and output names come from the server: a name with a separator, "..", a leading
+    dot or anything outside the layer-name alphabet could write outside the output folder.
+    """
+    if not isinstance(value, str) or not _SAFE_PART.fullmatch(value) or ".." in value:
+        raise ClientError(f"the server sent an unsafe {what} {value!r}; nothing was saved")
+    return value
+
+
+def _inside(out: Path, path: Path) -> Path:
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise ClientError(f"{path} leaves {out}; nothing more is saved")
+    return path
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # Not np.savez(path, **arrays): an output named "file" or "allow_pickle" would be taken
+    # as one of its arguments.
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def save(
     api: Api, job: str, names: list[str], images: list[Path], out: Path, png: bool
 ) -> list[Path]:
     """Fetch each output as .npy into out/<job>.npz and, unless png is False, PNG grids."""
+    job = safe_part(job, "job id")
+    names = [safe_part(name, "output name") for name in names]
     out.mkdir(parents=True, exist_ok=True)
     arrays = {}
     written = []
@@ -249,7 +282,7 @@ def save(
         arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
         if not png or arrays[name].ndim < 3:  # explain:channel is one number per image
             continue
-        folder = out / job / name
+        folder = _inside(out, out / job / name)
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             grid = api.call(
@@ -257,11 +290,11 @@ def save(
                 f"/v2/jobs/{job}/result",
                 params={"output": name, "format": "png", "image": i},
             ).content
-            path = folder / f"{i:03d}-{image.stem}.png"
+            path = _inside(out, folder / f"{i:03d}-{image.stem}.png")
             path.write_bytes(grid)
             written.append(path)
-    npz = out / f"{job}.npz"
-    np.savez(npz, **arrays)
+    npz = _inside(out, out / f"{job}.npz")
+    _write_npz(npz, arrays)
     return [npz, *written]
 
 

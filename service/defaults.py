@@ -40,6 +40,10 @@ client must take the binary tensor extension or .npy."""
 MAX_PNG_PIXELS = 32 * 1024 * 1024
 """Values (H x W x K) of one image's maps drawn as a PNG grid."""
 
+MAX_FILTERS_DRAWN = 1024
+"""Filters of one layer drawn by the page's filters.png (the first ones; the response's
+X-Convq-Filters header says "drawn of total")."""
+
 MAX_QUEUE = 1000
 """Jobs waiting in the queue before submissions get 503 + Retry-After."""
 
@@ -52,6 +56,9 @@ RETRY_AFTER = 5
 API_KEYS = ""
 """Comma-separated bearer keys; empty means no auth."""
 
+ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
+"""With auth off: comma-separated Host names the API answers ('*' for any); see guard.py."""
+
 SOCKET_TIMEOUT = 0.5
 """Seconds one Redis socket wait may take. A paused Redis can cost up to four waits (command,
 reconnect handshake, retried command), so the API answers 503 within about 2 s."""
@@ -59,3 +66,10 @@ reconnect handshake, retried command), so the API answers 503 within about 2 s."
 MODEL_CACHE_BYTES = _contract.MODEL_CACHE_BYTES
 """Weight bytes of validated models the API keeps in memory for shape checks (the most recent
 model is kept whatever its size); one default with the workers' cache of the same name."""
+
+API_WORKERS = 2
+"""gunicorn processes of `convq api`, the Dockerfile and compose (CONVQ_API_WORKERS)."""
+
+API_TIMEOUT = 180
+"""Seconds gunicorn lets one request run (CONVQ_API_TIMEOUT); above INFER_TIMEOUT, so a waiting
+/infer answers 504 itself instead of being cut off."""

@@ -11,7 +11,7 @@ ERRORS = {
     "400": "Malformed or invalid input (the message names the field, and the layer if any)",
     "401": "Missing or unknown bearer key (only when CONVQ_API_KEYS is set)",
     "404": "Unknown model, version or job, or one that belongs to another key",
-    "409": "Conflict: result not ready, job failed, or model name taken",
+    "409": "Conflict: result not ready, job failed, or a server model a key cannot unload",
     "413": (
         "Over a size limit (body, images, pixels, output bytes, run working memory, spec or "
         "model bytes)"
@@ -440,12 +440,12 @@ def _paths() -> dict:
         },
         "/v2/repository/models/{model}/load": {
             "post": _op(
-                "Upload or replace a model (Triton JSON or multipart)",
+                "Upload or replace a model (Triton JSON or multipart); with keys, in the key's own "
+                "namespace (another key's models of that name are neither seen nor touched)",
                 {"200": _json(_ref("ModelState"), "Loaded")},
                 "400",
                 "401",
                 "404",
-                "409",
                 "413",
                 "415",
                 "503",

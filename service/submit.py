@@ -19,12 +19,13 @@ from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
 from . import budget
-from .auth import check_visible, current_owner
+from .auth import current_owner
 from .body import read_body
 from .codec import InferRequest, decode_infer, parse_header_length
 from .context import convq
 from .errors import BadRequest, NotFound, TooLarge, Unavailable, UnsupportedMediaType
 from .images import stack_images
+from .names import resolve
 
 _V2_TYPES = ("", "application/json", "application/octet-stream")
 
@@ -36,25 +37,27 @@ class Target:
     name: str
     version: int
     model: Model
+    stored: str = ""
+    """The store's name (names.stored_name): what a job asks a worker to load."""
 
 
 def find_model(name: str, version: str | None = None) -> Target:
-    """Return the visible model name (at version, when given); 404 otherwise."""
+    """Return the model name means to the caller (at version, when given); 404 otherwise."""
     ext = convq()
-    info = ext.store.model_info(name)
-    if info is None:
+    found = resolve(ext.store, name)
+    if found is None:
         raise NotFound(f"model {name[:80]!r} not found")
-    check_visible(info.get("owner"), f"model {name[:80]!r}")
+    stored, info = found
     if version not in (None, "", str(info["version"])):
         raise NotFound(
             f"model {name!r} has no version {version[:20]!r}; the current version "
             f"is {info['version']}"
         )
     try:
-        model = ext.models.get(ext.store, name, int(info["version"]), info["spec"])
+        model = ext.models.get(ext.store, stored, int(info["version"]), info["spec"])
     except ModelGone:
         raise NotFound(f"model {name!r} was removed") from None
-    return Target(name, int(info["version"]), model)
+    return Target(name, int(info["version"]), model, stored)
 
 
 def _form_outputs() -> list[str] | str | None:
@@ -202,12 +205,12 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     job_id = submit(
         ext.queue,
         ext.store,
-        model=target.name,
+        model=target.stored or target.name,
         version=target.version,
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
         owner=owner,
-        meta=meta,
+        meta={"model": target.name, **(meta or {})},
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
         explain=explain,

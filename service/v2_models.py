@@ -5,12 +5,14 @@ from __future__ import annotations
 from flask import Blueprint, current_app
 
 from worker.contract.queue import live_workers
+from worker.contract.store import NameTaken
 
-from .auth import check_visible, current_owner
+from .auth import current_owner
 from .body import json_object, read_body
 from .codec import INPUT_NAME
 from .context import convq
 from .errors import BadRequest, Conflict, NotFound, Unavailable
+from .names import public_name, resolve, stored_name
 from .submit import find_model
 from .upload import check_name, parse_upload
 
@@ -61,10 +63,13 @@ def repository_index():
         raise BadRequest(f"index request: unknown field(s) {', '.join(unknown)}", field=unknown[0])
     if not isinstance(doc.get("ready", False), bool):
         raise BadRequest("ready must be true or false", field="ready")
+    shown: dict[str, dict] = {}
+    for info in convq().store.list_models():  # sorted by stored name: plain names come first
+        if _visible(info):
+            shown[public_name(info["name"])] = info  # the caller's own shadows the server's
     return [
-        {"name": info["name"], "version": str(info["version"]), "state": "READY", "reason": ""}
-        for info in convq().store.list_models()
-        if _visible(info)
+        {"name": name, "version": str(info["version"]), "state": "READY", "reason": ""}
+        for name, info in sorted(shown.items())
     ]
 
 
@@ -72,20 +77,22 @@ def repository_index():
 def load(name: str):
     ext = convq()
     model = parse_upload(name)
-    info = ext.store.model_info(name)
     if model is None:  # Triton's plain "load": nothing uploaded, report what is there
-        if info is None or not _visible(info):
+        found = resolve(ext.store, name)
+        if found is None:
             raise NotFound(
                 f"model {name!r} is not in the repository; send parameters.config "
                 "and a parameters['file:<name>'] weights file to upload it"
             )
-        return {"name": name, "version": str(info["version"]), "state": "READY"}
-    if info is not None and info.get("owner") != current_owner():
-        # A name belongs to whoever uploaded it first; the server's own models have no owner.
-        raise Conflict(
-            f"model name {name!r} is taken by another owner; choose another name", field="name"
+        return {"name": name, "version": str(found[1]["version"]), "state": "READY"}
+    # Into the caller's own namespace (names.py): another key's models are never in the way.
+    owner = current_owner()
+    try:
+        version = ext.store.put_model(
+            stored_name(name), model.spec, model.to_safetensors(), owner=owner
         )
-    version = ext.store.put_model(name, model.spec, model.to_safetensors(), owner=current_owner())
+    except NameTaken:  # a plain name of another owner's (a model stored before namespaces)
+        raise NotFound(f"model {name!r} cannot be stored under this name") from None
     return {"name": name, "version": str(version), "state": "READY"}
 
 
@@ -96,13 +103,13 @@ def unload(name: str):
     if body.strip():
         json_object(body, "unload request")  # Triton sends unload_dependents; nothing to do
     ext = convq()
-    info = ext.store.model_info(name)
-    if info is None:
+    found = resolve(ext.store, name)
+    if found is None:
         raise NotFound(f"model {name!r} not found")
-    check_visible(info.get("owner"), f"model {name!r}")
+    stored, info = found
     if info.get("owner") != current_owner():
         raise Conflict(f"model {name!r} belongs to the server; it cannot be unloaded with a key")
-    ext.store.delete_model(name)
+    ext.store.delete_model(stored)
     return {"name": name, "state": "UNAVAILABLE"}
 
 

@@ -25,19 +25,20 @@ import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 from PIL import Image
 
-from engine import Model
+from worker.contract.cache import ModelGone
 
-from .auth import api_keys, check_visible, owner_id
+from . import defaults
+from .auth import api_keys, owner_id
 from .demo import demo_images, demo_model
 from .errors import BadRequest, NotFound, Unauthorized
+from .names import resolve
 
 bp = Blueprint("web", __name__, static_folder="static", static_url_path="/ui/static")
 
 TILE_PX = 44  # on-screen side of one filter tile; 11x11 filters are drawn 4x
 GAP_PX = 2
-_filter_pngs: OrderedDict[tuple[str, int, str], bytes] = (
-    OrderedDict()
-)  # a model version is immutable
+# (model, version, layer, limit) -> (PNG, filters in the layer); a model version is immutable
+_filter_pngs: OrderedDict[tuple[str, int, str, int], tuple[bytes, int]] = OrderedDict()
 _filter_lock = threading.Lock()
 _FILTER_CACHE = 16
 
@@ -50,13 +51,22 @@ def index():
     return response
 
 
-def filter_tiles(w: np.ndarray, columns: int | None = None) -> Image.Image:
+def filter_tiles(
+    w: np.ndarray, columns: int | None = None, limit: int = defaults.MAX_FILTERS_DRAWN
+) -> Image.Image:
     """Draw conv weights w (K, FH, FW, C) as a grid of tiles, mid-grey at zero.
 
     Each filter is scaled by its own largest |weight| so weak and strong filters read alike;
-    C == 3 is drawn as RGB, any other C as the grey mean over channels.
+    C == 3 is drawn as RGB, any other C as the grey mean over channels. Only the first
+    limit filters (CONVQ_MAX_FILTERS_DRAWN) are drawn, and a tile is at most TILE_PX on a
+    side (a bigger filter is sampled down), so the picture's cost is bounded whatever the
+    layer's size.
     """
+    w = w[: max(1, limit)]
     k, fh, fw, c = w.shape
+    if max(fh, fw) > TILE_PX:  # sample big filters down before any arithmetic on them
+        w = w[:, :: math.ceil(fh / TILE_PX), :: math.ceil(fw / TILE_PX)]
+        k, fh, fw, c = w.shape
     tiles = w if c == 3 else w.mean(axis=3, keepdims=True)
     peak = np.abs(tiles).reshape(k, -1).max(axis=1)
     peak[peak == 0] = 1.0
@@ -110,28 +120,34 @@ def filters_png(name: str):
     """Draw a conv layer's filters (the first conv layer unless ?layer=NAME)."""
     _check_key()
     store = current_app.extensions["convq"].store
-    info = store.model_info(name)
-    if info is None:
+    found = resolve(store, name)
+    if found is None:
         raise NotFound(f"model {name!r} not found")
-    check_visible(info.get("owner"), f"model {name!r}")
+    stored, info = found
     layer = _conv_layer(info["spec"], request.args.get("layer") or None)
-    key = (name, int(info["version"]), layer["name"])
+    limit = max(1, int(current_app.config["MAX_FILTERS_DRAWN"]))
+    key = (stored, int(info["version"]), layer["name"], limit)
     with _filter_lock:
-        png = _filter_pngs.get(key)
-    if png is None:
-        weights = store.model_weights(name, int(info["version"]))
-        if weights is None:
-            raise NotFound(f"model {name!r} was removed")
-        model = Model.from_bytes(info["spec"], weights, filename="weights.safetensors")
+        cached = _filter_pngs.get(key)
+    if cached is None:
+        models = current_app.extensions["convq"].models
+        try:
+            model = models.get(store, stored, int(info["version"]), info["spec"])
+        except ModelGone:
+            raise NotFound(f"model {name!r} was removed") from None
         buf = io.BytesIO()
-        filter_tiles(model.arrays()[layer["weights"]]).save(buf, format="PNG")
-        png = buf.getvalue()
+        weights = model.arrays()[layer["weights"]]
+        filter_tiles(weights, limit=limit).save(buf, format="PNG")
+        cached = (buf.getvalue(), int(weights.shape[0]))
         with _filter_lock:
-            _filter_pngs[key] = png
+            _filter_pngs[key] = cached
             while len(_filter_pngs) > _FILTER_CACHE:
                 _filter_pngs.popitem(last=False)
+    png, total = cached
     response = Response(png, mimetype="image/png")
     response.headers["X-Convq-Layer"] = layer["name"]
+    drawn = min(total, limit)
+    response.headers["X-Convq-Filters"] = f"{drawn} of {total}"
     response.headers["Cache-Control"] = "private, max-age=60"
     return response
 

@@ -70,7 +70,9 @@ def run_model(
     arrays (engine.explain.RESULTS) are stored beside the outputs.
 
     Writes job.meta["progress"] = {"layer": i (1-based), "of": n, "name"} before each layer and
-    stops between layers once the job's timeout has passed or the job was canceled.
+    stops once the job's timeout has passed or the job was canceled: between layers, and inside
+    a long layer between its steps (engine.model.STEP_MACS), so a thread worker, which has no
+    signal to stop it, ends a job near its timeout too.
     """
     job = get_current_job()
     if job is None:
@@ -127,8 +129,21 @@ def run_model(
             check()
             _save_progress(job, dict(reached))
 
+    def on_step() -> None:
+        # Inside a long layer (engine STEP_MACS): the deadline, and now and then a cancel.
+        now = time.monotonic()
+        if now - started > timeout:
+            where = f" in layer {reached['layer']} of {reached['of']} ({reached['name']})"
+            raise JobTimeout(
+                f"job timed out: {now - started:.1f} s is past its {timeout} s timeout"
+                + (where if reached else "")
+            )
+        if now - saved_at[0] >= PROGRESS_SECONDS:
+            saved_at[0] = now
+            check()
+
     try:
-        result = net.run(images, outputs=outputs, on_layer=on_layer)
+        result = net.run(images, outputs=outputs, on_layer=on_layer, on_step=on_step)
         if explain is not None:
             check()
             if time.monotonic() - started > timeout:

@@ -125,13 +125,24 @@ class _ConvqMixin:
                 pipe.execute()
             job.delete(remove_from_queue=True)
             self.store.delete_job(job.id)
+            self._release(job)
             log.info("job %s canceled", job.id)
             return
         retry = job.should_retry and self._stopped_job_id != job.id
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         if not retry:
+            self._release(job)
             job.ended("failed")
         self._log_job(job, "failed" if not retry else "re-queued", exc_string)
+
+    def _release(self, job) -> None:
+        """Free the input, run claim and cancel mark of a job that will not run again."""
+        kwargs = job.kwargs if job.func_name in JOB_FUNCTIONS else {}
+        input_id = kwargs.get("input_id")
+        try:
+            self.store.finish_run(job.id, input_id if isinstance(input_id, str) else job.id)
+        except redis.RedisError as exc:  # the TTLs clean up what is left
+            log.warning("job %s: its input was not freed (%s)", job.id, exc)
 
     def handle_job_success(self, job, queue, started_job_registry, execution):
         super().handle_job_success(job, queue, started_job_registry, execution)

@@ -910,8 +910,11 @@ def test_specs_with_random_model_values_are_4xx_or_load(api, key, value):
 
 
 def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
-    api = Api(blob_dir=blob_dir, API_KEYS="key-a,key-b")
-    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    api = Api(blob_dir=blob_dir, API_KEYS="key-a-0123456789ab,key-b-0123456789ab")
+    a, b = (
+        {"Authorization": "Bearer key-a-0123456789ab"},
+        {"Authorization": "Bearer key-b-0123456789ab"},
+    )
     assert api.load(headers=a).status_code == 200
     job_id = api.client.post(JOBS, json=v2_json(images(1)), headers=a).json["id"]
     api.burst()
@@ -939,9 +942,11 @@ def test_another_keys_jobs_results_and_models_are_404_in_every_form(blob_dir):
         rv = api.client.post(path, json=v2_json(images(1)), headers=b)
         assert rv.status_code == 404, (path, rv.json)
     assert api.client.post("/v2/repository/index", headers=b).json == []
-    assert api.client.post(LOAD, json=load_body(seed=5), headers=b).status_code == 409
     assert snapshot(api.redis) == before and api.queue_keys() == 0
     assert api.blob_files() == files
+    # B's upload of the same name lands in B's own namespace; A's model is untouched.
+    assert api.client.post(LOAD, json=load_body(seed=5), headers=b).status_code == 200
+    assert api.client.get("/v2/models/tiny", headers=a).json["versions"] == ["1"]
     assert (
         api.client.get(f"/v2/jobs/{job_id}/result?format=npy&output=fc", headers=a).status_code
         == 200

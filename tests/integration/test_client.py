@@ -25,7 +25,9 @@ def server():
     """A convq API on a free port with one embedded worker, sharing one fakeredis."""
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     settings = Settings(threads=1)
-    app = create_app({"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1,k2"})
+    app = create_app(
+        {"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1-0123456789abcd,k2-0123456789abcd"}
+    )
     http = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
@@ -58,7 +60,7 @@ def test_uploads_runs_and_saves_npz_and_png_grids(server, demo_files, tmp_path, 
             "--url",
             server,
             "--api-key",
-            "k1",
+            "k1-0123456789abcd",
             "--spec",
             str(demo_files / "spec.json"),
             "--weights",
@@ -106,7 +108,7 @@ def test_existing_model_selected_outputs_and_no_png(server, demo_files, tmp_path
             "--url",
             server,
             "--api-key",
-            "k2",
+            "k2-0123456789abcd",
             "--model",
             "mine",
             "--spec",
@@ -125,7 +127,7 @@ def test_existing_model_selected_outputs_and_no_png(server, demo_files, tmp_path
             "--url",
             server,
             "--api-key",
-            "k2",
+            "k2-0123456789abcd",
             "--model",
             "mine",
             "--outputs",
@@ -155,7 +157,7 @@ def test_existing_model_selected_outputs_and_no_png(server, demo_files, tmp_path
 def test_server_refusals_end_with_status_1_and_the_reason(
     server, demo_files, capsys, extra, message
 ):
-    argv = ["--url", server, "--api-key", "k1", *extra, str(demo_files / "pics")]
+    argv = ["--url", server, "--api-key", "k1-0123456789abcd", *extra, str(demo_files / "pics")]
     assert client.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -151,15 +151,23 @@ def test_filters_png_errors_are_json(demo):
 
 
 def test_filters_png_follows_api_keys(redis_conn):
-    app = create_app({"REDIS": redis_conn, "TESTING": True, "API_KEYS": "alice,bob"})
+    app = create_app(
+        {"REDIS": redis_conn, "TESTING": True, "API_KEYS": "alice-0123456789ab,bob-0123456789abcd"}
+    )
     client = app.test_client()
-    assert upload(client, "mine", *demo_model(), key="alice").status_code == 200
+    assert upload(client, "mine", *demo_model(), key="alice-0123456789ab").status_code == 200
     assert client.get("/ui/models/mine/filters.png").status_code == 401
     bad = client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer eve"})
     assert bad.status_code == 401 and "error" in bad.get_json()
-    other = client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer bob"})
+    other = client.get(
+        "/ui/models/mine/filters.png", headers={"Authorization": "Bearer bob-0123456789abcd"}
+    )
     assert other.status_code == 404
-    png(client.get("/ui/models/mine/filters.png", headers={"Authorization": "Bearer alice"}))
+    png(
+        client.get(
+            "/ui/models/mine/filters.png", headers={"Authorization": "Bearer alice-0123456789ab"}
+        )
+    )
     assert get_closed(client, "/").status_code == 200  # the page itself stays public
 
 
@@ -216,3 +224,43 @@ def test_demo_model_files_upload_as_they_are(client):
     }
     assert client.post("/v2/repository/models/demo/load", data=data).status_code == 200
     assert client.get("/ui/demo/secrets.txt").status_code == 404
+
+
+def _conv_only(k: int, size: int) -> tuple[dict, dict]:
+    spec = {
+        "name": "wide",
+        "input": {"channels": 1},
+        "layers": [{"name": "c", "type": "conv", "filters": k, "size": size, "weights": "c.w"}],
+    }
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((k, size, size, 1)).astype(np.float32)
+    return spec, {"c.w": weights, "c.b": np.zeros(k, np.float32)}
+
+
+def test_filters_png_draws_at_most_max_filters_and_says_so(client):
+    from service.defaults import MAX_FILTERS_DRAWN
+
+    assert upload(client, "wide", *_conv_only(MAX_FILTERS_DRAWN * 3, 1)).status_code == 200
+    resp = client.get("/ui/models/wide/filters.png")
+    assert resp.headers["X-Convq-Filters"] == f"{MAX_FILTERS_DRAWN} of {MAX_FILTERS_DRAWN * 3}"
+    image = png(resp)
+    columns = (image.size[0] - GAP_PX) // (44 + GAP_PX)
+    rows = (image.size[1] - GAP_PX) // (44 + GAP_PX)
+    assert columns * rows >= MAX_FILTERS_DRAWN > columns * (rows - 1)
+
+
+def test_filters_png_limit_comes_from_the_configuration(redis_conn):
+    client = create_app(
+        {"REDIS": redis_conn, "TESTING": True, "MAX_FILTERS_DRAWN": 5}
+    ).test_client()
+    assert upload(client, "wide", *_conv_only(12, 1)).status_code == 200
+    resp = client.get("/ui/models/wide/filters.png")
+    assert resp.headers["X-Convq-Filters"] == "5 of 12"
+
+
+def test_filters_png_samples_big_filters_down_to_one_tile(client):
+    assert upload(client, "big", *_conv_only(2, 200)).status_code == 200
+    resp = client.get("/ui/models/big/filters.png")
+    assert resp.headers["X-Convq-Filters"] == "2 of 2"
+    width, height = png(resp).size
+    assert height <= 44 + 2 * GAP_PX and width <= 2 * (44 + GAP_PX) + GAP_PX

@@ -13,7 +13,8 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from tests.models import tiny_model
+from engine import Model
+from tests.models import tiny_arrays, tiny_model, tiny_spec
 from worker import jobs
 from worker.contract.config import Settings
 from worker.contract.queue import (
@@ -206,6 +207,15 @@ def test_cancel_queued_job_deletes_everything(env):
     assert cancel(queue, store, "no-such-job") is False
 
 
+def test_deleting_a_finished_job_leaves_no_cancel_mark(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env)
+    burst(redis, SETTINGS)
+    assert job_status(queue, job_id)["status"] == "finished"
+    assert cancel(queue, store, job_id) is True
+    assert redis.keys("convq:*") != [] and redis.keys(f"convq:*{job_id}*") == []
+
+
 def test_cancel_running_job_stops_between_layers(env, monkeypatch):
     redis, store, queue, *_ = env
     job_id = _submit(env)
@@ -225,6 +235,7 @@ def test_cancel_running_job_stops_between_layers(env, monkeypatch):
     assert layers == [None, 1, 2]  # layer 3 never started
     assert job_status(queue, job_id) is None
     assert store.result_names(job_id) is None and store.get_input(job_id) is None
+    assert redis.keys("convq:cancel:*") == [] and redis.keys("convq:run:*") == []
     assert job_id not in FailedJobRegistry(queue=queue)
 
 
@@ -240,6 +251,42 @@ def test_timeout_between_layers_fails_with_timeout_error(env, monkeypatch):
     assert "5 s timeout" in status["error"] and status["attempt"] == 1
     # The worker went on to the next job, whose default timeout (600 s) is not reached.
     assert job_status(queue, follower)["status"] == "finished"
+    # Neither keeps its input (or a run claim) for the input's TTL.
+    assert redis.keys("convq:input*") == [] and redis.keys("convq:run:*") == []
+
+
+def test_timeout_inside_one_long_layer_stops_the_thread_worker(env, monkeypatch):
+    from engine import model as model_module
+
+    redis, store, queue, *_ = env
+    one = {"name": "one", "input": {"channels": 3}, "layers": [tiny_spec()["layers"][0]]}
+    arrays = {k: v for k, v in tiny_arrays().items() if k.startswith("conv1")}
+    net = Model.from_arrays(one, arrays)
+    version = store.put_model("one", net.spec, net.to_safetensors(), owner=None)
+    steps = []
+    monkeypatch.setattr(model_module, "STEP_MACS", 1)  # one output row per step
+    real_step = model_module.Model._apply_in_steps
+
+    def counting(self, step, xs, **kw):
+        inner = kw["on_step"]
+
+        def on_step():
+            steps.append(1)
+            inner()
+
+        return real_step(self, step, xs, on_step=on_step)
+
+    monkeypatch.setattr(model_module.Model, "_apply_in_steps", counting)
+    clock = iter(range(0, 10_000, 4))  # every look run_model takes at the clock is 4 s later
+    monkeypatch.setattr(jobs, "time", type("Clock", (), {"monotonic": lambda: next(clock)}))
+    job_id = _submit(env, model="one", version=version, outputs=["conv1"], job_timeout=5)
+    burst(redis, SETTINGS)
+    status = job_status(queue, job_id)
+    # One layer only: the old between-layers check never fired and the job finished.
+    assert status["status"] == "failed" and "timed out" in status["error"], status
+    assert "in layer 1 of 1 (conv1)" in status["error"]
+    assert len(steps) == 1  # stopped at the first band; the image has 10 output rows
+    assert redis.keys("convq:input*") == []
 
 
 def test_hand_written_record_naming_os_system_never_runs(env, tmp_path):

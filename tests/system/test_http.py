@@ -45,7 +45,7 @@ def stack(redis_server_factory, tmp_path):
         api, base = start_api(
             server.url,
             tmp_path,
-            env={"CONVQ_API_PROCESSES": "1", "CONVQ_MAX_CONTENT_LENGTH": "4000000"},
+            env={"CONVQ_API_WORKERS": "1", "CONVQ_MAX_CONTENT_LENGTH": "4000000"},
         )
         procs.append(api)
         for i in range(2):

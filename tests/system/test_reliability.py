@@ -230,7 +230,7 @@ def test_bad_bodies_through_gunicorn_are_quick_4xx_with_flat_memory(redis_server
         redis_server.url,
         tmp_path,
         env={
-            "CONVQ_API_PROCESSES": "1",
+            "CONVQ_API_WORKERS": "1",
             "CONVQ_MAX_CONTENT_LENGTH": "1000000",
             "CONVQ_MAX_MODEL_BYTES": "2000000",
         },

@@ -210,3 +210,44 @@ def test_every_key_the_store_writes_is_a_convq_key(store):
         "convq:spec:m:1",
         "convq:weights:m:1",
     ]
+
+
+def test_a_name_held_by_another_owner_is_refused_and_left_alone(store):
+    from worker.contract.store import NameTaken
+
+    store.put_model("m", {"name": "m"}, b"mine", owner="key-a")
+    with pytest.raises(NameTaken):
+        store.put_model("m", {"name": "m"}, b"theirs", owner="key-b")
+    info = store.model_info("m")
+    assert info["owner"] == "key-a" and store.model_weights("m", info["version"]) == b"mine"
+    assert store.put_model("m", {"name": "m"}, b"again", owner="key-a") > info["version"]
+    store.put_model("s", {"name": "s"}, b"server", owner=None)  # the server's: no key takes it
+    with pytest.raises(NameTaken):
+        store.put_model("s", {"name": "s"}, b"theirs", owner="key-b")
+
+
+def test_a_claim_racing_between_read_and_write_loses_atomically(store):
+    """Another owner takes the name after this upload read it free, before it wrote: the
+    WATCHed transaction aborts, the retry sees the other owner, and nothing of ours lands."""
+    from worker.contract.store import NameTaken
+
+    other = Store(store.redis)
+    real = store.redis.transaction
+    raced = []
+
+    def transaction(func, *keys, **kw):
+        def interleaved(pipe):
+            func(pipe)  # reads the name free and queues our writes
+            if not raced:
+                raced.append("key-b")
+                other.put_model("m", {"name": "m"}, b"theirs", owner="key-b")
+
+        return real(interleaved, *keys, **kw)
+
+    store.redis.transaction = transaction
+    with pytest.raises(NameTaken):
+        store.put_model("m", {"name": "m"}, b"mine", owner="key-a")
+    info = store.model_info("m")
+    assert raced and info["owner"] == "key-b"
+    assert store.model_weights("m", info["version"]) == b"theirs"
+    assert [k for k in store.redis.keys("convq:weights:*") if b"theirs" != store.redis.get(k)] == []

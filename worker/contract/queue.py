@@ -206,13 +206,19 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         store.mark_canceled(job_id)
         store.delete_job(job_id)
         return True
-    store.mark_canceled(job_id)  # a retry re-queued meanwhile must not run either
+    if status not in _ENDED:  # a retry re-queued meanwhile must not run either
+        store.mark_canceled(job_id)
     try:
         job.delete(remove_from_queue=True)
     except (NoSuchJobError, InvalidJobOperation):
         pass
     store.delete_job(job_id)
     return True
+
+
+_ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED)
+"""States in which a job cannot run again: deleting one needs no cancel mark (it would only
+sit in Redis for the input's TTL, as it did after every synchronous /infer)."""
 
 
 def queue_depth(queue: rq.Queue) -> int:

@@ -44,6 +44,14 @@ class BlobMissing(LookupError):
         self.name = name
 
 
+class NameTaken(Exception):
+    """A model name is held by another owner."""
+
+    def __init__(self, name: str):
+        super().__init__(f"model name {name!r} is held by another owner")
+        self.name = name
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -110,10 +118,15 @@ class Store:
 
     # -- models ---------------------------------------------------------------------------------
     def put_model(self, name: str, spec: dict, weights: bytes, *, owner: str | None) -> int:
-        """Store spec + safetensors weights as the next version of name; return that version."""
+        """Store spec + safetensors weights as the next version of name; return that version.
+
+        The name is claimed in the same transaction (WATCH on the model's record): if another
+        owner (or the server) holds it, or takes it while this one writes, NameTaken and nothing
+        is written. The server's own uploads (owner None) may take any name.
+        """
         # The counter outlives delete_model, so a name+version never means two different models.
         version = int(self.redis.incr(keys.model_version(name)))
-        previous = self.redis.hget(keys.model(name), "version")
+        model_key = keys.model(name)
         info = {
             "name": name,
             "version": version,
@@ -121,14 +134,20 @@ class Store:
             "weights_bytes": len(weights),
             "created": time.time(),
         }
-        with self.redis.pipeline() as pipe:
+
+        def write(pipe) -> None:
+            held, previous = pipe.hmget(model_key, "owner", "version")
+            if owner is not None and held is not None and (json.loads(held) or None) != owner:
+                raise NameTaken(name)  # the server (owner None) may take any name
+            pipe.multi()
             pipe.set(keys.weights(name, version), weights)
             pipe.set(keys.spec(name, version), json.dumps(spec))
-            pipe.hset(keys.model(name), mapping={k: json.dumps(v) for k, v in info.items()})
+            pipe.hset(model_key, mapping={k: json.dumps(v) for k, v in info.items()})
             pipe.sadd(keys.models(), name)
             if previous is not None:
                 self._expire_version(pipe, name, int(previous))
-            pipe.execute()
+
+        self.redis.transaction(write, model_key)
         return version
 
     def _expire_version(self, pipe, name: str, version: int) -> None:
@@ -368,8 +387,9 @@ class Store:
         return run is None or run.decode() == token, canceled is not None
 
     def finish_run(self, job_id: str, input_id: str) -> None:
-        """Drop what a finished job no longer needs: its input and its run claim."""
-        self.redis.delete(self.input_key(input_id), keys.run(job_id))
+        """Drop what an ended job (finished or failed for good) no longer needs: its input, its
+        run claim and its cancel mark."""
+        self.redis.delete(self.input_key(input_id), keys.run(job_id), self.cancel_key(job_id))
         if self.blobs is not None:
             self.blobs.delete(f"input-{input_id}")
 
