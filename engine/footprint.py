@@ -52,7 +52,7 @@ def peak_bytes(spec: Spec, n: int, h: int, w: int, outputs: list[str]) -> int:
     for i, ins in enumerate(inputs):
         for src in ins:
             last_read[src] = i
-    live = {None}
+    live: set[str | None] = {None}
     peak = size[None] + n * h * w * spec.channels  # a uint8 batch and its float32 copy
     for i, ins in enumerate(inputs):
         layer = spec.layers[i]

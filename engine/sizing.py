@@ -183,9 +183,9 @@ def check_pool_windows(layer: Layer, h: int, w: int, hout: int, wout: int) -> No
         first = np.where(start >= 0, start, start + (-start + d - 1) // d * d)
         bad = ~((first < n) & (first <= start + d * (f - 1)))
         if bad.any():
-            o = int(o[np.argmax(bad)])
+            first_bad = int(o[np.argmax(bad)])
             raise ShapeError(
-                f"{layer.name}: output {axis} index {o} of {out} pools only padding "
+                f"{layer.name}: output {axis} index {first_bad} of {out} pools only padding "
                 f"(input {axis} {n}, size {f}, stride {s}, pad {lo}, dilation {d}); "
                 "use less pad, e.g. at most half the window",
                 layer=layer.name,

@@ -103,7 +103,7 @@ def summarize(
     """
     if h is None or w is None:
         h, w = spec.height, spec.width
-    shapes = spec.shapes(h, w) if h is not None else [None] * len(spec.layers)
+    shapes = spec.shapes(h, w) if h is not None and w is not None else [None] * len(spec.layers)
     by_name = {IMAGE: None if h is None else (h, w, spec.channels)}
     by_name |= {layer.name: s for layer, s in zip(spec.layers, shapes, strict=True)}
     local_hw = local_hw or {}
@@ -127,7 +127,7 @@ def summarize(
             "receptive_field": rfs[layer.name][0],
             "activation_bytes": act,
             "im2col": (win.fh * win.fw * c // layer.groups, shape[0] * shape[1])
-            if layer.type in ("conv", "local") and shape is not None
+            if layer.type in ("conv", "local") and shape is not None and win is not None
             else None,
         }
         if batch is not None:

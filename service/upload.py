@@ -89,7 +89,7 @@ def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
 
 
 def _from_json(name: str, body: bytes) -> Model | None:
-    doc = json_object(body, "load request") if body.strip() else {}
+    doc = json_object(body, "load request") if body.strip(b" \t\r\n") else {}
     unknown = sorted(set(doc) - {"parameters"})
     if unknown:
         raise BadRequest(f"load request: unknown field(s) {', '.join(unknown)}", field=unknown[0])
