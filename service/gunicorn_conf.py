@@ -17,6 +17,7 @@ import sys
 
 from service.auth import KeyListError, parse_keys
 from service.defaults import API_TIMEOUT, API_WORKERS
+from service.servers import install_gunicorn_json_errors
 
 
 def _positive(name: str, default: int) -> int:
@@ -34,6 +35,8 @@ try:
 except KeyListError as exc:
     print(f"convq: {exc}", file=sys.stderr)
     sys.exit(2)
+
+install_gunicorn_json_errors()  # gunicorn's own errors (bad request line, ...) in JSON too
 
 bind = os.environ.get("CONVQ_BIND", "127.0.0.1:8000")
 workers = _positive("CONVQ_API_WORKERS", API_WORKERS)

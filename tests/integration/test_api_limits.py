@@ -110,8 +110,8 @@ def test_non_finite_results_are_422_in_json_and_intact_in_binary(api):
     assert not np.isfinite(np.load(io.BytesIO(rv.data))).all()
 
 
-A = {"Authorization": "Bearer key-a"}
-B = {"Authorization": "Bearer key-b"}
+A = {"Authorization": "Bearer key-a-0123456789ab"}
+B = {"Authorization": "Bearer key-b-0123456789ab"}
 ONE_JOB = 2 * 9 * 9 * 3 + 2 * 1 * 1 * 5 * 4  # two uint8 images in, fc's float32 maps out
 
 
@@ -120,7 +120,7 @@ def _job(api, headers=None):
 
 
 def test_a_key_may_have_so_many_jobs_queued_then_429(blob_dir):
-    api = Api(blob_dir=blob_dir, API_KEYS="key-a, key-b", MAX_KEY_JOBS=2, RETRY_AFTER=7)
+    api = Api(blob_dir=blob_dir, API_KEYS="key-a-0123456789ab, key-b-0123456789ab", MAX_KEY_JOBS=2, RETRY_AFTER=7)
     assert api.load(headers=A).status_code == 200
     assert [_job(api, A).status_code for _ in range(2)] == [202, 202]
     rv = _job(api, A)

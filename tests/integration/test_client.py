@@ -178,7 +178,7 @@ def test_local_mistakes_need_no_server(tmp_path, capsys):
 def test_explain_saves_overlays_and_maps(server, demo_files, tmp_path, capsys):
     spec, arrays = demo_model()
     last = spec["layers"][-1]["name"]
-    args = ["--url", server, "--api-key", "k1", "--model", "explained"]
+    args = ["--url", server, "--api-key", "k1-0123456789abcd", "--model", "explained"]
     args += ["--spec", str(demo_files / "spec.json"), "--weights", str(demo_files / "weights.npz")]
     args += ["--outputs", last, "--explain", "saliency", "--layer", last, "--channel", "top"]
     status = client.main([*args, "--out", str(tmp_path), str(demo_files / "pics")])
@@ -208,7 +208,7 @@ def test_top_k_prints_the_last_layers_best_classes_with_labels(
     k = model.output_shapes(35, 35)[last][2]
     labeled = dict(spec, labels=[f"class-{i}" for i in range(k)])
     (tmp_path / "spec.json").write_text(json.dumps(labeled))
-    args = ["--url", server, "--api-key", "k1", "--model", "labeled", "--no-png"]
+    args = ["--url", server, "--api-key", "k1-0123456789abcd", "--model", "labeled", "--no-png"]
     args += ["--spec", str(tmp_path / "spec.json"), "--weights", str(demo_files / "weights.npz")]
     args += ["--outputs", model.layer_names[0], "--top", "2", "--out", str(tmp_path)]
     status = client.main([*args, str(demo_files / "pics")])
