@@ -120,7 +120,12 @@ def _job(api, headers=None):
 
 
 def test_a_key_may_have_so_many_jobs_queued_then_429(blob_dir):
-    api = Api(blob_dir=blob_dir, API_KEYS="key-a-0123456789ab, key-b-0123456789ab", MAX_KEY_JOBS=2, RETRY_AFTER=7)
+    api = Api(
+        blob_dir=blob_dir,
+        API_KEYS="key-a-0123456789ab, key-b-0123456789ab",
+        MAX_KEY_JOBS=2,
+        RETRY_AFTER=7,
+    )
     assert api.load(headers=A).status_code == 200
     assert [_job(api, A).status_code for _ in range(2)] == [202, 202]
     rv = _job(api, A)
