@@ -374,6 +374,29 @@ SCHEMAS = {
             "attempt": {"type": "integer"},
         },
     },
+    "JobList": {
+        "type": "object",
+        "required": ["jobs", "next"],
+        "properties": {
+            "jobs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "model", "status", "created"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "model": {"type": ["string", "null"]},
+                        "status": {"enum": ["queued", "started", "finished", "failed", "canceled"]},
+                        "created": {"type": "string", "description": "Enqueue time, ISO 8601 UTC"},
+                    },
+                },
+            },
+            "next": {
+                "type": ["string", "null"],
+                "description": "Cursor of the next page (pass as cursor=); null on the last page",
+            },
+        },
+    },
     "Deleted": {
         "type": "object",
         "required": ["id", "status"],
@@ -528,6 +551,34 @@ def _paths() -> dict:
                 "507",
                 body=JOB_BODY,
                 params=[MODEL],
+            )
+        },
+        "/v2/jobs": {
+            "get": _op(
+                "The caller's own jobs (every job when auth is off), newest first, paginated; "
+                "jobs whose records expired or were deleted are left out",
+                {"200": _json(_ref("JobList"), "One page")},
+                "400",
+                "401",
+                "503",
+                params=[
+                    _query(
+                        "status",
+                        "Only jobs in this state",
+                        {"enum": ["queued", "started", "finished", "failed", "canceled"]},
+                    ),
+                    _query("model", "Only jobs of this model name", {"type": "string"}),
+                    _query(
+                        "limit",
+                        "Jobs per page (default 100)",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                    ),
+                    _query(
+                        "cursor",
+                        "The previous page's next (opaque); pages never repeat or skip a job",
+                        {"type": "string"},
+                    ),
+                ],
             )
         },
         "/v2/jobs/{job_id}": {

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, request, url_for
 
 from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
-from worker.contract.queue import cancel, job_status, wait_for_end
+from worker.contract.queue import ENDED, cancel, job_status, list_jobs, wait_for_end
 
 from . import budget
 from .auth import check_visible, current_owner
@@ -211,6 +211,50 @@ def submit_job(name: str):
         202,
         {"Location": location},
     )
+
+
+LIST_LIMIT = 100
+"""Jobs per page of GET /v2/jobs unless limit says otherwise (at most LIST_MAX)."""
+
+LIST_MAX = 1000
+
+STATUSES = ("queued", "started", *ENDED)
+
+
+@bp.get("/jobs")
+def list_own_jobs():
+    """The caller's jobs, newest first, a page at a time (next: the cursor of the next page)."""
+    args = request.args
+    unknown = sorted(set(args) - {"status", "model", "limit", "cursor"})
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s) {', '.join(unknown)}", field=unknown[0])
+    repeated = sorted(k for k in args if len(args.getlist(k)) > 1)
+    if repeated:
+        raise BadRequest(
+            f"query parameter {repeated[0]} is given more than once", field=repeated[0]
+        )
+    status = args.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}", field="status")
+    model = args.get("model") or None
+    if model is not None and len(model) > 200:
+        raise BadRequest("model is not a model name (too long)", field="model")
+    raw = args.get("limit", str(LIST_LIMIT))
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 0 < int(raw) <= LIST_MAX:
+        raise BadRequest(f"limit must be an integer from 1 to {LIST_MAX}", field="limit")
+    ext = convq()
+    try:
+        items, cursor = list_jobs(
+            ext.queue,
+            current_owner(),
+            status=status,
+            model=model,
+            limit=int(raw),
+            cursor=args.get("cursor"),
+        )
+    except ValueError:
+        raise BadRequest("cursor is not the next of a previous page", field="cursor") from None
+    return {"jobs": items, "next": cursor}
 
 
 @bp.get("/jobs/<job_id>")

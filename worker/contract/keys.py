@@ -3,7 +3,8 @@
 Models:   convq:models (set of names), convq:model:<name> (hash: version, owner, ...),
           convq:model-version:<name> (counter), convq:spec:<name>:<v>, convq:weights:<name>:<v>
 Jobs:     convq:input:<id>, convq:result:<id> (index hash), convq:result:<id>:<i> (one output),
-          convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on)
+          convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on),
+          convq:jobs:<owner> (sorted set of an owner's job ids, score = enqueue time)
 Workers:  convq:sweep-lock:<queue>, convq:expired-seen:<queue>
 Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds
 """
@@ -49,6 +50,11 @@ def result(job_id: str) -> str:
 
 def result_data(job_id: str, index: int) -> str:
     return key("result", job_id, index)
+
+
+def owner_jobs(owner: str | None) -> str:
+    """The sorted set listing owner's jobs ("-" stands for no owner: auth off)."""
+    return key("jobs", owner or "-")
 
 
 def cancel(job_id: str) -> str:

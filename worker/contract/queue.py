@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Literal, cast
 
 import numpy as np
 import rq
@@ -16,7 +19,7 @@ from rq.worker_registration import get_keys
 
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 
-from . import defaults
+from . import defaults, keys
 
 RUN_MODEL = "worker.jobs.run_model"
 
@@ -93,7 +96,108 @@ def submit(
     except BaseException:
         store.delete_job(job_id)
         raise
+    _remember(queue.connection, owner, job_id, store, job_timeout or defaults.JOB_TIMEOUT)
     return job_id
+
+
+def _lifetime(store, job_timeout: int) -> int:
+    """Seconds a job's record can live: queued (input TTL), run, then kept (result TTL)."""
+    return int(store.input_ttl) + int(job_timeout) + int(store.result_ttl)
+
+
+def _remember(redis, owner: str | None, job_id: str, store, job_timeout: int) -> None:
+    """Add job_id to its owner's list; the list lives as long as its newest job can."""
+    key = keys.owner_jobs(owner)
+    pipe = redis.pipeline(transaction=False)
+    pipe.zadd(key, {job_id: time.time()})
+    pipe.expire(key, _lifetime(store, job_timeout))
+    pipe.execute()
+
+
+def encode_cursor(score: float, job_id: str) -> str:
+    """Return the opaque cursor of the position just after (score, job_id) in a listing."""
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Return (score, job_id) of a cursor from encode_cursor; ValueError when it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        score, job_id = raw.split(":", 1)
+        value = float(score)
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("not a cursor from a previous page") from exc
+    if not (value == value and abs(value) < 1e12) or len(job_id) > 64:  # NaN, inf, junk
+        raise ValueError("not a cursor from a previous page")
+    return value, job_id
+
+
+LIST_SCAN = 200
+"""Job ids read from an owner's list per round trip while a page is gathered."""
+
+
+def list_jobs(
+    queue: rq.Queue,
+    owner: str | None,
+    *,
+    status: str | None = None,
+    model: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> tuple[list[dict], str | None]:
+    """Return (owner's jobs newest first, cursor of the next page or None) with the filters.
+
+    Each item is {id, model, status, created}. Ids whose record is gone (expired, deleted) are
+    dropped from the list as they are met; a cursor is a position (score, id), so jobs
+    submitted between pages never shift the pages. ValueError for a bad cursor.
+    """
+    redis = queue.connection
+    key = keys.owner_jobs(owner)
+    top, after = decode_cursor(cursor) if cursor is not None else (None, None)
+    items: list[dict] = []
+    offset, last = 0, (0.0, "")  # last: the position of the newest id looked at
+    while True:
+        rows = redis.zrevrangebyscore(
+            key,
+            "+inf" if top is None else repr(top),
+            "-inf",
+            start=offset,
+            num=LIST_SCAN,
+            withscores=True,
+        )
+        offset += len(rows)
+        gone: list[str] = []
+        for raw, raw_score in cast(list[tuple[bytes | str, float]], rows):
+            job_id, score = raw.decode() if isinstance(raw, bytes) else str(raw), float(raw_score)
+            # Equal scores come in descending id order: skip up to and including the cursor.
+            if after is not None and score == top and job_id >= after:
+                continue
+            if len(items) == limit:
+                if gone:
+                    redis.zrem(key, *gone)
+                return items, encode_cursor(*last)
+            last = (score, job_id)
+            found = job_status(queue, job_id)
+            if found is None:
+                gone.append(job_id)
+                continue
+            if (status is not None and found["status"] != status) or (
+                model is not None and found["model"] != model
+            ):
+                continue
+            items.append(
+                {
+                    "id": job_id,
+                    "model": found["model"],
+                    "status": found["status"],
+                    "created": datetime.fromtimestamp(score, UTC).isoformat(),
+                }
+            )
+        if gone:
+            redis.zrem(key, *gone)
+            offset -= len(gone)
+        if len(rows) < LIST_SCAN:
+            return items, None
 
 
 def _fetch(queue: rq.Queue, job_id: str) -> Job | None:
