@@ -142,3 +142,19 @@ def test_bad_query_values_are_400(api, query):
 
 def test_listing_needs_a_key(api):
     assert api.client.get("/v2/jobs").status_code == 401
+
+
+@pytest.mark.parametrize("scan", [1, 2, 3, 200])
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_pages_across_read_batches_with_filters_and_gone_jobs(api, monkeypatch, scan, limit):
+    import worker.contract.queue as q
+
+    monkeypatch.setattr(q, "LIST_SCAN", scan)
+    api.load(name="other", headers=A)
+    ids = [submit(api, A, name="tiny" if i % 3 else "other") for i in range(10)]
+    for gone in (ids[4], ids[7]):
+        assert api.client.delete(f"/v2/jobs/{gone}", headers=A).status_code == 200
+    live = [i for i in ids[::-1] if i not in (ids[4], ids[7])]
+    tiny = [i for i in ids[::-1] if i in live and ids.index(i) % 3]
+    assert [j["id"] for j in every_page(api, A, limit=limit)] == live
+    assert [j["id"] for j in every_page(api, A, limit=limit, model="tiny")] == tiny

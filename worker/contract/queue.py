@@ -167,36 +167,46 @@ def list_jobs(
         )
         offset += len(rows)
         gone: list[str] = []
+        looked = []
         for raw, raw_score in cast(list[tuple[bytes | str, float]], rows):
             job_id, score = raw.decode() if isinstance(raw, bytes) else str(raw), float(raw_score)
             # Equal scores come in descending id order: skip up to and including the cursor.
-            if after is not None and score == top and job_id >= after:
-                continue
+            if not (after is not None and score == top and job_id >= after):
+                looked.append((job_id, score))
+        jobs = _fetch_many(queue, [job_id for job_id, _ in looked[: limit - len(items) + 1]])
+        for (job_id, score), job in zip(looked, jobs, strict=False):
             if len(items) == limit:
                 if gone:
                     redis.zrem(key, *gone)
                 return items, encode_cursor(*last)
             last = (score, job_id)
-            found = job_status(queue, job_id)
-            if found is None:
+            state = None if job is None else _state(job)
+            if job is None or state is None:
                 gone.append(job_id)
                 continue
-            if (status is not None and found["status"] != status) or (
-                model is not None and found["model"] != model
+            found = job.meta or {}
+            if (status is not None and state != status) or (
+                model is not None and found.get("model") != model
             ):
                 continue
             items.append(
                 {
                     "id": job_id,
-                    "model": found["model"],
-                    "status": found["status"],
+                    "model": found.get("model"),
+                    "status": state,
                     "created": datetime.fromtimestamp(score, UTC).isoformat(),
                 }
             )
+        if len(jobs) < len(looked):  # the page filled within this batch (or a filter needs more)
+            if len(items) == limit:
+                if gone:
+                    redis.zrem(key, *gone)
+                return items, encode_cursor(*last)
+            offset -= len(looked) - len(jobs)  # read the rest again next round
         if gone:
             redis.zrem(key, *gone)
             offset -= len(gone)
-        if len(rows) < LIST_SCAN:
+        if len(rows) < LIST_SCAN and len(jobs) == len(looked):
             return items, None
 
 
@@ -229,14 +239,29 @@ def _iso(t) -> str | None:
     return None if t is None else t.isoformat()
 
 
+def _state(job: Job) -> str | None:
+    """Return the job's API status (one of five); None when rq holds no status for it."""
+    try:
+        return _STATUS.get(job.get_status(refresh=False), "queued")
+    except InvalidJobOperation:
+        return None
+
+
+def _fetch_many(queue: rq.Queue, job_ids: list[str]) -> list[Job | None]:
+    """Return the jobs of job_ids (None where gone), read in one round trip."""
+    try:
+        return queue.job_class.fetch_many(
+            job_ids, connection=queue.connection, serializer=queue.serializer
+        )
+    except (NoSuchJobError, ValueError):  # one unreadable record: read them one by one
+        return [_fetch(queue, job_id) for job_id in job_ids]
+
+
 def job_status(queue: rq.Queue, job_id: str) -> dict | None:
     """Return the job's status, progress, timings and error; None for an unknown job."""
     job = _fetch(queue, job_id)
-    if job is None:
-        return None
-    try:
-        status = _STATUS.get(job.get_status(refresh=False), "queued")
-    except InvalidJobOperation:
+    status = None if job is None else _state(job)
+    if job is None or status is None:
         return None
     meta = job.meta or {}
     retries = int(meta.get("retries") or 0)
