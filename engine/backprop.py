@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import backward, backward_graph
-from .errors import InputError, ModelError, ShapeError
+from .errors import ModelError
 from .graph import IMAGE
 from .plan import plan
 
@@ -71,19 +71,6 @@ def parse_wrt(model, wrt) -> list[str]:
     return list(dict.fromkeys(wrt))
 
 
-def _prepared(model, images) -> np.ndarray:
-    x = model.prepare(images)
-    try:
-        model.output_shapes(x.shape[1], x.shape[2])
-    except ShapeError as err:
-        raise InputError(
-            f"images of {x.shape[1]}x{x.shape[2]} do not fit: {err.message}",
-            layer=err.layer,
-            field=err.field,
-        ) from None
-    return x
-
-
 def _conv_grad(model, layer) -> backward.ConvGrad:
     """Return a conv's ConvGrad (its flipped filters are kept with the model)."""
     per_model = _conv_grads_cache.setdefault(model, {})
@@ -105,7 +92,7 @@ def run_backward(model, images, target, wrt: Iterable[str], keep: Iterable[str] 
     layer_name, channel = parse_target(model, target)
     wanted = parse_wrt(model, wrt)
     keep = list(dict.fromkeys(keep))
-    x = _prepared(model, images)
+    x = model.prepare_fitting(images)
     n = x.shape[0]
     names = model.layer_names
     for name in keep:

@@ -300,6 +300,19 @@ class Model:
         packed = [*self._conv_weights.values(), *(p for p, _ in self._folds.values())]
         return sum(packed_nbytes(p) for p in packed)
 
+    def prepare_fitting(self, images) -> np.ndarray:
+        """Return prepare(images), or InputError when their height and width do not fit."""
+        x = self.prepare(images)
+        try:
+            self.output_shapes(x.shape[1], x.shape[2])
+        except ShapeError as err:
+            raise InputError(
+                f"images of {x.shape[1]}x{x.shape[2]} do not fit: {err.message}",
+                layer=err.layer,
+                field=err.field,
+            ) from None
+        return x
+
     def run(
         self,
         images,
@@ -317,15 +330,7 @@ class Model:
         an unstepped run's (within float rounding where the Winograd kernel's tiles shift).
         """
         wanted = self.resolve_outputs(outputs)
-        x = self.prepare(images)
-        try:
-            self.output_shapes(x.shape[1], x.shape[2])
-        except ShapeError as err:
-            raise InputError(
-                f"images of {x.shape[1]}x{x.shape[2]} do not fit: {err.message}",
-                layer=err.layer,
-                field=err.field,
-            ) from None
+        x = self.prepare_fitting(images)
         steps = self._steps(wanted)
         values: dict[str, np.ndarray] = {IMAGE: x}
         del x

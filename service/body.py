@@ -69,6 +69,11 @@ def parse_json(data: bytes | str, what: str = "request body"):
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
+def blank(data: bytes) -> bool:
+    """True when data holds only JSON whitespace (space, tab, CR, LF): an absent body."""
+    return not data.strip(b" \t\r\n")
+
+
 def json_object(data: bytes | str, what: str = "request body") -> dict:
     """Parse data as a JSON object; 400 if it is anything else."""
     value = parse_json(data, what)

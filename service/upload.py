@@ -19,7 +19,7 @@ from flask import current_app, request
 from engine import EngineError, Model
 from engine.spec import MAX_SPEC_BYTES
 
-from .body import json_object, parse_json, read_body
+from .body import blank, json_object, parse_json, read_body
 from .errors import BadRequest, TooLarge, UnsupportedMediaType
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -89,7 +89,7 @@ def _build(name: str, spec: dict | None, filename: str, data: bytes) -> Model:
 
 
 def _from_json(name: str, body: bytes) -> Model | None:
-    doc = json_object(body, "load request") if body.strip(b" \t\r\n") else {}
+    doc = json_object(body, "load request") if not blank(body) else {}
     unknown = sorted(set(doc) - {"parameters"})
     if unknown:
         raise BadRequest(f"load request: unknown field(s) {', '.join(unknown)}", field=unknown[0])

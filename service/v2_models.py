@@ -8,7 +8,7 @@ from worker.contract.queue import live_workers
 from worker.contract.store import NameTaken
 
 from .auth import current_owner
-from .body import json_object, read_body
+from .body import blank, json_object, read_body
 from .codec import INPUT_NAME
 from .context import convq
 from .errors import BadRequest, Conflict, NotFound, Unavailable
@@ -57,7 +57,7 @@ def _visible(info: dict) -> bool:
 @bp.post("/repository/index")
 def repository_index():
     body = read_body(1 << 16)
-    doc = json_object(body, "index request") if body.strip(b" \t\r\n") else {}
+    doc = json_object(body, "index request") if not blank(body) else {}
     unknown = sorted(set(doc) - {"ready"})
     if unknown:
         raise BadRequest(f"index request: unknown field(s) {', '.join(unknown)}", field=unknown[0])
@@ -100,7 +100,7 @@ def load(name: str):
 def unload(name: str):
     check_name(name)
     body = read_body(1 << 16)
-    if body.strip(b" \t\r\n"):
+    if not blank(body):
         json_object(body, "unload request")  # Triton sends unload_dependents; nothing to do
     ext = convq()
     found = resolve(ext.store, name)
