@@ -10,8 +10,9 @@ from . import backprop, footprint, layers, ops
 from ._grouped import convolve, pack, packed_nbytes
 from .errors import InputError, ModelError, ShapeError, WeightsError
 from .graph import IMAGE
+from .layer_spec import BATCHNORM_ARRAYS, Layer
 from .plan import Step, peak_bytes, plan
-from .spec import BATCHNORM_ARRAYS, Layer, Spec, load_spec, parse_spec, parse_spec_json
+from .spec import Spec, load_spec, parse_spec, parse_spec_json
 from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
@@ -23,9 +24,9 @@ STEP_MACS = 500_000_000
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
     """Return {field: shape} of the arrays a layer needs in OHWI, None where not yet known."""
-    win, k = layer.window, layer.filters
     if layer.type == "batchnorm":
         return dict.fromkeys(BATCHNORM_ARRAYS, (c,))
+    win, k = layer.sliding_window(), layer.filters
     if layer.type == "conv":
         return {"weights": (k, win.fh, win.fw, c // layer.groups), "bias": (k,)}
     hout, wout = out_hw
@@ -89,7 +90,8 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
             f"weights must be a mapping of name to array, got {type(arrays).__name__}",
             field="weights",
         )
-    sizes = spec.shapes(spec.height, spec.width) if spec.height is not None else None
+    size = spec.input_size
+    sizes = spec.shapes(*size) if size is not None else None
     needed = {}
     for layer in spec.layers:
         for field, key in layer.array_keys().items():
@@ -107,7 +109,8 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
         raise WeightsError(
             f"weights hold arrays no layer uses: {', '.join(extra[:10])}", field="weights"
         )
-    out, local_hw = {}, {}
+    out: dict[str, np.ndarray] = {}
+    local_hw: dict[str, tuple[int, int]] = {}
     for i, (layer, c) in enumerate(zip(spec.layers, spec.channels_in(), strict=True)):
         keys = layer.array_keys()
         if not keys:
@@ -115,13 +118,12 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
         hw = (sizes[i][0], sizes[i][1]) if sizes else (None, None)
         shapes = _expected_shapes(layer, c, hw)
         if "weights" in keys:
-            out[layer.weights] = _check_array(
-                layer, "weights", arrays[layer.weights], shapes["weights"], spec.layout
-            )
+            key = keys["weights"]
+            out[key] = _check_array(layer, "weights", arrays[key], shapes["weights"], spec.layout)
         if layer.type == "local":
-            hw = out[layer.weights].shape[:2]
-            local_hw[layer.name] = hw
-            shapes["bias"] = (*hw, layer.filters)
+            hout, wout = out[keys["weights"]].shape[:2]
+            local_hw[layer.name] = (hout, wout)
+            shapes["bias"] = (hout, wout, layer.filters)
         for field, key in keys.items():
             if field != "weights":
                 out[key] = _check_array(layer, field, arrays[key], shapes[field], spec.layout)
@@ -146,7 +148,7 @@ class Model:
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
         # Each conv's packed filters, made on its first run and reused by every later one.
         self._conv_weights = {
-            layer.name: pack(self._arrays[layer.weights], layer.groups)
+            layer.name: pack(self._arrays[layer.weights_key()], layer.groups)
             for layer in spec.layers
             if layer.type == "conv"
         }
@@ -250,7 +252,7 @@ class Model:
         """Return one row per layer (engine.summary.summarize) for h x w or the declared input."""
         if h is None or w is None:
             h, w = self._spec.height, self._spec.width
-        if h is not None:
+        if h is not None and w is not None:
             self.output_shapes(h, w)
         return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
 
@@ -404,8 +406,7 @@ class Model:
     def _band(self, step: Step, x: np.ndarray, y0: int, y1: int) -> np.ndarray:
         """Return output rows [y0, y1) of a windowed step on x (all rows: the whole output)."""
         layer = step.head
-        win = layer.window
-        assert win is not None
+        win = layer.sliding_window()
         h = x.shape[1]
         lo = y0 * win.sh - win.top
         hi = (y1 - 1) * win.sh - win.top + win.dh * (win.fh - 1) + 1
@@ -450,7 +451,7 @@ class Model:
             return layers.lrn(x, layer.size or 1, layer.alpha, layer.beta, layer.lrn_bias)
         if kind == "clip":
             return layers.clip(x, layer.lo, layer.hi)
-        win = layer.window
+        win = layer.sliding_window()
         stride, dilation = (win.sh, win.sw), (win.dh, win.dw)
         pad = win.pad if pad is None else pad
         size = (win.fh, win.fw)
@@ -467,7 +468,7 @@ class Model:
                 else (self._conv_weights[layer.name], bias)
             )
             return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
-        weights = self._arrays[layer.weights]
+        weights = self._arrays[layer.weights_key()]
         if rows is not None:  # a local layer's weights and bias are per output position
             weights = weights[rows[0] : rows[1]]
             bias = None if bias is None else bias[rows[0] : rows[1]]
@@ -497,7 +498,7 @@ class Model:
             a = self._arrays
             s, t, m, v = (a[k] for k in bn.arrays)
             scale, shift = layers.batchnorm_affine(s, t, m, v, eps=bn.eps)
-            w = a[conv.weights].astype(np.float64) * scale[:, None, None, None]
+            w = a[conv.weights_key()].astype(np.float64) * scale[:, None, None, None]
             b = a[conv.bias].astype(np.float64) if conv.bias is not None else 0.0
             bias = (b * scale + shift).astype(np.float32)
             self._folds[key] = (pack(w.astype(np.float32), conv.groups), bias)
