@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from . import backprop, footprint, layers, ops
-from ._grouped import convolve, pack, packed_nbytes
 from .errors import InputError, ModelError, ShapeError, WeightsError
 from .graph import IMAGE
 from .layer_spec import BATCHNORM_ARRAYS, Layer
@@ -148,7 +147,7 @@ class Model:
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
         # Each conv's packed filters, made on its first run and reused by every later one.
         self._conv_weights = {
-            layer.name: pack(self._arrays[layer.weights_key()], layer.groups)
+            layer.name: ops.ConvWeights(self._arrays[layer.weights_key()], groups=layer.groups)
             for layer in spec.layers
             if layer.type == "conv"
         }
@@ -300,7 +299,7 @@ class Model:
     def packed_bytes(self) -> int:
         """Bytes of the packed conv filters made so far by runs (beside the weights)."""
         packed = [*self._conv_weights.values(), *(p for p, _ in self._folds.values())]
-        return sum(packed_nbytes(p) for p in packed)
+        return sum(p.nbytes for p in packed)
 
     def prepare_fitting(self, images) -> np.ndarray:
         """Return prepare(images), or InputError when their height and width do not fit."""
@@ -467,7 +466,9 @@ class Model:
                 if bn is not None
                 else (self._conv_weights[layer.name], bias)
             )
-            return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
+            return ops.conv2d(
+                x, packed, bias, stride, pad, dilation, relu=relu, groups=layer.groups
+            )
         weights = self._arrays[layer.weights_key()]
         if rows is not None:  # a local layer's weights and bias are per output position
             weights = weights[rows[0] : rows[1]]
@@ -501,7 +502,7 @@ class Model:
             w = a[conv.weights_key()].astype(np.float64) * scale[:, None, None, None]
             b = a[conv.bias].astype(np.float64) if conv.bias is not None else 0.0
             bias = (b * scale + shift).astype(np.float32)
-            self._folds[key] = (pack(w.astype(np.float32), conv.groups), bias)
+            self._folds[key] = (ops.ConvWeights(w.astype(np.float32), groups=conv.groups), bias)
         return self._folds[key]
 
     def gradients(self, images, target, wrt=("input",)) -> dict[str, np.ndarray]:

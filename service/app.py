@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from worker.contract.cache import ModelCache
 from worker.contract.config import Settings
@@ -33,19 +34,24 @@ def _connect(app: Flask) -> Convq:
     )
 
 
+class _JSONInOrder(DefaultJSONProvider):
+    """Flask's JSON, keeping keys in the order the code builds them (V2 documents read so)."""
+
+    sort_keys = False
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app: defaults, then CONVQ_* environment, then test_config (REDIS, SETTINGS)."""
     app = Flask(__name__)
     app.config.from_object(defaults)
     app.config["REDIS_URL"] = os.environ.get("REDIS_URL")
-    app.config["JSON_SORT_KEYS"] = False
     app.config.from_prefixed_env("CONVQ")
     # Taken as written: Flask's JSON parsing of the environment would turn false, 0 or [] into
     # "no keys", silently switching auth off (auth.parse_keys refuses them instead).
     app.config["API_KEYS"] = os.environ.get("CONVQ_API_KEYS", "")
     if test_config:
         app.config.update(test_config)
-    app.json.sort_keys = False
+    app.json = _JSONInOrder(app)
     register_error_handlers(app)
     app.extensions["convq"] = _connect(app)
 

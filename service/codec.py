@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from math import prod
+from typing import Literal
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .body import json_object
 from .classify import parse_k
 from .errors import BadRequest, Unprocessable
 
-DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 _REQUEST_KEYS = {"id", "inputs", "outputs", "parameters"}
 _INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_KEYS = {"name", "parameters"}
@@ -30,7 +31,7 @@ class InferRequest:
     """A decoded inference request: the images and which outputs to return, and how."""
 
     images: np.ndarray
-    outputs: list[str] | None = None  # None: the model's default (its last layer)
+    outputs: list[str] | Literal["all"] | None = None  # None: the last layer; "all": every one
     binary: dict[str, bool] = field(default_factory=dict)  # per requested output
     binary_default: bool | None = None  # request-level binary_data_output
     id: str | None = None
@@ -164,7 +165,8 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
             f"the model's input is named {INPUT_NAME!r}, not {json.dumps(tensor.get('name'))[:40]}",
             field="name",
         )
-    dtype = DTYPES.get(tensor.get("datatype"))
+    datatype = tensor.get("datatype")
+    dtype = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise BadRequest(
             f"datatype must be one of {', '.join(DTYPES)}, not "
@@ -236,10 +238,14 @@ class Streamed:
     pieces: Iterable[bytes]
 
 
+OutputData = bytes | memoryview | Streamed | list[str]
+"""One output's data for encode_infer: float32 bytes, a Streamed, or class strings."""
+
+
 def encode_infer(
     model: str,
     version: int,
-    outputs: list[tuple[str, tuple, object]],
+    outputs: list[tuple[str, tuple, OutputData]],
     binary: set[str],
     request_id: str | None = None,
 ) -> tuple[list, dict]:
@@ -249,13 +255,14 @@ def encode_infer(
     Streamed whose pieces are read while the body is sent, or a list of strings (a
     classification output, BYTES, always JSON); iter_body flattens the chunks.
     """
-    described, tails = [], []
+    described: list[dict] = []
+    tails: list[bytes | memoryview | Streamed] = []
     for name, shape, raw in outputs:
-        entry = {"name": name, "datatype": "FP32", "shape": list(shape)}
+        entry: dict[str, object] = {"name": name, "datatype": "FP32", "shape": list(shape)}
         if isinstance(raw, list):
             entry["datatype"] = "BYTES"
             entry["data"] = raw
-        elif name in binary:
+        elif name in binary or isinstance(raw, Streamed):
             size = raw.size if isinstance(raw, Streamed) else memoryview(raw).nbytes
             entry["parameters"] = {"binary_data_size": size}
             tails.append(raw)

@@ -132,7 +132,7 @@ def init_app(app: Flask) -> None:
         return response
 
     def metrics() -> Response:
-        if multiproc:
+        if registry is None:  # multiprocess: collect what every process wrote to the files
             local = CollectorRegistry()
             multiprocess.MultiProcessCollector(local)
         else:

@@ -88,7 +88,7 @@ VERSION = _path("version", "Model version (only the current one is kept)")
 JOB = _path("job_id", "Job id returned by POST .../jobs")
 
 STRING_BINARY = {"type": "string", "format": "binary"}
-INFER_BODY = {
+INFER_BODY: dict = {
     "required": True,
     "description": "A V2 InferRequest as JSON, or (binary tensor "
     "extension) its JSON of Inference-Header-Content-Length bytes then raw input bytes",
@@ -138,7 +138,7 @@ LOAD_BODY = {
         },
     },
 }
-V2_RESPONSE = {
+V2_RESPONSE: dict = {
     "description": "V2 inference response; with binary outputs the JSON header "
     "(Inference-Header-Content-Length bytes) is followed by raw float32 data",
     "headers": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from flask import current_app, request
@@ -60,7 +61,7 @@ def find_model(name: str, version: str | None = None) -> Target:
     return Target(name, int(info["version"]), model, stored)
 
 
-def _form_outputs() -> list[str] | str | None:
+def _form_outputs() -> list[str] | Literal["all"] | None:
     fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
     if not fields:
         return None

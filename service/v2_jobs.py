@@ -17,7 +17,7 @@ from worker.contract.queue import ENDED, cancel, job_status, list_jobs, wait_for
 from . import budget
 from .auth import check_visible, current_owner
 from .classify import top_k
-from .codec import Streamed, encode_infer, iter_body
+from .codec import OutputData, Streamed, encode_infer, iter_body
 from .context import convq
 from .errors import (
     ApiError,
@@ -75,7 +75,7 @@ def _v2_body(
         layouts[name] = layout
     plain = [n for n in names if n not in binary and n not in classes]
     _check_json_size(sum(_nbytes(*layouts[n]) for n in plain))
-    outputs: list[tuple[str, tuple, object]] = []
+    outputs: list[tuple[str, tuple, OutputData]] = []
     for name in names:
         shape, dtype = layouts[name]
         if name in classes:
@@ -85,12 +85,13 @@ def _v2_body(
             rows = top_k(array, classes[name], labels.get(name))
             outputs.append((name, (len(rows), len(rows[0]) if rows else 0), sum(rows, [])))
             continue
+        data: OutputData | None
         if name in binary:
             pieces = store.result_slices(job_id, name)
             data = None if pieces is None else Streamed(_nbytes(shape, dtype), pieces)
         else:
             array = store.result_array(job_id, name)
-            data = None if array is None else memoryview(array.astype("<f4", copy=False)).cast("B")
+            data = None if array is None else array.astype("<f4", copy=False).data.cast("B")
         if data is None:
             raise NotFound(f"the result of job {job_id} has expired")
         outputs.append((name, shape, data))

@@ -377,8 +377,11 @@ class Store:
     def is_canceled(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
-    def claim_run(self, job_id: str, token: str, ttl: int) -> None:
-        """Record token as the one run of job_id allowed to go on (the latest attempt wins)."""
+    def claim_run(self, job_id: str, token: str, ttl: float) -> None:
+        """Record token as the one run of job_id allowed to go on (the latest attempt wins).
+
+        ttl is in seconds, kept to whole seconds (at least one).
+        """
         self.redis.set(keys.run(job_id), token, ex=max(1, int(ttl)))
 
     def run_state(self, job_id: str, token: str) -> tuple[bool, bool]:
