@@ -9,7 +9,7 @@ test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, 
 test-fast:  ## unit + integration tests, without the system and slow ones (fakeredis, no processes started)
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not system and not slow" tests/unit tests/integration
 
-lint:  ## ruff (lint + format) everywhere; mypy on the engine and the job contract (zero errors)
+lint:  ## ruff (lint + format) everywhere; mypy on engine, worker and service (zero errors)
 	$(PYTHON) -m ruff check engine worker service tests bench
 	$(PYTHON) -m ruff format --check engine worker service tests bench
 	$(PYTHON) -m mypy

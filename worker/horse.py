@@ -32,7 +32,10 @@ from dataclasses import dataclass
 
 from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
+from rq.worker import Worker
 from rq.worker.base import WorkerStatus
+
+from .contract.config import Settings
 
 log = logging.getLogger("convq.worker")
 _TOOK = b"1"
@@ -87,10 +90,11 @@ class _Horse:
     replies: int  # read end: one byte per finished job, EOF when the horse is gone
 
 
-class ReusedHorseMixin:
+class ReusedHorseMixin(Worker):
     """rq.Worker methods that run jobs in one long-lived horse instead of a fork per job."""
 
     _horse: _Horse | None = None
+    settings: Settings  # set by the worker's configure()
 
     # -- parent side ------------------------------------------------------------------------
     def prepare_horse(self) -> None:
@@ -143,7 +147,7 @@ class ReusedHorseMixin:
             # It died or hung while idle (OOM killer, kill -9): the job never reached it.
             log.warning("idle work-horse %d is gone; forking another", horse.pid)
             self._kill_and_reap()
-        self.procline(f"Job {job.id} in horse {self._horse_pid} at {time.time()}")
+        self.procline(f"Job {job.id} in horse {self.horse_pid} at {time.time()}")
         self.monitor_work_horse(job, queue, execution)
         self.set_state(WorkerStatus.IDLE)
 

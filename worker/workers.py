@@ -21,7 +21,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
 from rq.utils import now
-from rq.worker import SimpleWorker, Worker
+from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from .contract import defaults, keys
 from .contract.store import Store
@@ -34,7 +34,7 @@ log = logging.getLogger("convq.worker")
 _PR_SET_PDEATHSIG = 1
 
 
-class _ConvqMixin:
+class _ConvqMixin(BaseWorker):
     """Behaviour shared by both worker kinds; configure() must be called after __init__."""
 
     poll_seconds = defaults.POLL_SECONDS
@@ -44,8 +44,6 @@ class _ConvqMixin:
         self.settings = settings
         self.runtime = runtime
         self.store = Store.from_settings(self.connection, settings)
-        self.job_monitoring_interval = settings.heartbeat
-        self.maintenance_interval = settings.maintenance_interval
         self._healthy_since: float | None = None
 
     @property
