@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     # malloc as a convq worker sets it (worker.horse.keep_freed_memory), for every library in
     # this process: freed big blocks are reused by the next call instead of being mapped and
     # faulted in anew (importing PyTorch fixes glibc's mmap threshold at its 128 KiB default,
-    # so the engine's 4 MB output of 32x3 at N=32 was faulted in on every call).
+    # so the engine's 4 MB output of 32x3 at N=32 would be faulted in on every call).
     from worker.horse import keep_freed_memory
 
     keep_freed_memory()

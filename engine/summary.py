@@ -23,7 +23,7 @@ from .spec import Spec, load_spec
 
 
 def im2col_shape(h: int, w: int, c: int, window) -> tuple[int, int]:
-    """Return the seed's im2col matrix shape [FH*FW*C x Hout*Wout] for one floor-fitted image."""
+    """Return the im2col matrix shape [FH*FW*C x Hout*Wout] of one floor-fitted image."""
     hout, wout = window.out_hw(h, w, "floor")
     return window.fh * window.fw * c, hout * wout
 
