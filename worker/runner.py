@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if worker is not None:
                 worker.stop_horse()
-        stopping = worker is not None and (
-            worker._stop_requested or worker._shutdown_requested_date is not None
-        )
-        if stopping or args.burst:
+        if (worker is not None and worker.stopping) or args.burst:
             return 0
         if time.monotonic() - began > defaults.BACKOFF_MAX:
             pause = 1.0  # it ran fine for a while: this is a new outage

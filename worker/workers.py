@@ -39,12 +39,18 @@ class _ConvqMixin(BaseWorker):
 
     poll_seconds = defaults.POLL_SECONDS
     max_connection_wait_time = defaults.BACKOFF_MAX
+    stopping = False  # a warm stop was asked for: the runner must not start the worker again
 
     def configure(self, settings, runtime) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = Store.from_settings(self.connection, settings)
         self._healthy_since: float | None = None
+
+    def request_stop(self, signum, frame):
+        """Note a warm stop (SIGTERM, SIGINT or rq's shutdown command), then let rq stop."""
+        self.stopping = True
+        super().request_stop(signum, frame)
 
     @property
     def dequeue_timeout(self) -> int:
@@ -286,6 +292,7 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
 
     def request_stop_soon(self) -> None:
         """Finish the job at hand, then leave work() (thread-safe)."""
+        self.stopping = True
         self._stop_requested = True
 
 
