@@ -455,6 +455,7 @@ CASES = [
     Case("json-shape-vs-data-infer", INFER, lambda t: v2_with(shape=[1, 9, 9, 4]), 400, "values"),
     Case("json-negative-shape", JOBS, lambda t: v2_with(shape=[-1, 9, 9, 3]), 400, "shape"),
     Case("json-datatype", JOBS, lambda t: v2_with(datatype="INT64"), 400, "datatype"),
+    Case("json-datatype-list", JOBS, lambda t: v2_with(datatype=["UINT8"]), 400, "datatype"),
     Case("json-uint8-out-of-range", JOBS, lambda t: v2_with(data=[300] * 243), 400, "0..255"),
     Case(
         "json-strings-as-data",
