@@ -47,6 +47,15 @@ class _ConvqMixin(BaseWorker):
         self.store = Store.from_settings(self.connection, settings)
         self._healthy_since: float | None = None
 
+    def register_birth(self):
+        """Register as rq does, then heartbeat at once.
+
+        rq gives a new worker's key worker_ttl + 60 s; one that died before its first heartbeat
+        would be counted alive (readiness, the sweep) for that long.
+        """
+        super().register_birth()
+        self.heartbeat()
+
     def request_stop(self, signum, frame):
         """Note a warm stop (SIGTERM, SIGINT or rq's shutdown command), then let rq stop."""
         self.stopping = True

@@ -46,6 +46,7 @@ WORKER_OVERRIDES = {
     "wait_for_horse": ["self"],
     "teardown": ["self"],
     "request_stop": ["self", "signum", "frame"],
+    "register_birth": ["self"],
 }
 # Public Worker methods the worker calls, with their parameters.
 WORKER_CALLS = {
