@@ -127,7 +127,7 @@ def check_all(
     """Return {output: checked options} for the outputs that have any.
 
     requested maps an output name, or ALL for every layer output, to its options (an output's
-    own override ALL's); shapes gives each layer's (H, W, K). LeanError names what is wrong.
+    own options replace ALL's); shapes gives each layer's (H, W, K). LeanError names what is wrong.
     """
     if not isinstance(requested, dict):
         raise LeanError(ALL, "lean", "lean options must be an object {output: {options}}")
@@ -146,7 +146,7 @@ def check_all(
             raise LeanError(name, "outputs", "lean options apply to layer outputs only")
         if not isinstance(own, dict | None):
             raise LeanError(name, "parameters", "lean options must be an object")
-        opts = check(name, {**common, **(own or {})}, shapes[name])
+        opts = check(name, common if own is None else own, shapes[name])
         if opts:
             checked[name] = opts
     for name, opts in checked.items():
