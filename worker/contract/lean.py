@@ -13,18 +13,23 @@ A job's lean options map an output (a layer name) to {channels, crop, dtype, sta
   the maps.
 stats and png exclude each other and any dtype but float32. The service checks the options
 against the model at submit (check); the worker applies them right before storing (lean_results).
-Everything here is pure: numpy in, numpy out.
+Everything here is pure, numpy in, numpy out; the float16, stats and uint8 arithmetic is the
+engine's (engine.lean_ops, Numba kernels beside their numpy references).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from engine import get_threads, lean_ops
 
 from .pictures import grid_png
 
 KEYS = ("channels", "crop", "dtype", "stats", "png")
 DTYPES = ("float32", "float16", "uint8")
-STATS = ("min", "max", "mean", "std", "zeros")
+STATS = lean_ops.STATS
 ALL = "*"
 """The key of a lean mapping whose options apply to every requested output."""
 
@@ -217,14 +222,7 @@ def _select(maps: np.ndarray, options: dict) -> np.ndarray:
 
 def stats(maps: np.ndarray) -> np.ndarray:
     """Return (N, K, 5) float32 per-channel min, max, mean, std, zero fraction of (N, H, W, K)."""
-    axes = (1, 2)
-    out = np.empty((maps.shape[0], maps.shape[3], len(STATS)), np.float32)
-    out[..., 0] = maps.min(axis=axes)
-    out[..., 1] = maps.max(axis=axes)
-    out[..., 2] = maps.mean(axis=axes, dtype=np.float64)
-    out[..., 3] = maps.std(axis=axes, dtype=np.float64)
-    out[..., 4] = np.count_nonzero(maps == 0, axis=axes) / (maps.shape[1] * maps.shape[2])
-    return out
+    return lean_ops.channel_stats(maps)
 
 
 def quantize(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,12 +233,23 @@ def quantize(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not np.isfinite(maps).all():
         big = float(np.finfo(np.float32).max)
         maps = np.nan_to_num(maps, nan=0.0, posinf=big, neginf=-big)
-    lo = maps.min(axis=(1, 2))
-    scale = ((maps.max(axis=(1, 2)).astype(np.float64) - lo) / 255).astype(np.float32)
-    # In float64 with the float32 scale, so the stored scale and offset give the bound exactly.
-    inverse = np.divide(1.0, scale, out=np.zeros(scale.shape), where=scale > 0)
-    q = np.rint((maps - lo[:, None, None, :].astype(np.float64)) * inverse[:, None, None, :])
-    return np.clip(q, 0, 255).astype(np.uint8), scale, lo.astype(np.float32)
+    return lean_ops.quantize_uint8(maps)
+
+
+def pictures(maps: np.ndarray) -> np.ndarray:
+    """Return an object array of each image's PNG grid of (N, H, W, K) maps.
+
+    The images are drawn on the engine's threads (zlib lets go of the GIL while it packs).
+    """
+    out = np.empty(maps.shape[0], dtype=object)
+    draw = lambda i: grid_png(np.ascontiguousarray(maps[i], dtype=np.float32))  # noqa: E731
+    threads = min(get_threads(), maps.shape[0])
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            out[:] = list(pool.map(draw, range(maps.shape[0])))
+    else:
+        out[:] = [draw(i) for i in range(maps.shape[0])]
+    return out
 
 
 def lean_results(results: dict[str, np.ndarray], options: dict[str, dict]) -> dict[str, np.ndarray]:
@@ -259,12 +268,9 @@ def lean_results(results: dict[str, np.ndarray], options: dict[str, dict]) -> di
         if opts.get("stats"):
             out[name] = stats(maps)
         elif opts.get("png"):
-            pictures = np.empty(maps.shape[0], dtype=object)
-            for i in range(maps.shape[0]):
-                pictures[i] = grid_png(np.ascontiguousarray(maps[i], dtype=np.float32))
-            out[name] = pictures
+            out[name] = pictures(maps)
         elif opts.get("dtype") == "float16":
-            out[name] = maps.astype(np.float16)
+            out[name] = lean_ops.to_float16(maps)
         elif opts.get("dtype") == "uint8":
             scale_name, offset_name = extras(name, opts)
             out[name], out[scale_name], out[offset_name] = quantize(maps)

@@ -30,7 +30,9 @@ def grid(maps: np.ndarray, pad: int = 1) -> np.ndarray:
 def grid_png(maps: np.ndarray) -> bytes:
     """Return the grid of (H, W, K) maps as PNG bytes (grey, 8 bits)."""
     buf = io.BytesIO()
-    Image.fromarray(grid(maps)).save(buf, format="PNG")
+    # zlib level 1: a grid of 96 27x27 maps encodes in a quarter of the default's time, and
+    # the file is ~10% bigger; workers draw every image's grid of a png job.
+    Image.fromarray(grid(maps)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
