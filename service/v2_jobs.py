@@ -148,17 +148,17 @@ def infer(name: str, version: str | None = None):
     classes = parsed.classification
     binary = {n for n in wanted if parsed.binary.get(n, default) and n not in classes}
     as_json = [n for n in wanted if n not in binary and n not in classes]
-    leaned_classes = sorted(set(classes) & set(parsed.lean))
+    images = parsed.images if parsed.images.ndim == 4 else parsed.images[..., None]
+    n, h, w = images.shape[:3]
+    leaned = check_lean(target.model, parsed.lean, wanted, h, w)
+    leaned_classes = sorted(set(classes) & set(leaned))
     if leaned_classes:
         raise BadRequest(
             f"output {leaned_classes[0]!r}: classification ranks the float32 result; it takes "
-            "no lean options",
+            f'no lean options (an empty entry, "{leaned_classes[0]}": {{}}, exempts it from "*")',
             field="classification",
         )
     if as_json:
-        images = parsed.images if parsed.images.ndim == 4 else parsed.images[..., None]
-        n, h, w = images.shape[:3]
-        leaned = check_lean(target.model, parsed.lean, wanted, h, w)
         _check_json_size(output_bytes(target.model, n, h, w, as_json, leaned))
     job_id, outputs, _ = enqueue(target, parsed)
     binary |= {n for n in outputs if n not in wanted and default}  # an explanation's arrays
@@ -405,6 +405,12 @@ def _check_lean_format(leaned: dict, names: list[str], fmt: str, ranked: bool) -
                 f"output {name!r} holds PNG pictures (png): fetch format=png&image=I, or "
                 "format=binary (V2 BYTES)",
                 field="format",
+            )
+        if opts.get("dtype") == "uint8" and ranked:
+            raise BadRequest(
+                f"output {name!r} is uint8 with a scale per channel, which top-k cannot rank; "
+                "fetch it and its scale and offset",
+                field="top",
             )
         if opts.get("stats") and (fmt == "png" or ranked):
             raise BadRequest(

@@ -94,7 +94,7 @@ def v2_binary(imgs: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes
     }
 
 
-V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
+V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "BYTES": object}
 
 
 def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:

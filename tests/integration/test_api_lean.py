@@ -309,3 +309,19 @@ def test_infer_refuses_lean_options_on_a_classification_output(live):
     body["outputs"][0]["parameters"] = {"classification": 2, "dtype": "float16"}
     rv = live.client.post("/v2/models/tiny/infer", json=body)
     assert rv.status_code == 400 and rv.json["field"] == "classification"
+    body = v2_json(images(1), ["conv1", "fc"], lean={"*": {"png": True}})
+    body["outputs"][1]["parameters"] = {"classification": 2}
+    rv = live.client.post("/v2/models/tiny/infer", json=body)
+    assert rv.status_code == 400 and "exempts it" in rv.json["error"]
+    body["parameters"]["lean"]["fc"] = {}  # an empty entry exempts fc from "*"
+    rv = live.client.post("/v2/models/tiny/infer", json=body)
+    assert rv.status_code == 200, rv.json
+    got = parse_v2(rv.data, rv.headers.get("Inference-Header-Content-Length"))
+    assert got["conv1"].dtype == object and got["fc"].dtype == object  # PNGs, top-k strings
+
+
+def test_uint8_outputs_cannot_be_ranked(api):
+    body = with_options(v2_json(images(1), ["fc"]), {"fc": {"dtype": "uint8"}})
+    job_id = finished(api, api.client.post("/v2/models/tiny/jobs", json=body))
+    rv = api.client.get(f"/v2/jobs/{job_id}/result?format=json&top=2")
+    assert rv.status_code == 400 and rv.json["field"] == "top"
