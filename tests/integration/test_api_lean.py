@@ -86,9 +86,24 @@ OPTIONS = {
 NAMES = ["conv1", "relu1", "pool1", "fc"]
 
 
-def test_every_option_in_a_v2_json_job_against_the_float32_run(api):
+def binary_body(imgs: np.ndarray, names: list[str], options: dict) -> tuple[bytes, dict]:
+    """Return a V2 binary request (body, headers) with options in its outputs' parameters."""
+    body, headers = v2_binary(imgs, names)
+    head_len = int(headers["Inference-Header-Content-Length"])
+    head = json.dumps(with_options(json.loads(body[:head_len]), options)).encode()
+    headers["Inference-Header-Content-Length"] = str(len(head))
+    return head + body[head_len:], headers
+
+
+@pytest.mark.parametrize("wire", ["json", "binary"])
+def test_every_option_in_a_v2_job_against_the_float32_run(api, wire):
     imgs = images(3)
-    rv = api.client.post("/v2/models/tiny/jobs", json=with_options(v2_json(imgs, NAMES), OPTIONS))
+    if wire == "json":
+        body = with_options(v2_json(imgs, NAMES), OPTIONS)
+        rv = api.client.post("/v2/models/tiny/jobs", json=body)
+    else:
+        data, headers = binary_body(imgs, NAMES, OPTIONS)
+        rv = api.client.post("/v2/models/tiny/jobs", data=data, headers=headers)
     assert rv.json["outputs"] == [*NAMES, "conv1:scale", "conv1:offset"]
     assert rv.json["lean"]["pool1"] == OPTIONS["pool1"]
     job_id = finished(api, rv)
@@ -275,12 +290,8 @@ def live(module_blob_dir):
 
 def test_binary_infer_with_every_option(live):
     imgs = images(2, seed=5)
-    body, headers = v2_binary(imgs, NAMES)
-    head_len = int(headers["Inference-Header-Content-Length"])
-    head = with_options(json.loads(body[:head_len]), OPTIONS)
-    raw = json.dumps(head).encode()
-    headers["Inference-Header-Content-Length"] = str(len(raw))
-    rv = live.client.post("/v2/models/tiny/infer", data=raw + body[head_len:], headers=headers)
+    data, headers = binary_body(imgs, NAMES, OPTIONS)
+    rv = live.client.post("/v2/models/tiny/infer", data=data, headers=headers)
     assert rv.status_code == 200, rv.data[:300]
     got = parse_v2(rv.data, rv.headers["Inference-Header-Content-Length"])
     assert list(got) == [*NAMES, "conv1:scale", "conv1:offset"]
