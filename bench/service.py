@@ -1,13 +1,16 @@
 """Time the service end to end (HTTP in, activations out) against the engine alone.
 
     python bench/service.py [--quick] [--threads 2] [--rounds 5] [--latency 200] [--jobs 24]
+                            [--tables 1,1b,2,3]
 
 Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) and `convq
-worker` processes, all on this machine, and prints three tables:
+worker` processes, all on this machine, and prints four tables (--tables picks some):
   1. a 32-image AlexNet conv1 job (227x227x3 -> 55x55x96) through POST /infer with binary
      tensors vs Model.run on the same batch in this process, same thread count, rounds
      alternating, medians; beside it the "Redis floor": the time the job's bytes alone take
      through Redis with the service's own Store calls;
+  1b. the 32-image pool1 job with each lean result (float16, uint8, stats, png) against the
+     engine and the TCP floor of its own request and response bytes, with the goals;
   2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
   3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start.
 Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
@@ -172,7 +175,9 @@ class Stack:
         rv.raise_for_status()
 
 
-def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]:
+def binary_request(
+    images: np.ndarray, outputs: list[str], options: dict | None = None
+) -> tuple[bytes, dict]:
     raw = images.tobytes()
     head = json.dumps(
         {
@@ -184,7 +189,9 @@ def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]
                     "parameters": {"binary_data_size": len(raw)},
                 }
             ],
-            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
+            "outputs": [
+                {"name": o, "parameters": {"binary_data": True, **(options or {})}} for o in outputs
+            ],
         }
     ).encode()
     return head + raw, {
@@ -206,19 +213,26 @@ def infer(
     shape: tuple,
 ) -> np.ndarray:
     """POST one binary V2 inference; return the named output (Server-Timing in LAST_TIMING)."""
+    data, n = infer_bytes(session, base, model, body, headers)
+    return np.frombuffer(data, np.float32, offset=n).reshape(shape)
+
+
+def infer_bytes(
+    session: requests.Session, base: str, model: str, body: bytes, headers: dict
+) -> tuple[bytes, int]:
+    """POST one binary V2 inference; return (response body, its JSON header's length)."""
     rv = session.post(
         f"{base}/v2/models/{model}/infer", data=body, headers=headers, timeout=600, stream=True
     )
     rv.raise_for_status()
     # One read of the whole body: requests' .content reads in 10 KB pieces, slow for 37 MB.
     data = rv.raw.read(decode_content=True)
-    n = int(rv.headers["Inference-Header-Content-Length"])
     LAST_TIMING.clear()
     for part in rv.headers.get("Server-Timing", "").split(","):
         key, _, dur = part.strip().partition(";dur=")
         if dur:
             LAST_TIMING[key] = float(dur) / 1000
-    return np.frombuffer(data, np.float32, offset=n).reshape(shape)
+    return data, int(rv.headers.get("Inference-Header-Content-Length", len(data)))
 
 
 def ms(seconds: float) -> str:
@@ -346,6 +360,82 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
         "   engine + TCP floor is the best ratio any HTTP service reaches on this machine. "
         "Redis floor: the same bytes\n   through Redis (input SET + GET, result SET + GETRANGE "
         "slices), what a design that moves them through Redis adds."
+    )
+
+
+LEAN = {
+    "float32": {},
+    "float16": {"dtype": "float16"},
+    "uint8": {"dtype": "uint8"},
+    "stats": {"stats": True},
+    "png": {"png": True},
+}
+"""The lean results of table 1b: output parameters of the pool1 job (float32 is the baseline)."""
+
+LEAN_GOALS = {"float16": "floor", "stats": 1.15}
+"""float16: end to end <= engine + 1.25 x the TCP floor of its own bytes; stats <= 1.15 x engine."""
+
+
+def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
+    """The 32-image pool1 job with each lean result vs the engine alone, alternating rounds."""
+    spec, arrays = demo_model()
+    stack.upload("alexnet", spec, arrays)
+    model = Model.from_arrays(spec, arrays)
+    images = np.random.default_rng(0).integers(0, 256, (32, 227, 227, 3), dtype=np.uint8)
+    set_threads(threads)
+    from worker.horse import keep_freed_memory
+
+    keep_freed_memory()
+    session = requests.Session()
+    requests_ = {kind: binary_request(images, ["pool1"], opts) for kind, opts in LEAN.items()}
+    for body, headers in requests_.values():  # warm up: the worker's model cache, the kernels
+        infer_bytes(session, stack.base, "alexnet", body, headers)
+    model.run(images, outputs=["pool1"])
+    alone: list[float] = []
+    http: dict[str, list[float]] = {kind: [] for kind in LEAN}
+    spans: dict[str, list[dict]] = {kind: [] for kind in LEAN}
+    sizes: dict[str, int] = {}
+    for _ in range(rounds):  # alternate engine and every kind, so noise hits them alike
+        t = time.perf_counter()
+        model.run(images, outputs=["pool1"])
+        alone.append(time.perf_counter() - t)
+        for kind, (body, headers) in requests_.items():
+            t = time.perf_counter()
+            data, _ = infer_bytes(session, stack.base, "alexnet", body, headers)
+            http[kind].append(time.perf_counter() - t)
+            spans[kind].append(dict(LAST_TIMING))
+            sizes[kind] = len(data)
+    a = statistics.median(alone)
+    print(
+        f"\n1b. lean results: the 32-image pool1 job (32x27x27x96) through POST /infer, binary, "
+        f"{threads} thread(s), median of {rounds}; engine alone {ms(a)} ms"
+    )
+    print(
+        "   result     response bytes   HTTP infer    ratio |   worker  outside | TCP floor  "
+        "engine+1.25xfloor | goal"
+    )
+    for kind in LEAN:
+        body = requests_[kind][0]
+        h = statistics.median(http[kind])
+        tcp = tcp_floor(len(body), sizes[kind], rounds)
+        bound = a + 1.25 * tcp
+        goal = LEAN_GOALS.get(kind)
+        if goal == "floor":
+            verdict = f"<= engine + 1.25x floor: {'met' if h <= bound else 'NOT met'}"
+        elif goal is not None:
+            verdict = f"<= {goal}x engine: {'met' if h <= goal * a else 'NOT met'}"
+        else:
+            verdict = ""
+        worker = statistics.median(s.get("compute", 0.0) for s in spans[kind])
+        print(
+            f"   {kind:<9} {sizes[kind]:>15,} {ms(h)} ms  {h / a:5.2f}x |{ms(worker)}"
+            f"{ms(h - worker)} | {ms(tcp)} ms  {ms(bound)} ms ({bound / a:.2f}x) | {verdict}"
+        )
+    print(
+        "   worker: the job's start to end in the worker (input read, engine, lean shaping, "
+        "result written);\n   outside: the rest (HTTP, parse, input stored, queue, answer). "
+        "TCP floor: this request's and\n   response's bytes over loopback TCP between two "
+        "processes, no HTTP, no work."
     )
 
 
@@ -490,15 +580,26 @@ def main(argv: list[str] | None = None) -> int:
         help="make the blob directory under this path (default: the "
         "system's temporary directory; e.g. /dev/shm for a RAM-backed one)",
     )
+    p.add_argument(
+        "--tables",
+        default="1,1b,2,3",
+        help="comma-separated tables to run (default all: 1,1b,2,3)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8
+    tables = {t.strip() for t in args.tables.split(",")}
     stack = Stack(threads=args.threads, blobs=args.store == "files", blob_root=args.blob_root)
     try:
         stack.add_worker(threads=args.threads)
-        bench_alexnet(stack, args.rounds, args.threads)
-        bench_latency(stack, args.latency)
-        bench_throughput(stack, args.jobs)
+        if "1" in tables:
+            bench_alexnet(stack, args.rounds, args.threads)
+        if "1b" in tables:
+            bench_lean(stack, args.rounds, args.threads)
+        if "2" in tables:
+            bench_latency(stack, args.latency)
+        if "3" in tables:
+            bench_throughput(stack, args.jobs)
     finally:
         stack.close()
     return 0

@@ -94,6 +94,40 @@ INFER_BODY: dict = {
     "extension) its JSON of Inference-Header-Content-Length bytes then raw input bytes",
     "content": {JSON: {"schema": _ref("InferRequest")}, BINARY: {"schema": STRING_BINARY}},
 }
+LEAN_OPTIONS = {
+    "channels": {
+        "oneOf": [
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            {"type": "string", "pattern": "^[0-9]*:[0-9]*$"},
+        ],
+        "description": 'Lean: keep these channels, a list or a range "start:stop" (stop '
+        'excluded; "8:" to the end)',
+    },
+    "crop": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 4,
+        "maxItems": 4,
+        "description": "Lean: keep [top, left, height, width] of each map",
+    },
+    "dtype": {
+        "enum": ["float32", "float16", "uint8"],
+        "description": "Lean: the maps' type on the wire (FP32, FP16, UINT8). uint8 adds "
+        "outputs <name>:scale and <name>:offset, FP32 (N, K): x[n, y, x, c] ~= "
+        "scale[n, c] * q[n, y, x, c] + offset[n, c], within scale[n, c] / 2; offset is "
+        "the map's min, scale (max - min) / 255",
+    },
+    "stats": {
+        "type": "boolean",
+        "description": "Lean: FP32 (N, K, 5) per image and channel: min, max, mean, std, "
+        "fraction of zeros, instead of the maps",
+    },
+    "png": {
+        "type": "boolean",
+        "description": "Lean: BYTES (N,): each image's PNG grid of the maps, instead of the "
+        "maps; always binary",
+    },
+}
 JOB_BODY = {
     "required": True,
     "content": {
@@ -116,6 +150,11 @@ JOB_BODY = {
                         "type": "string",
                         "description": "An Explain object as JSON text, e.g. "
                         '{"method": "saliency", "layer": "fc", "channel": "top"}',
+                    },
+                    "lean": {
+                        "type": "string",
+                        "description": "A LeanMapping as JSON text, e.g. "
+                        '{"*": {"dtype": "float16"}, "fc": {"stats": true}}',
                     },
                 },
             }
@@ -241,6 +280,7 @@ SCHEMAS = {
                         "output's top-k per image as BYTES strings 'score:index:label' (label: "
                         "the model's labels for its last layer, else the index)",
                     },
+                    **LEAN_OPTIONS,
                 },
             },
         },
@@ -258,8 +298,24 @@ SCHEMAS = {
                 "properties": {
                     "binary_data_output": {"type": "boolean"},
                     "explain": _ref("Explain"),
+                    "lean": {
+                        "oneOf": [_ref("LeanMapping"), {"type": "string"}],
+                        "description": "Lean options per output (or as JSON text, for "
+                        "clients that send scalar parameters only); an output's own "
+                        "parameters are merged over its entry here",
+                    },
                 },
             },
+        },
+    },
+    "LeanMapping": {
+        "type": "object",
+        "description": 'Output name, or "*" for every requested layer output, to its lean '
+        'options; an output\'s own entry replaces "*"',
+        "additionalProperties": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": LEAN_OPTIONS,
         },
     },
     "Explain": {
@@ -303,14 +359,20 @@ SCHEMAS = {
                     "required": ["name", "datatype", "shape"],
                     "properties": {
                         "name": {"type": "string"},
-                        "datatype": {"enum": ["FP32", "BYTES"]},
+                        "datatype": {"enum": ["FP32", "FP16", "UINT8", "BYTES"]},
                         "shape": {"type": "array", "items": {"type": "integer"}},
                         "data": {
                             "type": "array",
                             "items": {"type": ["number", "string"]},
                             "description": "numbers; 'score:index:label' strings for BYTES",
                         },
-                        "parameters": {"type": "object"},
+                        "parameters": {
+                            "type": "object",
+                            "description": "binary_data_size; for lean outputs: scale and "
+                            "offset (uint8: the names of its scale and offset outputs), "
+                            "stats ('min,max,mean,std,zeros', the last axis), content_type "
+                            "(png: image/png)",
+                        },
                     },
                 },
             },
@@ -348,6 +410,7 @@ SCHEMAS = {
             "model": {"type": "string"},
             "version": {"type": "integer"},
             "outputs": {"type": "array", "items": {"type": "string"}},
+            "lean": {"type": "object", "description": "The checked lean options per output"},
         },
     },
     "JobStatus": {
@@ -359,6 +422,7 @@ SCHEMAS = {
             "model": {"type": ["string", "null"]},
             "version": {"type": ["integer", "null"]},
             "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
+            "lean": {"type": "object", "description": "The checked lean options per output"},
             "progress": {
                 "type": ["object", "null"],
                 "description": "The layer the job has "

@@ -20,6 +20,7 @@ from rq.worker_registration import get_keys
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 
 from . import defaults, keys
+from .lean import extras
 
 RUN_MODEL = "worker.jobs.run_model"
 
@@ -60,6 +61,7 @@ def submit(
     meta: dict | None = None,
     retries: int = defaults.RETRIES,
     explain: dict | None = None,
+    lean: dict | None = None,
 ) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
@@ -70,14 +72,21 @@ def submit(
     kwargs = {"model": model, "version": int(version), "outputs": outputs, "input_id": job_id}
     if explain is not None:  # only then, so records stay readable by workers without it
         kwargs["explain"] = explain
+    if lean:  # checked options (lean.check_all), likewise only when asked for
+        kwargs["lean"] = lean
     store.put_input(job_id, images)
     job_meta = {
         "owner": owner,
         "model": model,
         "version": int(version),
-        "outputs": outputs if explain is None else [*(outputs or []), *EXPLAIN_RESULTS],
+        "outputs": [
+            *(outputs or []),
+            *(x for name, opts in (lean or {}).items() for x in extras(name, opts)),
+            *(EXPLAIN_RESULTS if explain is not None else ()),
+        ],
         "retries": retries,
         "progress": None,
+        **({"lean": lean} if lean else {}),
         **(meta or {}),
     }
     try:
@@ -274,6 +283,7 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
         "model": meta.get("model"),
         "version": meta.get("version"),
         "outputs": meta.get("outputs"),
+        **({"lean": meta["lean"]} if meta.get("lean") else {}),
         "owner": meta.get("owner"),
         # The last layer reached stays visible once the job ended (where it failed, or n of n).
         "progress": meta.get("progress") if status != "queued" else None,

@@ -52,6 +52,38 @@ class NameTaken(Exception):
         self.name = name
 
 
+BYTES = "BYTES"
+"""The dtype a result index gives an output of byte strings (V2's BYTES, e.g. PNG pictures)."""
+
+
+def bytes_tensor(strings: np.ndarray) -> bytes:
+    """Return an object array of byte strings in V2's BYTES layout: per element, in C order,
+    its length as a 4-byte little-endian integer, then its bytes."""
+    return b"".join(len(s).to_bytes(4, "little") + bytes(s) for s in strings.ravel())
+
+
+def from_bytes_tensor(raw, shape) -> np.ndarray:
+    """Return the object array of byte strings bytes_tensor made, reshaped to shape."""
+    view, items, offset = memoryview(raw), [], 0
+    while offset < len(view):
+        size = int.from_bytes(view[offset : offset + 4], "little")
+        items.append(bytes(view[offset + 4 : offset + 4 + size]))
+        offset += 4 + size
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def _dtype(entry: dict) -> np.dtype:
+    return np.dtype(object) if entry["dtype"] == BYTES else np.dtype(entry["dtype"])
+
+
+def _size(entry: dict) -> int:
+    if entry["dtype"] == BYTES:
+        return int(entry["size"])
+    return int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -266,11 +298,16 @@ class Store:
         """
         files = self.blobs is not None if files is None else files
         key = self.result_key(job_id)
-        arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
-        index: dict[str, dict[str, Any]] = {
-            name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
-            for i, (name, arr) in enumerate(arrays.items())
-        }
+        index: dict[str, dict[str, Any]] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for i, (name, arr) in enumerate(outputs.items()):
+            index[name] = {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
+            if arr.dtype.kind == "O":  # byte strings, kept as V2 BYTES: 4-byte length, bytes
+                index[name]["dtype"] = BYTES
+                arrays[name] = np.frombuffer(bytes_tensor(arr), np.uint8)
+                index[name]["size"] = arrays[name].size
+            else:
+                arrays[name] = np.ascontiguousarray(arr)
         if files:  # files first: the index below is what makes them visible
             blobs = self._blobs_for(f"result-{job_id}")
             written: list[str] = []
@@ -312,9 +349,14 @@ class Store:
         return None if raw is None else json.loads(raw)
 
     def result_layout(self, job_id: str, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
-        """Return (shape, dtype) of one output, or None when there is no such output."""
+        """Return (shape, dtype) of one output (dtype object: byte strings), or None."""
         entry = (self._index(job_id) or {}).get(name)
-        return None if entry is None else (tuple(entry["shape"]), np.dtype(entry["dtype"]))
+        return None if entry is None else (tuple(entry["shape"]), _dtype(entry))
+
+    def result_nbytes(self, job_id: str, name: str) -> int | None:
+        """Return the bytes result_slices yields for one output, or None when there is none."""
+        entry = (self._index(job_id) or {}).get(name)
+        return None if entry is None else _size(entry)
 
     def result_slices(self, job_id: str, name: str) -> Iterator[bytes] | None:
         """Return an iterator over one output's raw bytes in slices, or None when it is gone.
@@ -325,7 +367,7 @@ class Store:
         entry = (self._index(job_id) or {}).get(name)
         if entry is None:
             return None
-        size = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
+        size = _size(entry)
         if "file" in entry:
             view = memoryview(self._map(entry["file"], writable=False))
             if len(view) != size:
@@ -357,17 +399,20 @@ class Store:
         entry = (self._index(job_id) or {}).get(name)
         if entry is None:
             return None
-        dtype = np.dtype(entry["dtype"])
-        size = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+        size = _size(entry)
         if "file" in entry:
             raw = self._map(entry["file"], writable=True)
             if len(raw) != size:
                 raise BlobMissing(
                     entry["file"], f"{entry['file']} holds {len(raw)} bytes, not {size}"
                 )
-            return np.frombuffer(raw, dtype).reshape(entry["shape"])
-        raw = self._read_into(self._data_key(job_id, entry["key"]), size)
-        return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
+        else:
+            raw = self._read_into(self._data_key(job_id, entry["key"]), size)
+            if raw is None:
+                return None
+        if entry["dtype"] == BYTES:
+            return from_bytes_tensor(raw, entry["shape"])
+        return np.frombuffer(raw, np.dtype(entry["dtype"])).reshape(entry["shape"])
 
     # -- cancellation and cleanup ---------------------------------------------------------------
     def mark_canceled(self, job_id: str) -> None:
