@@ -31,16 +31,30 @@ def packed_nbytes(packed) -> int:
     return sum(p.nbytes for p in packed) if isinstance(packed, list) else packed.nbytes
 
 
-def convolve(x, packed, bias, stride, pad, dilation, relu: bool, groups: int = 1) -> np.ndarray:
-    """Return conv2d of x with packed filters (from pack) and bias (K,) or None."""
-    if groups == 1:
-        return ops.conv2d(x, packed, bias, stride, pad, dilation, relu=relu)
-    if NATIVE:
-        return ops.conv2d(x, packed, bias, stride, pad, dilation, relu=relu, groups=groups)  # type: ignore[call-arg]
+def convolve(
+    x, packed, bias, stride, pad, dilation, relu: bool, groups: int = 1, out=None, acc=False
+) -> np.ndarray:
+    """Return conv2d of x with packed filters (from pack) and bias (K,) or None.
+
+    out and acc: conv2d's out and accumulate (write into a concat's slice, add to a residual).
+    """
+    if groups == 1 or NATIVE:
+        kw = {"groups": groups} if groups > 1 else {}
+        return ops.conv2d(
+            x, packed, bias, stride, pad, dilation, relu=relu, out=out, accumulate=acc, **kw
+        )
     cg, kg = x.shape[3] // groups, len(bias) // groups if bias is not None else 0
     outs = []
     for g, part in enumerate(packed):
         xg = np.ascontiguousarray(x[..., g * cg : (g + 1) * cg])
         bg = bias[g * kg : (g + 1) * kg] if bias is not None else None
-        outs.append(ops.conv2d(xg, part, bg, stride, pad, dilation, relu=relu))
-    return np.concatenate(outs, axis=3)
+        outs.append(ops.conv2d(xg, part, bg, stride, pad, dilation, relu=relu and not acc))
+    res = np.concatenate(outs, axis=3)
+    if out is None:
+        return res
+    if acc:
+        res += out
+        if relu:
+            np.maximum(res, np.float32(0), out=res)
+    out[...] = res
+    return out
