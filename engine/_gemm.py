@@ -161,16 +161,21 @@ _implicit48 = _make_block(SHAPES[48], 48, True)
 
 
 @njit(cache=True)
-def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
-    """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there."""
+def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu, acc=False):
+    """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there.
+
+    out's rows may be further apart than K (a channel slice of a wider NHWC buffer, such as a
+    concat's output); with acc the products are added to what out holds (a residual) first.
+    """
     kc = a.shape[1]
     k = out.shape[1]
+    ldo = out.strides[0] // 4
     ap, bp, op, biasp, none = _data(a), _data(blocks), _data(out), _data(bias), _data(table)
     for b in range(table.shape[0]):
         offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
         for p0 in range(0, kc, KC):
             p1 = min(kc, p0 + KC)
-            first, last = p0 == 0, p1 == kc
+            first, last = p0 == 0 and not acc, p1 == kc
             if nr == 64:
                 for r in range(0, m, 6):
                     _block64(
@@ -183,8 +188,8 @@ def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
                         p0,
                         p1,
                         op,
-                        (or0 + r) * k + j0,
-                        k,
+                        (or0 + r) * ldo + j0,
+                        ldo,
                         m - r,
                         k - j0,
                         biasp,
@@ -205,8 +210,8 @@ def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
                         p0,
                         p1,
                         op,
-                        (or0 + r) * k + j0,
-                        k,
+                        (or0 + r) * ldo + j0,
+                        ldo,
                         m - r,
                         k - j0,
                         biasp,
@@ -227,6 +232,7 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
     """
     kc = offs.shape[0]
     k = out.shape[1]
+    ldo = out.strides[0] // 4  # rows further apart than K: a channel slice (see tile_gemm)
     xp, offp, bp, op, biasp = _data(xf), _data(offs), _data(blocks), _data(out), _data(bias)
     for b in range(table.shape[0]):
         offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
@@ -247,8 +253,8 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
                         p0,
                         p1,
                         op,
-                        (or0 + r) * k + j0,
-                        k,
+                        (or0 + r) * ldo + j0,
+                        ldo,
                         mr,
                         k - j0,
                         biasp,
@@ -268,8 +274,8 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
                         p0,
                         p1,
                         op,
-                        (or0 + r) * k + j0,
-                        k,
+                        (or0 + r) * ldo + j0,
+                        ldo,
                         mr,
                         k - j0,
                         biasp,

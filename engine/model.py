@@ -153,6 +153,7 @@ class Model:
         }
         self._folds: dict[tuple[str, str], tuple] = {}
         self._plans: dict[tuple, list[Step]] = {}
+        self._depth = spec.depths()
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
     @classmethod
@@ -334,6 +335,7 @@ class Model:
         x = self.prepare_fitting(images)
         steps = self._steps(wanted)
         values: dict[str, np.ndarray] = {IMAGE: x}
+        shapes = self.output_shapes(x.shape[1], x.shape[2]) if any(s.into for s in steps) else {}
         del x
         n, i = sum(len(step.layers) for step in steps), 0
         for step in steps:
@@ -341,12 +343,20 @@ class Model:
                 if on_layer is not None:
                     on_layer(i, n, layer.name)
                 i += 1
-            xs = [values[src] for src in step.head.inputs]
+            xs = [values[src] for src in step.inputs]
+            out = None
+            if step.into is not None:  # a slice of the concat's output, made by its first writer
+                cat, c0, c1 = step.into
+                if cat not in values:
+                    values[cat] = np.empty((len(xs[0]), *shapes[cat]), np.float32)
+                out = values[cat][..., c0:c1]
+            elif step.filled:
+                out = values[step.name]
             if on_step is None:
-                values[step.name] = self._apply(step, xs)
+                values[step.name] = self._apply(step, xs, out=out)
             else:
-                values[step.name] = self._apply_in_steps(step, xs, on_step=on_step)
-            del xs
+                values[step.name] = self._apply_in_steps(step, xs, on_step=on_step, out=out)
+            del xs, out
             for src in step.frees:
                 del values[src]
         return {name: values[name] for name in wanted}
@@ -355,7 +365,7 @@ class Model:
         key = (self.fuse, *wanted)
         steps = self._plans.get(key)
         if steps is None:
-            steps = plan(self._spec.layers, wanted, fuse=self.fuse)
+            steps = plan(self._spec.layers, wanted, fuse=self.fuse, depth=self._depth)
             if len(self._plans) < 64:
                 self._plans[key] = steps
         return steps
@@ -369,7 +379,9 @@ class Model:
         shapes = self.output_shapes(h, w) | {IMAGE: (h, w, self._spec.channels)}
         return peak_bytes(self._steps(self.resolve_outputs(outputs)), shapes, n)
 
-    def _apply_in_steps(self, step: Step, xs: list[np.ndarray], *, on_step: OnStep) -> np.ndarray:
+    def _apply_in_steps(
+        self, step: Step, xs: list[np.ndarray], *, on_step: OnStep, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run one step as _apply does, in parts of at most about STEP_MACS multiply-adds.
 
         Images are grouped while a group fits a part; an image too big for one part is computed
@@ -381,7 +393,7 @@ class Model:
         win = layer.window
         if win is None or len(xs) != 1 or step.in_place is not None:
             on_step()
-            return self._apply(step, xs)
+            return self._apply(step, xs, out=out)
         x = xs[0]
         n, h, w, c = x.shape
         hout, wout = win.out_hw(h, w)
@@ -390,8 +402,9 @@ class Model:
         per_image = max(1, hout * per_row)
         if n * per_image <= STEP_MACS:
             on_step()
-            return self._apply(step, xs)
-        out = np.empty((n, hout, wout, k), np.float32)
+            return self._apply(step, xs, out=out)
+        if out is None:
+            out = np.empty((n, hout, wout, k), np.float32)
         group = max(1, STEP_MACS // per_image)
         rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
         for a in range(0, n, group):
@@ -427,15 +440,24 @@ class Model:
         *,
         pad: tuple[int, int, int, int] | None = None,
         rows: tuple[int, int] | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run one step (a layer and what is fused into it) through the fast path.
 
-        pad and rows: for a band of output rows (_band) of a windowed layer.
+        xs holds the values of step.inputs. pad and rows: for a band of output rows (_band) of a
+        windowed layer. out: where the result goes (step.into's slice of a concat's output, or
+        the concat's output itself); a step that cannot write there is copied in.
         """
+        if out is not None and step.head.type == "concat":
+            return self._fill_concat(step, xs, out)
+        if out is not None and (step.head.type != "conv" or rows is not None):
+            out[...] = self._apply(step, xs, pad=pad, rows=rows)
+            return out
         layer, x = step.head, xs[0]
-        relu = step.fused("relu") is not None
+        add = step.fused("add")
+        relu = step.fused("relu") is not None or (add is not None and add.relu)
         kind = layer.type
-        if step.in_place is not None:
+        if step.in_place is not None and kind != "conv":
             return self._in_place(step, xs, relu)
         if kind in _SIMPLE:
             return _SIMPLE[kind](x)
@@ -466,14 +488,49 @@ class Model:
                 if bn is not None
                 else (self._conv_weights[layer.name], bias)
             )
+            if add is not None:
+                out = self._residual(step, xs[len(layer.inputs) :])
             return ops.conv2d(
-                x, packed, bias, stride, pad, dilation, relu=relu, groups=layer.groups
+                x,
+                packed,
+                bias,
+                stride,
+                pad,
+                dilation,
+                relu=relu,
+                groups=layer.groups,
+                out=out,
+                accumulate=add is not None,
             )
         weights = self._arrays[layer.weights_key()]
         if rows is not None:  # a local layer's weights and bias are per output position
             weights = weights[rows[0] : rows[1]]
             bias = None if bias is None else bias[rows[0] : rows[1]]
         return ops.local2d(x, weights, bias, stride, pad, dilation, relu=relu)
+
+    def _residual(self, step: Step, rs: list[np.ndarray]) -> np.ndarray:
+        """Return the sum of a fused add's residuals rs (step.residuals' values) as the array the
+        conv adds itself to: the in-place one when nothing later reads it, else a new one."""
+        names = step.residuals
+        if step.in_place is not None:
+            i = names.index(step.in_place)
+            rs = [rs[i], *rs[:i], *rs[i + 1 :]]
+            acc = rs[0]
+        else:
+            acc = rs[0].copy()
+        for r in rs[1:]:
+            acc += r
+        return acc
+
+    def _fill_concat(self, step: Step, xs: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+        """Copy into out, a concat's output, the inputs not already written into their slice."""
+        c0 = 0
+        for src, x in zip(step.head.inputs, xs, strict=True):
+            c1 = c0 + x.shape[3]
+            if src not in step.filled:
+                out[..., c0:c1] = x
+            c0 = c1
+        return out
 
     def _in_place(self, step: Step, xs: list[np.ndarray], relu: bool) -> np.ndarray:
         """Run an elementwise step writing over its input step.in_place (nothing reads it later)."""

@@ -214,13 +214,19 @@ def _groups(groups, k: int) -> int:
     return int(groups)
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> np.ndarray:
+def conv2d(
+    x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1, out=None, accumulate=False
+) -> np.ndarray:
     """Convolve x (N, H, W, C) with w (K, FH, FW, C/groups) plus b (K,); return (N, Hout, Wout, K).
 
     Matches conv2d_reference. With relu=True the ReLU is applied in the same pass. w may be a
     ConvWeights, whose packed forms (and groups, and b when b is None) are then used. groups
     splits channels and filters into that many independent convs (PyTorch's groups); with
     C/groups == 1 (depthwise) a direct kernel runs, otherwise the GEMM paths run per group.
+    out: write the result there and return it, (N, Hout, Wout, K) float32 whose channels are
+    contiguous (a channel slice of a wider NHWC buffer, such as a concat's, is fine). With
+    accumulate=True the result is added to what out holds before the ReLU (a residual add
+    fused into the store where the kernel path allows, else one extra pass).
     """
     x = _args.input_array(x)
     if isinstance(w, ConvWeights):
@@ -252,11 +258,18 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> n
     win = Window.make([fh, fw], stride, pad, dilation)
     n, h, w_in, c = x.shape
     hout, wout = win.out_hw(h, w_in)
-    out = np.empty((n, hout, wout, k), np.float32)
+    if out is None:
+        if accumulate:
+            raise InputError("accumulate=True needs out= holding what to add to", field="out")
+        out = np.empty((n, hout, wout, k), np.float32)
+    else:
+        _check_out(out, (n, hout, wout, k))
     if out.size == 0:
         return out
     if ng == 1:
-        _dense_conv(x, cw, bias, out, win, bool(relu))
+        _dense_conv(x, cw, bias, out, win, bool(relu), bool(accumulate))
+    elif accumulate or not out.flags.c_contiguous:
+        _via_temp(x, cw, bias, out, win, bool(relu), bool(accumulate))
     elif cg == 1:
         _threads.enter(out.size * fh * fw)
         _conv.conv_depthwise(
@@ -277,6 +290,48 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> n
     return out
 
 
+def _check_out(out, shape: tuple) -> None:
+    """Raise InputError unless out can take a conv result of shape in place (see conv2d)."""
+    ok = (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float32
+        and out.shape == shape
+        and out.flags.writeable
+    )
+    if ok and out.size:
+        st = out.strides  # channels contiguous, and pixels, rows and images evenly spaced
+        ok = st[3] == 4 and st[1] == st[2] * shape[2] and st[0] == st[1] * shape[1]
+        ok = ok and st[2] >= 4 * shape[3]
+    if not ok:
+        raise InputError(
+            f"out must be a writeable float32 array of shape {shape} with contiguous channels",
+            field="out",
+        )
+
+
+def _rows(out: np.ndarray) -> np.ndarray:
+    """Return out (N, Hout, Wout, K) viewed as (N*Hout*Wout, K) rows, never a copy."""
+    view = out.view()
+    view.shape = (-1, out.shape[3])
+    return view
+
+
+def _via_temp(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc: bool) -> None:
+    """Run the conv into a new array, then store (or add) it into out: for paths whose kernels
+    write only a whole contiguous output (one extra pass over it)."""
+    tmp = np.empty(out.shape, np.float32)
+    if cw.groups == 1:
+        _dense_conv(x, cw, bias, tmp, win, relu and not acc)
+    else:
+        tmp = conv2d(x, cw, bias, (win.sh, win.sw), win.pad, (win.dh, win.dw), relu and not acc)
+    if not acc:
+        out[...] = tmp
+        return
+    out += tmp
+    if relu:
+        np.maximum(out, np.float32(0), out=out)
+
+
 def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
     """Run each group's conv through the GEMM paths into its channel slice of out.
 
@@ -292,16 +347,25 @@ def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> Non
         out[..., g * kg : (g + 1) * kg] = part_out
 
 
-def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
-    """Run an ungrouped conv into out (N, Hout, Wout, K) by the fastest path for its shape."""
+def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=False) -> None:
+    """Run an ungrouped conv into out (N, Hout, Wout, K) by the fastest path for its shape.
+
+    out may be a channel slice of a wider buffer and acc add to it (see conv2d): the micro-kernel
+    paths store that way themselves; the implicit GEMM's (which recomputes a row's last few
+    outputs) and BLAS's go through _via_temp.
+    """
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
     m = n * hout * wout
+    direct = MICROKERNEL or (out.flags.c_contiguous and not acc)
+    if not direct:
+        _via_temp(x, cw, bias, out, win, relu, acc)
+        return
     nthreads = _threads.enter(m * k * fh * fw * c)
     if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
-        _winograd_conv(x, cw, bias, out, win, nthreads, relu)
+        _winograd_conv(x, cw, bias, out, win, nthreads, relu, acc)
         return
-    out2d = out.reshape(m, k)
+    out2d = _rows(out)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
         tile = _tile_rows(hout * wout, c)
@@ -310,7 +374,7 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
             cols = _columns(nthreads, tile, c)
             blocks, table = cw.gemm_blocks()
             _conv.conv_pointwise_mk(
-                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter()
+                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc
             )
         else:
             _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, relu)
@@ -320,6 +384,9 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
         and wout >= IMPLICIT_MIN_WIDTH
         and (win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C)
     ):
+        if acc:
+            _via_temp(x, cw, bias, out, win, relu, acc)
+            return
         _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, relu)
         return
     width = fh * fw * c
@@ -327,7 +394,9 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
     cols = _columns(nthreads, tile, width)
     if MICROKERNEL:
         blocks, table = cw.gemm_blocks()
-        _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter())
+        _conv.conv_im2col_mk(
+            x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc
+        )
     else:
         _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, relu)
 
@@ -346,7 +415,9 @@ def _implicit_conv(
     # A two-pixel row also multiplies its neighbours' extra columns by zero: exact for finite
     # inputs (the same FMA chain plus zeros), but 0 * inf would be NaN where the plain path
     # gives a number, so non-finite inputs keep the plain path (a cheap pass: C is small).
-    if g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH and np.isfinite(x).all():
+    # (two pixels per row need out2d's rows contiguous: a concat's slice takes one per row)
+    wide = g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH
+    if wide and out2d.flags.c_contiguous and np.isfinite(x).all():
         k = out2d.shape[1]
         blocks, table, cols = cw.wide_blocks(g, win.sw)
         offs = _window_offsets(win.fh, win.fw + (g - 1) * win.sw, c, win.dh, 1, xp.shape[2])
@@ -382,7 +453,9 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
     return _args.read_only(((fy + fx) * c + np.arange(c, dtype=np.int64)).reshape(-1))
 
 
-def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu: bool) -> None:
+def _winograd_conv(
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu: bool, acc: bool
+) -> None:
     """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
     k, c = cw.w.shape[0], cw.w.shape[3]
     blocks, table = cw.winograd_blocks()
@@ -412,6 +485,7 @@ def _winograd_conv(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, re
         _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads),
         relu,
         _counter(),
+        acc,
     )
 
 
@@ -527,17 +601,22 @@ def warmup() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
     w3 = np.ones((2, 3, 3, 2), np.float32)
-    conv2d(x, w3, stride=2, pad=1, relu=True)
-    conv2d(x, np.ones((2, 1, 1, 2), np.float32))
-    if MICROKERNEL:  # whatever the path thresholds say, so every later layer is ready
+    # Each GEMM path twice: into a new array, and into a channel slice of a wider one (a
+    # concat's output), which Numba types differently.
+    for sliced in (False, True):
+        slot = (lambda *shape: np.empty((*shape, 4), np.float32)[..., :2]) if sliced else None
+        conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
+        conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
+        if not MICROKERNEL:
+            continue
+        # whatever the path thresholds say, so every later layer is ready
         wide = _args.input_array(rng.standard_normal((1, 3, 14, 2)).astype(np.float32))
-        out2d = np.empty((12, 2), np.float32)
-        bias2 = _args.read_only(np.zeros(2, np.float32))
-        _implicit_conv(
-            wide, ConvWeights(w3), bias2, out2d, Window.make(3), 1, 12, _threads.enter(), True
-        )
-        out = np.empty((1, 5, 5, 2), np.float32)
+        out2d = slot(12) if slot else np.empty((12, 2), np.float32)
         bias = _args.read_only(np.zeros(2, np.float32))
+        _implicit_conv(
+            wide, ConvWeights(w3), bias, out2d, Window.make(3), 1, 12, _threads.enter(), True
+        )
+        out = slot(1, 5, 5) if slot else np.empty((1, 5, 5, 2), np.float32)
         _winograd_conv(
             _args.input_array(x),
             ConvWeights(w3),
@@ -546,6 +625,7 @@ def warmup() -> None:
             Window.make(3, 1, 1),
             _threads.enter(),
             True,
+            False,
         )
     conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
     conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)

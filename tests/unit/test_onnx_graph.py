@@ -268,7 +268,8 @@ def test_labels_travel_with_the_spec():
 @pytest.mark.parametrize(
     ("nodes", "inits", "fragment"),
     [
-        ([node("Mul", ["x", "x"], "y", name="sq")], [], "unsupported op Mul (node 'sq')"),
+        ([node("Exp", ["x"], "y", name="sq")], [], "unsupported op Exp (node 'sq')"),
+        ([node("Mul", ["x", "x"], "y", name="sq")], [], "Mul node 'sq': input 'x' must be a const"),
         ([node("Softmax", ["x"], "y", axis=-1)], [], "only a softmax over channels"),
         ([node("Concat", ["x", "x"], "y", axis=2)], [], "only a concat along channels"),
         ([node("LRN", ["x"], "y")], [], "LRN node 'y' has no size"),
