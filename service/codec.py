@@ -36,6 +36,7 @@ class InferRequest:
     id: str | None = None
     explain: dict | None = None  # parameters.explain, checked against the model at enqueue
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
+    callback: str | None = None  # parameters.callback: URL POSTed when the job ends
 
 
 def parse_header_length(value: str | None, body_size: int) -> int | None:
@@ -225,6 +226,10 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
                 field="explain",
             )
         request.explain = rparams["explain"]
+    if "callback" in rparams:
+        if not isinstance(rparams["callback"], str):
+            raise BadRequest("parameters.callback must be a URL string", field="callback")
+        request.callback = rparams["callback"]
     return request
 
 

@@ -15,6 +15,7 @@ from flask import current_app, request
 from engine import Model
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 from engine.explain import check_request, result_bytes
+from worker.contract import callbacks
 from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
@@ -74,12 +75,15 @@ def _multipart(model: Model) -> InferRequest:
         for i, f in enumerate(request.files.getlist("images"))
     ]
     unknown = sorted(set(request.files) - {"images"})
-    unknown += sorted(set(request.form) - {"outputs", "explain"})
+    unknown += sorted(set(request.form) - {"outputs", "explain", "callback"})
     if unknown:
         raise BadRequest(
-            f"unknown form field(s) {', '.join(unknown)}; send images, outputs and explain",
+            f"unknown form field(s) {', '.join(unknown)}; send images, outputs, explain "
+            "and callback",
             field=unknown[0],
         )
+    if len(request.form.getlist("callback")) > 1:
+        raise BadRequest("give one callback URL", field="callback")
     explain = None
     if "explain" in request.form:
         try:
@@ -104,7 +108,9 @@ def _multipart(model: Model) -> InferRequest:
         max_images=int(cfg["MAX_IMAGES"]),
         check=check,
     )
-    return InferRequest(images=images, outputs=outputs, explain=explain)
+    return InferRequest(
+        images=images, outputs=outputs, explain=explain, callback=request.form.get("callback")
+    )
 
 
 def parse_request(model: Model) -> InferRequest:
@@ -177,6 +183,14 @@ def check_images(model: Model, images: np.ndarray) -> np.ndarray:
     return images
 
 
+def check_callback(url: str) -> str:
+    """Return url if a job's callback may go there (callbacks.check); 400 saying why not."""
+    try:
+        return callbacks.check(url, convq().callback_allow).url
+    except callbacks.CallbackRefused as exc:
+        raise BadRequest(str(exc), field="callback") from None
+
+
 def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> tuple[str, list]:
     """Check parsed against the model and the limits, then queue it; return (job id, outputs)."""
     cfg, ext = current_app.config, convq()
@@ -188,6 +202,9 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
     if parsed.explain is not None:
         explain = check_request(target.model, parsed.explain, (h, w))  # ModelError: 400
         job_bytes += result_bytes(target.model, n, h, w, explain)
+    job_meta = {"model": target.name, **(meta or {})}
+    if parsed.callback is not None:
+        job_meta["callback"] = check_callback(parsed.callback)
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
         raise Unavailable(
@@ -210,7 +227,7 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
         owner=owner,
-        meta={"model": target.name, **(meta or {})},
+        meta=job_meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
         explain=explain,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Literal, cast
 
 import numpy as np
+import redis
 import rq
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus, Retry
@@ -19,7 +20,7 @@ from rq.worker_registration import get_keys
 
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 
-from . import defaults, keys
+from . import defaults, keys, webhooks
 
 RUN_MODEL = "worker.jobs.run_model"
 
@@ -258,11 +259,21 @@ def _fetch_many(queue: rq.Queue, job_ids: list[str]) -> list[Job | None]:
 
 
 def job_status(queue: rq.Queue, job_id: str) -> dict | None:
-    """Return the job's status, progress, timings and error; None for an unknown job."""
+    """Return the job's status, progress, timings, error and callback; None for an unknown job."""
     job = _fetch(queue, job_id)
     status = None if job is None else _state(job)
     if job is None or status is None:
         return None
+    described = describe(job, status)
+    url = (job.meta or {}).get("callback")
+    if url:
+        found = webhooks.delivery(queue.connection, job_id)
+        described["callback"] = {"url": url, **(found or {"state": "waiting"})}
+    return described
+
+
+def describe(job: Job, status: str) -> dict:
+    """Return the status of job, whose API status is status (one of five)."""
     meta = job.meta or {}
     retries = int(meta.get("retries") or 0)
     left = job.retries_left if job.retries_left is not None else retries
@@ -291,6 +302,27 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
             else max(1, retries - left + 1)
         ),
     }
+
+
+def job_ended(job: Job, status: str) -> bool:
+    """Record the due callback of job, which just ended in status; False when it has none.
+
+    Only records it (a few Redis writes): a dispatcher sends it (worker/dispatcher.py).
+    """
+    meta = job.meta or {}
+    url = meta.get("callback")
+    if not url:
+        return False
+    body = webhooks.payload(describe(job, status))
+    return webhooks.record_due(
+        job.connection,
+        job.id,
+        url=url,
+        owner=meta.get("owner"),
+        body=body,
+        keep=defaults.WEBHOOK_KEEP,
+        now=time.time(),
+    )
 
 
 ENDED = ("finished", "failed", "canceled")
@@ -330,6 +362,8 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         store.delete_job(job_id)
         return False
     status = job.get_status(refresh=False)
+    if status not in _ENDED:
+        _report_canceled(job)
     if status == JobStatus.STARTED:
         # The worker sees the mark between layers, stops, and drops the record itself.
         store.mark_canceled(job_id)
@@ -343,6 +377,13 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         pass
     store.delete_job(job_id)
     return True
+
+
+def _report_canceled(job: Job) -> None:
+    try:
+        job_ended(job, "canceled")
+    except redis.RedisError:  # the cancel itself goes on; the callback is lost with the job
+        pass
 
 
 _ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED)
