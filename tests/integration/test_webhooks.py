@@ -1,4 +1,4 @@
-"""Job callbacks: one signed POST per ended job, retried with backoff, never to internal addresses."""
+"""Job callbacks: one signed POST per ended job, retried with backoff, never to internal hosts."""
 
 from __future__ import annotations
 
