@@ -446,3 +446,19 @@ def test_the_allow_list_takes_networks_and_names():
     assert target.host == "hooks.internal" and target.port == 80 and target.path == "/"
     with pytest.raises(callbacks.CallbackRefused, match="internal"):  # one of two is inside
         callbacks.check("https://mixed.example/", allow, lambda h, p: ["93.184.216.34", "10.0.0.1"])
+
+
+def test_the_verify_snippet_in_the_docs_checks_our_signatures():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs/security.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/security.md", "exec"), scope)  # noqa: S102 - our own docs
+    body = b'{"id":"ab","status":"finished"}'
+    now = int(time.time())
+    assert scope["verify"]("whsec_k", body, webhooks.sign("whsec_k", body, now))
+    assert not scope["verify"]("whsec_k", body + b" ", webhooks.sign("whsec_k", body, now))
+    assert not scope["verify"]("whsec_x", body, webhooks.sign("whsec_k", body, now))
+    assert not scope["verify"]("whsec_k", body, webhooks.sign("whsec_k", body, now - 3600))
+    assert not scope["verify"]("whsec_k", body, "garbage")
