@@ -261,14 +261,22 @@ def _listed(queue: rq.Queue, job_ids: list[str]) -> list[tuple[str, dict] | None
         pipe.hmget(queue.job_class.key_for(job_id), "status", "meta")
     out: list[tuple[str, dict] | None] = []
     for raw_status, raw_meta in pipe.execute():
-        try:
-            status = JobStatus(raw_status.decode() if isinstance(raw_status, bytes) else raw_status)
-            meta = queue.serializer.loads(raw_meta) if raw_meta else {}
-        except (ValueError, TypeError, AttributeError):  # gone, half-written or unreadable
+        if raw_status is None:  # gone (or not written yet)
             out.append(None)
             continue
-        out.append((_STATUS.get(status, "queued"), meta if isinstance(meta, dict) else {}))
+        try:
+            meta = queue.serializer.loads(raw_meta) if raw_meta else {}
+        except (ValueError, TypeError):  # unreadable: as good as gone
+            out.append(None)
+            continue
+        raw = raw_status if isinstance(raw_status, bytes) else str(raw_status).encode()
+        status = _RAW_STATUS.get(raw, "queued")
+        out.append((status, meta if isinstance(meta, dict) else {}))
     return out
+
+
+_RAW_STATUS = {rq_status.value.encode(): api for rq_status, api in _STATUS.items()}
+"""rq's status as stored in a job's hash -> the API's status."""
 
 
 def job_status(queue: rq.Queue, job_id: str) -> dict | None:
