@@ -1,9 +1,10 @@
-"""The webhook dispatcher: a thread that POSTs the job callbacks that are due, signed.
+"""The webhook dispatcher: threads that POST the job callbacks that are due, signed.
 
-Every worker process (and `convq up`) runs one beside its worker loop, on its own Redis client;
-the worker itself only records a due callback (worker/contract/webhooks.py), so a slow or
-failing receiver never holds up a job. Each attempt is claimed with a lease, so dispatchers in
-many processes share the work without sending an attempt twice.
+Every worker process (and `convq up`) runs one beside its worker loop, on its own Redis client,
+in a few threads, so a receiver that hangs holds up one of them. The worker itself only records
+a due callback (worker/contract/webhooks.py): a slow or failing receiver never holds up a job.
+Each attempt is claimed with a lease, so dispatchers in many processes share the work without
+sending an attempt twice.
 
 An attempt resolves the host again, checks every address against the callback policy
 (worker/contract/callbacks.py) and connects to the address it checked, with the URL's host in
@@ -217,28 +218,37 @@ def _reason(exc: BaseException) -> str:
 
 
 class Running:
-    """A dispatcher thread; stop() ends it after its current attempt."""
+    """A dispatcher's threads; stop() ends them after their current attempts."""
 
-    def __init__(self, thread: threading.Thread, stopping: threading.Event):
-        self.thread = thread
+    def __init__(self, threads: list[threading.Thread], stopping: threading.Event):
+        self.threads = threads
         self.stopping = stopping
 
     def stop(self, timeout: float | None = 30.0) -> None:
         self.stopping.set()
-        self.thread.join(timeout)
+        for thread in self.threads:
+            thread.join(timeout)
 
 
-def start(client, settings: Settings, *, poll: float | None = None, **kw) -> Running:
-    """Start a daemon thread dispatching callbacks over client (give it its own client)."""
+def start(
+    client, settings: Settings, *, poll: float | None = None, threads: int | None = None, **kw
+) -> Running:
+    """Start daemon threads dispatching callbacks over client (give it its own client).
+
+    Each thread claims and sends on its own, so a receiver that hangs holds up one thread
+    (for at most CONVQ_CALLBACK_TIMEOUT twice), not every other job's callback.
+    """
     from .contract import defaults
 
     stopping = threading.Event()
     dispatcher = Dispatcher(client, settings, **kw)
-    thread = threading.Thread(
-        target=dispatcher.serve,
-        args=(stopping, defaults.CALLBACK_POLL if poll is None else poll),
-        name="convq-webhooks",
-        daemon=True,
-    )
-    thread.start()
-    return Running(thread, stopping)
+    every = defaults.CALLBACK_POLL if poll is None else poll
+    made = [
+        threading.Thread(
+            target=dispatcher.serve, args=(stopping, every), name=f"convq-webhooks-{i}", daemon=True
+        )
+        for i in range(defaults.CALLBACK_THREADS if threads is None else threads)
+    ]
+    for thread in made:
+        thread.start()
+    return Running(made, stopping)

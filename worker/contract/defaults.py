@@ -54,6 +54,9 @@ CALLBACK_BACKOFF_MAX = 600.0
 CALLBACK_TIMEOUT = 10.0
 """Seconds one callback request may take to connect, and again to answer."""
 
+CALLBACK_THREADS = 4
+"""Threads of a worker's dispatcher sending callbacks at once (a hung receiver holds one)."""
+
 CALLBACK_POLL = 0.25
 """Seconds between a dispatcher's looks for callbacks that are due."""
 
