@@ -17,8 +17,10 @@ from its upper half, so dispatchers do not retry in step), until CONVQ_CALLBACK_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import redis
 import urllib3
+import urllib3.connection
 
 from .contract import callbacks, webhooks
 from .contract.config import Settings
@@ -139,6 +142,16 @@ class Dispatcher:
         timeout = urllib3.Timeout(
             connect=self.settings.callback_timeout, read=self.settings.callback_timeout
         )
+        limit = 2 * self.settings.callback_timeout
+        with _Deadline(limit) as deadline:
+            try:
+                return self._send(target, addresses, body, headers, timeout)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if deadline.expired:
+                    return None, f"no answer within {limit:g} s", False
+                return None, f"{type(exc).__name__}: {_reason(exc)}", False
+
+    def _send(self, target, addresses, body: bytes, headers: dict, timeout):
         error = "no address to connect to"
         for address in addresses:
             pool = _pool(target, address, timeout)
@@ -154,27 +167,26 @@ class Dispatcher:
                     assert_same_host=False,
                 )
                 try:
+                    code = answer.status
+                    if 200 <= code < 300:
+                        return code, None, False
+                    if 300 <= code < 400:
+                        where = answer.headers.get("Location", "")[:200]
+                        return (
+                            code,
+                            f"answered {code} to {where!r}; redirects are not followed",
+                            False,
+                        )
                     text = answer.read(ANSWER_BYTES, decode_content=False)
                 finally:
                     answer.release_conn()
             except urllib3.exceptions.NewConnectionError as exc:
                 error = f"cannot connect to {address}: {_reason(exc)}"
                 continue  # the next address of the host, if any
-            except urllib3.exceptions.HTTPError as exc:
-                return None, f"{type(exc).__name__}: {_reason(exc)}", False
             finally:
                 pool.close()
-            if 200 <= answer.status < 300:
-                return answer.status, None, False
-            if 300 <= answer.status < 400:
-                where = answer.headers.get("Location", "")[:200]
-                return (
-                    answer.status,
-                    f"answered {answer.status} to {where!r}; redirects are not followed",
-                    False,
-                )
             snippet = text[:200].decode("utf-8", "replace").strip()
-            return answer.status, f"answered {answer.status}: {snippet}".rstrip(": "), False
+            return code, f"answered {code}: {snippet}".rstrip(": "), False
         return None, error, False
 
     def serve(self, stop: threading.Event, poll: float) -> None:
@@ -194,6 +206,72 @@ class Dispatcher:
                 stop.wait(pause)
 
 
+_attempt_deadline = threading.local()
+
+
+class _Deadline:
+    """Cut every socket an attempt opens once it has run for seconds in all.
+
+    urllib3's timeouts bound each connect and each read, not a whole request: a receiver that
+    sends its answer a byte at a time could hold a thread (and outlive its claim) for hours.
+    """
+
+    def __init__(self, seconds: float):
+        self.sockets: list[socket.socket] = []
+        self.expired = False
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _attempt_deadline.current = self
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+        _attempt_deadline.current = None
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in list(self.sockets):
+            _cut(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        self.sockets.append(sock)
+        if self.expired:
+            _cut(sock)
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(sock: socket.socket) -> socket.socket:
+    deadline = getattr(_attempt_deadline, "current", None)
+    if deadline is not None:
+        deadline.watch(sock)
+    return sock
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _watched(super()._new_conn())
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:  # the TCP socket, before the TLS handshake
+        return _watched(super()._new_conn())
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 def _host_header(target: callbacks.Target) -> str:
     host = f"[{target.host}]" if ":" in target.host else target.host
     default = callbacks.SCHEMES[target.scheme]
@@ -202,7 +280,7 @@ def _host_header(target: callbacks.Target) -> str:
 
 def _pool(target: callbacks.Target, address: str, timeout) -> urllib3.HTTPConnectionPool:
     if target.scheme == "https":
-        return urllib3.HTTPSConnectionPool(
+        return _HTTPSPool(
             address,
             target.port,
             timeout=timeout,
@@ -210,7 +288,7 @@ def _pool(target: callbacks.Target, address: str, timeout) -> urllib3.HTTPConnec
             server_hostname=target.host,
             assert_hostname=target.host,
         )
-    return urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
+    return _HTTPPool(address, target.port, timeout=timeout, retries=False)
 
 
 def _reason(exc: BaseException) -> str:

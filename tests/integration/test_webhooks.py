@@ -483,3 +483,39 @@ def test_the_verify_snippet_in_the_docs_checks_our_signatures():
     assert not scope["verify"]("whsec_x", body, webhooks.sign("whsec_k", body, now))
     assert not scope["verify"]("whsec_k", body, webhooks.sign("whsec_k", body, now - 3600))
     assert not scope["verify"]("whsec_k", body, "garbage")
+
+
+def test_a_receiver_dripping_its_answer_is_cut_at_twice_the_timeout():
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)  # each byte well inside the 0.5 s read timeout
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        api = keyed_api(callback_timeout=0.5, callback_attempts=1)
+        job_id = submit(api, f"http://127.0.0.1:{listener.getsockname()[1]}/hook", A)
+        api.burst()
+        began = time.monotonic()
+        Dispatcher(api.redis, api.settings).run_once()
+        took = time.monotonic() - began
+        state = job(api, job_id, A)["callback"]
+        assert state["state"] == "failed" and state["last_error"] == "no answer within 1 s"
+        assert 0.9 < took < 3.0
+    finally:
+        stop.set()
+        listener.close()

@@ -52,7 +52,7 @@ CALLBACK_BACKOFF_MAX = 600.0
 """Longest pause in seconds between two attempts of a callback."""
 
 CALLBACK_TIMEOUT = 10.0
-"""Seconds one callback request may take to connect, and again to answer."""
+"""Seconds one callback request may take to connect, and again to answer (twice it in all)."""
 
 CALLBACK_THREADS = 4
 """Threads of a worker's dispatcher sending callbacks at once (a hung receiver holds one)."""
