@@ -17,19 +17,16 @@ from its upper half, so dispatchers do not retry in step), until CONVQ_CALLBACK_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 
 import redis
-import urllib3
-import urllib3.connection
 
+from . import delivery
 from .contract import callbacks, webhooks
 from .contract.config import Settings
 
@@ -40,9 +37,6 @@ BATCH = 50
 
 LEASE_MARGIN = 30.0
 """Seconds a claim outlives the longest attempt (connect + answer timeouts)."""
-
-ANSWER_BYTES = 1024
-"""Bytes of a receiver's answer read (and kept in the error of a failed attempt, up to 200)."""
 
 USER_AGENT = "convq-webhook/1"
 
@@ -99,7 +93,7 @@ class Dispatcher:
         next_at = None
         if not delivered and not final and attempts < self.settings.callback_attempts:
             next_at = time.time() + self.pause(attempts)
-        state = webhooks.attempted(
+        webhooks.attempted(
             self.redis,
             job_id,
             token,
@@ -111,12 +105,9 @@ class Dispatcher:
             now=time.time(),
         )
         if not delivered:
+            then = "gave up" if next_at is None else f"next in {next_at - time.time():.1f} s"
             log.warning(
-                "job %s: callback attempt %d failed (%s); %s",
-                job_id,
-                attempts,
-                error,
-                "gave up" if state == "failed" else f"next in {next_at - time.time():.1f} s",
+                "job %s: callback attempt %d failed (%s); %s", job_id, attempts, error, then
             )
 
     def post(self, job_id: str, record: dict, attempt: int) -> tuple[int | None, str | None, bool]:
@@ -132,62 +123,17 @@ class Dispatcher:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            "Host": _host_header(target),
+            "Host": delivery.host_header(target),
             "X-Convq-Job": job_id,
             "X-Convq-Attempt": str(attempt),
             webhooks.SIGNATURE_HEADER: webhooks.sign(
                 self.secret_for(record["owner"]), body, int(time.time())
             ),
         }
-        timeout = urllib3.Timeout(
-            connect=self.settings.callback_timeout, read=self.settings.callback_timeout
+        return (
+            *delivery.send(target, addresses, body, headers, self.settings.callback_timeout),
+            False,
         )
-        limit = 2 * self.settings.callback_timeout
-        with _Deadline(limit) as deadline:
-            try:
-                return self._send(target, addresses, body, headers, timeout)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if deadline.expired:
-                    return None, f"no answer within {limit:g} s", False
-                return None, f"{type(exc).__name__}: {_reason(exc)}", False
-
-    def _send(self, target, addresses, body: bytes, headers: dict, timeout):
-        error = "no address to connect to"
-        for address in addresses:
-            pool = _pool(target, address, timeout)
-            try:
-                answer = pool.urlopen(
-                    "POST",
-                    target.path,
-                    body=body,
-                    headers=headers,
-                    redirect=False,
-                    retries=False,
-                    preload_content=False,
-                    assert_same_host=False,
-                )
-                try:
-                    code = answer.status
-                    if 200 <= code < 300:
-                        return code, None, False
-                    if 300 <= code < 400:
-                        where = answer.headers.get("Location", "")[:200]
-                        return (
-                            code,
-                            f"answered {code} to {where!r}; redirects are not followed",
-                            False,
-                        )
-                    text = answer.read(ANSWER_BYTES, decode_content=False)
-                finally:
-                    answer.release_conn()
-            except urllib3.exceptions.NewConnectionError as exc:
-                error = f"cannot connect to {address}: {_reason(exc)}"
-                continue  # the next address of the host, if any
-            finally:
-                pool.close()
-            snippet = text[:200].decode("utf-8", "replace").strip()
-            return code, f"answered {code}: {snippet}".rstrip(": "), False
-        return None, error, False
 
     def serve(self, stop: threading.Event, poll: float) -> None:
         """Run rounds until stop is set; wait poll seconds whenever nothing was due."""
@@ -204,95 +150,6 @@ class Dispatcher:
                 tried, pause = 0, max(poll, 1.0)
             if not tried:
                 stop.wait(pause)
-
-
-_attempt_deadline = threading.local()
-
-
-class _Deadline:
-    """Cut every socket an attempt opens once it has run for seconds in all.
-
-    urllib3's timeouts bound each connect and each read, not a whole request: a receiver that
-    sends its answer a byte at a time could hold a thread (and outlive its claim) for hours.
-    """
-
-    def __init__(self, seconds: float):
-        self.sockets: list[socket.socket] = []
-        self.expired = False
-        self.timer = threading.Timer(seconds, self._expire)
-        self.timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        _attempt_deadline.current = self
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timer.cancel()
-        _attempt_deadline.current = None
-
-    def _expire(self) -> None:
-        self.expired = True
-        for sock in list(self.sockets):
-            _cut(sock)
-
-    def watch(self, sock: socket.socket) -> None:
-        self.sockets.append(sock)
-        if self.expired:
-            _cut(sock)
-
-
-def _cut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _watched(sock: socket.socket) -> socket.socket:
-    deadline = getattr(_attempt_deadline, "current", None)
-    if deadline is not None:
-        deadline.watch(sock)
-    return sock
-
-
-class _HTTPConnection(urllib3.connection.HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        return _watched(super()._new_conn())
-
-
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:  # the TCP socket, before the TLS handshake
-        return _watched(super()._new_conn())
-
-
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-def _host_header(target: callbacks.Target) -> str:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    default = callbacks.SCHEMES[target.scheme]
-    return host if target.port == default else f"{host}:{target.port}"
-
-
-def _pool(target: callbacks.Target, address: str, timeout) -> urllib3.HTTPConnectionPool:
-    if target.scheme == "https":
-        return _HTTPSPool(
-            address,
-            target.port,
-            timeout=timeout,
-            retries=False,
-            server_hostname=target.host,
-            assert_hostname=target.host,
-        )
-    return _HTTPPool(address, target.port, timeout=timeout, retries=False)
-
-
-def _reason(exc: BaseException) -> str:
-    return str(getattr(exc, "reason", None) or exc)[:200]
 
 
 class Running:
