@@ -23,6 +23,8 @@ import secrets
 import time
 from datetime import UTC, datetime
 
+from redis.exceptions import WatchError
+
 from . import keys
 
 SIGNATURE_HEADER = "X-Convq-Signature"
@@ -104,22 +106,26 @@ def record_due(
     The first end recorded wins: a job canceled while its worker finishes it is reported once.
     """
     key = keys.webhook(job_id)
-    if not redis.hsetnx(key, "body", body):
-        return False
-    pipe = redis.pipeline(transaction=True)
-    pipe.hset(
-        key,
-        mapping={
-            "url": url,
-            "owner": owner or "",
-            "state": "pending",
-            "attempts": 0,
-            "next_at": repr(now),
-        },
-    )
-    pipe.expire(key, keep)
-    pipe.zadd(keys.webhooks_due(), {job_id: now})
-    pipe.execute()
+    record = {
+        "body": body,
+        "url": url,
+        "owner": owner or "",
+        "state": "pending",
+        "attempts": 0,
+        "next_at": repr(now),
+    }
+    with redis.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.exists(key):
+                return False
+            pipe.multi()
+            pipe.hset(key, mapping=record)
+            pipe.expire(key, keep)
+            pipe.zadd(keys.webhooks_due(), {job_id: now})
+            pipe.execute()
+        except WatchError:  # another end of the same job was recorded meanwhile
+            return False
     return True
 
 
