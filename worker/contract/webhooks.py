@@ -29,9 +29,6 @@ from . import keys
 
 SIGNATURE_HEADER = "X-Convq-Signature"
 
-STATES = ("pending", "delivered", "failed")
-"""A delivery is pending (due or waiting for its next attempt), delivered, or failed (gave up)."""
-
 
 def server_secret(redis, configured: str | None) -> bytes:
     """Return the server secret: configured, else the one kept in Redis (made on first use)."""
