@@ -8,12 +8,13 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from worker.contract.cache import ModelCache
+from worker.contract.callbacks import Allow
 from worker.contract.config import Settings
 from worker.contract.connection import connect
 from worker.contract.queue import make_queue
 from worker.contract.store import Store
 
-from . import auth, defaults, guard, metrics, openapi, v2_jobs, v2_models, web
+from . import auth, defaults, guard, metrics, openapi, v2_jobs, v2_models, v2_webhooks, web
 from .context import Convq
 from .errors import register_error_handlers
 
@@ -31,6 +32,7 @@ def _connect(app: Flask) -> Convq:
         store=store,
         settings=settings,
         models=ModelCache(int(app.config["MODEL_CACHE_BYTES"]), keep_latest=True),
+        callback_allow=Allow.parse(settings.callback_allow),  # ValueError: the server won't start
     )
 
 
@@ -59,6 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     guard.init_app(app)
     app.register_blueprint(v2_models.bp)
     app.register_blueprint(v2_jobs.bp)
+    app.register_blueprint(v2_webhooks.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(web.bp)
     metrics.init_app(app)

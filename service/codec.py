@@ -42,6 +42,7 @@ class InferRequest:
     explain: dict | None = None  # parameters.explain, checked against the model at enqueue
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
     lean: dict[str, dict] = field(default_factory=dict)  # output or "*" -> lean options, unchecked
+    callback: str | None = None  # parameters.callback: URL POSTed when the job ends
 
 
 def parse_header_length(value: str | None, body_size: int) -> int | None:
@@ -237,6 +238,10 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
                 field="explain",
             )
         request.explain = rparams["explain"]
+    if "callback" in rparams:
+        if not isinstance(rparams["callback"], str):
+            raise BadRequest("parameters.callback must be a URL string", field="callback")
+        request.callback = rparams["callback"]
     return request
 
 

@@ -156,10 +156,27 @@ JOB_BODY = {
                         "description": "A LeanMapping as JSON text, e.g. "
                         '{"*": {"dtype": "float16"}, "fc": {"stats": true}}',
                     },
+                    "callback": {
+                        "type": "string",
+                        "description": "An http(s) URL POSTed a signed JobEnded body when the "
+                        "job ends (see parameters.callback)",
+                    },
                 },
             }
         },
     },
+}
+CALLBACKS = {
+    "jobEnded": {
+        "{$request.body#/parameters/callback}": {
+            "post": {
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("JobEnded")}}},
+                "responses": {
+                    "2XX": {"description": "Delivered; anything else is tried again later"}
+                },
+            }
+        }
+    }
 }
 LOAD_BODY = {
     "required": False,
@@ -304,6 +321,15 @@ SCHEMAS = {
                         "clients that send scalar parameters only); an output's own "
                         "parameters are merged over its entry here",
                     },
+                    "callback": {
+                        "type": "string",
+                        "maxLength": 2048,
+                        "description": "Jobs only (400 on /infer): an http(s) URL that receives "
+                        "a POST with a JobEnded body when the job finishes, fails or is "
+                        "canceled, signed in X-Convq-Signature (see GET /v2/webhook-secret). "
+                        "Loopback, private, link-local and other internal addresses are "
+                        "refused (400) unless the server's CONVQ_CALLBACK_ALLOW lists them",
+                    },
                 },
             },
         },
@@ -436,6 +462,48 @@ SCHEMAS = {
             "timings": {"type": "object"},
             "error": {"type": ["string", "null"]},
             "attempt": {"type": "integer"},
+            "callback": {
+                "type": "object",
+                "description": "Only for a job with a callback: its delivery. state: waiting "
+                "(the job has not ended), pending (due, or waiting for its next attempt), "
+                "delivered (a 2xx answer), failed (given up)",
+                "required": ["url", "state"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "state": {"enum": ["waiting", "pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer"},
+                    "last_status": {"type": ["integer", "null"]},
+                    "last_error": {"type": ["string", "null"]},
+                    "next_attempt_at": {"type": ["string", "null"]},
+                    "delivered_at": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+    "JobEnded": {
+        "type": "object",
+        "description": "The body POSTed to a job's callback (the same bytes on every attempt; "
+        "X-Convq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.' + body)>, "
+        "X-Convq-Job: the job id, X-Convq-Attempt: 1, 2, ...)",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["finished", "failed", "canceled"]},
+            "model": {"type": ["string", "null"]},
+            "version": {"type": ["integer", "null"]},
+            "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
+            "error": {"type": ["string", "null"]},
+            "timings": {"type": "object"},
+        },
+    },
+    "WebhookSecret": {
+        "type": "object",
+        "required": ["secret", "algorithm", "header"],
+        "properties": {
+            "secret": {"type": "string", "description": "HMAC key (its UTF-8 bytes)"},
+            "algorithm": {"const": "HMAC-SHA256"},
+            "header": {"const": "X-Convq-Signature"},
+            "signed": {"type": "string"},
         },
     },
     "JobList": {
@@ -615,6 +683,15 @@ def _paths() -> dict:
                 "507",
                 body=JOB_BODY,
                 params=[MODEL],
+            )
+            | {"callbacks": CALLBACKS}
+        },
+        "/v2/webhook-secret": {
+            "get": _op(
+                "The secret signing the caller's job callbacks (one per API key)",
+                {"200": _json(_ref("WebhookSecret"), "The secret")},
+                "401",
+                "503",
             )
         },
         "/v2/jobs": {

@@ -16,7 +16,7 @@ from flask import current_app, request
 from engine import Model
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 from engine.explain import check_request, result_bytes
-from worker.contract import lean
+from worker.contract import callbacks, lean
 from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
@@ -76,12 +76,15 @@ def _multipart(model: Model) -> InferRequest:
         for i, f in enumerate(request.files.getlist("images"))
     ]
     unknown = sorted(set(request.files) - {"images"})
-    unknown += sorted(set(request.form) - {"outputs", "explain", "lean"})
+    unknown += sorted(set(request.form) - {"outputs", "explain", "lean", "callback"})
     if unknown:
         raise BadRequest(
-            f"unknown form field(s) {', '.join(unknown)}; send images, outputs, explain and lean",
+            f"unknown form field(s) {', '.join(unknown)}; send images, outputs, explain, lean "
+            "and callback",
             field=unknown[0],
         )
+    if len(request.form.getlist("callback")) > 1:
+        raise BadRequest("give one callback URL", field="callback")
     requested = parse_lean(request.form["lean"], "the lean field") if "lean" in request.form else {}
     explain = None
     if "explain" in request.form:
@@ -107,7 +110,13 @@ def _multipart(model: Model) -> InferRequest:
         max_images=int(cfg["MAX_IMAGES"]),
         check=check,
     )
-    return InferRequest(images=images, outputs=outputs, explain=explain, lean=requested)
+    return InferRequest(
+        images=images,
+        outputs=outputs,
+        explain=explain,
+        lean=requested,
+        callback=request.form.get("callback"),
+    )
 
 
 def parse_request(model: Model) -> InferRequest:
@@ -221,6 +230,14 @@ def check_images(model: Model, images: np.ndarray) -> np.ndarray:
     return images
 
 
+def check_callback(url: str) -> str:
+    """Return url if a job's callback may go there (callbacks.check); 400 saying why not."""
+    try:
+        return callbacks.check(url, convq().callback_allow).url
+    except callbacks.CallbackRefused as exc:
+        raise BadRequest(str(exc), field="callback") from None
+
+
 def enqueue(
     target: Target, parsed: InferRequest, meta: dict | None = None
 ) -> tuple[str, list, dict]:
@@ -238,6 +255,9 @@ def enqueue(
     if parsed.explain is not None:
         explain = check_request(target.model, parsed.explain, (h, w))  # ModelError: 400
         job_bytes += result_bytes(target.model, n, h, w, explain)
+    job_meta = {"model": target.name, **(meta or {})}
+    if parsed.callback is not None:
+        job_meta["callback"] = check_callback(parsed.callback)
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
         raise Unavailable(
@@ -260,7 +280,7 @@ def enqueue(
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
         owner=owner,
-        meta={"model": target.name, **(meta or {})},
+        meta=job_meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
         explain=explain,

@@ -139,6 +139,12 @@ def infer(name: str, version: str | None = None):
     ext, cfg = convq(), current_app.config
     target = find_model(name, version)
     parsed = parse_request(target.model)
+    if parsed.callback is not None:
+        raise BadRequest(
+            "a callback applies to jobs (POST /v2/models/{m}/jobs); /infer answers with the "
+            "result itself",
+            field="callback",
+        )
     parsed_at = time.perf_counter()
     # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
     default = parsed.binary_default

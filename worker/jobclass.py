@@ -9,6 +9,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from .contract import telemetry
+from .contract.queue import job_ended
 from .jobs import JOB_FUNCTIONS, JobSuperseded
 
 log = logging.getLogger("convq.worker")
@@ -66,7 +67,8 @@ class ConvqJob(Job):
             raise
 
     def ended(self, state: str) -> None:
-        """Report a job that ended in state ('finished'/'failed') to telemetry."""
+        """Report a job that ended in state ('finished'/'failed') to telemetry and its callback."""
+        report_end(self, state)
         queue_s = compute_s = None
         if self.enqueued_at and self.started_at:
             queue_s = max(0.0, (self.started_at - self.enqueued_at).total_seconds())
@@ -76,3 +78,11 @@ class ConvqJob(Job):
             telemetry.record_job(self.connection, state, queue_s, compute_s)
         except Exception:  # noqa: BLE001 - metrics must never fail a job
             log.exception("telemetry.record_job failed for job %s", self.id)
+
+
+def report_end(job: Job, state: str) -> None:
+    """Record job's callback as due, if it has one; a Redis error is logged, never raised."""
+    try:
+        job_ended(job, state)
+    except Exception:  # noqa: BLE001 - a lost callback must not fail or re-run the job
+        log.exception("job %s: its callback could not be recorded", job.id)

@@ -23,6 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
 from .contract import keys
+from .jobclass import report_end
 
 log = logging.getLogger("convq.worker")
 
@@ -79,7 +80,8 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
                 continue
             job.meta = job.get_meta(refresh=True)
             job.meta["progress"] = None
-            if job.retries_left and job.retries_left > 0:
+            final = not (job.retries_left and job.retries_left > 0)
+            if not final:
                 log.warning(
                     "job %s: its worker stopped heartbeating; re-queued (%d retries left)",
                     job.id,
@@ -93,6 +95,8 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
                 record_job_failure(job, job.meta["error"], pipe)
                 pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
             pipe.execute()
+            if final:
+                report_end(job, "failed")
             handled.append(job.id)
     return handled
 

@@ -26,7 +26,7 @@ from rq.worker import BaseWorker, SimpleWorker, Worker
 from .contract import defaults, keys
 from .contract.store import Store
 from .horse import ReusedHorseMixin
-from .jobclass import ConvqJob
+from .jobclass import ConvqJob, report_end
 from .jobs import JOB_FUNCTIONS
 from .reaper import reap_abandoned, reap_unstarted
 
@@ -136,6 +136,7 @@ class _ConvqMixin(BaseWorker):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
+            report_end(job, "canceled")
             job.delete(remove_from_queue=True)
             self.store.delete_job(job.id)
             self._release(job)

@@ -130,9 +130,16 @@ class Api:
     With blob_dir, inputs and results are files there (CONVQ_BLOB_DIR), as for every worker.
     """
 
-    def __init__(self, *, blob_dir: str | None = None, retries: int = 0, **config):
+    def __init__(
+        self,
+        *,
+        blob_dir: str | None = None,
+        retries: int = 0,
+        settings: dict | None = None,
+        **config,
+    ):
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir)
+        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir, **(settings or {}))
         self.app = create_app(
             {"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings, **config}
         )

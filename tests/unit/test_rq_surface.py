@@ -189,3 +189,19 @@ def test_helpers_the_reaper_and_connection_import_keep_their_signatures():
     assert _params(parse_composite_key) == ["composite_key"]
     assert _params(get_connection_kwargs) == ["connection"]
     assert parse_composite_key("abc:def") == ("abc", "def")
+
+
+def test_a_job_hash_keeps_its_status_and_serialized_meta_where_the_listing_reads_them():
+    # worker.contract.queue._listed reads these two fields of the job's hash directly (HMGET),
+    # not the whole record through Job.fetch_many.
+    from rq.job import JobStatus
+    from rq.serializers import JSONSerializer
+
+    conn = fakeredis.FakeStrictRedis()
+    queue = make_queue(conn)
+    job = queue.enqueue_call("worker.jobs.run_model", kwargs={}, meta={"model": "m", "n": 1})
+    status, meta = conn.hmget(Job.key_for(job.id), "status", "meta")
+    assert JobStatus(status.decode()) == JobStatus.QUEUED
+    assert JSONSerializer.loads(meta) == {"model": "m", "n": 1}
+    job.set_status(JobStatus.FINISHED)
+    assert conn.hget(Job.key_for(job.id), "status") == b"finished"

@@ -161,6 +161,24 @@ def test_settings_from_env():
         Settings.from_env({"CONVQ_THREADS": "many"})
 
 
+def test_callback_settings_from_env():
+    s = Settings.from_env(
+        {
+            "CONVQ_CALLBACK_ALLOW": "10.0.0.0/8",
+            "CONVQ_CALLBACK_ATTEMPTS": "0",
+            "CONVQ_CALLBACK_BACKOFF": "0.5",
+            "CONVQ_CALLBACK_TIMEOUT": "0",
+            "CONVQ_WEBHOOK_SECRET": "s" * 20,
+        }
+    )
+    assert (s.callback_allow, s.callback_attempts, s.callback_backoff) == ("10.0.0.0/8", 1, 0.5)
+    assert s.callback_timeout == 0.1 and s.webhook_secret == "s" * 20
+    assert "s" * 20 not in repr(s)  # a logged Settings never shows the secret
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="CONVQ_CALLBACK_BACKOFF"):
+            Settings.from_env({"CONVQ_CALLBACK_BACKOFF": bad})
+
+
 def test_key_names_stay_what_deployed_redis_data_uses():
     from worker.contract import keys
 
@@ -179,6 +197,10 @@ def test_key_names_stay_what_deployed_redis_data_uses():
         keys.expired_seen("q"),
         keys.telemetry_jobs(),
         keys.telemetry_seconds("queue"),
+        keys.webhook("j"),
+        keys.webhooks_due(),
+        keys.webhook_lease("j"),
+        keys.webhook_secret(),
     ] == [
         "convq:models",
         "convq:model:m",
@@ -194,6 +216,10 @@ def test_key_names_stay_what_deployed_redis_data_uses():
         "convq:expired-seen:q",
         "convq:telemetry:jobs",
         "convq:telemetry:queue_seconds",
+        "convq:webhook:j",
+        "convq:webhooks:due",
+        "convq:webhook-lease:j",
+        "convq:webhook-secret",
     ]
 
 

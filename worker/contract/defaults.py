@@ -41,3 +41,24 @@ SOCKET_TIMEOUT = 2.0
 
 BACKOFF_MAX = 30.0
 """Longest pause in seconds between reconnection attempts while Redis is down."""
+
+CALLBACK_ATTEMPTS = 8
+"""Times a job's callback is tried before its delivery is given up (state "failed")."""
+
+CALLBACK_BACKOFF = 2.0
+"""Seconds before the second attempt of a callback; each later pause doubles (with jitter)."""
+
+CALLBACK_BACKOFF_MAX = 600.0
+"""Longest pause in seconds between two attempts of a callback."""
+
+CALLBACK_TIMEOUT = 10.0
+"""Seconds one callback request may take to connect, and again to answer (twice it in all)."""
+
+CALLBACK_THREADS = 4
+"""Threads of a worker's dispatcher sending callbacks at once (a hung receiver holds one)."""
+
+CALLBACK_POLL = 0.25
+"""Seconds between a dispatcher's looks for callbacks that are due."""
+
+WEBHOOK_KEEP = 86400
+"""Seconds a job's callback delivery record is kept (it outlives the job's own record)."""

@@ -5,6 +5,9 @@ Models:   convq:models (set of names), convq:model:<name> (hash: version, owner,
 Jobs:     convq:input:<id>, convq:result:<id> (index hash), convq:result:<id>:<i> (one output),
           convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on),
           convq:jobs:<owner> (sorted set of an owner's job ids, score = enqueue time)
+Webhooks: convq:webhook:<id> (hash: a job's callback delivery), convq:webhooks:due (sorted set:
+          job id -> when its next attempt is due), convq:webhook-lease:<id> (the dispatcher
+          delivering it), convq:webhook-secret (generated server secret, when none is configured)
 Workers:  convq:sweep-lock:<queue>, convq:expired-seen:<queue>
 Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds
 """
@@ -63,6 +66,22 @@ def cancel(job_id: str) -> str:
 
 def run(job_id: str) -> str:
     return key("run", job_id)
+
+
+def webhook(job_id: str) -> str:
+    return key("webhook", job_id)
+
+
+def webhooks_due() -> str:
+    return key("webhooks", "due")
+
+
+def webhook_lease(job_id: str) -> str:
+    return key("webhook-lease", job_id)
+
+
+def webhook_secret() -> str:
+    return key("webhook-secret")
 
 
 def sweep_lock(queue: str) -> str:
