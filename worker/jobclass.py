@@ -44,8 +44,15 @@ class ConvqJob(Job):
         return JOB_FUNCTIONS[name]
 
     def perform(self):
+        return self._performed(super().perform)
+
+    def take_outcome(self, outcome) -> dict | None:
+        """Return or raise this job's outcome of a batch (worker.batch_run) as perform() would."""
+        return self._performed(outcome.get)
+
+    def _performed(self, run):
         try:
-            return super().perform()
+            return run()
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # Redis went away mid-job: a retry may well succeed
         except JobSuperseded:

@@ -154,7 +154,18 @@ def run_model(
     check()
     if reached and job.meta.get("progress") != reached:
         _save_progress(job, dict(reached))  # a finished job shows n of n
-    _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files), started + timeout)
+    return store_results(job, store, result, input_id, files=in_files, deadline=started + timeout)
+
+
+def store_results(
+    job, store: Store, result: dict, input_id: str, *, files: bool, deadline: float
+) -> dict:
+    """Store one job's outputs and free its input; return the job's return value.
+
+    The one path every run takes to store a result, alone or as a slice of a batch
+    (worker/batch.py): result holds this job's own images only. deadline is on time.monotonic().
+    """
+    _with_redis_retries(lambda: store.put_result(job.id, result, files=files), deadline)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
     except redis.RedisError:

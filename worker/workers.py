@@ -13,16 +13,20 @@ import errno
 import logging
 import os
 import signal
+import sys
 import time
 
 import redis
 from rq import worker_registration
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
+from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException, JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, Worker
+from rq.worker.base import WorkerStatus
 
+from .batch_run import Outcome, run_batch
+from .batch_take import take_batch
 from .contract import defaults, keys
 from .contract.store import Store
 from .horse import ReusedHorseMixin
@@ -103,6 +107,45 @@ class _ConvqMixin:
             except (redis.RedisError, OSError) as exc:  # a sweep must never end the worker
                 log.warning("sweep of queue %s skipped: %s", queue.name, exc)
         self.last_cleaned_at = now()
+
+    def take_more(self, job, queue) -> list:
+        """Take queued jobs to run in one engine batch with job (none when batching is off)."""
+        try:
+            return take_batch(
+                queue,
+                job,
+                max_images=self.settings.batch_max_images,
+                wait_ms=self.settings.batch_wait_ms,
+                job_class=self.job_class,
+            )
+        except redis.RedisError as exc:  # what it moved is swept back like any unstarted job
+            log.warning("job %s runs alone: could not take a batch (%s)", job.id, exc)
+            return []
+
+    def perform_batch(self, members: list, queue) -> None:
+        """Run members [(job, execution)] as one engine batch; end each job as rq ends one.
+
+        Every job is started first (rq's bookkeeping, out of the intermediate list), then the
+        batch runs once (worker.batch_run), then each job is finished or failed with its own
+        outcome through rq's own success and failure paths: retries, result TTLs, telemetry.
+        """
+        for job, _execution in members:
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            job.started_at = now()
+        jobs = [job for job, _execution in members]
+        timeout = jobs[0].timeout or self.queue_class.DEFAULT_TIMEOUT
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                outcomes = run_batch(jobs)
+        except BaseException as exc:  # noqa: BLE001 - rq's timeout, Redis gone: it ends them all
+            outcomes = {job.id: Outcome(error=exc) for job in jobs}
+        for job, execution in members:
+            try:
+                value = job.take_outcome(outcomes[job.id])
+            except BaseException:  # noqa: BLE001 - as rq's perform_job: the job failed
+                self._finalize_failure(job, queue, execution, sys.exc_info())
+            else:
+                self._finalize_success(job, queue, execution, value)
 
     def _canceled(self, job) -> bool:
         try:
@@ -206,10 +249,11 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
             os._exit(1)
 
     def maintain_heartbeats(self, job, execution):
-        try:
-            super().maintain_heartbeats(job, execution)
-        except redis.RedisError as exc:
-            log.warning("heartbeat for job %s failed: %s", job.id, exc)
+        for member, member_execution in self.batch or [(job, execution)]:
+            try:
+                super().maintain_heartbeats(member, member_execution)
+            except redis.RedisError as exc:
+                log.warning("heartbeat for job %s failed: %s", member.id, exc)
 
     def monitor_work_horse(self, job, queue, execution):
         """Wait for the horse, heartbeating; kill it once it is well past the job's timeout."""
@@ -237,14 +281,17 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
                 if exc.errno != errno.EINTR:
                     raise
         self._horse_pid = 0
-        self.executions.pop(execution.id, None)
+        members = self.batch or [(job, execution)]
+        for _member, member_execution in members:
+            self.executions.pop(member_execution.id, None)
         if ret_val == os.EX_OK and not timed_out:
             return
-        try:
-            self._horse_ended_badly(job, queue, execution, ret_val, timed_out)
-        except redis.RedisError as exc:
-            # The sweep re-queues the job once Redis is back and its heartbeat has expired.
-            log.warning("job %s: could not record how its horse ended: %s", job.id, exc)
+        for member, member_execution in members:  # each job of a batch as if it ran alone
+            try:
+                self._horse_ended_badly(member, queue, member_execution, ret_val, timed_out)
+            except redis.RedisError as exc:
+                # The sweep re-queues the job once Redis is back and its heartbeat has expired.
+                log.warning("job %s: could not record how its horse ended: %s", member.id, exc)
 
     def _horse_ended_badly(self, job, queue, execution, ret_val, timed_out: bool) -> None:
         status = job.get_status()
@@ -266,6 +313,11 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
             message = f"work-horse died (exit status {ret_val}, signal {sig})"
             self.handle_work_horse_killed(job, None, ret_val, None)
             self.handle_job_failure(job, queue, exc_string=message, execution=execution)
+            if status == "queued":
+                # The horse died before starting it (a job of a batch waits its turn): it is
+                # still in the intermediate list and now queued again; the sweep must not
+                # re-queue it a second time.
+                queue.intermediate_queue.remove(job.id)
 
 
 class _DeadlineOnly(BaseDeathPenalty):
@@ -285,6 +337,14 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
 
     def _install_signal_handlers(self):
         pass  # rq may only install them from the main thread; Handle.stop() stops us instead
+
+    def execute_job(self, job, queue):
+        """Run job, with the queued jobs batched with it, in this thread."""
+        more = self.take_more(job, queue)
+        if not more:
+            return super().execute_job(job, queue)
+        self.perform_batch([(j, self.prepare_execution(j)) for j in [job, *more]], queue)
+        self.set_state(WorkerStatus.IDLE)
 
     def request_stop_soon(self) -> None:
         """Finish the job at hand, then leave work() (thread-safe)."""

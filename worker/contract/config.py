@@ -39,6 +39,8 @@ class Settings:
     timeout_grace: int = defaults.TIMEOUT_GRACE
     log_level: str = "INFO"
     blob_dir: str | None = None
+    batch_max_images: int = defaults.BATCH_MAX_IMAGES
+    batch_wait_ms: int = defaults.BATCH_WAIT_MS
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -61,4 +63,6 @@ class Settings:
             timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
             blob_dir=env.get("CONVQ_BLOB_DIR") or None,
+            batch_max_images=_int(env, "CONVQ_BATCH_MAX_IMAGES", defaults.BATCH_MAX_IMAGES),
+            batch_wait_ms=_int(env, "CONVQ_BATCH_WAIT_MS", defaults.BATCH_WAIT_MS),
         )

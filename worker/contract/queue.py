@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ def submit(
     `retries` times, a bad job fails at once.
     """
     job_id = uuid.uuid4().hex
+    timeout = job_timeout or defaults.JOB_TIMEOUT
     kwargs = {"model": model, "version": int(version), "outputs": outputs, "input_id": job_id}
     if explain is not None:  # only then, so records stay readable by workers without it
         kwargs["explain"] = explain
@@ -78,13 +80,15 @@ def submit(
         "outputs": outputs if explain is None else [*(outputs or []), *EXPLAIN_RESULTS],
         "retries": retries,
         "progress": None,
+        "images": int(images.shape[0]),
+        "batch_key": batch_key(model, version, outputs, images, timeout, explain),
         **(meta or {}),
     }
     try:
         queue.enqueue_call(
             RUN_MODEL,
             kwargs=kwargs,
-            timeout=job_timeout or defaults.JOB_TIMEOUT,
+            timeout=timeout,
             job_id=job_id,
             meta=job_meta,
             result_ttl=store.result_ttl,
@@ -96,8 +100,28 @@ def submit(
     except BaseException:
         store.delete_job(job_id)
         raise
-    _remember(queue.connection, owner, job_id, store, job_timeout or defaults.JOB_TIMEOUT)
+    _remember(queue.connection, owner, job_id, store, timeout)
     return job_id
+
+
+def batch_key(
+    model: str,
+    version: int,
+    outputs: list[str] | str | None,
+    images: np.ndarray,
+    timeout: int,
+    explain: dict | None,
+) -> str | None:
+    """Return the key under which queued jobs may run as one engine batch; None: never batched.
+
+    Jobs share a batch only when they would run the same way alone: same model version, same
+    requested outputs, same image size and type (stacked along N), same timeout; a job that
+    asks for an explanation (gradients of its own images) always runs alone.
+    """
+    if explain is not None:
+        return None
+    shape = [int(d) for d in images.shape[1:]]
+    return json.dumps([model, int(version), outputs, shape, images.dtype.str, int(timeout)])
 
 
 def _lifetime(store, job_timeout: int) -> int:

@@ -386,6 +386,23 @@ class Store:
         run, canceled = self.redis.mget(keys.run(job_id), self.cancel_key(job_id))
         return run is None or run.decode() == token, canceled is not None
 
+    def claim_runs(self, tokens: dict[str, str], ttl: int) -> None:
+        """claim_run for every job id -> token of a batch, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token in tokens.items():
+                pipe.set(keys.run(job_id), token, ex=max(1, int(ttl)))
+            pipe.execute()
+
+    def run_states(self, tokens: dict[str, str]) -> dict[str, tuple[bool, bool]]:
+        """run_state of every job id -> token of a batch, in one round trip."""
+        ids = list(tokens)
+        found = self.redis.mget([keys.run(i) for i in ids] + [self.cancel_key(i) for i in ids])
+        runs, marks = found[: len(ids)], found[len(ids) :]
+        return {
+            i: (run is None or run.decode() == tokens[i], mark is not None)
+            for i, run, mark in zip(ids, runs, marks, strict=True)
+        }
+
     def finish_run(self, job_id: str, input_id: str) -> None:
         """Drop what an ended job (finished or failed for good) no longer needs: its input, its
         run claim and its cancel mark."""
