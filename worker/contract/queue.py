@@ -314,7 +314,15 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
             if status != "queued" and meta.get("attempt")
             else max(1, retries - left + 1)
         ),
+        "batch": _batch(meta.get("batch")) if status != "queued" else None,
     }
+
+
+def _batch(batch) -> dict | None:
+    """The size of the engine batch a job ran in (worker/batch_run.py); None if it ran alone."""
+    if not isinstance(batch, dict):
+        return None
+    return {"jobs": batch.get("jobs"), "images": batch.get("images")}
 
 
 ENDED = ("finished", "failed", "canceled")
