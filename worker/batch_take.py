@@ -130,6 +130,17 @@ def _move(queue, want: list[str]) -> list[str]:
 def _fetch(queue, ids: list[str], job_class) -> list:
     """Return the jobs of ids; a job deleted meanwhile (canceled) leaves the intermediate list,
     one whose record cannot be read goes back to the front of the queue, for rq's own path."""
+    if not ids:
+        return []
+    try:
+        jobs = job_class.fetch_many(ids, connection=queue.connection, serializer=queue.serializer)
+    except Exception:  # noqa: BLE001 - one unreadable record: read them one by one below
+        pass
+    else:
+        for job_id, job in zip(ids, jobs, strict=True):
+            if job is None:
+                queue.intermediate_queue.remove(job_id)
+        return [job for job in jobs if job is not None]
     found = []
     for job_id in ids:
         try:

@@ -132,7 +132,7 @@ class ReusedHorseMixin:
     def execute_job(self, job, queue):
         """Hand job (and the queued jobs batched with it) to the horse and watch it run."""
         jobs = [job, *self.take_more(job, queue)]
-        self.batch = [(j, self.prepare_execution(j)) for j in jobs]
+        self.batch = self.prepare_executions(jobs)
         message = (
             json.dumps(
                 {"jobs": [[j.id, e.id] for j, e in self.batch], "queue": queue.name}

@@ -72,14 +72,18 @@ class ConvqJob(Job):
                 pass
             raise
 
-    def ended(self, state: str) -> None:
-        """Report a job that ended in state ('finished'/'failed') to telemetry."""
+    def timings(self) -> tuple[float | None, float | None]:
+        """Return (seconds queued, seconds computing) of a job that ended (None if unknown)."""
         queue_s = compute_s = None
         if self.enqueued_at and self.started_at:
             queue_s = max(0.0, (self.started_at - self.enqueued_at).total_seconds())
         if self.started_at and self.ended_at:
             compute_s = max(0.0, (self.ended_at - self.started_at).total_seconds())
+        return queue_s, compute_s
+
+    def ended(self, state: str) -> None:
+        """Report a job that ended in state ('finished'/'failed') to telemetry."""
         try:
-            telemetry.record_job(self.connection, state, queue_s, compute_s)
+            telemetry.record_job(self.connection, state, *self.timings())
         except Exception:  # noqa: BLE001 - metrics must never fail a job
             log.exception("telemetry.record_job failed for job %s", self.id)

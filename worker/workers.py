@@ -13,20 +13,18 @@ import errno
 import logging
 import os
 import signal
-import sys
 import time
 
 import redis
 from rq import worker_registration
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException, JobTimeoutException
+from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, Worker
 from rq.worker.base import WorkerStatus
 
-from .batch_run import Outcome, run_batch
-from .batch_take import take_batch
+from .batch_worker import BatchMixin
 from .contract import defaults, keys
 from .contract.store import Store
 from .horse import ReusedHorseMixin
@@ -38,7 +36,7 @@ log = logging.getLogger("convq.worker")
 _PR_SET_PDEATHSIG = 1
 
 
-class _ConvqMixin:
+class _ConvqMixin(BatchMixin):
     """Behaviour shared by both worker kinds; configure() must be called after __init__."""
 
     poll_seconds = defaults.POLL_SECONDS
@@ -107,45 +105,6 @@ class _ConvqMixin:
             except (redis.RedisError, OSError) as exc:  # a sweep must never end the worker
                 log.warning("sweep of queue %s skipped: %s", queue.name, exc)
         self.last_cleaned_at = now()
-
-    def take_more(self, job, queue) -> list:
-        """Take queued jobs to run in one engine batch with job (none when batching is off)."""
-        try:
-            return take_batch(
-                queue,
-                job,
-                max_images=self.settings.batch_max_images,
-                wait_ms=self.settings.batch_wait_ms,
-                job_class=self.job_class,
-            )
-        except redis.RedisError as exc:  # what it moved is swept back like any unstarted job
-            log.warning("job %s runs alone: could not take a batch (%s)", job.id, exc)
-            return []
-
-    def perform_batch(self, members: list, queue) -> None:
-        """Run members [(job, execution)] as one engine batch; end each job as rq ends one.
-
-        Every job is started first (rq's bookkeeping, out of the intermediate list), then the
-        batch runs once (worker.batch_run), then each job is finished or failed with its own
-        outcome through rq's own success and failure paths: retries, result TTLs, telemetry.
-        """
-        for job, _execution in members:
-            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-            job.started_at = now()
-        jobs = [job for job, _execution in members]
-        timeout = jobs[0].timeout or self.queue_class.DEFAULT_TIMEOUT
-        try:
-            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
-                outcomes = run_batch(jobs)
-        except BaseException as exc:  # noqa: BLE001 - rq's timeout, Redis gone: it ends them all
-            outcomes = {job.id: Outcome(error=exc) for job in jobs}
-        for job, execution in members:
-            try:
-                value = job.take_outcome(outcomes[job.id])
-            except BaseException:  # noqa: BLE001 - as rq's perform_job: the job failed
-                self._finalize_failure(job, queue, execution, sys.exc_info())
-            else:
-                self._finalize_success(job, queue, execution, value)
 
     def _canceled(self, job) -> bool:
         try:
@@ -343,7 +302,7 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
         more = self.take_more(job, queue)
         if not more:
             return super().execute_job(job, queue)
-        self.perform_batch([(j, self.prepare_execution(j)) for j in [job, *more]], queue)
+        self.perform_batch(self.prepare_executions([job, *more]), queue)
         self.set_state(WorkerStatus.IDLE)
 
     def request_stop_soon(self) -> None:
