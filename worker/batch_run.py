@@ -113,8 +113,9 @@ def run_batch(jobs: list) -> dict[str, Outcome]:
             run.end(job, JobFailed(error))
         return run.outcomes
     groups: dict[tuple, list[_Member]] = {}
-    for job in jobs:
-        member = _read_input(run, job)
+    inputs = store.read_inputs([job.kwargs["input_id"] for job in jobs])
+    for job, found in zip(jobs, inputs, strict=True):
+        member = _member(run, job, found)
         if member is not None:  # grouped by image size and type, should a key ever lie
             shape = (member.images.shape[1:], member.images.dtype.str)
             groups.setdefault(shape, []).append(member)
@@ -123,21 +124,19 @@ def run_batch(jobs: list) -> dict[str, Outcome]:
     return run.outcomes
 
 
-def _read_input(run: _Run, job) -> _Member | None:
+def _member(run: _Run, job, found) -> _Member | None:
     """Return the job's member of the batch, or end the job alone when its input is unusable."""
-    input_id = job.kwargs["input_id"]
-    try:
-        images, files = run.store.read_input(input_id)
-    except BlobMissing as exc:
-        run.end(job, JobFailed(f"the input of job {job.id} cannot be read: {exc}"))
+    if isinstance(found, BlobMissing):
+        run.end(job, JobFailed(f"the input of job {job.id} cannot be read: {found}"))
         return None
-    except redis.RedisError as exc:
-        run.end(job, exc)
+    if isinstance(found, Exception):
+        run.end(job, found)
         return None
+    images, files = found
     if images is None:
         run.end(job, JobFailed(f"the input of job {job.id} expired before it ran; submit it again"))
         return None
-    return _Member(job, images, files, input_id, run.tokens[job.id])
+    return _Member(job, images, files, job.kwargs["input_id"], run.tokens[job.id])
 
 
 def _live(run: _Run, group: list[_Member]) -> list[_Member]:

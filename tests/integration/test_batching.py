@@ -30,13 +30,21 @@ OUTPUTS = ["conv1", "fc"]
 
 
 @pytest.fixture
-def env():
+def env(blob_dir):
+    """fakeredis with the tiny model; job data in Redis or in a blob directory (both kinds)."""
     redis = fakeredis.FakeRedis()
-    store = Store(redis, result_ttl=SETTINGS.result_ttl, input_ttl=SETTINGS.input_ttl)
+    store = Store.from_settings(redis, dataclasses.replace(SETTINGS, blob_dir=blob_dir))
     queue = make_queue(redis)
     model = tiny_model(open_input=True)
     version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
     return redis, store, queue, model, version
+
+
+def _burst(env, **changes) -> None:
+    """Run every queued job with the thread worker, settings as SETTINGS with changes."""
+    redis, store, *_ = env
+    blob_dir = None if store.blobs is None else str(store.blobs.root)
+    burst(redis, dataclasses.replace(SETTINGS, blob_dir=blob_dir, **changes))
 
 
 def _images(seed: int, n: int, h: int = 9, w: int = 11) -> np.ndarray:
@@ -77,7 +85,7 @@ def test_jobs_of_two_keys_run_as_one_batch_each_with_its_own_rows(env):
     images = [_images(seed, n) for seed, n in enumerate(sizes)]
     owners = ["key1", "key2", "key1", "key2"]
     ids = [_submit(env, x, owner=o) for x, o in zip(images, owners, strict=True)]
-    burst(redis, SETTINGS)
+    _burst(env)
     batches = set()
     for job_id, x, owner in zip(ids, images, owners, strict=True):
         status = job_status(queue, job_id)
@@ -101,7 +109,7 @@ def test_only_jobs_with_the_same_model_outputs_and_size_share_a_batch(env):
         (_submit(env, _images(4, 1), model="other", version=other), OUTPUTS),  # other model
         (_submit(env, _images(5, 2)), OUTPUTS),
     ]
-    burst(redis, SETTINGS)
+    _burst(env)
     for job_id, _ in jobs:
         assert job_status(queue, job_id)["status"] == "finished"
     first, last = jobs[0][0], jobs[-1][0]
@@ -121,7 +129,7 @@ def test_only_jobs_with_the_same_model_outputs_and_size_share_a_batch(env):
 def test_a_batch_holds_at_most_batch_max_images(env):
     redis, _store, queue, _model, _v = env
     ids = [_submit(env, _images(seed, 1)) for seed in range(5)]
-    burst(redis, dataclasses.replace(SETTINGS, batch_max_images=3))
+    _burst(env, batch_max_images=3)
     sizes = [job_status(queue, job_id)["batch"] for job_id in ids]
     assert sizes == [{"jobs": 3, "images": 3}] * 3 + [{"jobs": 2, "images": 2}] * 2
     for seed, job_id in enumerate(ids):
@@ -132,7 +140,7 @@ def test_a_batch_holds_at_most_batch_max_images(env):
 def test_batching_off_runs_every_job_alone(env, off):
     redis, _store, queue, _model, _v = env
     ids = [_submit(env, _images(seed, 1)) for seed in range(3)]
-    burst(redis, dataclasses.replace(SETTINGS, batch_max_images=off))
+    _burst(env, batch_max_images=off)
     for seed, job_id in enumerate(ids):
         status = job_status(queue, job_id)
         assert status["status"] == "finished" and status["batch"] is None
@@ -144,7 +152,7 @@ def test_a_job_whose_input_expired_fails_alone(env):
     redis, store, queue, _model, _v = env
     ids = [_submit(env, _images(seed, 1)) for seed in range(3)]
     redis.delete(store.input_key(ids[1]))  # its input expired while it waited
-    burst(redis, SETTINGS)
+    _burst(env)
     failed = job_status(queue, ids[1])
     assert failed["status"] == "failed" and "expired before it ran" in failed["error"]
     assert store.result_names(ids[1]) is None
@@ -168,7 +176,7 @@ def test_an_engine_error_in_a_batch_fails_only_the_job_that_causes_it(env, monke
     monkeypatch.setattr(engine.Model, "run", refusing)
     good = [_submit(env, _images(seed, 1)) for seed in range(2)]
     bad = _submit(env, poison, owner="key2")
-    burst(redis, SETTINGS)
+    _burst(env)
     status = job_status(queue, bad)
     assert status["status"] == "failed" and status["error"] == "JobFailed: this image is refused"
     for seed, job_id in enumerate(good):
@@ -181,7 +189,7 @@ def test_a_job_canceled_while_its_batch_runs_is_dropped_alone(env):
     redis, store, queue, _model, _v = env
     ids = [_submit(env, _images(seed, 1)) for seed in range(3)]
     store.mark_canceled(ids[0])  # what cancel() leaves for a started job
-    burst(redis, SETTINGS)
+    _burst(env)
     assert job_status(queue, ids[0]) is None and store.result_names(ids[0]) is None
     for seed in (1, 2):
         assert job_status(queue, ids[seed])["status"] == "finished"
@@ -192,7 +200,7 @@ def test_a_job_canceled_before_it_is_taken_is_not_run(env):
     redis, store, queue, _model, _v = env
     ids = [_submit(env, _images(seed, 1)) for seed in range(3)]
     assert cancel(queue, store, ids[2])
-    burst(redis, SETTINGS)
+    _burst(env)
     assert job_status(queue, ids[2]) is None and store.result_names(ids[2]) is None
     assert job_status(queue, ids[0])["batch"] == {"jobs": 2, "images": 2}
 

@@ -251,6 +251,40 @@ class Store:
         raw = self._read_into(key, size or None)
         return (None if raw is None else from_npy(raw)), False
 
+    def read_inputs(self, job_ids: list[str]) -> list[tuple[np.ndarray | None, bool] | Exception]:
+        """read_input of each job id (a batch's), small ones in two round trips in all.
+
+        An input that cannot be read gives its exception (BlobMissing, a Redis error) in its
+        place, so one bad input fails only its job.
+        """
+        client = bulk_client(self.redis)
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.strlen(self.input_key(job_id))
+            sizes = [int(n) for n in pipe.execute()]
+        small = [i for i, n in enumerate(sizes) if 0 < n <= SLICE_BYTES]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for i in small:
+                pipe.get(self.input_key(job_ids[i]))
+            values = dict(zip(small, pipe.execute(), strict=True))
+        out: list[tuple[np.ndarray | None, bool] | Exception] = []
+        for i, job_id in enumerate(job_ids):
+            try:
+                if i not in values:  # big (read in slices), or missing
+                    out.append(self.read_input(job_id))
+                    continue
+                raw = values[i]
+                if raw is None:
+                    out.append((None, False))
+                elif sizes[i] <= 128 and raw.startswith(_FILE_REF):
+                    name = raw[len(_FILE_REF) :].decode()
+                    out.append((from_npy(self._map(name, writable=True)), True))
+                else:
+                    out.append((from_npy(bytearray(raw)), False))
+            except Exception as exc:  # noqa: BLE001 - this job's input, not its batch-mates'
+                out.append(exc)
+        return out
+
     # -- results --------------------------------------------------------------------------------
     def _data_key(self, job_id: str, index: int) -> str:
         return keys.result_data(job_id, index)
