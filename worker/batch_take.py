@@ -59,7 +59,8 @@ def take_batch(queue, lead, *, max_images: int, wait_ms: int, job_class) -> list
     """Move queued jobs with lead's batch key to the intermediate list; return them (fetched).
 
     Takes jobs up to max_images images in all (lead's included), waiting up to wait_ms for more
-    to arrive while the batch is not full. Returns [] when lead cannot lead a batch.
+    to arrive while the batch is not full and jobs like lead are arriving (the first look found
+    some): a lone job at low load starts at once. Returns [] when lead cannot lead a batch.
     """
     if not batchable(lead, max_images):
         return []
@@ -88,8 +89,8 @@ def take_batch(queue, lead, *, max_images: int, wait_ms: int, job_class) -> list
         taken += moved
         others.update(moved)
         room -= sum(want[job_id] for job_id in moved)
-        if room <= 0 or time.monotonic() >= deadline:
-            break
+        if room <= 0 or time.monotonic() >= deadline or not taken:
+            break  # full, out of time, or no job like it is queued: none is arriving, go now
         if len(moved) == len(want):  # nothing new right now: wait a little for more
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return _fetch(queue, taken, job_class)

@@ -23,6 +23,7 @@ from rq.worker.base import WorkerStatus
 from .batch_run import Outcome, run_batch
 from .batch_take import take_batch
 from .contract import telemetry
+from .contract.queue import announce_end
 
 log = logging.getLogger("convq.worker")
 
@@ -105,9 +106,9 @@ class BatchMixin:
 
         convq's jobs have no dependents, repeats, callbacks or rate limits (submit() sets
         none), so what is left of rq's success path is the status, the Result record, the
-        finished registry, the job's expiry, the execution's cleanup and the worker's counters.
+        finished registry, the job's expiry, the execution's cleanup and the worker's counters;
+        with them each job's end signal (announce_end) and telemetry.
         """
-        samples = []
         with self.connection.pipeline() as pipe:
             for job, execution, value in finished:
                 job.ended_at = now()
@@ -126,8 +127,8 @@ class BatchMixin:
                 )
                 job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                samples.append(("finished", *job.timings()))
+                announce_end(pipe, job.id)
+                telemetry.observe_job(pipe, "finished", *job.timings())
             pipe.execute()
-        telemetry.record_jobs(self.connection, samples)
         for job, _execution, _value in finished:
             self._log_job(job, "finished", "")

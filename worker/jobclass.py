@@ -9,6 +9,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from .contract import telemetry
+from .contract.queue import announce_end
 from .jobs import JOB_FUNCTIONS, JobSuperseded
 
 log = logging.getLogger("convq.worker")
@@ -82,8 +83,11 @@ class ConvqJob(Job):
         return queue_s, compute_s
 
     def ended(self, state: str) -> None:
-        """Report a job that ended in state ('finished'/'failed') to telemetry."""
+        """Announce a job that ended in state ('finished'/'failed'); count it in telemetry."""
         try:
-            telemetry.record_job(self.connection, state, *self.timings())
-        except Exception:  # noqa: BLE001 - metrics must never fail a job
-            log.exception("telemetry.record_job failed for job %s", self.id)
+            with self.connection.pipeline(transaction=False) as pipe:
+                announce_end(pipe, self.id)
+                telemetry.observe_job(pipe, state, *self.timings())
+                pipe.execute()
+        except Exception:  # noqa: BLE001 - metrics must never fail a job; a waiter looks again
+            log.exception("job %s: its end was not announced nor counted", self.id)

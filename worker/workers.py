@@ -26,6 +26,7 @@ from rq.worker.base import WorkerStatus
 
 from .batch_worker import BatchMixin
 from .contract import defaults, keys
+from .contract.queue import announce_end
 from .contract.store import Store
 from .horse import ReusedHorseMixin
 from .jobclass import ConvqJob
@@ -128,6 +129,9 @@ class _ConvqMixin(BatchMixin):
             job.delete(remove_from_queue=True)
             self.store.delete_job(job.id)
             self._release(job)
+            with self.connection.pipeline(transaction=False) as pipe:
+                announce_end(pipe, job.id)  # a waiting /infer finds it gone now
+                pipe.execute()
             log.info("job %s canceled", job.id)
             return
         retry = job.should_retry and self._stopped_job_id != job.id

@@ -4,6 +4,7 @@ Models:   convq:models (set of names), convq:model:<name> (hash: version, owner,
           convq:model-version:<name> (counter), convq:spec:<name>:<v>, convq:weights:<name>:<v>
 Jobs:     convq:input:<id>, convq:result:<id> (index hash), convq:result:<id>:<i> (one output),
           convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on),
+          convq:ended:<id> (a list a worker pushes to when the job ends: wakes a waiting /infer),
           convq:jobs:<owner> (sorted set of an owner's job ids, score = enqueue time)
 Workers:  convq:sweep-lock:<queue>, convq:expired-seen:<queue>
 Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds
@@ -63,6 +64,10 @@ def cancel(job_id: str) -> str:
 
 def run(job_id: str) -> str:
     return key("run", job_id)
+
+
+def ended(job_id: str) -> str:
+    return key("ended", job_id)
 
 
 def sweep_lock(queue: str) -> str:

@@ -451,6 +451,7 @@ class Store:
             self.input_key(job_id),
             self.result_key(job_id),
             keys.run(job_id),
+            keys.ended(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
         if self.blobs is not None:
