@@ -522,7 +522,9 @@ def _clients(stack: Stack, bodies: list, clients: int, seconds: float) -> tuple[
     return len(done), done
 
 
-def bench_batching(stack: Stack, rounds: int, seconds: float, clients: int = 64) -> None:
+def bench_batching(
+    stack: Stack, rounds: int, seconds: float, clients: int = 64, queued: int = 256
+) -> None:
     """1-image jobs from many clients on 2 workers: batching on vs off, rounds alternating."""
     small_model(stack)
     rng = np.random.default_rng(4)
@@ -534,10 +536,12 @@ def bench_batching(stack: Stack, rounds: int, seconds: float, clients: int = 64)
     rates: dict[str, list[float]] = {m: [] for m in modes}
     p50s: dict[str, list[float]] = {m: [] for m in modes}
     loaded: dict[str, list[float]] = {m: [] for m in modes}
+    drains: dict[str, list[float]] = {m: [] for m in modes}
     print(
         f"\n4. dynamic batching: one 32x32x3 image per job (conv K32 F5 P2) through POST /infer, "
         f"2 workers of 1 thread;\n   {clients} clients for {seconds:.0f} s (throughput), then 1 "
-        f"client x100 (low-load latency); {rounds} rounds alternating"
+        f"client x100 (low-load latency); then {queued} jobs queued before the 2 workers start "
+        f"(their drain rate);\n   {rounds} rounds, batched and off alternating"
     )
     for _ in range(rounds):
         for mode, env in modes.items():
@@ -559,16 +563,57 @@ def bench_batching(stack: Stack, rounds: int, seconds: float, clients: int = 64)
                 f"   {mode:8s} {count / seconds:7.1f} jobs/s   p50 under load "
                 f"{ms(statistics.median(times))} ms   p50 alone {ms(statistics.median(single))} ms"
             )
+        for mode, env in modes.items():
+            rate, sizes = _drain(stack, bodies, env, queued)
+            drains[mode].append(rate)
+            print(
+                f"   {mode:8s} {queued} queued jobs drained at {rate:7.1f} jobs/s   jobs per "
+                f"batch: median {statistics.median(sizes):.0f}, max {max(sizes)}"
+            )
     rate = {m: statistics.median(v) for m, v in rates.items()}
     p50 = {m: statistics.median(v) for m, v in p50s.items()}
+    drain = {m: statistics.median(v) for m, v in drains.items()}
     print(
         f"   medians: batched {rate['batched']:.1f} jobs/s vs off {rate['off']:.1f} jobs/s = "
         f"{rate['batched'] / rate['off']:.2f}x (goal >= 2x); low-load p50 batched "
         f"{ms(p50['batched'])} ms vs off {ms(p50['off'])} ms = "
         f"{p50['batched'] / p50['off']:.2f}x (goal <= 1.5x); p50 under load batched "
         f"{ms(statistics.median(loaded['batched']))} ms vs off "
-        f"{ms(statistics.median(loaded['off']))} ms"
+        f"{ms(statistics.median(loaded['off']))} ms;\n   queued jobs drained by the 2 workers "
+        f"(no HTTP while they run): batched {drain['batched']:.1f} jobs/s vs off "
+        f"{drain['off']:.1f} jobs/s = {drain['batched'] / drain['off']:.2f}x"
     )
+
+
+def _drain(stack: Stack, bodies: list, env: dict, count: int) -> tuple[float, list[int]]:
+    """Queue count one-image jobs with no worker, start 2 workers; return their jobs/s and
+    each job's batch size (jobs in the engine batch it ran in)."""
+    from datetime import datetime
+
+    stack.stop_workers()
+    session = requests.Session()
+    ids = []
+    for i in range(count):
+        body, headers = bodies[i % len(bodies)]
+        rv = session.post(f"{stack.base}/v2/models/small/jobs", data=body, headers=headers)
+        rv.raise_for_status()
+        ids.append(rv.json()["id"])
+    stack.add_workers(2, threads=1, env=env)
+    timings, sizes = [], []
+    for job_id in ids:
+        while True:
+            status = session.get(f"{stack.base}/v2/jobs/{job_id}", timeout=30).json()
+            if status["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.05)
+        assert status["status"] == "finished", status
+        timings.append(status["timings"])
+        sizes.append((status.get("batch") or {"jobs": 1})["jobs"])
+    for job_id in ids:
+        session.delete(f"{stack.base}/v2/jobs/{job_id}", timeout=30)
+    start = min(datetime.fromisoformat(t["started_at"]) for t in timings)
+    end = max(datetime.fromisoformat(t["ended_at"]) for t in timings)
+    return count / (end - start).total_seconds(), sizes
 
 
 def _cpu_model() -> str:
