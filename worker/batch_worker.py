@@ -28,22 +28,50 @@ from .contract.queue import announce_end
 log = logging.getLogger("convq.worker")
 
 
+TIMEOUT_SHARE = 0.5
+"""Share of the jobs' timeout a batch's expected compute may take (they share one deadline)."""
+
+
 class BatchMixin:
     """rq.Worker methods for batches; the worker's settings come from configure()."""
 
+    _seconds_per_image: dict | None = None  # batch key -> last seconds per image this worker saw
+
     def take_more(self, job, queue) -> list:
-        """Take queued jobs to run in one engine batch with job (none when batching is off)."""
+        """Take queued jobs to run in one engine batch with job (none when batching is off).
+
+        The batch shares its jobs' deadline, so it holds no more images than this worker ran
+        in TIMEOUT_SHARE of that timeout last time (timed per batch key): a job that would
+        finish alone does not time out for being batched.
+        """
         try:
             return take_batch(
                 queue,
                 job,
-                max_images=self.settings.batch_max_images,
+                max_images=self._image_budget(job),
                 wait_ms=self.settings.batch_wait_ms,
                 job_class=self.job_class,
             )
         except redis.RedisError as exc:  # what it moved is swept back like any unstarted job
             log.warning("job %s runs alone: could not take a batch (%s)", job.id, exc)
             return []
+
+    def _image_budget(self, job) -> int:
+        most = self.settings.batch_max_images
+        per_image = (self._seconds_per_image or {}).get((job.meta or {}).get("batch_key"))
+        if not per_image or not job.timeout or job.timeout <= 0:
+            return most
+        return min(most, max(1, int(TIMEOUT_SHARE * job.timeout / per_image)))
+
+    def timed(self, jobs: list, seconds: float) -> None:
+        """Record how long jobs (one batch, or a job alone) took, per image, for _image_budget."""
+        key = (jobs[0].meta or {}).get("batch_key")
+        if not isinstance(key, str):
+            return
+        images = sum(max(1, int((j.meta or {}).get("images") or 1)) for j in jobs)
+        if self._seconds_per_image is None or len(self._seconds_per_image) > 1000:
+            self._seconds_per_image = {}
+        self._seconds_per_image[key] = seconds / images
 
     def prepare_executions(self, jobs: list) -> list:
         """rq's prepare_execution for every job, in one round trip; return [(job, execution)]."""

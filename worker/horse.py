@@ -132,6 +132,7 @@ class ReusedHorseMixin:
     def execute_job(self, job, queue):
         """Hand job (and the queued jobs batched with it) to the horse and watch it run."""
         jobs = [job, *self.take_more(job, queue)]
+        began = time.monotonic()
         self.batch = self.prepare_executions(jobs)
         message = (
             json.dumps(
@@ -153,6 +154,7 @@ class ReusedHorseMixin:
             self.monitor_work_horse(job, queue, self.batch[0][1])
         finally:
             self.batch = []
+        self.timed(jobs, time.monotonic() - began)
         self.set_state(WorkerStatus.IDLE)
 
     def _hand_over(self, horse: _Horse | None, message: bytes) -> bool:

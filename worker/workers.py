@@ -303,11 +303,14 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
 
     def execute_job(self, job, queue):
         """Run job, with the queued jobs batched with it, in this thread."""
-        more = self.take_more(job, queue)
-        if not more:
-            return super().execute_job(job, queue)
-        self.perform_batch(self.prepare_executions([job, *more]), queue)
-        self.set_state(WorkerStatus.IDLE)
+        jobs = [job, *self.take_more(job, queue)]
+        began = time.monotonic()
+        if len(jobs) == 1:
+            super().execute_job(job, queue)
+        else:
+            self.perform_batch(self.prepare_executions(jobs), queue)
+            self.set_state(WorkerStatus.IDLE)
+        self.timed(jobs, time.monotonic() - began)
 
     def request_stop_soon(self) -> None:
         """Finish the job at hand, then leave work() (thread-safe)."""

@@ -24,6 +24,8 @@ from worker.contract.queue import cancel, job_status, make_queue, queue_depth, s
 from worker.contract.store import Store
 from worker.jobclass import ConvqJob
 from worker.runner import burst
+from worker.runtime import Runtime
+from worker.workers import build
 
 SETTINGS = Settings(result_ttl=300, input_ttl=600, batch_max_images=32, batch_wait_ms=0)
 OUTPUTS = ["conv1", "fc"]
@@ -218,3 +220,31 @@ def test_take_moves_each_job_once_from_the_queue_to_the_intermediate_list(env):
     assert queue_depth(queue) == 0
     inter = [i.decode() for i in redis.lrange(queue.intermediate_queue_key, 0, -1)]
     assert sorted(i for i in inter if i != lead.id) == sorted(ids[1:])  # each once, none lost
+
+
+def test_a_batch_holds_no_more_images_than_half_the_timeout_ran_last_time(env):
+    redis, store, queue, _model, version = env
+    job_id = submit(
+        queue,
+        store,
+        model="tiny",
+        version=version,
+        images=_images(0, 1),
+        outputs=OUTPUTS,
+        owner=None,
+        job_timeout=10,
+    )
+    job = ConvqJob.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    worker = build("thread", redis, SETTINGS, Runtime(SETTINGS))
+    assert worker._image_budget(job) == 32  # never timed: CONVQ_BATCH_MAX_IMAGES
+    worker.timed([job], 1.0)  # 1 s per image: 5 images fill half of the 10 s timeout
+    assert worker._image_budget(job) == 5
+    worker.timed([job, job], 30.0)  # 15 s per image: alone, at least
+    assert worker._image_budget(job) == 1
+    queue.remove(job_id)
+    for seed in range(3):
+        _submit(env, _images(seed, 1))
+    queue_job, _ = queue.dequeue_any([queue], None, connection=redis)
+    lead = ConvqJob.fetch(queue_job.id, connection=redis, serializer=JSONSerializer)
+    worker.timed([lead], 100.0)  # another key (timeout 600 s): 3 images at 100 s each
+    assert worker._image_budget(lead) == 3 and len(worker.take_more(lead, queue)) == 2
