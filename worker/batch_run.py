@@ -105,10 +105,13 @@ def run_batch(jobs: list) -> dict[str, Outcome]:
     model, version = lead.kwargs["model"], lead.kwargs["version"]
     try:
         net = runtime.current().cache.get(store, model, version)
-    except (ModelGone, EngineError) as exc:
-        error = str(exc) if isinstance(exc, ModelGone) else f"does not load: {exc}"
-        if not isinstance(exc, ModelGone):
-            error = f"model {model!r} version {version} {error}"
+    except ModelGone as exc:  # the same error each job would get alone (jobs.run_model)
+        error = str(exc)
+    except EngineError as exc:
+        error = f"model {model!r} version {version} does not load: {exc}"
+    else:
+        error = None
+    if error is not None:
         for job in jobs:
             run.end(job, JobFailed(error))
         return run.outcomes
@@ -176,8 +179,8 @@ def _save_progress(run: _Run, group: list[_Member]) -> None:
 
 def _run_group(run: _Run, net, group: list[_Member], outputs) -> None:
     """Run one group's stacked images; store each live member's rows as its result."""
-    batch = {"id": uuid.uuid4().hex, "jobs": len(group), "images": 0}
-    batch["images"] = sum(int(m.images.shape[0]) for m in group)
+    images_in = sum(int(m.images.shape[0]) for m in group)
+    batch = {"id": uuid.uuid4().hex, "jobs": len(group), "images": images_in}
     for m in group:
         if len(group) > 1:
             m.job.meta["batch"] = batch
