@@ -359,7 +359,8 @@ def wait_for_end(
     block = min(poll_max, socket_timeout / 2) if socket_timeout else poll_max
     while True:
         raw = queue.connection.hget(key, "status")
-        if raw is None or _STATUS_BY_VALUE.get(raw.decode(), "queued") in ENDED:
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        if value is None or _STATUS_BY_VALUE.get(value, "queued") in ENDED:
             return job_status(queue, job_id)
         left = deadline - time.monotonic()
         if left <= 0:
