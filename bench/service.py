@@ -1,7 +1,7 @@
 """Time the service end to end (HTTP in, activations out) against the engine alone.
 
     python bench/service.py [--quick] [--threads 2] [--rounds 5] [--latency 200] [--jobs 24]
-                            [--tables 1,1b,2,3]
+                            [--tables 1,1b,2,3,4] [--batch-rounds 3] [--batch-seconds 10]
 
 Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) and `convq
 worker` processes, all on this machine, and prints four tables (--tables picks some):
@@ -12,7 +12,9 @@ worker` processes, all on this machine, and prints four tables (--tables picks s
   1b. the 32-image pool1 job with each lean result (float16, uint8, stats, png) against the
      engine and the TCP floor of its own request and response bytes, with the goals;
   2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
-  3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start.
+  3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start;
+  4. dynamic batching: one-image jobs from 64 concurrent clients on 2 workers, throughput and
+     p50 latency (under load, and of one client alone) with batching on vs off, alternating.
 Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
 """
 
@@ -130,9 +132,9 @@ class Stack:
     def add_worker(self, threads: int) -> None:
         self.add_workers(1, threads)
 
-    def add_workers(self, n: int, threads: int) -> None:
-        """Start n workers at once; return when all of them are registered."""
-        env = {**self.env, "CONVQ_THREADS": str(threads)}
+    def add_workers(self, n: int, threads: int, env: dict | None = None) -> None:
+        """Start n workers at once (env: extra variables); return when all are registered."""
+        env = {**self.env, "CONVQ_THREADS": str(threads), **(env or {})}
         for _ in range(n):
             self.workers.append(self._spawn([sys.executable, "-m", "worker"], "worker", env))
         want = len(self.workers)
@@ -562,6 +564,158 @@ def bench_throughput(stack: Stack, jobs: int) -> None:
     print(f"   scaling 2 vs 1: {rates[2] / rates[1]:.2f}x")
 
 
+SMALL_SPEC = {
+    "name": "small",
+    "input": {"height": 32, "width": 32, "channels": 3},
+    "layers": [{"name": "conv", "type": "conv", "filters": 32, "size": 5, "pad": 2}],
+}
+
+
+def small_model(stack: Stack) -> None:
+    """Upload the one-conv 32x32 model of tables 2 and 4 as "small"."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "conv.w": (rng.standard_normal((32, 5, 5, 3)) * 0.1).astype(np.float32),
+        "conv.b": np.zeros(32, np.float32),
+    }
+    stack.upload("small", SMALL_SPEC, arrays)
+
+
+def _clients(stack: Stack, bodies: list, clients: int, seconds: float) -> tuple[int, list]:
+    """clients threads POST /infer back to back for seconds; return (answers, latencies)."""
+    import threading
+
+    stop = time.monotonic() + seconds
+    done: list[float] = []
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        session = requests.Session()
+        body, headers = bodies[i % len(bodies)]
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            try:
+                infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+            except requests.RequestException as exc:
+                errors.append(str(exc))
+                return
+            done.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]}")
+    return len(done), done
+
+
+def bench_batching(
+    stack: Stack, rounds: int, seconds: float, clients: int = 64, queued: int = 256
+) -> None:
+    """1-image jobs from many clients on 2 workers: batching on vs off, rounds alternating."""
+    small_model(stack)
+    rng = np.random.default_rng(4)
+    bodies = [
+        binary_request(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), ["conv"])
+        for _ in range(16)
+    ]
+    modes = {"batched": {}, "off": {"CONVQ_BATCH_MAX_IMAGES": "0"}}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    p50s: dict[str, list[float]] = {m: [] for m in modes}
+    loaded: dict[str, list[float]] = {m: [] for m in modes}
+    drains: dict[str, list[float]] = {m: [] for m in modes}
+    print(
+        f"\n4. dynamic batching: one 32x32x3 image per job (conv K32 F5 P2) through POST /infer, "
+        f"2 workers of 1 thread;\n   {clients} clients for {seconds:.0f} s (throughput), then 1 "
+        f"client x100 (low-load latency); then {queued} jobs queued before the 2 workers start "
+        f"(their drain rate);\n   {rounds} rounds, batched and off alternating"
+    )
+    for _ in range(rounds):
+        for mode, env in modes.items():
+            stack.stop_workers()
+            stack.add_workers(2, threads=1, env=env)
+            _clients(stack, bodies, clients, 1.0)  # warm: models loaded, connections open
+            count, times = _clients(stack, bodies, clients, seconds)
+            rates[mode].append(count / seconds)
+            loaded[mode].append(statistics.median(times))
+            session = requests.Session()
+            single = []
+            for i in range(100):
+                body, headers = bodies[i % len(bodies)]
+                t = time.perf_counter()
+                infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+                single.append(time.perf_counter() - t)
+            p50s[mode].append(statistics.median(single))
+            print(
+                f"   {mode:8s} {count / seconds:7.1f} jobs/s   p50 under load "
+                f"{ms(statistics.median(times))} ms   p50 alone {ms(statistics.median(single))} ms"
+            )
+        for mode, env in modes.items():
+            rate, sizes = _drain(stack, bodies, env, queued)
+            drains[mode].append(rate)
+            print(
+                f"   {mode:8s} {queued} queued jobs drained at {rate:7.1f} jobs/s   jobs per "
+                f"batch: median {statistics.median(sizes):.0f}, max {max(sizes)}"
+            )
+    rate = {m: statistics.median(v) for m, v in rates.items()}
+    p50 = {m: statistics.median(v) for m, v in p50s.items()}
+    drain = {m: statistics.median(v) for m, v in drains.items()}
+    print(
+        f"   medians: batched {rate['batched']:.1f} jobs/s vs off {rate['off']:.1f} jobs/s = "
+        f"{rate['batched'] / rate['off']:.2f}x (goal >= 2x); low-load p50 batched "
+        f"{ms(p50['batched'])} ms vs off {ms(p50['off'])} ms = "
+        f"{p50['batched'] / p50['off']:.2f}x (goal <= 1.5x); p50 under load batched "
+        f"{ms(statistics.median(loaded['batched']))} ms vs off "
+        f"{ms(statistics.median(loaded['off']))} ms;\n   queued jobs drained by the 2 workers "
+        f"(no HTTP while they run): batched {drain['batched']:.1f} jobs/s vs off "
+        f"{drain['off']:.1f} jobs/s = {drain['batched'] / drain['off']:.2f}x"
+    )
+
+
+def _drain(stack: Stack, bodies: list, env: dict, count: int) -> tuple[float, list[int]]:
+    """Queue count one-image jobs with no worker, start 2 workers; return their jobs/s and
+    each job's batch size (jobs in the engine batch it ran in)."""
+    from datetime import datetime
+
+    stack.stop_workers()
+    session = requests.Session()
+    ids = []
+    for i in range(count):
+        body, headers = bodies[i % len(bodies)]
+        rv = session.post(f"{stack.base}/v2/models/small/jobs", data=body, headers=headers)
+        rv.raise_for_status()
+        ids.append(rv.json()["id"])
+    stack.add_workers(2, threads=1, env=env)
+    timings, sizes = [], []
+    for job_id in ids:
+        while True:
+            status = session.get(f"{stack.base}/v2/jobs/{job_id}", timeout=30).json()
+            if status["status"] in ("finished", "failed"):
+                break
+            time.sleep(0.05)
+        assert status["status"] == "finished", status
+        timings.append(status["timings"])
+        sizes.append((status.get("batch") or {"jobs": 1})["jobs"])
+    for job_id in ids:
+        session.delete(f"{stack.base}/v2/jobs/{job_id}", timeout=30)
+    start = min(datetime.fromisoformat(t["started_at"]) for t in timings)
+    end = max(datetime.fromisoformat(t["ended_at"]) for t in timings)
+    return count / (end - start).total_seconds(), sizes
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and jobs")
@@ -582,15 +736,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--tables",
-        default="1,1b,2,3",
-        help="comma-separated tables to run (default all: 1,1b,2,3)",
+        default="1,1b,2,3,4",
+        help="comma-separated tables to run (default all: 1,1b,2,3,4)",
     )
+    p.add_argument("--batch-rounds", type=int, default=3, help="rounds per mode of table 4")
+    p.add_argument("--batch-seconds", type=float, default=10.0, help="seconds of load, table 4")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8
+        args.batch_rounds, args.batch_seconds = 1, 5.0
     tables = {t.strip() for t in args.tables.split(",")}
     stack = Stack(threads=args.threads, blobs=args.store == "files", blob_root=args.blob_root)
     try:
+        print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores")
         stack.add_worker(threads=args.threads)
         if "1" in tables:
             bench_alexnet(stack, args.rounds, args.threads)
@@ -600,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_latency(stack, args.latency)
         if "3" in tables:
             bench_throughput(stack, args.jobs)
+        if "4" in tables:
+            bench_batching(stack, args.batch_rounds, args.batch_seconds)
     finally:
         stack.close()
     return 0

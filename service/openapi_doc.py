@@ -462,6 +462,17 @@ SCHEMAS = {
             "timings": {"type": "object"},
             "error": {"type": ["string", "null"]},
             "attempt": {"type": "integer"},
+            "batch": {
+                "type": ["object", "null"],
+                "description": "Set when the worker ran this job in one engine batch with "
+                "other queued jobs of the same model, outputs and image size (dynamic "
+                "batching): how many jobs and images that batch held. The job's results "
+                "hold only its own images. null: it ran alone.",
+                "properties": {
+                    "jobs": {"type": "integer"},
+                    "images": {"type": "integer"},
+                },
+            },
             "callback": {
                 "type": "object",
                 "description": "Only for a job with a callback: its delivery. state: waiting "

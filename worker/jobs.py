@@ -158,9 +158,31 @@ def run_model(
     check()
     if reached and job.meta.get("progress") != reached:
         _save_progress(job, dict(reached))  # a finished job shows n of n
+    return store_results(
+        job, store, result, input_id, files=in_files, deadline=started + timeout, lean=lean
+    )
+
+
+def store_results(
+    job,
+    store: Store,
+    result: dict,
+    input_id: str,
+    *,
+    files: bool,
+    deadline: float,
+    lean: dict | None = None,
+) -> dict:
+    """Store one job's outputs, shaped by its lean options, and free its input; return the
+    job's return value.
+
+    The one path every run takes to store a result, alone or as a slice of a batch
+    (worker/batch_run.py): result holds this job's own images only, and lean is this job's own
+    options (jobs of one batch may ask for different ones). deadline is on time.monotonic().
+    """
     stored = lean_results(result, lean or {})
     del result  # the float32 maps a lean output replaced can go before the store write
-    _with_redis_retries(lambda: store.put_result(job.id, stored, files=in_files), started + timeout)
+    _with_redis_retries(lambda: store.put_result(job.id, stored, files=files), deadline)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
     except redis.RedisError:

@@ -23,6 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
 from .contract import keys
+from .contract.queue import announce_end
 from .jobclass import report_end
 
 log = logging.getLogger("convq.worker")
@@ -94,6 +95,7 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
                 log.warning("job %s: %s; failed", job.id, message)
                 record_job_failure(job, job.meta["error"], pipe)
                 pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                announce_end(pipe, job.id)
             pipe.execute()
             if final:
                 report_end(job, "failed")

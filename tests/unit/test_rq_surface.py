@@ -68,6 +68,10 @@ WORKER_CALLS = {
     "kill_horse": ["self", "sig"],
     "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
     "cleanup_execution": ["self", "job", "pipeline", "execution"],
+    # Batches (worker.workers.perform_batch): start each job, then end each with its outcome.
+    "prepare_job_execution": ["self", "job", "remove_from_intermediate_queue"],
+    "_finalize_success": ["self", "job", "queue", "execution", "return_value"],
+    "_finalize_failure": ["self", "job", "queue", "execution", "exc_info"],
 }
 # Private Worker methods the worker overrides or calls: rq offers no public way to do the same.
 WORKER_PRIVATE_METHODS = {
@@ -98,6 +102,8 @@ JOB_METHODS = {
     "save_meta": ["self"],
     "latest_result": ["self", "timeout"],
     "fetch": ["id", "connection", "serializer"],
+    "fetch_many": ["job_ids", "connection", "serializer"],
+    "key_for": ["job_id"],
     "get_status": ["self", "refresh"],
 }
 INTERMEDIATE_METHODS = {
@@ -178,6 +184,14 @@ def test_worker_instance_has_the_attributes_the_worker_uses(cls):
     worker = cls([make_queue(conn)], connection=conn)
     missing = [a for a in WORKER_ATTRIBUTES if not hasattr(worker, a)]
     assert missing == []
+
+
+def test_queue_names_the_intermediate_list_the_batch_take_moves_jobs_to():
+    # worker.batch_take moves taken ids where rq's BLMOVE puts the job it pops.
+    conn = fakeredis.FakeStrictRedis()
+    queue = make_queue(conn)
+    assert queue.intermediate_queue_key == IntermediateQueue.get_intermediate_queue_key(queue.key)
+    assert queue.intermediate_queue.key == queue.intermediate_queue_key
 
 
 def test_helpers_the_reaper_and_connection_import_keep_their_signatures():

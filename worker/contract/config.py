@@ -58,6 +58,8 @@ class Settings:
     callback_backoff_max: float = defaults.CALLBACK_BACKOFF_MAX
     callback_timeout: float = defaults.CALLBACK_TIMEOUT
     webhook_secret: str | None = field(default=None, repr=False)
+    batch_max_images: int = defaults.BATCH_MAX_IMAGES
+    batch_wait_ms: int = defaults.BATCH_WAIT_MS
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -92,4 +94,6 @@ class Settings:
                 0.1, _float(env, "CONVQ_CALLBACK_TIMEOUT", defaults.CALLBACK_TIMEOUT)
             ),
             webhook_secret=env.get("CONVQ_WEBHOOK_SECRET") or None,
+            batch_max_images=_int(env, "CONVQ_BATCH_MAX_IMAGES", defaults.BATCH_MAX_IMAGES),
+            batch_wait_ms=_int(env, "CONVQ_BATCH_WAIT_MS", defaults.BATCH_WAIT_MS),
         )

@@ -33,6 +33,15 @@ POLL_SECONDS = 2
 WORKER_TTL = 60
 """Seconds an idle worker's registration lives without a heartbeat."""
 
+BATCH_MAX_IMAGES = 32
+"""Most images a worker runs as one engine batch of queued jobs (0 or 1: no batching)."""
+
+BATCH_WAIT_MS = 2
+"""Milliseconds a worker holding a job waits for more queued jobs to fill its batch."""
+
+BATCH_SCAN = 128
+"""Queued job ids a worker looks at, from the front of the queue, for jobs to batch."""
+
 TIMEOUT_GRACE = 10
 """Seconds past a job's timeout before the worker kills a horse stuck inside a kernel."""
 

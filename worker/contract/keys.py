@@ -4,6 +4,7 @@ Models:   convq:models (set of names), convq:model:<name> (hash: version, owner,
           convq:model-version:<name> (counter), convq:spec:<name>:<v>, convq:weights:<name>:<v>
 Jobs:     convq:input:<id>, convq:result:<id> (index hash), convq:result:<id>:<i> (one output),
           convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on),
+          convq:ended:<id> (a list a worker pushes to when the job ends: wakes a waiting /infer),
           convq:jobs:<owner> (sorted set of an owner's job ids, score = enqueue time)
 Webhooks: convq:webhook:<id> (hash: a job's callback delivery), convq:webhooks:due (sorted set:
           job id -> when its next attempt is due), convq:webhook-lease:<id> (the dispatcher
@@ -82,6 +83,10 @@ def webhook_lease(job_id: str) -> str:
 
 def webhook_secret() -> str:
     return key("webhook-secret")
+
+
+def ended(job_id: str) -> str:
+    return key("ended", job_id)
 
 
 def sweep_lock(queue: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ _STATUS = {
     JobStatus.STOPPED: "canceled",
     JobStatus.CANCELED: "canceled",
 }
+_STATUS_BY_VALUE = {str(status.value): api for status, api in _STATUS.items()}
 
 
 def make_queue(redis, name: str = defaults.QUEUE_NAME, job_class: type[Job] = Job) -> rq.Queue:
@@ -70,6 +72,7 @@ def submit(
     `retries` times, a bad job fails at once.
     """
     job_id = uuid.uuid4().hex
+    timeout = job_timeout or defaults.JOB_TIMEOUT
     kwargs = {"model": model, "version": int(version), "outputs": outputs, "input_id": job_id}
     if explain is not None:  # only then, so records stay readable by workers without it
         kwargs["explain"] = explain
@@ -88,13 +91,15 @@ def submit(
         "retries": retries,
         "progress": None,
         **({"lean": lean} if lean else {}),
+        "images": int(images.shape[0]),
+        "batch_key": batch_key(model, version, outputs, images, timeout, explain),
         **(meta or {}),
     }
     try:
         queue.enqueue_call(
             RUN_MODEL,
             kwargs=kwargs,
-            timeout=job_timeout or defaults.JOB_TIMEOUT,
+            timeout=timeout,
             job_id=job_id,
             meta=job_meta,
             result_ttl=store.result_ttl,
@@ -106,8 +111,28 @@ def submit(
     except BaseException:
         store.delete_job(job_id)
         raise
-    _remember(queue.connection, owner, job_id, store, job_timeout or defaults.JOB_TIMEOUT)
+    _remember(queue.connection, owner, job_id, store, timeout)
     return job_id
+
+
+def batch_key(
+    model: str,
+    version: int,
+    outputs: list[str] | str | None,
+    images: np.ndarray,
+    timeout: int,
+    explain: dict | None,
+) -> str | None:
+    """Return the key under which queued jobs may run as one engine batch; None: never batched.
+
+    Jobs share a batch only when they would run the same way alone: same model version, same
+    requested outputs, same image size and type (stacked along N), same timeout; a job that
+    asks for an explanation (gradients of its own images) always runs alone.
+    """
+    if explain is not None:
+        return None
+    shape = [int(d) for d in images.shape[1:]]
+    return json.dumps([model, int(version), outputs, shape, images.dtype.str, int(timeout)])
 
 
 def _lifetime(store, job_timeout: int) -> int:
@@ -332,6 +357,7 @@ def describe(job: Job, status: str) -> dict:
             if status != "queued" and meta.get("attempt")
             else max(1, retries - left + 1)
         ),
+        "batch": _batch(meta.get("batch")) if status != "queued" else None,
     }
 
 
@@ -356,34 +382,53 @@ def job_ended(job: Job, status: str) -> bool:
     )
 
 
+def _batch(batch) -> dict | None:
+    """The size of the engine batch a job ran in (worker/batch_run.py); None if it ran alone."""
+    if not isinstance(batch, dict):
+        return None
+    return {"jobs": batch.get("jobs"), "images": batch.get("images")}
+
+
 ENDED = ("finished", "failed", "canceled")
 
-POLL_FIRST = 0.001
-"""Seconds before a waiter first looks again; each look waits POLL_GROWTH times longer."""
+WAIT_SLICE = 0.25
+"""Longest seconds a waiter blocks for a job's end signal before it reads the status again."""
 
-POLL_GROWTH = 1.3
-"""Growth of the pause between status reads: a job is seen at most ~30% (or the cap) late."""
+ENDED_SIGNAL_TTL = 60
+"""Seconds a job's end signal (keys.ended) waits for a waiter that has not come yet."""
+
+
+def announce_end(pipe, job_id: str) -> None:
+    """Wake whoever waits for job_id in wait_for_end; call it where the job's end is written."""
+    pipe.rpush(keys.ended(job_id), 1)
+    pipe.expire(keys.ended(job_id), ENDED_SIGNAL_TTL)
 
 
 def wait_for_end(
-    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = 0.05
+    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = WAIT_SLICE
 ) -> dict | None | Literal[False]:
     """Wait until job_id ends; return its status (None if it vanished), False past deadline.
 
-    deadline is on time.monotonic(). The status is read again after 1 ms, then 1.3x longer each
-    time up to poll_max seconds: a 10 ms job is seen within ~3 ms of its end after ~7 reads, and
-    every read is a short command, so an outage fails fast with the client's own socket timeout.
+    deadline is on time.monotonic(). Reads the job's status field, then blocks on the job's end
+    signal (BLPOP on keys.ended, pushed by the worker as it writes the end, announce_end) for at
+    most poll_max seconds (and half the client's socket timeout), and reads it again: a job is
+    seen as soon as it ends, a waiter costs a few short commands however long it waits (polling
+    cost ~35 whole-record reads per request with 64 clients waiting ~1 s), and a missed signal
+    (a canceled job) costs at most one slice. An outage fails fast with the socket timeout.
     """
-    pause = POLL_FIRST
+    key = queue.job_class.key_for(job_id)
+    signal = keys.ended(job_id)
+    socket_timeout = queue.connection.connection_pool.connection_kwargs.get("socket_timeout")
+    block = min(poll_max, socket_timeout / 2) if socket_timeout else poll_max
     while True:
-        status = job_status(queue, job_id)
-        if status is None or status["status"] in ENDED:
-            return status
+        raw = queue.connection.hget(key, "status")
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        if value is None or _STATUS_BY_VALUE.get(value, "queued") in ENDED:
+            return job_status(queue, job_id)
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        time.sleep(min(pause, left))
-        pause = min(pause * POLL_GROWTH, poll_max)
+        queue.connection.blpop([signal], timeout=max(0.01, min(block, left)))
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:

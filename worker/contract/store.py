@@ -283,6 +283,40 @@ class Store:
         raw = self._read_into(key, size or None)
         return (None if raw is None else from_npy(raw)), False
 
+    def read_inputs(self, job_ids: list[str]) -> list[tuple[np.ndarray | None, bool] | Exception]:
+        """read_input of each job id (a batch's), small ones in two round trips in all.
+
+        An input that cannot be read gives its exception (BlobMissing, a Redis error) in its
+        place, so one bad input fails only its job.
+        """
+        client = bulk_client(self.redis)
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.strlen(self.input_key(job_id))
+            sizes = [int(n) for n in pipe.execute()]
+        small = [i for i, n in enumerate(sizes) if 0 < n <= SLICE_BYTES]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for i in small:
+                pipe.get(self.input_key(job_ids[i]))
+            values = dict(zip(small, pipe.execute(), strict=True))
+        out: list[tuple[np.ndarray | None, bool] | Exception] = []
+        for i, job_id in enumerate(job_ids):
+            try:
+                if i not in values:  # big (read in slices), or missing
+                    out.append(self.read_input(job_id))
+                    continue
+                raw = values[i]
+                if raw is None:
+                    out.append((None, False))
+                elif sizes[i] <= 128 and raw.startswith(_FILE_REF):
+                    name = raw[len(_FILE_REF) :].decode()
+                    out.append((from_npy(self._map(name, writable=True)), True))
+                else:
+                    out.append((from_npy(bytearray(raw)), False))
+            except Exception as exc:  # noqa: BLE001 - this job's input, not its batch-mates'
+                out.append(exc)
+        return out
+
     # -- results --------------------------------------------------------------------------------
     def _data_key(self, job_id: str, index: int) -> str:
         return keys.result_data(job_id, index)
@@ -434,6 +468,23 @@ class Store:
         run, canceled = self.redis.mget(keys.run(job_id), self.cancel_key(job_id))
         return run is None or run.decode() == token, canceled is not None
 
+    def claim_runs(self, tokens: dict[str, str], ttl: int) -> None:
+        """claim_run for every job id -> token of a batch, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token in tokens.items():
+                pipe.set(keys.run(job_id), token, ex=max(1, int(ttl)))
+            pipe.execute()
+
+    def run_states(self, tokens: dict[str, str]) -> dict[str, tuple[bool, bool]]:
+        """run_state of every job id -> token of a batch, in one round trip."""
+        ids = list(tokens)
+        found = self.redis.mget([keys.run(i) for i in ids] + [self.cancel_key(i) for i in ids])
+        runs, marks = found[: len(ids)], found[len(ids) :]
+        return {
+            i: (run is None or run.decode() == tokens[i], mark is not None)
+            for i, run, mark in zip(ids, runs, marks, strict=True)
+        }
+
     def finish_run(self, job_id: str, input_id: str) -> None:
         """Drop what an ended job (finished or failed for good) no longer needs: its input, its
         run claim and its cancel mark."""
@@ -448,6 +499,7 @@ class Store:
             self.input_key(job_id),
             self.result_key(job_id),
             keys.run(job_id),
+            keys.ended(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
         if self.blobs is not None:
