@@ -151,6 +151,7 @@ class Model:
             if layer.type == "conv"
         }
         self._folds: dict[tuple[str, str], tuple] = {}
+        self._kernels: dict[str, str] = {}  # conv layer -> kernel its last run used
         self._plans: dict[tuple, list[Step]] = {}
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
@@ -253,6 +254,11 @@ class Model:
         if h is not None:
             self.output_shapes(h, w)
         return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Return {conv layer: the kernel (engine.kernels) its last run used}, in run order."""
+        return dict(self._kernels)
 
     def to_safetensors(self) -> bytes:
         """Return the weights (float32, OHWI) as safetensors bytes."""
@@ -465,6 +471,9 @@ class Model:
                 self._folded(layer, bn)
                 if bn is not None
                 else (self._conv_weights[layer.name], bias)
+            )
+            self._kernels[layer.name] = ops.conv_kernel(
+                x.shape, packed, stride, pad, dilation, layer=layer.name
             )
             return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
         weights = self._arrays[layer.weights]

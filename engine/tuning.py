@@ -1,0 +1,90 @@
+"""Measure which conv kernel runs each shape class fastest on this machine, and remember it.
+
+ensure() (called by engine.warmup: `convq warmup`, every worker's start) looks up this machine's
+key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in the choices file
+beside Numba's cache; without an entry it times every kernel that applies to one representative
+layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
+class's kernels fastest first. Measuring takes at most about BUDGET seconds; a job never
+measures (without a measurement a layer runs its ISA's default, engine.kernels.DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from . import _threads, kernels, ops
+
+# One representative layer per class: (N, H, W, C, K, F, stride, pad), about 0.1-1 ms each.
+SAMPLES = {
+    "1x1": (1, 28, 28, 128, 128, 1, 1, 0),
+    "3x3s1": (1, 28, 28, 64, 64, 3, 1, 1),
+    "thin": (2, 32, 32, 3, 32, 5, 1, 2),
+    "unpadded": (1, 30, 30, 32, 64, 3, 1, 0),
+    "padded": (1, 28, 28, 64, 128, 3, 2, 1),
+}
+BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
+ROUNDS = 7  # most rounds per class; each round times every candidate once
+
+
+def candidates(cls: str) -> list[str]:
+    """Return every kernel that applies to the class's representative layer."""
+    n, h, w, c, k, f, s, p = SAMPLES[cls]
+    wout = (w + 2 * p - f) // s + 1
+    shape = kernels.ConvShape(c, k, f, f, s, s, p > 0, wout)
+    assert kernels.shape_class(shape) == cls
+    return [name for name in kernels.KERNELS if kernels.applies(name, shape)]
+
+
+def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
+    """Return {class: {kernel: median ms}} for every class, timed on this machine."""
+    rng = np.random.default_rng(0)
+    deadline = time.monotonic() + budget
+    share = budget / len(SAMPLES)
+    result = {}
+    for cls, (n, h, w, c, k, f, s, p) in SAMPLES.items():
+        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+        cw = ops.ConvWeights(rng.standard_normal((k, f, f, c), dtype=np.float32) * 0.1)
+        names = candidates(cls)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        until = min(deadline, time.monotonic() + share)
+        for round_ in range(ROUNDS + 1):
+            for name in names:
+                with kernels.forced([name]):
+                    t0 = time.perf_counter()
+                    ops.conv2d(x, cw, stride=s, pad=p)
+                    if round_:  # the first round packs the filters and warms the caches
+                        times[name].append(time.perf_counter() - t0)
+            if round_ >= 2 and time.monotonic() > until:
+                break
+        result[cls] = {name: 1e3 * statistics.median(ts) for name, ts in times.items() if ts}
+    return result
+
+
+def rank(timings: dict[str, dict[str, float]]) -> dict[str, list[str]]:
+    """Return each class's kernels fastest first."""
+    return {cls: sorted(ms, key=ms.__getitem__) for cls, ms in timings.items() if ms}
+
+
+def ensure(force: bool = False) -> dict:
+    """Measure and store this machine's choices unless stored already; return the entry."""
+    threads = ops.get_threads()
+    entry = kernels.read_choices().get(kernels.key(threads))
+    if not force and isinstance(entry, dict) and kernels.measured(threads):
+        return entry
+    _threads.enter()
+    started = time.monotonic()
+    timings = measure()
+    entry = {
+        **kernels.key_fields(threads),
+        "isa": kernels.isa(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.monotonic() - started, 2),
+        "ms": {cls: {k: round(v, 4) for k, v in ms.items()} for cls, ms in timings.items()},
+        "rankings": rank(timings),
+    }
+    kernels.write_choice(threads, entry)
+    kernels.remember(threads, entry["rankings"])
+    return entry
