@@ -264,6 +264,11 @@ def measured(threads: int) -> dict[str, list[str]]:
     return _loaded[threads]
 
 
+def forget() -> None:
+    """Drop the rankings read so far: the next conv reads the choices file again."""
+    _loaded.clear()
+
+
 def remember(threads: int, rankings: dict[str, list[str]]) -> None:
     """Use these rankings in this process (whether or not the file could be written)."""
     _loaded[threads] = rankings

@@ -22,7 +22,7 @@ SAMPLES = {
     "1x1": (1, 28, 28, 128, 128, 1, 1, 0),
     "3x3s1": (1, 28, 28, 64, 64, 3, 1, 1),
     "thin": (2, 32, 32, 3, 32, 5, 1, 2),
-    "unpadded": (1, 30, 30, 32, 64, 3, 1, 0),
+    "unpadded": (1, 33, 33, 48, 96, 3, 2, 0),
     "padded": (1, 28, 28, 64, 128, 3, 2, 1),
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
