@@ -1,14 +1,15 @@
-"""Register-blocked GEMM micro-kernels in Numba (AVX-512 and AVX2 block shapes), conv epilogue fused.
+"""Register-blocked GEMM micro-kernels in Numba (AVX-512 and AVX2 shapes), conv epilogue fused.
 
 Computes out[r, j] = sum_p a[r, p] * w[p, j] (+ bias[j], then ReLU) for one tile: a is (rows,
 Kc) row-major (im2col rows, or NHWC pixels for 1x1); the weights w (Kc, K) are packed into
 contiguous (Kc, NR) column blocks of one family (FAMILIES: NR 64 or 48, or 24 or 16),
 zero-padded past K. Each block of mr x NR outputs is held in registers (24 zmm, or 12 ymm: an
-`alloca`d array that LLVM promotes once the loops over r and j are unrolled) while p runs over Kc in chunks of KC, so a streams from L1 and the weight
-block from L2. Index arithmetic is unsigned: NumPy-style negative-index wraparound would
-otherwise turn every weight load into a gather. Measured on one Zen 5 core: 250 GFLOP/s for
-6x64 and 8x48 blocks vs 115 for OpenBLAS's Haswell kernels (the OPENBLAS_CORETYPE this
-environment sets); 12x32 blocks reach 145 at best, so K=32 is padded to 48 instead.
+`alloca`d array that LLVM promotes once the loops over r and j are unrolled) while p runs over
+Kc in chunks of KC, so a streams from L1 and the weight block from L2. Index arithmetic is
+unsigned: NumPy-style negative-index wraparound would otherwise turn every weight load into a
+gather. Measured on one Zen 5 core: 250 GFLOP/s for 6x64 and 8x48 blocks vs 115 for OpenBLAS's
+Haswell kernels (the OPENBLAS_CORETYPE this environment sets); 12x32 blocks reach 145 at best,
+so K=32 is padded to 48 instead.
 
 Every element is one FMA chain over p in order, so a row's result does not depend on which tile
 or block it lands in: results are bit-identical whatever the batch or thread count.

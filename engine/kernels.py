@@ -265,8 +265,10 @@ def measured(threads: int) -> dict[str, list[str]]:
 
 
 def forget() -> None:
-    """Drop the rankings read so far: the next conv reads the choices file again."""
+    """Drop the rankings and keys worked out so far: the next conv reads the choices file
+    (and this machine's key) again."""
     _loaded.clear()
+    _keys.clear()
 
 
 def remember(threads: int, rankings: dict[str, list[str]]) -> None:
@@ -290,6 +292,7 @@ def parse_forced(value: str | None) -> list[str] | None:
 
 
 _forcing = threading.local()
+_FROM_ENV = "env"  # this thread forces nothing itself: CONVQ_KERNEL decides
 
 
 class forced:
@@ -297,10 +300,12 @@ class forced:
     CONVQ_KERNEL would force them; None lifts a CONVQ_KERNEL setting)."""
 
     def __init__(self, names: str | list[str] | None) -> None:
-        self.names = parse_forced(names if isinstance(names, str) or names is None else ",".join(names))
+        self.names = parse_forced(
+            names if isinstance(names, str) or names is None else ",".join(names)
+        )
 
     def __enter__(self) -> forced:
-        self.before = getattr(_forcing, "names", False)
+        self.before = getattr(_forcing, "names", _FROM_ENV)
         _forcing.names = self.names
         return self
 
@@ -310,8 +315,10 @@ class forced:
 
 def forced_names() -> list[str] | None:
     """Return the kernels forced on this thread (forced(), else CONVQ_KERNEL), or None."""
-    names = getattr(_forcing, "names", False)
-    return parse_forced(os.environ.get(ENV)) if names is False else names
+    names: list[str] | str | None = getattr(_forcing, "names", _FROM_ENV)
+    if isinstance(names, str):
+        return parse_forced(os.environ.get(ENV))
+    return names
 
 
 def ranking(cls: str, threads: int) -> tuple[list[str], str]:
