@@ -24,10 +24,13 @@ from numba.extending import intrinsic
 
 # Block shapes, channels NR -> rows mr, by family. "avx512": 24 zmm accumulators (NR=32 blocks do
 # not vectorise, 9 GFLOP/s, so K is covered by blocks of 64 and 48 channels, zero-padded).
-# "avx2": 12 ymm accumulators of the 16 AVX2 has (6x16 and 4x24, as BLAS's Haswell kernels).
-# Every family compiles and runs correctly on any CPU (LLVM spills what does not fit); which one
-# is fastest where is measured (engine.kernels).
-FAMILIES = {"avx512": ((64, 6), (48, 8)), "avx2": ((24, 4), (16, 6))}
+# "avx2": 3x32 and 4x16 blocks, 12 and 8 ymm accumulators, written channel loop outermost
+# (CHANNEL_OUTER): in the avx512 blocks' form LLVM leaves 16-, 24- and 32-wide blocks scalar
+# (AVX2 build, one core: 6x16 3 GFLOP/s, 3x32 2; channel-outer 3x32 90-106, 4x16 103, 6x16 43,
+# 4x24 46: the best two are kept). Every family compiles and runs correctly on any CPU (LLVM
+# spills what does not fit); which one is fastest where is measured (engine.kernels).
+FAMILIES = {"avx512": ((64, 6), (48, 8)), "avx2": ((32, 3), (16, 4))}
+CHANNEL_OUTER = {32, 16}
 SHAPES = {nr: mr for shapes in FAMILIES.values() for nr, mr in shapes}
 MR = 24  # rows per tile step: a multiple of every block's row count
 TALLEST = max(SHAPES.values())  # rows of the tallest block: row_gemm needs at least this many
@@ -114,13 +117,15 @@ def claim(typingctx, counter):
 
 
 def _make_block(mr: int, nr: int, implicit: bool):
-    """Build the kernel for one mr x nr block (constants baked in so the loops fully unroll).
+    """Build the kernel for one mr x nr block (constants baked in so the loops fully unroll);
+    nr in CHANNEL_OUTER loads the mr left values first, then runs the channel loop outermost.
 
     Row r of the block's left operand at depth p is a[a0 + r*rs + p], or with implicit=True
     a[a0 + r*rs + offs[p]]: an im2col row read straight from the NHWC input. The weight block
     is b[b0 + p*nr + j]; the output block is out[o0 + r*ldo + j], bias[j0 + j].
     """
     size = mr * nr
+    channel_outer = nr in CHANNEL_OUTER
 
     @njit(fastmath={"contract"}, cache=True)
     def block(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu):
@@ -134,13 +139,22 @@ def _make_block(mr: int, nr: int, implicit: bool):
                 for j in range(nr):
                     ok = r < m and j < k
                     acc[r * nr + j] = out[o0 + r * ldo + j] if ok else np.float32(0.0)
+        left = _stack_block(mr)
         for p in range(p0, p1):
             at = a0 + (offs[p] if implicit else p)
             row = b0 + p * nr
-            for r in range(mr):
-                v = a[at + r * rs]
+            if channel_outer:
+                for r in range(mr):
+                    left[r] = a[at + r * rs]
                 for j in range(nr):
-                    acc[r * nr + j] += v * b[row + j]
+                    w = b[row + j]
+                    for r in range(mr):
+                        acc[r * nr + j] += left[r] * w
+            else:
+                for r in range(mr):
+                    v = a[at + r * rs]
+                    for j in range(nr):
+                        acc[r * nr + j] += v * b[row + j]
         rows, cols = min(m, mr), min(k, nr)
         if rows == mr and cols == nr:
             rows, cols = mr, nr  # constant trip counts: the stores vectorise
@@ -158,11 +172,11 @@ def _make_block(mr: int, nr: int, implicit: bool):
 
 _block64 = _make_block(SHAPES[64], 64, False)
 _block48 = _make_block(SHAPES[48], 48, False)
-_block24 = _make_block(SHAPES[24], 24, False)
+_block32 = _make_block(SHAPES[32], 32, False)
 _block16 = _make_block(SHAPES[16], 16, False)
 _implicit64 = _make_block(SHAPES[64], 64, True)
 _implicit48 = _make_block(SHAPES[48], 48, True)
-_implicit24 = _make_block(SHAPES[24], 24, True)
+_implicit32 = _make_block(SHAPES[32], 32, True)
 _implicit16 = _make_block(SHAPES[16], 16, True)
 
 
@@ -173,9 +187,9 @@ def _rows(nr):
         return 6
     if nr == 48:
         return 8
-    if nr == 24:
-        return 4
-    return 6
+    if nr == 32:
+        return 3
+    return 4
 
 
 @njit(cache=True, inline="always")
@@ -185,8 +199,8 @@ def _block(nr, a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, fir
         _block64(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
     elif nr == 48:
         _block48(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
-    elif nr == 24:
-        _block24(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
+    elif nr == 32:
+        _block32(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
     else:
         _block16(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
 
@@ -198,8 +212,8 @@ def _implicit(nr, a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, 
         _implicit64(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
     elif nr == 48:
         _implicit48(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
-    elif nr == 24:
-        _implicit24(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
+    elif nr == 32:
+        _implicit32(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
     else:
         _implicit16(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu)
 

@@ -5,7 +5,7 @@ named "<path>-<family>":
 - paths: pointwise (1x1, stride 1, no pad: the input's pixels are the GEMM's rows), winograd
   (F(2x2, 3x3), 3x3 stride 1, engine._winograd), implicit (windows read in place, no column
   buffer; Wout >= IMPLICIT_MIN_WIDTH), im2col (tiles packed, then multiplied: every conv);
-- families: avx512 (6x64 and 8x48 register blocks, engine._gemm), avx2 (4x24 and 6x16), blas
+- families: avx512 (6x64 and 8x48 register blocks, engine._gemm), avx2 (3x32 and 4x16), blas
   (one single-threaded sgemm per tile: portable, pointwise and im2col only).
 Every kernel is correct on every CPU; the family only decides how fast.
 

@@ -4,13 +4,16 @@ ensure() (called by engine.warmup: `convq warmup`, every worker's start) looks u
 key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in the choices file
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
-class's kernels fastest first. Measuring takes at most about BUDGET seconds; a job never
-measures (without a measurement a layer runs its ISA's default, engine.kernels.DEFAULTS).
+class's kernels fastest first, by their fastest round (a neighbour's load only ever adds time).
+Measuring takes at most about BUDGET seconds; a job never measures (without a measurement a
+layer runs its ISA's default, engine.kernels.DEFAULTS). `convq info` (main) shows the result.
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -27,6 +30,7 @@ SAMPLES = {
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
 ROUNDS = 7  # most rounds per class; each round times every candidate once
+MARGIN = 0.1  # how much faster than the ISA's default a kernel must be to displace it
 
 
 def candidates(cls: str) -> list[str]:
@@ -59,13 +63,25 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
                         times[name].append(time.perf_counter() - t0)
             if round_ >= 2 and time.monotonic() > until:
                 break
-        result[cls] = {name: 1e3 * statistics.median(ts) for name, ts in times.items() if ts}
+        # the fastest round: other processes on the machine only ever add time
+        result[cls] = {name: 1e3 * min(ts) for name, ts in times.items() if ts}
     return result
 
 
-def rank(timings: dict[str, dict[str, float]]) -> dict[str, list[str]]:
-    """Return each class's kernels fastest first."""
-    return {cls: sorted(ms, key=ms.__getitem__) for cls, ms in timings.items() if ms}
+def rank(timings: dict[str, dict[str, float]], isa: str | None = None) -> dict[str, list[str]]:
+    """Return each class's kernels fastest first, except that the ISA's default stays first
+    unless another is more than MARGIN faster (a noisy round should not flip a choice)."""
+    defaults = kernels.DEFAULTS[isa or kernels.isa()]
+    rankings = {}
+    for cls, ms in timings.items():
+        order = sorted(ms, key=ms.__getitem__)
+        default = defaults[cls][0]
+        if order and default in ms and ms[order[0]] * (1 + MARGIN) >= ms[default]:
+            order.remove(default)
+            order.insert(0, default)
+        if order:
+            rankings[cls] = order
+    return rankings
 
 
 def ensure(force: bool = False) -> dict:
@@ -88,3 +104,55 @@ def ensure(force: bool = False) -> dict:
     kernels.write_choice(threads, entry)
     kernels.remember(threads, entry["rankings"])
     return entry
+
+
+def info(threads: int) -> dict:
+    """Return the kernel choices in effect for `threads` threads and where they come from."""
+    stored = kernels.read_choices().get(kernels.key(threads))
+    classes = {}
+    for cls in kernels.CLASSES:
+        names, source = kernels.ranking(cls, threads)
+        classes[cls] = {"kernels": names, "source": source}
+    return {
+        **kernels.key_fields(threads),
+        "isa": kernels.isa(),
+        "key": kernels.key(threads),
+        "choices_file": kernels.choices_path(),
+        "measured_at": stored.get("measured_at") if isinstance(stored, dict) else None,
+        "forced": os.environ.get(kernels.ENV) or None,
+        "classes": classes,
+        "ms": stored.get("ms") if isinstance(stored, dict) else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`convq info`: print the CPU, ISA, cache key and file, and each class's kernels."""
+    ap = argparse.ArgumentParser(
+        prog="convq info", description="show the engine's kernel choices on this machine"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="as a worker would set them")
+    ap.add_argument("--measure", action="store_true", help="measure now (and store) first")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    threads = ops.set_threads(args.threads) if args.threads else ops.get_threads()
+    if args.measure:
+        ops.warmup(tune=False)
+        ensure(force=True)
+    data = info(threads)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"CPU:      {data['cpu']} ({data['cpu_name']})")
+    print(f"ISA:      {data['isa']} [{' '.join(data['isa_flags'])}]")
+    print(f"threads:  {threads}    convq {data['version']}")
+    when = data["measured_at"] or "not measured yet (convq warmup measures)"
+    print(f"choices:  {data['choices_file']}  key {data['key']}: {when}")
+    if data["forced"]:
+        print(f"forced:   {kernels.ENV}={data['forced']}")
+    for cls, row in data["classes"].items():
+        ms = (data["ms"] or {}).get(cls, {})
+        ranked = ", ".join(
+            f"{n} {ms[n]:.3f} ms" if n in ms else n for n in row["kernels"]
+        )  # fastest first when measured
+        print(f"  {cls:<9} [{row['source']}] {ranked}")
+    return 0

@@ -253,7 +253,19 @@ def test_measure_times_every_candidate_of_every_class(choices_dir):
     assert set(timings) == set(kernels.CLASSES)
     for cls, ms in timings.items():
         assert set(ms) == set(tuning.candidates(cls)) and all(v > 0 for v in ms.values())
-    assert tuning.rank(timings)["1x1"][0] == min(timings["1x1"], key=timings["1x1"].get)
+    assert set(tuning.rank(timings)["1x1"]) == set(timings["1x1"])
+
+
+def test_the_default_stays_first_unless_clearly_beaten():
+    ms = {"pointwise-avx512": 1.0, "pointwise-blas": 0.95, "im2col-avx512": 3.0}
+    assert tuning.rank({"1x1": ms}, "avx512")["1x1"] == [
+        "pointwise-avx512",
+        "pointwise-blas",
+        "im2col-avx512",
+    ]
+    ms["pointwise-blas"] = 0.8  # 25% faster: displaces the default
+    assert tuning.rank({"1x1": ms}, "avx512")["1x1"][0] == "pointwise-blas"
+    assert tuning.rank({"1x1": ms}, "portable")["1x1"][0] == "pointwise-blas"
 
 
 ISAS = {  # the environment of each build: the ISA engine.kernels must see, zmm/ymm expected

@@ -400,7 +400,7 @@ def test_weight_blocks_cover_k_with_least_padding(k, widths):
 
 @pytest.mark.parametrize(
     "k,widths",
-    [(1, [16]), (16, [16]), (24, [24]), (32, [16, 16]), (40, [24, 16]), (70, [24, 24, 24])],
+    [(1, [16]), (16, [16]), (24, [32]), (32, [32]), (40, [32, 16]), (70, [32, 32, 16])],
 )
 def test_avx2_weight_blocks_cover_k_with_least_padding(k, widths):
     assert _gemm.plan_blocks(k, "avx2") == widths
