@@ -4,7 +4,8 @@ ensure() (called by engine.warmup: `convq warmup`, every worker's start) looks u
 key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in the choices file
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
-class's kernels fastest first, by their fastest round (a neighbour's load only ever adds time).
+class's kernels fastest first, by the CPU time of their fastest round (on a shared machine a
+neighbour's load stretches the wall clock, not the work).
 Measuring takes at most about BUDGET seconds; a job never measures (without a measurement a
 layer runs its ISA's default, engine.kernels.DEFAULTS). `convq info` (main) shows the result.
 """
@@ -19,17 +20,18 @@ import time
 import numpy as np
 
 from . import _threads, kernels, ops
+from .geometry import Window
 
-# One representative layer per class: (N, H, W, C, K, F, stride, pad), about 0.1-1 ms each.
+# One representative layer per class: (N, H, W, C, K, F, stride, pad), 40-230 M multiply-adds.
 SAMPLES = {
-    "1x1": (1, 28, 28, 128, 128, 1, 1, 0),
-    "3x3s1": (1, 28, 28, 64, 64, 3, 1, 1),
-    "thin": (2, 32, 32, 3, 32, 5, 1, 2),
-    "unpadded": (1, 33, 33, 48, 96, 3, 2, 0),
-    "padded": (1, 28, 28, 64, 128, 3, 2, 1),
+    "1x1": (4, 28, 28, 128, 128, 1, 1, 0),
+    "3x3s1": (4, 28, 28, 64, 64, 3, 1, 1),
+    "thin": (16, 32, 32, 3, 32, 5, 1, 2),
+    "unpadded": (4, 33, 33, 48, 96, 3, 2, 0),
+    "padded": (4, 28, 28, 64, 128, 3, 2, 1),
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
-ROUNDS = 7  # most rounds per class; each round times every candidate once
+ROUNDS = 15  # most rounds per class; each round times every candidate once
 MARGIN = 0.1  # how much faster than the ISA's default a kernel must be to displace it
 
 
@@ -43,7 +45,11 @@ def candidates(cls: str) -> list[str]:
 
 
 def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
-    """Return {class: {kernel: median ms}} for every class, timed on this machine."""
+    """Return {class: {kernel: ms}} for every class, timed on this machine.
+
+    The time of a call is the CPU time of the process (every thread's), the least over rounds:
+    on a shared machine a descheduled thread stretches the wall clock, not the work.
+    """
     rng = np.random.default_rng(0)
     deadline = time.monotonic() + budget
     share = budget / len(SAMPLES)
@@ -51,19 +57,22 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
     for cls, (n, h, w, c, k, f, s, p) in SAMPLES.items():
         x = rng.standard_normal((n, h, w, c), dtype=np.float32)
         cw = ops.ConvWeights(rng.standard_normal((k, f, f, c), dtype=np.float32) * 0.1)
+        win = Window.make(f, s, p)
+        # the kernel alone, into one output: a fresh one per call is page faults, not kernel
+        out = np.empty((n, *win.out_hw(h, w), k), np.float32)
+        bias = np.zeros(k, np.float32)
         names = candidates(cls)
         times: dict[str, list[float]] = {name: [] for name in names}
         until = min(deadline, time.monotonic() + share)
         for round_ in range(ROUNDS + 1):
             for name in names:
                 with kernels.forced([name]):
-                    t0 = time.perf_counter()
-                    ops.conv2d(x, cw, stride=s, pad=p)
+                    t0 = time.process_time()
+                    ops._dense_conv(x, cw, bias, out, win, False)
                     if round_:  # the first round packs the filters and warms the caches
-                        times[name].append(time.perf_counter() - t0)
+                        times[name].append(time.process_time() - t0)
             if round_ >= 2 and time.monotonic() > until:
                 break
-        # the fastest round: other processes on the machine only ever add time
         result[cls] = {name: 1e3 * min(ts) for name, ts in times.items() if ts}
     return result
 
