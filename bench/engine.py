@@ -6,7 +6,9 @@
 Every implementation runs the same float32 layer with the same thread count; rounds alternate
 between implementations (A/B/C/D, then again) and each figure is the median over rounds, so a
 noisy neighbour slows all of them alike. Memory is the peak RSS growth of one call, measured in
-a fresh subprocess per layer (see bench/README.md). Prints one table per N plus geometric means.
+a fresh subprocess per layer (see bench/README.md). Prints the machine first (CPU model, ISA,
+sgemm GFLOP/s measured in this run, the engine's kernel choices: bench/machine.py), then one
+table per N, with the kernel each layer ran and its share of sgemm, plus geometric means.
 """
 
 from __future__ import annotations
@@ -265,9 +267,22 @@ def geomean(values: list[float]) -> float:
     return float(np.exp(np.mean(np.log(values)))) if values else float("nan")
 
 
-def report(n: int, rows: list[tuple[Layer, dict, dict]], impls: list[str]) -> None:
+def kernel_of(layer: Layer, n: int) -> str:
+    """Return the engine kernel this layer runs at batch n (engine.kernels)."""
+    if layer.pool:
+        return "maxpool"
+    from engine import ops
+
+    shape = (n, layer.h, layer.h, layer.c)
+    w = (layer.k, layer.f, layer.f, layer.c // layer.g)
+    return ops.conv_kernel(shape, w, layer.s, layer.p, layer.d, layer.g)
+
+
+def report(
+    n: int, rows: list[tuple[Layer, dict, dict]], impls: list[str], sgemm: float | None = None
+) -> None:
     peers = [name for name in ("torch", "ort") if name in impls]
-    head = f"{'layer':<20}{'engine ms':>10}{'GFLOP/s':>9}"
+    head = f"{'layer':<20}{'kernel':<17}{'engine ms':>10}{'GFLOP/s':>9}{'%sgemm':>7}"
     head += "".join(f"{name + ' ms':>10}" for name in impls if name != "engine")
     head += "".join(f"{'/' + name:>8}" for name in impls if name != "engine")
     head += f"{'/best':>7}{'mem MB':>8}{'torch MB':>9}{'limit MB':>9}"
@@ -278,7 +293,8 @@ def report(n: int, rows: list[tuple[Layer, dict, dict]], impls: list[str]) -> No
     for layer, t, mem in rows:
         eng = t["engine"]
         gf = layer.flops(n) / eng / 1e9 if not layer.pool else float("nan")
-        line = f"{layer.name:<20}{eng * 1e3:>10.2f}{gf:>9.0f}"
+        share = 100 * gf / sgemm if sgemm else float("nan")
+        line = f"{layer.name:<20}{kernel_of(layer, n):<17}{eng * 1e3:>10.2f}{gf:>9.0f}{share:>7.0f}"
         line += "".join(f"{t[name] * 1e3:>10.2f}" for name in impls if name != "engine")
         for name in impls:
             if name != "engine":
@@ -318,8 +334,12 @@ def main(argv=None) -> int:
     layers = [lay for lay in SUITE if not args.layers or any(s in lay.name for s in args.layers)]
     impls = available()
     import engine
+    from bench.machine import describe
 
-    engine.warmup()
+    engine.set_threads(args.threads)
+    engine.warmup()  # compiles, then measures the kernel choices unless stored for this machine
+    machine, sgemm = describe(args.threads)
+    print(machine)
     # malloc as a convq worker sets it (worker.horse.keep_freed_memory), for every library in
     # this process: freed big blocks are reused by the next call instead of being mapped and
     # faulted in anew (importing PyTorch fixes glibc's mmap threshold at its 128 KiB default,
@@ -346,7 +366,7 @@ def main(argv=None) -> int:
                     if impl in impls:
                         mem[impl] = measure_memory(impl, layer, n, args.threads)
             rows.append((layer, t, mem))
-        report(n, rows, impls)
+        report(n, rows, impls, sgemm)
     return 0
 
 

@@ -37,17 +37,6 @@ import torch_nets  # noqa: E402
 IMPLS = ("engine", "ort", "torch")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def export(name: str) -> tuple[object, bytes, int]:
     """Return (torch module, .onnx bytes with a symbolic batch, input side)."""
     net = torch_nets.build(name)
@@ -92,6 +81,21 @@ def make(impl: str, name: str, n: int, threads: int):
             return net(tx)
 
     return run
+
+
+def used_kernels(name: str, n: int, threads: int) -> str:
+    """Return how many conv layers of the network ran each engine kernel at batch n."""
+    import collections
+
+    import engine
+    from engine.onnx_import import convert
+
+    engine.set_threads(threads)
+    _, data, side = export(name)
+    model = engine.Model.from_arrays(*convert(data))
+    model.run(np.zeros((n, side, side, 3), np.float32), [model.layer_names[-1]])
+    counts = collections.Counter(model.kernels.values())
+    return ", ".join(f"{k} x{v}" for k, v in counts.most_common())
 
 
 def time_net(name: str, n: int, threads: int, rounds: int) -> dict[str, float]:
@@ -161,8 +165,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
     args = ap.parse_args(argv)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical); threads={args.threads} "
-          f"rounds={args.rounds}; medians; memory = peak RSS growth of one call")  # fmt: skip
+    import engine
+    from bench.machine import describe
+
+    engine.set_threads(args.threads)
+    engine.warmup()  # compiles, then measures the kernel choices unless stored for this machine
+    print(describe(args.threads)[0])
+    print(f"threads={args.threads} rounds={args.rounds}; medians; "
+          "memory = peak RSS growth of one call")  # fmt: skip
     head = f"{'network':<16}{'N':>4}{'engine ms':>11}{'ORT ms':>9}{'torch ms':>10}"
     head += f"{'/best':>7}{'eng MB':>8}{'ORT MB':>8}{'torch MB':>9}"
     print(head)
@@ -182,6 +192,7 @@ def main(argv=None) -> int:
                 for i, w in zip(IMPLS, (8, 8, 9), strict=True)
             )
             print(row, flush=True)
+            print(f"  kernels: {used_kernels(name, n, args.threads)}")
     geo = float(np.exp(np.mean(np.log(ratios))))
     print(f"geomean engine / faster peer: {geo:.2f}; worst {max(ratios):.2f}")
     return 0

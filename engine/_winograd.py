@@ -48,13 +48,13 @@ def tile_origins(out: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(starts, np.int64), np.array(counts, np.int64)
 
 
-def pack_filters(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pack_filters(w: np.ndarray, family: str = "avx512") -> tuple[np.ndarray, np.ndarray]:
     """Return U = G g G^T for w (K, 3, 3, C) as 16 packed weight sets (16, ...) and their table.
 
-    Set xi = 4*i + j is U[i, j] as a (C, K) matrix in engine._gemm's block layout.
+    Set xi = 4*i + j is U[i, j] as a (C, K) matrix in engine._gemm's block layout of a family.
     """
     k, _, _, c = w.shape
-    widths = plan_blocks(k)
+    widths = plan_blocks(k, family)
     table = np.empty((len(widths), 3), np.int64)
     offset = j0 = 0
     for b, nr in enumerate(widths):

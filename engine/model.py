@@ -152,6 +152,7 @@ class Model:
             if layer.type == "conv"
         }
         self._folds: dict[tuple[str, str], tuple] = {}
+        self._kernels: dict[str, str] = {}  # conv layer -> kernel its last run used
         self._plans: dict[tuple, list[Step]] = {}
         self._depth = spec.depths()
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
@@ -255,6 +256,11 @@ class Model:
         if h is not None and w is not None:
             self.output_shapes(h, w)
         return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Return {conv layer: the kernel (engine.kernels) its last run used}, in run order."""
+        return dict(self._kernels)
 
     def to_safetensors(self) -> bytes:
         """Return the weights (float32, OHWI) as safetensors bytes."""
@@ -487,6 +493,9 @@ class Model:
                 self._folded(layer, bn)
                 if bn is not None
                 else (self._conv_weights[layer.name], bias)
+            )
+            self._kernels[layer.name] = ops.conv_kernel(
+                x.shape, packed, stride, pad, dilation, layer=layer.name
             )
             if add is not None:
                 out = self._residual(step, xs[len(layer.inputs) :])

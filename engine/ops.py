@@ -6,15 +6,16 @@ or (h, w); pad an int, (h, w) or (top, left, bottom, right). Output sizes floor 
 Hout = (H + top + bottom - DH*(FH-1) - 1)//SH + 1. Every function matches its *_reference to
 float32 rounding (tests/unit/test_ops*.py); threading is explained in engine._threads.
 
-conv2d picks one of four paths, all with bias and ReLU fused into the GEMM's store:
-- 1x1, stride 1, no pad: a direct GEMM on the input's pixels (no im2col);
-- 3x3, stride 1, C >= WINOGRAD_MIN_C: Winograd F(2x2, 3x3) (engine._winograd);
-- outputs >= IMPLICIT_MIN_WIDTH wide with no pads (or thin C): implicit GEMM, the micro-kernel
-  reading windows straight from the input (no column buffer);
-- otherwise im2col in tiles of TILE_BYTES per thread, each packed then multiplied.
-The GEMM is engine._gemm's AVX-512 micro-kernel (MICROKERNEL) or, without AVX-512, one
-single-threaded BLAS sgemm per tile. Tiles never cross images and their sizes depend on neither
-N nor the thread count, so an image's result is bit-identical whatever batch it came in.
+conv2d runs one of the kernels of engine.kernels, all with bias and ReLU fused into the GEMM's
+store, chosen per layer shape (by measurement on this machine, else by the CPU's ISA):
+- pointwise: 1x1, stride 1, no pad: a direct GEMM on the input's pixels (no im2col);
+- winograd: 3x3, stride 1: Winograd F(2x2, 3x3) (engine._winograd);
+- implicit: outputs >= IMPLICIT_MIN_WIDTH wide: the micro-kernel reading windows straight from
+  the input (a padded copy of it when the layer pads), no column buffer;
+- im2col: tiles of TILE_BYTES per thread, each packed then multiplied.
+The GEMM is one of engine._gemm's micro-kernel families (avx512, avx2) or one single-threaded
+BLAS sgemm per tile (blas). Tiles never cross images and their sizes depend on neither N nor
+the thread count, so an image's result is bit-identical whatever batch it came in.
 
 conv2d's groups (PyTorch's): w is (K, FH, FW, C/groups). Depthwise (C/groups == 1, any
 multiplier K/C) runs engine._conv.conv_depthwise, a direct kernel: each output is FH*FW
@@ -30,7 +31,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _cache, _threads
+from . import _args, _cache, _threads, kernels
 from ._threads import get_threads, set_threads
 from .errors import InputError, ShapeError
 from .geometry import Window
@@ -43,15 +44,8 @@ with _cache.versioned():  # the kernels find (and save) their compiled code by s
 TILE_BYTES = 512 * 1024
 MIN_TILE_ROWS = 16
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
-# The Numba micro-kernel where the CPU has AVX-512 (engine._gemm); BLAS sgemm per tile elsewhere.
-MICROKERNEL = _gemm.available()
-# 3x3 stride-1 convs with at least this many input channels go through Winograd F(2x2, 3x3)
-# (engine._winograd, micro-kernel only); below it the 16 GEMMs are too shallow to pay off.
-WINOGRAD_MIN_C = 32
-# Implicit GEMM (no im2col buffer) where the output is at least this wide and the input needs no
-# padded copy, or one so thin (C < IMPLICIT_PAD_MAX_C) that the copy costs less than packing.
-IMPLICIT_MIN_WIDTH = 8  # the tallest micro-kernel block (engine._gemm.SHAPES)
-IMPLICIT_PAD_MAX_C = 16
+IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
+assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
 # Thin inputs (C <= this) whose filter count fills few micro-kernel lanes (K=32 of a 48-lane
 # block) run two adjacent output pixels per GEMM row instead: 2K lanes over a window one pixel
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
@@ -119,9 +113,9 @@ class ConvWeights:
         self._parts: list[ConvWeights] | None = None
         self._depthwise: np.ndarray | None = None
         self._wmat: np.ndarray | None = None
-        self._gemm: tuple[np.ndarray, np.ndarray] | None = None
-        self._winograd: tuple[np.ndarray, np.ndarray] | None = None
-        self._wide: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._gemm: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # by GEMM family
+        self._winograd: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._wide: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _matrix(self) -> np.ndarray:
         k = self.w.shape[0]
@@ -133,21 +127,21 @@ class ConvWeights:
             self._wmat = self._matrix()
         return self._wmat
 
-    def gemm_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return the micro-kernel's packed (blocks, table) of wmat (engine._gemm).
+    def gemm_blocks(self, family: str = "avx512") -> tuple[np.ndarray, np.ndarray]:
+        """Return the micro-kernel's packed (blocks, table) of wmat for a GEMM family.
 
         The operand it is packed from is not kept: the blocks are all the micro-kernel reads.
         """
-        if self._gemm is None:
-            self._gemm = _gemm.pack_weights(
-                self._wmat if self._wmat is not None else self._matrix()
-            )
-        return self._gemm
+        if family not in self._gemm:
+            wmat = self._wmat if self._wmat is not None else self._matrix()
+            self._gemm[family] = _gemm.pack_weights(wmat, family)
+        return self._gemm[family]
 
     @property
     def nbytes(self) -> int:
         """Bytes of the packed forms made so far (w itself not counted)."""
-        parts = [self._wmat, *(self._gemm or ()), *(self._winograd or ())]
+        parts = [self._wmat]
+        parts += [a for packed in (*self._gemm.values(), *self._winograd.values()) for a in packed]
         parts += [a for packed in self._wide.values() for a in packed]
         parts.append(self._depthwise)
         groups = sum(part.nbytes for part in self._parts or ())
@@ -169,36 +163,38 @@ class ConvWeights:
             self._depthwise = _args.read_only(taps)
         return self._depthwise
 
-    def pixels_per_row(self, fw: int) -> int:
+    def pixels_per_row(self, fw: int, family: str = "avx512") -> int:
         """Return 2 if a stride-1 row of FW-wide windows should compute two pixels, else 1."""
         k = self.w.shape[0]
-        if fw < WIDE_MIN_FW or 2 * k not in (48, 64):
-            return 1
+        if fw < WIDE_MIN_FW or _gemm.plan_blocks(2 * k, family) != [2 * k]:
+            return 1  # only where two pixels fill one block exactly
         # Useful lanes now (K of its padded blocks) against useful terms of the wider window.
-        return 2 if fw / (fw + 1) > k / sum(_gemm.plan_blocks(k)) else 1
+        return 2 if fw / (fw + 1) > k / sum(_gemm.plan_blocks(k, family)) else 1
 
-    def wide_blocks(self, g: int, sw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def wide_blocks(
+        self, g: int, sw: int, family: str = "avx512"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (blocks, table, bias index) of the filters for g pixels per GEMM row.
 
         Row p of the (FH*FWu*C, g*K) operand, FWu = FW + (g-1)*SW, is a union-window element;
         column q*K + j holds filter j placed at pixel q's columns of it, zeros elsewhere.
         """
-        key = (g, sw)
+        key = (g, sw, family)
         if key not in self._wide:
             k, fh, fw, c = self.w.shape
             fwu = fw + (g - 1) * sw
             wide = np.zeros((fh, fwu, c, g * k), np.float32)
             for q in range(g):
                 wide[:, q * sw : q * sw + fw, :, q * k : (q + 1) * k] = self.w.transpose(1, 2, 3, 0)
-            blocks, table = _gemm.pack_weights(wide.reshape(fh * fwu * c, g * k))
+            blocks, table = _gemm.pack_weights(wide.reshape(fh * fwu * c, g * k), family)
             self._wide[key] = (blocks, table, np.tile(np.arange(k), g))
         return self._wide[key]
 
-    def winograd_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return the transformed filters (blocks, table) of engine._winograd."""
-        if self._winograd is None:
-            self._winograd = _winograd.pack_filters(self.w)
-        return self._winograd
+    def winograd_blocks(self, family: str = "avx512") -> tuple[np.ndarray, np.ndarray]:
+        """Return the transformed filters (blocks, table) of engine._winograd for a family."""
+        if family not in self._winograd:
+            self._winograd[family] = _winograd.pack_filters(self.w, family)
+        return self._winograd[family]
 
 
 def _groups(groups, k: int) -> int:
@@ -348,78 +344,102 @@ def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> Non
 
 
 def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=False) -> None:
-    """Run an ungrouped conv into out (N, Hout, Wout, K) by the fastest path for its shape.
+    """Run an ungrouped conv into out (N, Hout, Wout, K) by the kernel chosen for its shape.
 
     out may be a channel slice of a wider buffer and acc add to it (see conv2d): the micro-kernel
-    paths store that way themselves; the implicit GEMM's (which recomputes a row's last few
-    outputs) and BLAS's go through _via_temp.
+    families store that way themselves; BLAS's, and the implicit GEMM's with acc (it recomputes
+    a row's last few outputs), go through _via_temp.
     """
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
-    m = n * hout * wout
-    direct = MICROKERNEL or (out.flags.c_contiguous and not acc)
-    if not direct:
+    path, family = kernels.split(kernels.choose(_shape(cw.w.shape, win, wout), get_threads()))
+    if (acc or not out.flags.c_contiguous) and (family == "blas" or (acc and path == "implicit")):
         _via_temp(x, cw, bias, out, win, relu, acc)
         return
-    nthreads = _threads.enter(m * k * fh * fw * c)
-    if MICROKERNEL and (fh, fw, win.sh, win.sw) == (3, 3, 1, 1) and c >= WINOGRAD_MIN_C:
-        _winograd_conv(x, cw, bias, out, win, nthreads, relu, acc)
+    nthreads = _threads.enter(n * hout * wout * k * fh * fw * c)
+    _RUN[path](x, cw, bias, out, win, nthreads, relu, family, acc)
+
+
+def _shape(w_shape: tuple[int, ...], win: Window, wout: int) -> kernels.ConvShape:
+    k, fh, fw, c = w_shape
+    return kernels.ConvShape(c, k, fh, fw, win.sh, win.sw, win.pad != (0, 0, 0, 0), wout)
+
+
+def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -> str:
+    """Return the name of the kernel conv2d runs for x of x_shape (N, H, W, C) and weights w
+    (an array, its shape, or a ConvWeights) with these arguments (engine.kernels)."""
+    if isinstance(w, ConvWeights):
+        groups, w = w.groups, w.w
+    w_shape = tuple(getattr(w, "shape", w))
+    if w_shape[3] == 1 and groups > 1:
+        return kernels.DIRECT
+    win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
+    wout = win.out_hw(x_shape[1], x_shape[2])[1]
+    part = (w_shape[0] // groups, *w_shape[1:])
+    return kernels.choose(_shape(part, win, wout), get_threads(), layer)
+
+
+def _pointwise(
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family, acc=False
+) -> None:
+    """Run a 1x1 stride-1 unpadded conv as one GEMM on the pixels: out2d (M, K)."""
+    n, hout, wout, k = out.shape
+    c = x.shape[3]
+    m = n * hout * wout
+    tile = _tile_rows(hout * wout, c)
+    x2d, out2d = x.reshape(m, c), _rows(out)
+    if family == "blas":
+        _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, relu)
         return
+    cols = _columns(nthreads, tile, c)
+    blocks, table = cw.gemm_blocks(family)
+    _conv.conv_pointwise_mk(
+        x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc
+    )
+
+
+def _im2col(
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family, acc=False
+) -> None:
+    """Run a conv as im2col tiles packed per thread, each multiplied (any window)."""
+    k, fh, fw, c = cw.w.shape
+    n, hout, wout = out.shape[:3]
     out2d = _rows(out)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
-    if (fh, fw, win.sh, win.sw) == (1, 1, 1, 1) and win.pad == (0, 0, 0, 0):
-        tile = _tile_rows(hout * wout, c)
-        x2d = x.reshape(m, c)
-        if MICROKERNEL:
-            cols = _columns(nthreads, tile, c)
-            blocks, table = cw.gemm_blocks()
-            _conv.conv_pointwise_mk(
-                x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc
-            )
-        else:
-            _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, relu)
-        return
-    if (
-        MICROKERNEL
-        and wout >= IMPLICIT_MIN_WIDTH
-        and (win.pad == (0, 0, 0, 0) or c < IMPLICIT_PAD_MAX_C)
-    ):
-        if acc:
-            _via_temp(x, cw, bias, out, win, relu, acc)
-            return
-        _implicit_conv(x, cw, bias, out2d, win, hout, wout, nthreads, relu)
-        return
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
     cols = _columns(nthreads, tile, width)
-    if MICROKERNEL:
-        blocks, table = cw.gemm_blocks()
-        _conv.conv_im2col_mk(
-            x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc
-        )
-    else:
+    if family == "blas":
         _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, relu)
+        return
+    blocks, table = cw.gemm_blocks(family)
+    _conv.conv_im2col_mk(
+        x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc
+    )
 
 
 def _implicit_conv(
-    x, cw: ConvWeights, bias, out2d, win: Window, hout, wout, nthreads, relu
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family="avx512", acc=False
 ) -> None:
-    """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out2d (M, K)."""
+    """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out (N, Hout, Wout, K);
+    out may be a channel slice of a wider buffer, never accumulated into (see _dense_conv)."""
+    assert not acc, "the implicit GEMM recomputes rows: accumulate through _via_temp"
     n, h, w, c = x.shape
+    hout, wout, k = out.shape[1:]
+    out2d = _rows(out)
     xp = x
     if win.pad != (0, 0, 0, 0):
         xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
         xp[:, win.top : win.top + h, win.left : win.left + w] = x
         xp = _args.read_only(xp)
-    g = cw.pixels_per_row(win.fw) if c <= WIDE_MAX_C and (win.sw, win.dw) == (1, 1) else 1
+    g = cw.pixels_per_row(win.fw, family) if c <= WIDE_MAX_C and (win.sw, win.dw) == (1, 1) else 1
     # A two-pixel row also multiplies its neighbours' extra columns by zero: exact for finite
     # inputs (the same FMA chain plus zeros), but 0 * inf would be NaN where the plain path
     # gives a number, so non-finite inputs keep the plain path (a cheap pass: C is small).
     # (two pixels per row need out2d's rows contiguous: a concat's slice takes one per row)
     wide = g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH
     if wide and out2d.flags.c_contiguous and np.isfinite(x).all():
-        k = out2d.shape[1]
-        blocks, table, cols = cw.wide_blocks(g, win.sw)
+        blocks, table, cols = cw.wide_blocks(g, win.sw, family)
         offs = _window_offsets(win.fh, win.fw + (g - 1) * win.sw, c, win.dh, 1, xp.shape[2])
         _conv.conv_implicit_mk(
             xp,
@@ -438,7 +458,7 @@ def _implicit_conv(
         )
         return
     offs = _window_offsets(win.fh, win.fw, c, win.dh, win.dw, xp.shape[2])
-    blocks, table = cw.gemm_blocks()
+    blocks, table = cw.gemm_blocks(family)
     _conv.conv_implicit_mk(
         xp, offs, blocks, table, bias, out2d, nthreads, hout, wout, win.sh, win.sw, relu, _counter()
     )
@@ -454,11 +474,19 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
 
 
 def _winograd_conv(
-    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu: bool, acc: bool
+    x,
+    cw: ConvWeights,
+    bias,
+    out,
+    win: Window,
+    nthreads: int,
+    relu: bool,
+    family="avx512",
+    acc=False,
 ) -> None:
     """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
     k, c = cw.w.shape[0], cw.w.shape[3]
-    blocks, table = cw.winograd_blocks()
+    blocks, table = cw.winograd_blocks(family)
     ty0, tyn = _winograd.tile_origins(out.shape[1], win.dh)
     tx0, txn = _winograd.tile_origins(out.shape[2], win.dw)
     t = _winograd.TILES
@@ -487,6 +515,14 @@ def _winograd_conv(
         _counter(),
         acc,
     )
+
+
+_RUN = {  # kernel path -> its runner (engine.kernels.PATHS)
+    "pointwise": _pointwise,
+    "winograd": _winograd_conv,
+    "implicit": _implicit_conv,
+    "im2col": _im2col,
+}
 
 
 def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray:
@@ -596,37 +632,27 @@ def preprocess(images, scale: float, mean, std) -> np.ndarray:
     return out
 
 
-def warmup() -> None:
-    """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses."""
+def warmup(tune: bool = True) -> None:
+    """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses; then,
+    with tune, measure which conv kernel is fastest here unless already measured (engine.tuning).
+    """
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
     w3 = np.ones((2, 3, 3, 2), np.float32)
-    # Each GEMM path twice: into a new array, and into a channel slice of a wider one (a
-    # concat's output), which Numba types differently.
+    wide = rng.standard_normal((1, 3, 14, 2)).astype(np.float32)
+    # Every path whatever the choices say (the micro-kernel families share their compiled code:
+    # a block's width picks its kernel at run time), each twice: into a new array, and into a
+    # channel slice of a wider one (a concat's output), which Numba types differently.
     for sliced in (False, True):
         slot = (lambda *shape: np.empty((*shape, 4), np.float32)[..., :2]) if sliced else None
-        conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
-        conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
-        if not MICROKERNEL:
-            continue
-        # whatever the path thresholds say, so every later layer is ready
-        wide = _args.input_array(rng.standard_normal((1, 3, 14, 2)).astype(np.float32))
-        out2d = slot(12) if slot else np.empty((12, 2), np.float32)
-        bias = _args.read_only(np.zeros(2, np.float32))
-        _implicit_conv(
-            wide, ConvWeights(w3), bias, out2d, Window.make(3), 1, 12, _threads.enter(), True
-        )
-        out = slot(1, 5, 5) if slot else np.empty((1, 5, 5, 2), np.float32)
-        _winograd_conv(
-            _args.input_array(x),
-            ConvWeights(w3),
-            bias,
-            out,
-            Window.make(3, 1, 1),
-            _threads.enter(),
-            True,
-            False,
-        )
+        for family in ("avx512", "blas"):
+            with kernels.forced([f"pointwise-{family}", f"im2col-{family}"]):
+                conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
+                conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
+        with kernels.forced(["winograd-avx512"]):
+            conv2d(x, w3, pad=1, relu=True, out=slot and slot(1, 5, 5))
+        with kernels.forced(["implicit-avx512"]):
+            conv2d(wide, w3, relu=True, out=slot and slot(1, 1, 12))
     conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
     conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
@@ -637,6 +663,10 @@ def warmup() -> None:
     from . import lean_ops  # the kernels that shrink a job's results (worker.contract.lean)
 
     lean_ops.warmup()
+    if tune:
+        from . import tuning
+
+        tuning.ensure()
 
 
 __all__ = [
@@ -648,5 +678,6 @@ __all__ = [
     "relu",
     "set_threads",
     "get_threads",
+    "conv_kernel",
     "warmup",
 ]

@@ -1,4 +1,4 @@
-"""The `convq` command: up, api, worker, submit, summary, import-onnx, warmup, bench."""
+"""The `convq` command: up, api, worker, submit, summary, import-onnx, warmup, info, bench."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ USAGE = """convq <command> [options]
   submit       send images to a server, wait, save the activations
   summary      print a model's layer table:  convq summary SPEC [--height H --width W] [--batch N]
   import-onnx  convert an .onnx file:         convq import-onnx MODEL.onnx -o DIR
-  warmup       compile (or load from cache) every engine kernel
+  warmup       compile (or load from cache) every engine kernel, measure the conv kernels once
+  info         CPU, ISA, conv kernel choices:  convq info [--threads N] [--measure] [--json]
   bench        run the benchmarks:            convq bench [engine|service] [args]
 """
 
@@ -206,6 +207,7 @@ COMMANDS = {  # command -> "module:function(argv) -> exit status", imported only
     "summary": "engine.summary:main",
     "import-onnx": "engine.onnx_cli:main",
     "warmup": "service.cli:warmup",
+    "info": "engine.tuning:main",
     "bench": "service.cli:bench",
 }
 

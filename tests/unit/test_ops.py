@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, ops
+from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, kernels, ops
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -36,36 +36,35 @@ def threads(request, monkeypatch):
 
 
 NEVER = 10**9
-PATH_KNOBS = ("MICROKERNEL", "WINOGRAD_MIN_C", "IMPLICIT_MIN_WIDTH", "IMPLICIT_PAD_MAX_C")
-CONV_PATHS = {  # name: values of PATH_KNOBS
-    "im2col": (True, NEVER, NEVER, 0),
-    "implicit": (True, NEVER, 8, NEVER),  # every case 8+ outputs wide, padded or not
-    "winograd": (True, 1, NEVER, 0),  # every 3x3 stride-1 case, whatever its channels
-    "blas": (False, 1, 8, NEVER),
+CONV_PATHS = {  # name: the kernels forced, first that applies (engine.kernels)
+    "im2col": ["pointwise-avx512", "im2col-avx512"],
+    "implicit": ["pointwise-avx512", "implicit-avx512", "im2col-avx512"],  # 8+ outputs wide
+    "winograd": ["winograd-avx512", "pointwise-avx512", "im2col-avx512"],  # any 3x3 stride 1
+    "blas": ["pointwise-blas", "im2col-blas"],
+    "im2col-avx2": ["pointwise-avx2", "im2col-avx2"],
+    "implicit-avx2": ["implicit-avx2", "im2col-avx2"],
+    "winograd-avx2": ["winograd-avx2", "im2col-avx2"],
 }
 
 
-def force_path(name: str) -> tuple:
-    """Set the engine's path switches for `name`; return the previous values."""
-    before = tuple(getattr(ops, knob) for knob in PATH_KNOBS)
-    for knob, value in zip(PATH_KNOBS, CONV_PATHS[name], strict=True):
-        setattr(ops, knob, value)
-    return before
+def force_path(name: str) -> kernels.forced:
+    """Force the kernels of CONV_PATHS[name] on this thread; return what restore_path undoes."""
+    forcing = kernels.forced(CONV_PATHS[name])
+    forcing.__enter__()
+    return forcing
 
 
-def restore_path(before: tuple) -> None:
-    for knob, value in zip(PATH_KNOBS, before, strict=True):
-        setattr(ops, knob, value)
+def restore_path(before: kernels.forced) -> None:
+    before.__exit__(None, None, None)
 
 
 @pytest.fixture(params=list(CONV_PATHS))
 def gemm_path(request):
-    """Run a conv test through im2col and implicit GEMM on the micro-kernel, Winograd, and
-    im2col + BLAS sgemm, each forced regardless of the CPU (the micro-kernel is only slow, not
-    wrong, without AVX-512)."""
-    before = force_path(request.param)
-    yield request.param
-    restore_path(before)
+    """Run a conv test through every kernel: im2col and implicit GEMM on each micro-kernel
+    family, Winograd, and im2col + BLAS sgemm, each forced regardless of the CPU (a family is
+    only slow, not wrong, on a CPU without its ISA)."""
+    with kernels.forced(CONV_PATHS[request.param]):
+        yield request.param
 
 
 # (N, H, W, C, K, (FH, FW), stride, pad, dilation)
@@ -172,13 +171,12 @@ def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad, gemm
 
 def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     monkeypatch.setattr(ops._workspace, "buf", None, raising=False)
-    monkeypatch.setattr(ops, "MICROKERNEL", True)
-    monkeypatch.setattr(ops, "IMPLICIT_MIN_WIDTH", NEVER)  # the im2col path, which has columns
     wt = rand(8, 5, 5, 4, seed=12)
     monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)  # so both calls use every thread
-    ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
-    small = ops._workspace.buf.size
-    ops.conv2d(rand(64, 40, 40, 4), wt, pad=2)
+    with kernels.forced(["im2col-avx512"]):  # the im2col path, which has columns
+        ops.conv2d(rand(2, 40, 40, 4), wt, pad=2)
+        small = ops._workspace.buf.size
+        ops.conv2d(rand(64, 40, 40, 4), wt, pad=2)
     assert ops._workspace.buf.size == small
     assert small * 4 <= ops.get_threads() * ops.TILE_BYTES + 4 * 5 * 5 * 4
 
@@ -392,7 +390,7 @@ def read_only(arr):
 
 def test_read_only_and_writeable_inputs_share_one_compiled_kernel():
     x, wt, b = rand(2, 6, 6, 3, seed=37), rand(4, 3, 3, 3, seed=38), rand(4, seed=39)
-    ops.warmup()
+    ops.warmup(tune=False)
     want = ops.conv2d(x, wt, b, pad=1)
     got = ops.conv2d(read_only(x), read_only(wt), read_only(b), pad=1)
     np.testing.assert_array_equal(got, want)
@@ -408,22 +406,26 @@ def test_read_only_and_writeable_inputs_share_one_compiled_kernel():
 
 
 def test_warmup_compiles_every_kernel():
-    ops.warmup()
-    convs = (
-        [_conv.conv_im2col_mk, _conv.conv_pointwise_mk, _conv.conv_implicit_mk, _winograd.conv3x3]
-        if ops.MICROKERNEL
-        else [_conv.conv_im2col, _conv.conv_pointwise]
-    )
-    # the GEMM paths twice: a new output array, and a channel slice of a wider one (a concat's)
-    assert all(len(k.signatures) == 2 for k in convs), [k.signatures for k in convs]
-    kernels = [
+    ops.warmup(tune=False)
+    # the micro-kernel paths twice: a new output array, and a channel slice of a wider one (a
+    # concat's); BLAS's once (a slice goes through a temporary array)
+    sliced = [
+        _conv.conv_im2col_mk,
+        _conv.conv_pointwise_mk,
+        _conv.conv_implicit_mk,
+        _winograd.conv3x3,
+    ]
+    assert all(len(k.signatures) == 2 for k in sliced), [k.signatures for k in sliced]
+    compiled = [
+        _conv.conv_im2col,
+        _conv.conv_pointwise,
         _conv.conv_depthwise,
         _conv.local_gemm,
         _pool.max_pool,
         _pool.avg_pool,
         _pool.relu_flat,
     ]
-    assert all(len(k.signatures) == 1 for k in kernels), [k.signatures for k in kernels]
+    assert all(len(k.signatures) == 1 for k in compiled), [k.signatures for k in compiled]
 
 
 @pytest.mark.parametrize(
@@ -440,6 +442,14 @@ def test_warmup_compiles_every_kernel():
 )
 def test_weight_blocks_cover_k_with_least_padding(k, widths):
     assert _gemm.plan_blocks(k) == widths
+
+
+@pytest.mark.parametrize(
+    "k,widths",
+    [(1, [16]), (16, [16]), (24, [32]), (32, [32]), (40, [32, 16]), (70, [32, 32, 16])],
+)
+def test_avx2_weight_blocks_cover_k_with_least_padding(k, widths):
+    assert _gemm.plan_blocks(k, "avx2") == widths
 
 
 def test_packed_weight_blocks_hold_every_weight_once():
@@ -496,10 +506,12 @@ def test_two_pixels_per_row_is_bit_identical_to_one(monkeypatch, k, f, width):
     b = rng.standard_normal(k).astype(np.float32)
     cw = ops.ConvWeights(w)
     assert cw.pixels_per_row(f) == 2
-    wide = ops.conv2d(x, cw, b, 1, f // 2)
+    with kernels.forced(["implicit-avx512"]):
+        wide = ops.conv2d(x, cw, b, 1, f // 2)
     assert bool(cw._wide) == (width % 2 == 0)  # an odd width keeps one pixel per row
     monkeypatch.setattr(ops, "WIDE_MAX_C", 0)
-    np.testing.assert_array_equal(wide, ops.conv2d(x, w, b, 1, f // 2))
+    with kernels.forced(["implicit-avx512"]):
+        np.testing.assert_array_equal(wide, ops.conv2d(x, w, b, 1, f // 2))
     assert_matches(wide, ref.conv2d_reference(x, w, b, 1, f // 2))
 
 
@@ -511,7 +523,8 @@ def test_non_finite_inputs_keep_one_pixel_per_row(monkeypatch):
     x[0, 4, 9, 1] = np.inf
     w = np.abs(rng.standard_normal((32, 5, 5, 3))).astype(np.float32)
     cw = ops.ConvWeights(w)
-    got = ops.conv2d(x, cw, None, 1, 2)
+    with kernels.forced(["implicit-avx512"]):
+        got = ops.conv2d(x, cw, None, 1, 2)
     assert not cw._wide
     expect = ref.conv2d_reference(x, w, None, 1, 2)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(expect))

@@ -1,0 +1,357 @@
+"""Conv kernels by name: which apply to a layer, which one runs, and where that choice comes from.
+
+A kernel is a path (how the conv becomes GEMMs) on a GEMM family (what does the multiply-adds),
+named "<path>-<family>":
+- paths: pointwise (1x1, stride 1, no pad: the input's pixels are the GEMM's rows), winograd
+  (F(2x2, 3x3), 3x3 stride 1, engine._winograd), implicit (windows read in place, no column
+  buffer; Wout >= IMPLICIT_MIN_WIDTH), im2col (tiles packed, then multiplied: every conv);
+- families: avx512 (6x64 and 8x48 register blocks, engine._gemm), avx2 (3x32 and 4x16), blas
+  (one single-threaded sgemm per tile: portable, pointwise and im2col only).
+Every kernel is correct on every CPU; the family only decides how fast.
+
+A layer falls in one shape class (CLASSES). Each class has a ranking of kernels and a layer runs
+the first one in it that applies to the layer (im2col applies to all). The ranking comes from,
+first to last: CONVQ_KERNEL (a name, or a comma list, forced on every conv: an unknown name, or
+none that applies to a layer, is a KernelError); the measured ranking for this machine
+(engine.tuning, cached in CHOICES_FILE beside Numba's cache under key()); the default of the
+CPU's ISA (DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import llvmlite.binding as llvm
+import numba
+
+from . import _cache
+from .errors import EngineError
+
+PATHS = {  # path -> the families it runs on
+    "pointwise": ("avx512", "avx2", "blas"),
+    "winograd": ("avx512", "avx2"),
+    "implicit": ("avx512", "avx2"),
+    "im2col": ("avx512", "avx2", "blas"),
+}
+KERNELS = tuple(f"{path}-{family}" for path, families in PATHS.items() for family in families)
+DIRECT = "depthwise"  # the direct kernel of depthwise convs (C/groups == 1): no GEMM to choose
+# Winograd's 16 GEMMs are too shallow to pay for its transforms below this many input channels.
+WINOGRAD_MIN_C = 32
+# Implicit GEMM computes rows of whole blocks: an output row must be at least the tallest block.
+IMPLICIT_MIN_WIDTH = 8
+# Inputs thinner than this: a padded copy costs less than packing columns (implicit GEMM wins).
+THIN_C = 16
+CLASSES = ("1x1", "3x3s1", "thin", "unpadded", "padded")
+ENV = "CONVQ_KERNEL"
+CHOICES_FILE = "kernel-choices.json"
+# CPUs LLVM knows by name whose code is AVX-512 or AVX2 (NUMBA_CPU_NAME without features).
+AVX512_CPUS = {
+    "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+    "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+    "graniterapids", "znver4", "znver5", "x86-64-v4",
+}  # fmt: skip
+AVX2_CPUS = {
+    "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "znver1",
+    "znver2", "znver3", "x86-64-v3",
+}  # fmt: skip
+
+
+class KernelError(EngineError, ValueError):
+    """CONVQ_KERNEL names a kernel that does not exist or applies to no layer it meets."""
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What choosing a kernel needs of an ungrouped conv: C, K, window, stride, pads, Wout."""
+
+    c: int
+    k: int
+    fh: int
+    fw: int
+    sh: int
+    sw: int
+    padded: bool
+    wout: int
+
+
+def applies(name: str, shape: ConvShape) -> bool:
+    """Return whether kernel `name` can run a conv of this shape."""
+    path = name.rsplit("-", 1)[0]
+    if path == "pointwise":
+        return (shape.fh, shape.fw, shape.sh, shape.sw) == (1, 1, 1, 1) and not shape.padded
+    if path == "winograd":
+        return (shape.fh, shape.fw, shape.sh, shape.sw) == (3, 3, 1, 1)
+    if path == "implicit":
+        return shape.wout >= IMPLICIT_MIN_WIDTH
+    return path == "im2col"
+
+
+def shape_class(shape: ConvShape) -> str:
+    """Return the class (CLASSES) whose ranking decides this shape's kernel."""
+    if (shape.fh, shape.fw, shape.sh, shape.sw) == (1, 1, 1, 1) and not shape.padded:
+        return "1x1"
+    if (shape.fh, shape.fw, shape.sh, shape.sw) == (3, 3, 1, 1) and shape.c >= WINOGRAD_MIN_C:
+        return "3x3s1"
+    if shape.c < THIN_C:
+        return "thin"
+    return "padded" if shape.padded else "unpadded"
+
+
+def split(name: str) -> tuple[str, str]:
+    """Return (path, family) of a kernel name."""
+    path, family = name.rsplit("-", 1)
+    return path, family
+
+
+# ISA -> class -> ranking; "{f}" is the ISA's own GEMM family.
+_DEFAULT = {
+    "1x1": ["pointwise-{f}", "im2col-{f}"],
+    "3x3s1": ["winograd-{f}", "implicit-{f}", "im2col-{f}"],
+    "thin": ["implicit-{f}", "im2col-{f}"],
+    "unpadded": ["implicit-{f}", "im2col-{f}"],
+    "padded": ["im2col-{f}"],
+}
+DEFAULTS = {
+    "avx512": {cls: [n.format(f="avx512") for n in r] for cls, r in _DEFAULT.items()},
+    "avx2": {cls: [n.format(f="avx2") for n in r] for cls, r in _DEFAULT.items()},
+    "portable": {cls: ["pointwise-blas", "im2col-blas"] for cls in CLASSES},
+}
+
+
+def _host_features() -> set[str]:
+    return {f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[:1] == "+"}
+
+
+def cpu_name() -> str:
+    """Return the CPU name Numba compiles for (NUMBA_CPU_NAME, else the host's, as LLVM names
+    it)."""
+    name = numba.config.CPU_NAME
+    return llvm.get_host_cpu_name() if name in (None, "host") else name
+
+
+def features() -> set[str]:
+    """Return the ISA features Numba compiles for (as Numba itself decides, engine._gemm's code
+    included): NUMBA_CPU_FEATURES when set; the host's when unset, even under NUMBA_CPU_NAME;
+    when set empty, what the named CPU implies (known names only; others count as portable)."""
+    configured = numba.config.CPU_FEATURES
+    if configured is None:
+        return _host_features()
+    if configured:
+        return _parse(configured)
+    name = cpu_name()
+    if name in ("host", llvm.get_host_cpu_name()):
+        return _host_features()
+    if name in AVX512_CPUS:
+        return {"avx512f", "avx2", "fma", "avx"}
+    if name in AVX2_CPUS:
+        return {"avx2", "fma", "avx"}
+    return set()
+
+
+def _parse(spec: str) -> set[str]:
+    return {f.strip()[1:] for f in spec.split(",") if f.strip()[:1] == "+"}
+
+
+def isa() -> str:
+    """Return "avx512", "avx2" or "portable": the family of the code Numba makes here."""
+    have = features()
+    if "avx512f" in have:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= have else "portable"
+
+
+def cpu_model() -> str:
+    """Return the CPU's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_flags() -> list[str]:
+    """Return the vector ISA features of the code Numba makes (the ones that pick kernels)."""
+    return sorted(f for f in features() if f.startswith(("avx", "fma", "sse4")))
+
+
+def version() -> str:
+    """Return convq's version and the kernels' source hash: a choice measured on other code
+    is not reused."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        ours = dist_version("convq")
+    except Exception:  # not installed (a source checkout on sys.path)
+        ours = "source"
+    return f"{ours}+{_cache.source_hash()}"
+
+
+def key_fields(threads: int) -> dict:
+    """Return what a measured choice depends on: CPU, ISA flags, thread count, convq version."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_name": cpu_name(),
+        "isa_flags": isa_flags(),
+        "threads": threads,
+        "version": version(),
+    }
+
+
+def key(threads: int) -> str:
+    """Return the cache key of a choice measured with this many threads on this machine."""
+    if threads not in _keys:
+        text = json.dumps(key_fields(threads), sort_keys=True)
+        _keys[threads] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _keys[threads]
+
+
+_keys: dict[int, str] = {}
+
+
+def choices_path() -> str:
+    """Return the JSON file of measured choices: beside Numba's cache of the kernels."""
+    return os.path.join(os.path.dirname(_cache.cache_dir()), CHOICES_FILE)
+
+
+def read_choices(path: str | None = None) -> dict:
+    """Return the choices file's {key: entry}, {} when missing or unreadable."""
+    try:
+        with open(path or choices_path()) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_choice(threads: int, entry: dict, path: str | None = None) -> str | None:
+    """Store entry under this machine's key (atomically); return the path, None if unwritable."""
+    path = path or choices_path()
+    data = read_choices(path)
+    data[key(threads)] = entry
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    _loaded.pop(threads, None)
+    return path
+
+
+_loaded: dict[int, dict[str, list[str]]] = {}
+
+
+def measured(threads: int) -> dict[str, list[str]]:
+    """Return the measured rankings for this machine and thread count ({} if none yet)."""
+    if threads not in _loaded:
+        entry = read_choices().get(key(threads))
+        rankings = entry.get("rankings") if isinstance(entry, dict) else None
+        ok = isinstance(rankings, dict) and all(
+            isinstance(r, list) and r and all(n in KERNELS for n in r) for r in rankings.values()
+        )
+        _loaded[threads] = rankings if ok else {}  # type: ignore[assignment]
+    return _loaded[threads]
+
+
+def forget() -> None:
+    """Drop the rankings and keys worked out so far: the next conv reads the choices file
+    (and this machine's key) again."""
+    _loaded.clear()
+    _keys.clear()
+
+
+def remember(threads: int, rankings: dict[str, list[str]]) -> None:
+    """Use these rankings in this process (whether or not the file could be written)."""
+    _loaded[threads] = rankings
+
+
+def parse_forced(value: str | None) -> list[str] | None:
+    """Return CONVQ_KERNEL's names (None when unset or blank); KernelError on an unknown one."""
+    if value is None or not value.strip():
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        raise KernelError(
+            f"{ENV}={value!r}: unknown kernel {unknown[0]!r}; known kernels: "
+            f"{', '.join(KERNELS)} (a comma list runs the first that applies to each layer)",
+            field=ENV,
+        )
+    return names
+
+
+_forcing = threading.local()
+_FROM_ENV = "env"  # this thread forces nothing itself: CONVQ_KERNEL decides
+
+
+class forced:
+    """Within the block, this thread's convs run the first of `names` that applies (as
+    CONVQ_KERNEL would force them; None lifts a CONVQ_KERNEL setting)."""
+
+    def __init__(self, names: str | list[str] | None) -> None:
+        self.names = parse_forced(
+            names if isinstance(names, str) or names is None else ",".join(names)
+        )
+
+    def __enter__(self) -> forced:
+        self.before = getattr(_forcing, "names", _FROM_ENV)
+        _forcing.names = self.names
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _forcing.names = self.before
+
+
+def forced_names() -> list[str] | None:
+    """Return the kernels forced on this thread (forced(), else CONVQ_KERNEL), or None."""
+    names: list[str] | str | None = getattr(_forcing, "names", _FROM_ENV)
+    if isinstance(names, str):
+        return parse_forced(os.environ.get(ENV))
+    return names
+
+
+def ranking(cls: str, threads: int) -> tuple[list[str], str]:
+    """Return (the kernels tried in order for a class, where that order comes from)."""
+    names = forced_names()
+    if names is not None:
+        return names, ENV
+    rankings = measured(threads)
+    if cls in rankings:
+        return rankings[cls], "measured"
+    return DEFAULTS[isa()][cls], "default"
+
+
+def choose(shape: ConvShape, threads: int, layer: str | None = None) -> str:
+    """Return the kernel a conv of this shape runs on `threads` threads."""
+    cls = shape_class(shape)
+    names, source = ranking(cls, threads)
+    for name in names:
+        if applies(name, shape):
+            return name
+    if source == ENV:
+        raise KernelError(
+            f"{ENV} forces {', '.join(names)}, none of which runs a {shape.fh}x{shape.fw} "
+            f"stride {shape.sh}x{shape.sw} conv {'with' if shape.padded else 'without'} pads, "
+            f"Wout {shape.wout} (class {cls!r}); add im2col-{isa_family()} to the list, "
+            "which runs every conv",
+            layer=layer,
+            field=ENV,
+        )
+    return f"im2col-{isa_family()}"
+
+
+def isa_family() -> str:
+    """Return the GEMM family of this CPU's ISA (blas on a portable one)."""
+    kind = isa()
+    return "blas" if kind == "portable" else kind

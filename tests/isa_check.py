@@ -1,0 +1,72 @@
+"""Check every conv kernel against the reference in this process, whatever ISA Numba targets.
+
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= python -m tests.isa_check   # AVX2 code
+    NUMBA_CPU_NAME=generic python -m tests.isa_check                        # portable code
+
+Run by tests/unit/test_kernels.py in subprocesses (with NUMBA_CACHE_DIR in a temporary
+directory) so the AVX2 and portable builds are tested on any CI machine. Prints one JSON line:
+the ISA engine.kernels sees, the default kernel of each case, the kernels checked, failures,
+and whether the micro-kernel's code uses zmm / ymm registers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation): small, awkward, one per shape class or more
+CASES = {
+    "1x1": (2, 5, 9, 3, 70, (1, 1), 1, 0, 1),
+    "3x3-deep": (1, 6, 10, 33, 20, (3, 3), 1, 1, 1),
+    "3x3-dilated": (1, 9, 11, 4, 17, (3, 3), 1, 2, 2),
+    "thin-5x5": (2, 7, 12, 3, 32, (5, 5), 1, 2, 1),
+    "strided-unpadded": (1, 11, 21, 18, 40, (3, 3), (1, 2), 0, 1),
+    "padded-asymmetric": (1, 6, 9, 17, 24, (3, 2), 2, (0, 2, 1, 0), 1),
+    "deep-Kc1150": (1, 3, 9, 128, 9, (3, 3), 1, 1, 1),
+}
+
+
+def main() -> int:
+    from engine import kernels, ops
+    from engine import reference as ref
+
+    rng = np.random.default_rng(0)
+    checked, failures, defaults = [], [], {}
+    for case_name, (n, h, w, c, k, size, stride, pad, dil) in CASES.items():
+        x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+        wt = rng.standard_normal((k, *size, c)).astype(np.float32)
+        b = rng.standard_normal(k).astype(np.float32)
+        want = ref.conv2d_reference(x, wt, b, stride, pad, dil, relu=True)
+        with kernels.forced(None):
+            defaults[case_name] = ops.conv_kernel(x.shape, wt, stride, pad, dil)
+        atol = 1e-5 * max(1.0, np.sqrt(size[0] * size[1] * c / 16))
+        for name in kernels.KERNELS:
+            with kernels.forced([name]):
+                try:
+                    got = ops.conv2d(x, wt, b, stride, pad, dil, relu=True)
+                except kernels.KernelError:
+                    continue  # does not apply to this shape
+            checked.append(f"{case_name}:{name}")
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=atol):
+                err = float(np.abs(got - want).max()) if got.shape == want.shape else None
+                failures.append({"case": case_name, "kernel": name, "max_error": err})
+    from engine import _gemm
+
+    asm = "".join(_gemm._block16.inspect_asm(sig) for sig in _gemm._block16.signatures)
+    report = {
+        "isa": kernels.isa(),
+        "cpu_name": kernels.cpu_name(),
+        "defaults": defaults,
+        "checked": checked,
+        "failures": failures,
+        "zmm": "zmm" in asm,
+        "ymm": "ymm" in asm,
+    }
+    print(json.dumps(report))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""engine.kernels and engine.tuning: names, forcing, shape classes, ISA defaults, the measured
+choice and its cache file; every kernel against the reference on AVX2 and portable code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numba
+import numpy as np
+import pytest
+
+from engine import Model, kernels, ops, tuning
+from engine import reference as ref
+from engine.kernels import ConvShape, KernelError
+from tests import isa_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture
+def choices_dir(tmp_path, monkeypatch):
+    """Keep the choices file in a temporary directory (and no forcing) for the test."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.forget()
+    yield tmp_path
+    kernels.forget()
+
+
+def test_kernel_names_are_path_and_family():
+    assert len(kernels.KERNELS) == len(set(kernels.KERNELS)) == 10
+    for name in kernels.KERNELS:
+        path, family = kernels.split(name)
+        assert family in kernels.PATHS[path]
+    assert "winograd-blas" not in kernels.KERNELS  # Winograd runs on the micro-kernel only
+
+
+def test_every_kernel_matches_the_reference_here(capsys):
+    assert isa_check.main() == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["failures"] == []
+    assert {c.split(":")[1] for c in report["checked"]} == set(kernels.KERNELS)
+
+
+@pytest.mark.parametrize(
+    "shape,cls",
+    [
+        (ConvShape(256, 64, 1, 1, 1, 1, False, 28), "1x1"),
+        (ConvShape(64, 64, 3, 3, 1, 1, True, 56), "3x3s1"),
+        (ConvShape(3, 96, 11, 11, 4, 4, False, 55), "thin"),
+        (ConvShape(16, 32, 3, 3, 1, 1, True, 32), "padded"),  # 3x3 s1 but too shallow
+        (ConvShape(64, 128, 3, 3, 2, 2, True, 28), "padded"),
+        (ConvShape(64, 128, 3, 3, 2, 2, False, 27), "unpadded"),
+        (ConvShape(64, 128, 1, 1, 2, 2, False, 14), "unpadded"),  # 1x1 stride 2
+    ],
+)
+def test_shape_classes(shape, cls):
+    assert kernels.shape_class(shape) == cls
+
+
+def test_what_applies_where():
+    narrow = ConvShape(8, 8, 3, 3, 1, 1, True, 7)
+    assert not kernels.applies("implicit-avx512", narrow)  # Wout < the tallest block
+    assert kernels.applies("winograd-avx2", narrow)
+    assert not kernels.applies("winograd-avx2", ConvShape(8, 8, 3, 3, 2, 2, True, 9))
+    assert not kernels.applies("pointwise-blas", ConvShape(8, 8, 1, 1, 1, 1, True, 9))
+    assert all(
+        kernels.applies(f"im2col-{f}", narrow) for f in kernels.PATHS["im2col"]
+    )  # im2col runs every conv
+
+
+def test_unknown_forced_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "winograd-avx1024")
+    with pytest.raises(KernelError, match=r"unknown kernel 'winograd-avx1024'.*im2col-blas"):
+        ops.conv2d(rand(1, 5, 5, 2), rand(3, 3, 3, 2))
+
+
+def test_forced_kernel_that_applies_to_no_layer_names_it(monkeypatch):
+    spec = {
+        "name": "net",
+        "input": {"height": 6, "width": 6, "channels": 3},
+        "layers": [{"name": "squeeze", "type": "conv", "filters": 4, "size": 1}],
+    }
+    model = Model.from_arrays(spec, {"squeeze.w": rand(4, 1, 1, 3), "squeeze.b": rand(4)})
+    monkeypatch.setenv(kernels.ENV, "winograd-avx512")
+    with pytest.raises(KernelError, match="none of which runs a 1x1") as err:
+        model.run(rand(1, 6, 6, 3))
+    assert err.value.layer == "squeeze" and "im2col-" in err.value.message
+
+
+def test_forced_list_runs_the_first_kernel_that_applies(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "winograd-avx2, im2col-blas")
+    x, w3, w1 = rand(2, 7, 7, 4, seed=1), rand(5, 3, 3, 4, seed=2), rand(5, 1, 1, 4, seed=3)
+    assert ops.conv_kernel(x.shape, w3, pad=1) == "winograd-avx2"
+    assert ops.conv_kernel(x.shape, w1) == "im2col-blas"
+    assert ops.conv_kernel(x.shape, rand(8, 3, 3, 1), pad=1, groups=4) == kernels.DIRECT
+    np.testing.assert_allclose(
+        ops.conv2d(x, w3, pad=1), ref.conv2d_reference(x, w3, pad=1), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_model_records_the_kernel_of_each_conv(monkeypatch):
+    spec = {
+        "name": "net",
+        "input": {"height": 12, "width": 12, "channels": 3},
+        "layers": [
+            {"name": "stem", "type": "conv", "filters": 8, "size": 3, "pad": 1},
+            {"name": "squeeze", "type": "conv", "filters": 4, "size": 1},
+            {"name": "pool", "type": "maxpool", "size": 2},
+        ],
+    }
+    arrays = {"stem.w": rand(8, 3, 3, 3), "stem.b": rand(8), "squeeze.w": rand(4, 1, 1, 8)}
+    arrays["squeeze.b"] = rand(4)
+    model = Model.from_arrays(spec, arrays)
+    assert model.kernels == {}
+    monkeypatch.setenv(kernels.ENV, "pointwise-avx2,im2col-blas")
+    model.run(rand(1, 12, 12, 3))
+    assert model.kernels == {"stem": "im2col-blas", "squeeze": "pointwise-avx2"}
+    monkeypatch.delenv(kernels.ENV)
+    model.run(rand(1, 12, 12, 3))
+    assert model.kernels == {
+        "stem": ops.conv_kernel((1, 12, 12, 3), arrays["stem.w"], pad=1),
+        "squeeze": ops.conv_kernel((1, 12, 12, 8), arrays["squeeze.w"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "name,features,isa",
+    [
+        (None, None, None),  # the host, as Numba sees it
+        ("haswell", "", "avx2"),
+        ("znver3", "", "avx2"),
+        ("skylake-avx512", "", "avx512"),
+        ("generic", "", "portable"),
+        ("some-future-cpu", "", "portable"),  # unknown: only what is certain
+        ("haswell", "+avx2,+fma,+avx512f", "avx512"),  # explicit features win
+        ("generic", "+sse4.2", "portable"),
+    ],
+)
+def test_isa_follows_what_numba_compiles_for(monkeypatch, name, features, isa):
+    monkeypatch.setattr(numba.config, "CPU_NAME", name)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+    if isa is None:
+        host = kernels._host_features()
+        isa = "avx512" if "avx512f" in host else "avx2" if {"avx2", "fma"} <= host else "portable"
+    assert kernels.isa() == isa
+
+
+@pytest.mark.parametrize(
+    "name,deep,pointwise,thin",
+    [
+        ("skylake-avx512", "winograd-avx512", "pointwise-avx512", "implicit-avx512"),
+        ("haswell", "winograd-avx2", "pointwise-avx2", "implicit-avx2"),
+        ("generic", "im2col-blas", "pointwise-blas", "im2col-blas"),
+    ],
+)
+def test_without_a_measurement_each_isa_has_its_default(
+    choices_dir, monkeypatch, name, deep, pointwise, thin
+):
+    monkeypatch.setattr(numba.config, "CPU_NAME", name)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "")
+    threads = ops.get_threads()
+    assert kernels.choose(ConvShape(64, 64, 3, 3, 1, 1, True, 28), threads) == deep
+    assert kernels.choose(ConvShape(256, 64, 1, 1, 1, 1, False, 28), threads) == pointwise
+    assert kernels.choose(ConvShape(3, 96, 11, 11, 4, 4, False, 55), threads) == thin
+    # an implicit default on a row too narrow for it falls back to im2col of the same family
+    narrow = kernels.choose(ConvShape(3, 96, 5, 5, 1, 1, True, 4), threads)
+    assert narrow == "im2col-" + ("blas" if name == "generic" else deep.split("-")[1])
+
+
+def fake_timings(first: str):
+    """Return a measure() stand-in that ranks `first` fastest wherever it applies."""
+    calls = []
+
+    def measure(budget=tuning.BUDGET):
+        calls.append(budget)
+        return {
+            cls: {n: (0.1 if n == first else 1.0 + i) for i, n in enumerate(tuning.candidates(cls))}
+            for cls in tuning.SAMPLES
+        }
+
+    return measure, calls
+
+
+def test_measured_choice_is_stored_by_key_and_reused(choices_dir, monkeypatch):
+    measure, calls = fake_timings("im2col-avx2")
+    monkeypatch.setattr(tuning, "measure", measure)
+    threads = ops.get_threads()
+    entry = tuning.ensure()
+    assert len(calls) == 1
+    assert entry["threads"] == threads and entry["cpu"] == kernels.cpu_model()
+    assert entry["version"] == kernels.version() and entry["isa_flags"] == kernels.isa_flags()
+    path = choices_dir / kernels.CHOICES_FILE
+    assert kernels.choices_path() == str(path)
+    stored = json.loads(path.read_text())
+    assert list(stored) == [kernels.key(threads)]
+    assert stored[kernels.key(threads)]["rankings"]["padded"][0] == "im2col-avx2"
+    padded = ConvShape(64, 128, 3, 3, 2, 2, True, 28)
+    assert kernels.choose(padded, threads) == "im2col-avx2"
+    kernels.forget()  # a new process: reads the file, does not measure again
+    tuning.ensure()
+    assert len(calls) == 1
+    assert kernels.choose(padded, threads) == "im2col-avx2"
+    # another convq version (or CPU, ISA, thread count) is another key: measured again
+    monkeypatch.setattr(kernels, "version", lambda: "0.0.0+other")
+    kernels.forget()
+    assert kernels.choose(padded, threads) == kernels.DEFAULTS[kernels.isa()]["padded"][0]
+    tuning.ensure()
+    assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
+
+
+def test_the_key_holds_the_thread_count(choices_dir):
+    assert kernels.key(1) != kernels.key(2)
+    assert kernels.key_fields(2)["threads"] == 2
+
+
+def test_forcing_wins_over_a_measurement(choices_dir, monkeypatch):
+    measure, _ = fake_timings("im2col-avx2")
+    monkeypatch.setattr(tuning, "measure", measure)
+    tuning.ensure()
+    with kernels.forced("im2col-blas"):
+        assert kernels.choose(ConvShape(64, 128, 3, 3, 2, 2, True, 28), 2) == "im2col-blas"
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"rankings": {"1x1": ["x"]}}}'])
+def test_unreadable_choices_fall_back_to_the_default(choices_dir, content):
+    text = content % kernels.key(ops.get_threads()) if "%s" in content else content
+    (choices_dir / kernels.CHOICES_FILE).write_text(text)
+    shape = ConvShape(256, 64, 1, 1, 1, 1, False, 28)
+    assert kernels.choose(shape, ops.get_threads()) == kernels.DEFAULTS[kernels.isa()]["1x1"][0]
+
+
+def test_an_unwritable_cache_directory_still_uses_the_measurement(choices_dir, monkeypatch):
+    measure, _ = fake_timings("im2col-avx2")
+    monkeypatch.setattr(tuning, "measure", measure)
+    blocker = choices_dir / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(kernels, "choices_path", lambda: str(blocker / kernels.CHOICES_FILE))
+    tuning.ensure()
+    assert kernels.choose(ConvShape(64, 128, 3, 3, 2, 2, True, 28), 2) == "im2col-avx2"
+
+
+def test_measure_times_every_candidate_of_every_class(choices_dir):
+    timings = tuning.measure(budget=0.2)
+    assert set(timings) == set(kernels.CLASSES)
+    for cls, ms in timings.items():
+        assert set(ms) == set(tuning.candidates(cls)) and all(v > 0 for v in ms.values())
+    assert set(tuning.rank(timings)["1x1"]) == set(timings["1x1"])
+
+
+def test_the_default_stays_first_unless_clearly_beaten():
+    ms = {"pointwise-avx512": 1.0, "pointwise-blas": 0.95, "im2col-avx512": 3.0}
+    assert tuning.rank({"1x1": ms}, "avx512")["1x1"] == [
+        "pointwise-avx512",
+        "pointwise-blas",
+        "im2col-avx512",
+    ]
+    ms["pointwise-blas"] = 0.8  # 25% faster: displaces the default
+    assert tuning.rank({"1x1": ms}, "avx512")["1x1"][0] == "pointwise-blas"
+    assert tuning.rank({"1x1": ms}, "portable")["1x1"][0] == "pointwise-blas"
+
+
+ISAS = {  # the environment of each build: the ISA engine.kernels must see, zmm/ymm expected
+    "avx2": ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}, (False, True)),
+    "portable": ({"NUMBA_CPU_NAME": "generic"}, (False, False)),
+}
+
+
+@pytest.mark.slow
+def test_every_kernel_matches_the_reference_on_avx2_and_portable_code():
+    # Both builds compile every kernel from scratch (~40 s of CPU each): run them side by side.
+    with tempfile.TemporaryDirectory() as cache:
+        procs = {}
+        for isa, (env, _) in ISAS.items():
+            full = {**os.environ, **env, "NUMBA_CACHE_DIR": os.path.join(cache, isa)}
+            full.pop(kernels.ENV, None)
+            procs[isa] = subprocess.Popen(
+                [sys.executable, "-m", "tests.isa_check"],
+                cwd=ROOT,
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        outputs = {isa: proc.communicate(timeout=600) for isa, proc in procs.items()}
+    for isa, (out, err) in outputs.items():
+        assert procs[isa].returncode == 0, (isa, out, err[-2000:])
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["isa"] == isa and report["failures"] == []
+        assert {c.split(":")[1] for c in report["checked"]} == set(kernels.KERNELS)
+        assert (report["zmm"], report["ymm"]) == ISAS[isa][1]
+        family = "avx2" if isa == "avx2" else "blas"
+        assert report["defaults"]["3x3-deep"] == (
+            "winograd-avx2" if family == "avx2" else "im2col-blas"
+        )
+        assert report["defaults"]["1x1"] == f"pointwise-{family}"
