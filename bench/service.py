@@ -403,7 +403,7 @@ def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
             t = time.perf_counter()
             data, _ = infer_bytes(session, stack.base, "alexnet", body, headers)
             http[kind].append(time.perf_counter() - t)
-            spans[kind].append(dict(LAST_TIMING))
+            spans[kind].append(dict(LAST_TIMING, total=http[kind][-1]))
             sizes[kind] = len(data)
     a = statistics.median(alone)
     print(
@@ -431,6 +431,18 @@ def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
             f"   {kind:<9} {sizes[kind]:>15,} {ms(h)} ms  {h / a:5.2f}x |{ms(worker)}"
             f"{ms(h - worker)} | {ms(tcp)} ms  {ms(bound)} ms ({bound / a:.2f}x) | {verdict}"
         )
+    print("   outside, split (ms):   read  submit   queue  answer    send")
+    for kind in LEAN:
+        part = {
+            key: statistics.median(x.get(key, 0.0) for x in spans[kind])
+            for key in ("read", "submit", "queue")
+        }
+        part["answer"] = statistics.median(
+            x.get("infer", 0.0) - sum(x.get(k, 0.0) for k in ("read", "submit", "queue", "compute"))
+            for x in spans[kind]
+        )
+        part["send"] = statistics.median(x["total"] - x.get("infer", 0.0) for x in spans[kind])
+        print(f"   {kind:<20}" + "".join(ms(v) for v in part.values()))
     print(
         "   worker: the job's start to end in the worker (input read, engine, lean shaping, "
         "result written);\n   outside: the rest (HTTP, parse, input stored, queue, answer). "
