@@ -1,20 +1,20 @@
 """Time the service end to end (HTTP in, activations out) against the engine alone.
 
     python bench/service.py [--quick] [--threads 2] [--rounds 5] [--latency 200] [--jobs 24]
-                            [--tables 1,1b,2,3,4] [--batch-rounds 3] [--batch-seconds 10]
+                            [--tables 1,2,3,4,5] [--batch-rounds 3] [--batch-seconds 10]
 
 Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) and `convq
-worker` processes, all on this machine, and prints four tables (--tables picks some):
+worker` processes, all on this machine, and prints five tables (--tables picks some, e.g. 4,5):
   1. a 32-image AlexNet conv1 job (227x227x3 -> 55x55x96) through POST /infer with binary
      tensors vs Model.run on the same batch in this process, same thread count, rounds
      alternating, medians; beside it the "Redis floor": the time the job's bytes alone take
      through Redis with the service's own Store calls;
-  1b. the 32-image pool1 job with each lean result (float16, uint8, stats, png) against the
-     engine and the TCP floor of its own request and response bytes, with the goals;
   2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
   3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start;
   4. dynamic batching: one-image jobs from 64 concurrent clients on 2 workers, throughput and
      p50 latency (under load, and of one client alone) with batching on vs off, alternating.
+  5. the 32-image pool1 job with each lean result (float16, uint8, stats, png) against the
+     engine and the TCP floor of its own request and response bytes, with the goals.
 Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
 """
 
@@ -372,7 +372,7 @@ LEAN = {
     "stats": {"stats": True},
     "png": {"png": True},
 }
-"""The lean results of table 1b: output parameters of the pool1 job (float32 is the baseline)."""
+"""The lean results of table 5: output parameters of the pool1 job (float32 is the baseline)."""
 
 LEAN_GOALS = {"float16": "floor", "stats": 1.15}
 """float16: end to end <= engine + 1.25 x the TCP floor of its own bytes; stats <= 1.15 x engine."""
@@ -405,11 +405,11 @@ def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
             t = time.perf_counter()
             data, _ = infer_bytes(session, stack.base, "alexnet", body, headers)
             http[kind].append(time.perf_counter() - t)
-            spans[kind].append(dict(LAST_TIMING))
+            spans[kind].append(dict(LAST_TIMING, total=http[kind][-1]))
             sizes[kind] = len(data)
     a = statistics.median(alone)
     print(
-        f"\n1b. lean results: the 32-image pool1 job (32x27x27x96) through POST /infer, binary, "
+        f"\n5. lean results: the 32-image pool1 job (32x27x27x96) through POST /infer, binary, "
         f"{threads} thread(s), median of {rounds}; engine alone {ms(a)} ms"
     )
     print(
@@ -433,6 +433,18 @@ def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
             f"   {kind:<9} {sizes[kind]:>15,} {ms(h)} ms  {h / a:5.2f}x |{ms(worker)}"
             f"{ms(h - worker)} | {ms(tcp)} ms  {ms(bound)} ms ({bound / a:.2f}x) | {verdict}"
         )
+    print("   outside, split (ms):   read  submit   queue  answer    send")
+    for kind in LEAN:
+        part = {
+            key: statistics.median(x.get(key, 0.0) for x in spans[kind])
+            for key in ("read", "submit", "queue")
+        }
+        part["answer"] = statistics.median(
+            x.get("infer", 0.0) - sum(x.get(k, 0.0) for k in ("read", "submit", "queue", "compute"))
+            for x in spans[kind]
+        )
+        part["send"] = statistics.median(x["total"] - x.get("infer", 0.0) for x in spans[kind])
+        print(f"   {kind:<20}" + "".join(ms(v) for v in part.values()))
     print(
         "   worker: the job's start to end in the worker (input read, engine, lean shaping, "
         "result written);\n   outside: the rest (HTTP, parse, input stored, queue, answer). "
@@ -736,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--tables",
-        default="1,1b,2,3,4",
-        help="comma-separated tables to run (default all: 1,1b,2,3,4)",
+        default="1,2,3,4,5",
+        help="comma-separated tables to run (default all: 1,2,3,4,5)",
     )
     p.add_argument("--batch-rounds", type=int, default=3, help="rounds per mode of table 4")
     p.add_argument("--batch-seconds", type=float, default=10.0, help="seconds of load, table 4")
@@ -752,14 +764,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.add_worker(threads=args.threads)
         if "1" in tables:
             bench_alexnet(stack, args.rounds, args.threads)
-        if "1b" in tables:
-            bench_lean(stack, args.rounds, args.threads)
         if "2" in tables:
             bench_latency(stack, args.latency)
         if "3" in tables:
             bench_throughput(stack, args.jobs)
         if "4" in tables:
             bench_batching(stack, args.batch_rounds, args.batch_seconds)
+        if "5" in tables:
+            bench_lean(stack, args.rounds, args.threads)
     finally:
         stack.close()
     return 0

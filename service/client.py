@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--dtype applies to maps; --stats and --png replace them")
     if args.png and args.no_png:
         p.error("--png asks for the pictures only; --no-png for none")
+    if args.top and (args.png or args.stats or args.dtype == "uint8"):
+        p.error("--top ranks the last layer's values: not with --png, --stats or --dtype uint8")
     try:
         args.lean = lean_request(args)
     except ValueError as exc:

@@ -252,7 +252,6 @@ def _run_group(run: _Run, net, group: list[_Member], outputs) -> None:
                 m.input_id,
                 files=m.files,
                 deadline=run.deadline,
-                lean=m.job.kwargs.get("lean"),
             )
         except Exception as exc:  # noqa: BLE001 - this job's store failed, not its batch-mates'
             run.end(m.job, exc)

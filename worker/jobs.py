@@ -70,7 +70,7 @@ def run_model(
 
     With explain ({"method", "layer", "channel"[, "at"]}, engine.explain) the explanation's
     arrays (engine.explain.RESULTS) are stored beside the outputs. With lean ({output: options},
-    checked by the service with contract.lean.check_all) what is stored is
+    checked by the service with contract.lean.check_all) store_results stores
     lean_results(outputs, lean): channels, crops, float16 or uint8 maps, stats or PNG grids.
 
     Writes job.meta["progress"] = {"layer": i (1-based), "of": n, "name"} before each layer and
@@ -158,30 +158,20 @@ def run_model(
     check()
     if reached and job.meta.get("progress") != reached:
         _save_progress(job, dict(reached))  # a finished job shows n of n
-    return store_results(
-        job, store, result, input_id, files=in_files, deadline=started + timeout, lean=lean
-    )
+    return store_results(job, store, result, input_id, files=in_files, deadline=started + timeout)
 
 
 def store_results(
-    job,
-    store: Store,
-    result: dict,
-    input_id: str,
-    *,
-    files: bool,
-    deadline: float,
-    lean: dict | None = None,
+    job, store: Store, result: dict, input_id: str, *, files: bool, deadline: float
 ) -> dict:
-    """Store one job's outputs, shaped by its lean options, and free its input; return the
-    job's return value.
+    """Store one job's outputs and free its input; return the job's return value.
 
     The one path every run takes to store a result, alone or as a slice of a batch
-    (worker/batch_run.py): result holds this job's own images only, and lean is this job's own
-    options (jobs of one batch may ask for different ones). deadline is on time.monotonic().
+    (worker/batch_run.py): result holds this job's own float32 outputs,
+    shaped here by the job's lean options (its "lean" argument, contract.lean.lean_results)
+    before anything is stored. deadline is on time.monotonic().
     """
-    stored = lean_results(result, lean or {})
-    del result  # the float32 maps a lean output replaced can go before the store write
+    stored = lean_results(result, job.kwargs.get("lean") or {})
     _with_redis_retries(lambda: store.put_result(job.id, stored, files=files), deadline)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL

@@ -279,7 +279,14 @@ def test_lean_flags_png_only_and_stats(server, demo_files, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--stats", "--png"], ["--png", "--dtype", "uint8"], ["--crop", "1,2"], ["--channels", "a,b"]],
+    [
+        ["--stats", "--png"],
+        ["--png", "--dtype", "uint8"],
+        ["--crop", "1,2"],
+        ["--channels", "a,b"],
+        ["--top", "3", "--stats"],
+        ["--png", "--no-png"],
+    ],
 )
 def test_lean_flag_mistakes_need_no_server(tmp_path, capsys, flags):
     assert client.main(["--url", "http://127.0.0.1:9", *flags, str(tmp_path)]) == 2
