@@ -93,8 +93,8 @@ class _Horse:
 class ReusedHorseMixin(Worker):
     """rq.Worker methods that run jobs in one long-lived horse instead of a fork per job."""
 
-    _horse: _Horse | None = None
     settings: Settings  # set by the worker's configure()
+    _horse: _Horse | None = None
 
     # -- parent side ------------------------------------------------------------------------
     def prepare_horse(self) -> None:
@@ -147,7 +147,7 @@ class ReusedHorseMixin(Worker):
             # It died or hung while idle (OOM killer, kill -9): the job never reached it.
             log.warning("idle work-horse %d is gone; forking another", horse.pid)
             self._kill_and_reap()
-        self.procline(f"Job {job.id} in horse {self.horse_pid} at {time.time()}")
+        self.procline(f"Job {job.id} in horse {self._horse_pid} at {time.time()}")
         self.monitor_work_horse(job, queue, execution)
         self.set_state(WorkerStatus.IDLE)
 

@@ -61,13 +61,13 @@ WORKER_CALLS = {
         "with_scheduler",
         "dequeue_strategy",
     ],
+    "cleanup_execution": ["self", "job", "pipeline", "execution"],
     "procline": ["self", "message"],
     "prepare_execution": ["self", "job"],
     "set_state": ["self", "state", "pipeline"],
     "perform_job": ["self", "job", "queue", "execution"],
     "kill_horse": ["self", "sig"],
     "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
-    "cleanup_execution": ["self", "job", "pipeline", "execution"],
 }
 # Private Worker methods the worker overrides or calls: rq offers no public way to do the same.
 WORKER_PRIVATE_METHODS = {
