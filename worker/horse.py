@@ -95,10 +95,10 @@ class _Horse:
 class ReusedHorseMixin(Worker):
     """rq.Worker methods that run jobs in one long-lived horse instead of a fork per job."""
 
-    _horse: _Horse | None = None
     settings: Settings  # set by the worker's configure()
     batch: list = []  # (job, execution) of each job the horse runs now, the lead first
     perform_batch: Callable[[list, Queue], None]  # BatchMixin's (worker/batch_worker.py)
+    _horse: _Horse | None = None
 
     # -- parent side ------------------------------------------------------------------------
     def prepare_horse(self) -> None:

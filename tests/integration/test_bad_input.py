@@ -827,6 +827,7 @@ def test_a_refused_replacement_keeps_the_model_as_it_was(api):
 
 
 # -- fuzzing the upload decoders: weights files and specs ------------------------------------------
+# 120 uploads each through the API: `make test` runs them, `make test-fast` leaves them out.
 
 FUZZ = settings(
     max_examples=120,
@@ -861,6 +862,7 @@ def _refused_or_loaded(api, body: dict) -> None:
         assert snapshot(api.redis) == before
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(WEIGHT_SEEDS),
@@ -876,6 +878,7 @@ def test_mutated_weight_files_are_4xx_or_load(api, seed, flips, cut):
     _refused_or_loaded(api, load_body(filename=filename, data=data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.integers(0, 3),
@@ -901,6 +904,7 @@ def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
     _refused_or_loaded(api, load_body(spec))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(["name", "input", "preprocess", "fit", "layout", "layers", "extra"]),

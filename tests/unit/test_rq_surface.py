@@ -61,22 +61,23 @@ WORKER_CALLS = {
         "with_scheduler",
         "dequeue_strategy",
     ],
+    "cleanup_execution": ["self", "job", "pipeline", "execution"],
+    # Batches (worker.batch_worker.perform_batch): start each job, then end each with its outcome.
+    "prepare_job_execution": ["self", "job", "remove_from_intermediate_queue"],
     "procline": ["self", "message"],
     "prepare_execution": ["self", "job"],
     "set_state": ["self", "state", "pipeline"],
     "perform_job": ["self", "job", "queue", "execution"],
     "kill_horse": ["self", "sig"],
     "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
-    "cleanup_execution": ["self", "job", "pipeline", "execution"],
-    # Batches (worker.workers.perform_batch): start each job, then end each with its outcome.
-    "prepare_job_execution": ["self", "job", "remove_from_intermediate_queue"],
-    "_finalize_success": ["self", "job", "queue", "execution", "return_value"],
-    "_finalize_failure": ["self", "job", "queue", "execution", "exc_info"],
 }
 # Private Worker methods the worker overrides or calls: rq offers no public way to do the same.
 WORKER_PRIVATE_METHODS = {
     "_handle_stopped_job": ["self", "job", "queue", "execution"],
     "_install_signal_handlers": ["self"],
+    # Batches: end each job through rq's own success and failure paths.
+    "_finalize_success": ["self", "job", "queue", "execution", "return_value"],
+    "_finalize_failure": ["self", "job", "queue", "execution", "exc_info"],
 }
 WORKER_METHODS = WORKER_OVERRIDES | WORKER_CALLS | WORKER_PRIVATE_METHODS
 # Read-only properties the worker relies on, each backed by a private attribute it writes.
