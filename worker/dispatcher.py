@@ -18,6 +18,7 @@ from its upper half, so dispatchers do not retry in step), until CONVQ_CALLBACK_
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -39,6 +40,17 @@ LEASE_MARGIN = 30.0
 """Seconds a claim outlives the longest attempt (connect + answer timeouts)."""
 
 USER_AGENT = "convq-webhook/1"
+
+_RESOLVING = threading.Lock()
+"""Held while a dispatcher thread resolves a host name. A worker forks its work-horse while
+these threads run, and glibc's getaddrinfo holds locks a forked child would find taken (the
+horse resolves the Redis host); a fork therefore waits for the lookup under way to end."""
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_RESOLVING.acquire,
+        after_in_parent=_RESOLVING.release,
+        after_in_child=_RESOLVING.release,
+    )
 
 
 class Dispatcher:
@@ -114,7 +126,8 @@ class Dispatcher:
         """POST record's body to its URL; return (status or None, error or None, give up now)."""
         try:
             target = callbacks.parse(record["url"])
-            addresses = callbacks.addresses(target, self.allow, self.resolver)
+            with _RESOLVING:
+                addresses = callbacks.addresses(target, self.allow, self.resolver)
         except callbacks.CallbackUnresolved as exc:
             return None, str(exc), False
         except callbacks.CallbackRefused as exc:
