@@ -41,6 +41,9 @@ LEASE_MARGIN = 30.0
 
 USER_AGENT = "convq-webhook/1"
 
+SECRET_TTL = 60.0
+"""Seconds a dispatcher keeps the server secret before reading it from Redis again."""
+
 _RESOLVING = threading.Lock()
 """Held while a dispatcher thread resolves a host name. A worker forks its work-horse while
 these threads run, and glibc's getaddrinfo holds locks a forked child would find taken (the
@@ -69,7 +72,7 @@ class Dispatcher:
         self.allow = callbacks.Allow.parse(settings.callback_allow)
         self.resolver = resolver
         self.jitter = jitter
-        self._server_secret: bytes | None = None
+        self._server_secret: tuple[bytes, float] | None = None  # (secret, when read)
 
     @property
     def lease(self) -> float:
@@ -82,9 +85,11 @@ class Dispatcher:
         return ceiling / 2 + self.jitter() * ceiling / 2
 
     def secret_for(self, owner: str | None) -> str:
-        if self._server_secret is None:
-            self._server_secret = webhooks.server_secret(self.redis, self.settings.webhook_secret)
-        return webhooks.key_secret(self._server_secret, owner)
+        # Read again now and then: a generated secret lives in Redis and may be replaced there.
+        if self._server_secret is None or time.monotonic() - self._server_secret[1] > SECRET_TTL:
+            found = webhooks.server_secret(self.redis, self.settings.webhook_secret)
+            self._server_secret = (found, time.monotonic())
+        return webhooks.key_secret(self._server_secret[0], owner)
 
     def run_once(self) -> int:
         """Claim and send every callback due now (up to BATCH); return how many were tried."""
