@@ -36,8 +36,11 @@ log = logging.getLogger("convq.webhooks")
 BATCH = 50
 """Due callbacks a dispatcher looks at per round."""
 
-LEASE_MARGIN = 30.0
-"""Seconds a claim outlives the longest attempt (connect + answer timeouts)."""
+LEASE_MARGIN = 120.0
+"""Seconds a claim outlives the longest HTTP exchange (twice CONVQ_CALLBACK_TIMEOUT): room for
+the host name lookup before it (a resolver retrying dead servers takes up to ~30 s, and a
+thread may wait for another's lookup first). A dispatcher that dies mid-attempt delays that
+callback by the lease."""
 
 USER_AGENT = "convq-webhook/1"
 
