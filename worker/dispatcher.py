@@ -47,15 +47,43 @@ USER_AGENT = "convq-webhook/1"
 SECRET_TTL = 60.0
 """Seconds a dispatcher keeps the server secret before reading it from Redis again."""
 
-_RESOLVING = threading.Lock()
-"""Held while a dispatcher thread resolves a host name. A worker forks its work-horse while
-these threads run, and glibc's getaddrinfo holds locks a forked child would find taken (the
-horse resolves the Redis host); a fork therefore waits for the lookup under way to end."""
+
+class _ForkGate:
+    """Lets many threads resolve host names at once, and a fork wait until none is.
+
+    A worker forks its work-horse while dispatcher threads run, and glibc's getaddrinfo holds
+    locks a forked child would find taken (the horse resolves the Redis host). Before a fork
+    the gate waits for the lookups under way and keeps new ones out until the fork is done.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._active += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()  # held across the fork: no lookup starts meanwhile
+        while self._active:
+            self._cond.wait()
+
+    def after_fork(self) -> None:
+        self._cond.release()
+
+
+_RESOLVING = _ForkGate()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=_RESOLVING.acquire,
-        after_in_parent=_RESOLVING.release,
-        after_in_child=_RESOLVING.release,
+        before=_RESOLVING.before_fork,
+        after_in_parent=_RESOLVING.after_fork,
+        after_in_child=_RESOLVING.after_fork,
     )
 
 
