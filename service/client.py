@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bearer key (default $CONVQ_API_KEY)",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    p.add_argument(
+        "--callback",
+        metavar="URL",
+        help="also have the server POST a signed notice to URL when the job ends",
+    )
     p.add_argument("--no-png", action="store_true", help="save the .npz only")
     p.add_argument(
         "--explain",
@@ -248,6 +253,7 @@ def submit(
     outputs: str,
     explain: dict | None = None,
     lean: dict | None = None,
+    callback: str | None = None,
 ) -> str:
     """POST the images as one multipart job; return the job id."""
     files = [("images", (p.name, p.read_bytes())) for p in images]
@@ -256,6 +262,8 @@ def submit(
         data["explain"] = json.dumps(explain)
     if lean is not None:
         data["lean"] = json.dumps(lean)
+    if callback is not None:
+        data["callback"] = callback
     resp = api.call("POST", f"/v2/models/{model}/jobs", files=files, data=data)
     return resp.json()["id"]
 
@@ -388,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = args.outputs
     if args.top and layers and outputs != "all" and layers[-1] not in outputs.split(","):
         outputs += "," + layers[-1]  # --top ranks the last layer: fetch it too
-    job = submit(api, name, images, outputs, explain_request(args), args.lean)
+    job = submit(api, name, images, outputs, explain_request(args), args.lean, args.callback)
     print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
     status = wait(api, job, args.timeout, max(1, len(layers)))
     if status["status"] != "finished":

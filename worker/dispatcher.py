@@ -18,6 +18,7 @@ from its upper half, so dispatchers do not retry in step), until CONVQ_CALLBACK_
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -35,10 +36,55 @@ log = logging.getLogger("convq.webhooks")
 BATCH = 50
 """Due callbacks a dispatcher looks at per round."""
 
-LEASE_MARGIN = 30.0
-"""Seconds a claim outlives the longest attempt (connect + answer timeouts)."""
+LEASE_MARGIN = 120.0
+"""Seconds a claim outlives the longest HTTP exchange (twice CONVQ_CALLBACK_TIMEOUT): room for
+the host name lookup before it (a resolver retrying dead servers takes up to ~30 s, and a
+thread may wait for another's lookup first). A dispatcher that dies mid-attempt delays that
+callback by the lease."""
 
 USER_AGENT = "convq-webhook/1"
+
+SECRET_TTL = 60.0
+"""Seconds a dispatcher keeps the server secret before reading it from Redis again."""
+
+
+class _ForkGate:
+    """Lets many threads resolve host names at once, and a fork wait until none is.
+
+    A worker forks its work-horse while dispatcher threads run, and glibc's getaddrinfo holds
+    locks a forked child would find taken (the horse resolves the Redis host). Before a fork
+    the gate waits for the lookups under way and keeps new ones out until the fork is done.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._active += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()  # held across the fork: no lookup starts meanwhile
+        while self._active:
+            self._cond.wait()
+
+    def after_fork(self) -> None:
+        self._cond.release()
+
+
+_RESOLVING = _ForkGate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_RESOLVING.before_fork,
+        after_in_parent=_RESOLVING.after_fork,
+        after_in_child=_RESOLVING.after_fork,
+    )
 
 
 class Dispatcher:
@@ -57,7 +103,7 @@ class Dispatcher:
         self.allow = callbacks.Allow.parse(settings.callback_allow)
         self.resolver = resolver
         self.jitter = jitter
-        self._server_secret: bytes | None = None
+        self._server_secret: tuple[bytes, float] | None = None  # (secret, when read)
 
     @property
     def lease(self) -> float:
@@ -70,9 +116,11 @@ class Dispatcher:
         return ceiling / 2 + self.jitter() * ceiling / 2
 
     def secret_for(self, owner: str | None) -> str:
-        if self._server_secret is None:
-            self._server_secret = webhooks.server_secret(self.redis, self.settings.webhook_secret)
-        return webhooks.key_secret(self._server_secret, owner)
+        # Read again now and then: a generated secret lives in Redis and may be replaced there.
+        if self._server_secret is None or time.monotonic() - self._server_secret[1] > SECRET_TTL:
+            found = webhooks.server_secret(self.redis, self.settings.webhook_secret)
+            self._server_secret = (found, time.monotonic())
+        return webhooks.key_secret(self._server_secret[0], owner)
 
     def run_once(self) -> int:
         """Claim and send every callback due now (up to BATCH); return how many were tried."""
@@ -114,7 +162,8 @@ class Dispatcher:
         """POST record's body to its URL; return (status or None, error or None, give up now)."""
         try:
             target = callbacks.parse(record["url"])
-            addresses = callbacks.addresses(target, self.allow, self.resolver)
+            with _RESOLVING:
+                addresses = callbacks.addresses(target, self.allow, self.resolver)
         except callbacks.CallbackUnresolved as exc:
             return None, str(exc), False
         except callbacks.CallbackRefused as exc:

@@ -24,7 +24,7 @@ from worker.embedded import start_workers
 def server():
     """A convq API on a free port with one embedded worker, sharing one fakeredis."""
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    settings = Settings(threads=1)
+    settings = Settings(threads=1, callback_allow="127.0.0.1/32")
     app = create_app(
         {"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1-0123456789abcd,k2-0123456789abcd"}
     )
@@ -296,3 +296,34 @@ def test_lean_flag_mistakes_need_no_server(tmp_path, capsys, flags):
 def test_lean_flags_the_server_refuses_end_with_status_1(server, demo_files, tmp_path, capsys):
     status, _, err = _lean_run(server, demo_files, tmp_path, capsys, "--channels", "0:999")
     assert status == 1 and "channels" in err and "pool1" in err
+
+
+def test_callback_reaches_the_receiver_signed_and_a_refused_one_is_status_1(
+    server, demo_files, tmp_path, capsys
+):
+    import requests
+
+    from tests.integration.receiver import Receiver
+    from worker.contract import webhooks
+
+    key = "k2-0123456789abcd"
+    args = ["--url", server, "--api-key", key, "--outputs", "pool1", "--no-png"]
+    args += ["--spec", str(demo_files / "spec.json"), "--weights", str(demo_files / "weights.npz")]
+    hook = Receiver()
+    try:
+        status = client.main(
+            [*args, "--callback", hook.url, "--out", str(tmp_path), str(demo_files / "pics")]
+        )
+        captured = capsys.readouterr()
+        assert status == 0, captured.err
+        job = captured.out.strip().rsplit("/", 1)[-1].removesuffix(".npz")
+        (call,) = hook.wait_calls(1)
+        assert json.loads(call.body)["id"] == job
+        secret = requests.get(
+            f"{server}/v2/webhook-secret", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        ).json()["secret"]
+        assert webhooks.verify(secret, call.body, call.headers[webhooks.SIGNATURE_HEADER])
+    finally:
+        hook.close()
+    status = client.main([*args, "--callback", "http://10.0.0.1/", str(demo_files / "pics")])
+    assert status == 1 and "internal address" in capsys.readouterr().err

@@ -519,3 +519,77 @@ def test_a_receiver_dripping_its_answer_is_cut_at_twice_the_timeout():
     finally:
         stop.set()
         listener.close()
+
+
+def _queued(retries: int = 0):
+    """A fakeredis with the tiny model and one queued job carrying a callback."""
+    import fakeredis
+
+    from tests.models import tiny_model
+    from worker.contract.queue import make_queue, submit
+    from worker.contract.store import Store
+
+    redis = fakeredis.FakeRedis()
+    store = Store(redis, result_ttl=300, input_ttl=600)
+    queue = make_queue(redis)
+    model = tiny_model(open_input=True)
+    version = store.put_model("tiny", model.spec, model.to_safetensors(), owner=None)
+    job_id = submit(
+        queue,
+        store,
+        model="tiny",
+        version=version,
+        images=images(1),
+        outputs=None,
+        owner="key-1",
+        meta={"model": "tiny", "callback": "http://93.184.216.34/hook"},
+        retries=retries,
+    )
+    return redis, store, queue, job_id
+
+
+def _recorded(redis, job_id) -> dict | None:
+    raw = redis.hget(keys.webhook(job_id), "body")
+    return None if raw is None else json.loads(raw)
+
+
+def test_a_job_canceled_while_it_runs_is_reported_once_by_its_worker(monkeypatch):
+    from worker import jobs
+    from worker.contract.config import Settings
+    from worker.runner import burst
+
+    redis, store, queue, job_id = _queued()
+    original = jobs._save_progress
+
+    def cancel_at_layer_one(job, progress):
+        original(job, progress)
+        if progress and progress["layer"] == 1:
+            store.mark_canceled(job.id)  # the mark alone: the worker must report it
+
+    monkeypatch.setattr(jobs, "_save_progress", cancel_at_layer_one)
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0)
+    burst(redis, Settings(threads=1))
+    body = _recorded(redis, job_id)
+    assert body is not None and body["status"] == "canceled" and body["outputs"] is None
+    assert webhooks.due(redis, time.time() + 1, 10) == [job_id]
+    assert redis.hget(keys.webhook(job_id), "owner") == b"key-1"
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_job_whose_worker_died_is_reported_failed_only_when_no_retry_is_left(retries):
+    from rq.job import JobStatus
+    from rq.registry import StartedJobRegistry
+
+    from worker.reaper import reap_abandoned
+
+    redis, store, queue, job_id = _queued(retries=retries)
+    job = queue.fetch_job(job_id)
+    redis.lrem(queue.key, 0, job_id)
+    job.set_status(JobStatus.STARTED)
+    redis.zadd(StartedJobRegistry(queue=queue).key, {f"{job_id}:deadbeef": time.time() - 5})
+    assert reap_abandoned(queue, now=time.time() + 1) == [job_id]
+    body = _recorded(redis, job_id)
+    if retries:
+        assert body is None  # re-queued: it has not ended
+    else:
+        assert body["status"] == "failed" and "worker died" in body["error"]

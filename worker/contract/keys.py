@@ -10,7 +10,7 @@ Webhooks: convq:webhook:<id> (hash: a job's callback delivery), convq:webhooks:d
           job id -> when its next attempt is due), convq:webhook-lease:<id> (the dispatcher
           delivering it), convq:webhook-secret (generated server secret, when none is configured)
 Workers:  convq:sweep-lock:<queue>, convq:expired-seen:<queue>
-Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds
+Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds, convq:telemetry:callbacks
 """
 
 from __future__ import annotations
@@ -103,3 +103,7 @@ def telemetry_jobs() -> str:
 
 def telemetry_seconds(kind: str) -> str:
     return key("telemetry", f"{kind}_seconds")
+
+
+def telemetry_callbacks() -> str:
+    return key("telemetry", "callbacks")

@@ -199,9 +199,11 @@ def attempted(
     }
     if delivered:
         fields["delivered_at"] = repr(now)
+    outcome = "retried" if state == "pending" else state
     pipe = redis.pipeline(transaction=True)
     if redis.exists(key):  # an expired record is not brought back as a stub
         pipe.hset(key, mapping=fields)
+    pipe.hincrby(keys.telemetry_callbacks(), outcome, 1)
     if next_at is None:
         pipe.zrem(keys.webhooks_due(), job_id)
     else:
@@ -209,6 +211,20 @@ def attempted(
     pipe.execute()
     release(redis, job_id, token)
     return state
+
+
+OUTCOMES = ("delivered", "retried", "failed")
+"""What an attempt led to: a 2xx, another attempt later, or giving up (what /metrics counts)."""
+
+
+def counts(redis) -> tuple[dict[str, int], int]:
+    """Return ({outcome: attempts that had it}, deliveries waiting for an attempt)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(keys.telemetry_callbacks())
+    pipe.zcard(keys.webhooks_due())
+    raw, waiting = pipe.execute()
+    found = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
+    return {outcome: found.get(outcome, 0) for outcome in OUTCOMES}, int(waiting)
 
 
 def _when(value: str | None) -> str | None:
