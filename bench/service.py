@@ -585,6 +585,15 @@ def bench_batching(
     )
 
 
+def _ended(stack: Stack, session: requests.Session, job_id: str) -> dict:
+    """Return the job's status once it ended, looking every 0.25 s."""
+    while True:
+        status = session.get(f"{stack.base}/v2/jobs/{job_id}", timeout=30).json()
+        if status["status"] in ("finished", "failed"):
+            return status
+        time.sleep(0.25)
+
+
 def _drain(stack: Stack, bodies: list, env: dict, count: int) -> tuple[float, list[int]]:
     """Queue count one-image jobs with no worker, start 2 workers; return their jobs/s and
     each job's batch size (jobs in the engine batch it ran in)."""
@@ -599,13 +608,10 @@ def _drain(stack: Stack, bodies: list, env: dict, count: int) -> tuple[float, li
         rv.raise_for_status()
         ids.append(rv.json()["id"])
     stack.add_workers(2, threads=1, env=env)
+    _ended(stack, session, ids[-1])  # the last queued first, slowly: reads compete with workers
     timings, sizes = [], []
     for job_id in ids:
-        while True:
-            status = session.get(f"{stack.base}/v2/jobs/{job_id}", timeout=30).json()
-            if status["status"] in ("finished", "failed"):
-                break
-            time.sleep(0.05)
+        status = _ended(stack, session, job_id)
         assert status["status"] == "finished", status
         timings.append(status["timings"])
         sizes.append((status.get("batch") or {"jobs": 1})["jobs"])
