@@ -70,6 +70,7 @@ class _Run:
     timeout: int
     started: float
     tokens: dict[str, str]
+    max_bytes: int
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     reached: dict = field(default_factory=dict)
     saved_at: float = -float("inf")
@@ -92,7 +93,8 @@ def run_batch(jobs: list) -> dict[str, Outcome]:
     settings = runtime.current().settings
     store = Store.from_settings(lead.connection, settings)
     timeout = lead.timeout if lead.timeout and lead.timeout > 0 else settings.job_timeout
-    run = _Run(store, timeout, time.monotonic(), {job.id: uuid.uuid4().hex for job in jobs})
+    tokens = {job.id: uuid.uuid4().hex for job in jobs}
+    run = _Run(store, timeout, time.monotonic(), tokens, settings.batch_max_bytes)
     with lead.connection.pipeline(transaction=False) as pipe:
         for job in jobs:
             retries = int(job.meta.get("retries") or 0)
@@ -180,7 +182,29 @@ def _save_progress(run: _Run, group: list[_Member]) -> None:
 
 
 def _run_group(run: _Run, net, group: list[_Member], outputs) -> None:
-    """Run one group's stacked images; store each live member's rows as its result."""
+    """Run one group (same image size) in chunks whose run fits the batch memory budget.
+
+    A chunk's predicted peak (Model.memory) stays within max_bytes, or within what its biggest
+    job alone needs when that is more: batching never makes a run bigger than that, so a
+    batch of jobs that each fit cannot exhaust a worker's memory together.
+    """
+    h, w = group[0].images.shape[1:3]
+    try:
+        per_image = max(1, net.memory(1, h, w, outputs))
+    except EngineError:
+        per_image = 1  # the run itself will say what is wrong
+    chunk: list[_Member] = []
+    for m in group:
+        n = sum(int(c.images.shape[0]) for c in chunk) + int(m.images.shape[0])
+        if chunk and n * per_image > run.max_bytes:
+            _run_chunk(run, net, chunk, outputs)
+            chunk = []
+        chunk.append(m)
+    _run_chunk(run, net, chunk, outputs)
+
+
+def _run_chunk(run: _Run, net, group: list[_Member], outputs) -> None:
+    """Run one chunk's stacked images; store each live member's rows as its result."""
     images_in = sum(int(m.images.shape[0]) for m in group)
     batch = {"id": uuid.uuid4().hex, "jobs": len(group), "images": images_in}
     for m in group:
@@ -229,7 +253,7 @@ def _run_group(run: _Run, net, group: list[_Member], outputs) -> None:
             return
         log.warning("batch of %d jobs: %s; running each job alone", len(group), exc)
         for m in _live(run, group):
-            _run_group(run, net, [m], outputs)
+            _run_chunk(run, net, [m], outputs)
         return
     except Exception as exc:  # noqa: BLE001 - a timeout, Redis gone: every live job meets it
         for m in _live(run, group):

@@ -101,10 +101,10 @@ class BatchMixin(BaseWorker):
         intermediate list), then the batch runs once (worker.batch_run), then each job ends:
         the finished ones together, a failed one through rq's failure path (retries, cancel).
         """
-        self._start_all(members, queue)
         jobs = [job for job, _execution in members]
         timeout = jobs[0].timeout or self.queue_class.DEFAULT_TIMEOUT
         try:
+            self._start_all(members, queue)
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
                 outcomes = run_batch(jobs)
         except BaseException as exc:  # noqa: BLE001 - rq's timeout, Redis gone: it ends them all
@@ -117,8 +117,14 @@ class BatchMixin(BaseWorker):
                 self._finalize_failure(job, queue, execution, sys.exc_info())
             else:
                 finished.append((job, execution, value))
-        if finished:
+        if not finished:
+            return
+        try:
             self._finish_all(finished)
+        except BaseException:  # noqa: BLE001 - as rq's perform_job: not saved as finished, failed
+            exc_info = sys.exc_info()
+            for job, execution, _value in finished:
+                self._finalize_failure(job, queue, execution, exc_info)
 
     def _start_all(self, members: list, queue) -> None:
         """rq's prepare_job_execution for every member, in one round trip."""

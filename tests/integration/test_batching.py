@@ -248,3 +248,17 @@ def test_a_batch_holds_no_more_images_than_half_the_timeout_ran_last_time(env):
     lead = ConvqJob.fetch(queue_job.id, connection=redis, serializer=JSONSerializer)
     worker.timed([lead], 100.0)  # another key (timeout 600 s): 3 images at 100 s each
     assert worker._image_budget(lead) == 3 and len(worker.take_more(lead, queue)) == 2
+
+
+def test_a_batch_runs_in_chunks_that_fit_batch_max_bytes(env):
+    redis, _store, queue, model, _v = env
+    per_image = model.memory(1, 9, 11, OUTPUTS)
+    sizes = [1, 1, 3, 1, 1]  # the 3-image job alone needs more than the budget: it runs alone
+    ids = [_submit(env, _images(seed, n)) for seed, n in enumerate(sizes)]
+    _burst(env, batch_max_bytes=2 * per_image)
+    batches = [job_status(queue, job_id)["batch"] for job_id in ids]
+    assert batches == [{"jobs": 2, "images": 2}] * 2 + [None] + [{"jobs": 2, "images": 2}] * 2
+    ran = [_meta(redis, job_id).get("batch", {}).get("id") for job_id in ids]
+    assert ran[0] == ran[1] != ran[3] == ran[4]  # two engine runs of two, taken as one batch
+    for seed, (job_id, n) in enumerate(zip(ids, sizes, strict=True)):
+        _assert_alone_equal(env, job_id, _images(seed, n))

@@ -70,13 +70,15 @@ WORKER_CALLS = {
     "perform_job": ["self", "job", "queue", "execution"],
     "kill_horse": ["self", "sig"],
     "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
+    # Batches (worker.batch_worker): rq's start and success steps for every job in one pipeline.
+    "increment_successful_job_count": ["self", "pipeline"],
+    "increment_total_working_time": ["self", "job_execution_time", "pipeline"],
 }
 # Private Worker methods the worker overrides or calls: rq offers no public way to do the same.
 WORKER_PRIVATE_METHODS = {
     "_handle_stopped_job": ["self", "job", "queue", "execution"],
     "_install_signal_handlers": ["self"],
-    # Batches: end each job through rq's own success and failure paths.
-    "_finalize_success": ["self", "job", "queue", "execution", "return_value"],
+    # Batches: a failed job of a batch ends through rq's own failure path (retries, cancel).
     "_finalize_failure": ["self", "job", "queue", "execution", "exc_info"],
 }
 WORKER_METHODS = WORKER_OVERRIDES | WORKER_CALLS | WORKER_PRIVATE_METHODS
@@ -105,6 +107,19 @@ JOB_METHODS = {
     "fetch": ["id", "connection", "serializer"],
     "fetch_many": ["job_ids", "connection", "serializer"],
     "key_for": ["job_id"],
+    "_handle_success": [
+        "self",
+        "result_ttl",
+        "pipeline",
+        "worker_name",
+        "execution_id",
+        "execution_started_at",
+        "execution_ended_at",
+    ],
+    "cleanup": ["self", "ttl", "pipeline", "remove_from_queue"],
+    "heartbeat": ["self", "timestamp", "ttl", "pipeline", "xx"],
+    "prepare_for_execution": ["self", "worker_name", "pipeline"],
+    "get_result_ttl": ["self", "default_ttl"],
     "get_status": ["self", "refresh"],
 }
 INTERMEDIATE_METHODS = {
@@ -185,6 +200,13 @@ def test_worker_instance_has_the_attributes_the_worker_uses(cls):
     worker = cls([make_queue(conn)], connection=conn)
     missing = [a for a in WORKER_ATTRIBUTES if not hasattr(worker, a)]
     assert missing == []
+
+
+def test_execution_create_keeps_its_signature():
+    # worker.batch_worker.prepare_executions: rq's prepare_execution, one pipeline per batch.
+    from rq.executions import Execution
+
+    assert _params(Execution.create) == ["job", "ttl", "pipeline", "worker_name"]
 
 
 def test_queue_names_the_intermediate_list_the_batch_take_moves_jobs_to():

@@ -60,6 +60,7 @@ class Settings:
     webhook_secret: str | None = field(default=None, repr=False)
     batch_max_images: int = defaults.BATCH_MAX_IMAGES
     batch_wait_ms: int = defaults.BATCH_WAIT_MS
+    batch_max_bytes: int = defaults.BATCH_MAX_BYTES
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -96,4 +97,5 @@ class Settings:
             webhook_secret=env.get("CONVQ_WEBHOOK_SECRET") or None,
             batch_max_images=_int(env, "CONVQ_BATCH_MAX_IMAGES", defaults.BATCH_MAX_IMAGES),
             batch_wait_ms=_int(env, "CONVQ_BATCH_WAIT_MS", defaults.BATCH_WAIT_MS),
+            batch_max_bytes=_int(env, "CONVQ_BATCH_MAX_BYTES", defaults.BATCH_MAX_BYTES),
         )

@@ -39,6 +39,9 @@ BATCH_MAX_IMAGES = 32
 BATCH_WAIT_MS = 2
 """Milliseconds a worker holding a job waits for more queued jobs to fill its batch."""
 
+BATCH_MAX_BYTES = 512 * 1024 * 1024
+"""Bytes of activations (Model.memory) one batched run may hold, unless one job alone needs more."""
+
 BATCH_SCAN = 128
 """Queued job ids a worker looks at, from the front of the queue, for jobs to batch."""
 
