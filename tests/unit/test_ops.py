@@ -8,7 +8,17 @@ import numba
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, ops
+from engine import (
+    InputError,
+    ModelError,
+    ShapeError,
+    _conv,
+    _gemm,
+    _grouped_kernel,
+    _pool,
+    _winograd,
+    ops,
+)
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -417,6 +427,7 @@ def test_warmup_compiles_every_kernel():
     # the GEMM paths twice: a new output array, and a channel slice of a wider one (a concat's)
     assert all(len(k.signatures) == 2 for k in convs), [k.signatures for k in convs]
     kernels = [
+        _grouped_kernel.grouped_direct,
         _conv.conv_depthwise,
         _conv.local_gemm,
         _pool.max_pool,
