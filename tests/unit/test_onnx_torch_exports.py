@@ -9,6 +9,7 @@ Mul, Add and Concat on the image. Every layer is checked against ONNX Runtime (r
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -139,3 +140,31 @@ def test_gather_of_several_channels_and_its_errors():
 
     with pytest.raises(ModelError, match="reads a Gather of one channel"):
         convert_graph(export(Lone(), (1, 3, 5, 5)))
+
+
+DYNAMO_LRN = os.path.join(os.path.dirname(__file__), "..", "data", "lrn_dynamo.onnx")
+
+
+def regenerate_dynamo_lrn(path: str = DYNAMO_LRN) -> None:
+    """Write tests/data/lrn_dynamo.onnx: LRNNet(5) by the dynamo exporter (needs onnxscript,
+    which the test extra does not install; so the export is kept as a file)."""
+    torch.manual_seed(5)
+    program = torch.onnx.export(
+        LRNNet(5).eval(),
+        (torch.zeros(2, 3, 9, 9),),
+        dynamo=True,
+        opset_version=18,
+        input_names=["image"],
+        dynamic_shapes={"x": {0: torch.export.Dim("N")}},
+    )
+    program.save(path)
+
+
+def test_the_dynamo_exporters_local_response_norm_imports():
+    # dynamo=True writes a shorter decomposition: Mul, Reshape, Pad, AveragePool, Squeeze,
+    # Mul, Add, Pow, Div, with constant shapes instead of Shape arithmetic
+    with open(DYNAMO_LRN, "rb") as f:
+        data = f.read()
+    spec = check_every_layer(data, (1, 3, 9, 9))
+    assert [layer["type"] for layer in spec["layers"]] == ["conv", "relu", "lrn", "conv"]
+    assert spec["layers"][2]["size"] == 5
