@@ -28,8 +28,8 @@ SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip, Concat, Constant, Conv (any group), Dropout, "
     "Flatten, Gather (channels), Gemm, GlobalAveragePool, GlobalMaxPool, Identity, LRN "
     "(or PyTorch's decomposition of it), MatMul, MaxPool, Mul (by a constant after a conv), "
-    "Pad (constant), Relu, Reshape (to N x -1), Shape, Sigmoid, Softmax (channels), Sum, Tanh, "
-    "Unsqueeze (after Gather)"
+    "Pad (constant), ReduceMax (over H and W), ReduceMean (over H and W), Relu, Reshape (to "
+    "N x -1), Shape, Sigmoid, Softmax (channels), Sum, Tanh, Unsqueeze (after Gather)"
 )
 _OPS = frozenset(op.split(" ")[0] for op in SUPPORTED.split(", "))
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -218,6 +218,9 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         ow.pool(g, node, v)
     elif op in ("GlobalAveragePool", "GlobalMaxPool"):
         ol.global_pool(g, node, v)
+    elif op in ("ReduceMean", "ReduceMax"):
+        axes = consts[ins[1]] if len(ins) > 1 and ins[1] else None
+        ol.reduce_spatial(g, node, v, axes)
     elif op in ("Relu", "Sigmoid", "Tanh", "Clip"):
         ol.elementwise(g, node, v, ins, consts, opset)
     elif op in ("Flatten", "Reshape"):

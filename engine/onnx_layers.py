@@ -109,7 +109,7 @@ def global_pool(graph: Graph, node, v: Value) -> Value:
     With a fixed H x W it is a pool whose window is the whole extent (the same sums); with a
     symbolic one, a globalavgpool / globalmaxpool layer that takes any size.
     """
-    average = node.op_type == "GlobalAveragePool"
+    average = node.op_type in ("GlobalAveragePool", "ReduceMean")
     name = graph.name(node)
     layer: dict
     if v.h is None or v.w is None:
@@ -290,3 +290,22 @@ def scale(graph: Graph, node, v: Value, value: np.ndarray) -> Value:
     graph.values[node.output[0]] = v
     graph.tensors[v.layer] = node.output[0]
     return v
+
+
+def reduce_spatial(graph: Graph, node, v: Value, axes) -> Value:
+    """ReduceMean / ReduceMax over height and width (the dynamo exporter's adaptive pool to 1):
+    a global pool; without keepdims the (N, C) result a Gemm may read."""
+    a = attrs(node)
+    axes = a.get("axes", axes)
+    picked = sorted(int(x) % 4 for x in np.asarray(axes if axes is not None else []).reshape(-1))
+    if v.flat or v.rank != 4 or picked != [2, 3] or a.get("noop_with_empty_axes", 0):
+        raise fail(
+            f"{node.op_type} node {node.name!r}: only a reduction over height and width (axes "
+            f"2 and 3) of an (N, C, H, W) map is supported, got axes {picked}",
+            field="axes",
+        )
+    out = global_pool(graph, node, v)
+    if not a.get("keepdims", 1):
+        out = replace(out, rank=2)
+        graph.values[node.output[0]] = out
+    return out
