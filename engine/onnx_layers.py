@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .onnx_graph import Graph, Value, attrs, fail, sized
+from .onnx_graph import BATCH, Graph, Value, attrs, fail, sized
 
 
 def dense(graph: Graph, node, v: Value, weight: np.ndarray, bias) -> Value:
@@ -90,8 +90,6 @@ def flatten(graph: Graph, node, v: Value, consts, ins) -> Value:
         if attrs(node).get("axis", 1) != 1:
             raise fail(f"Flatten node {node.name!r}: only axis=1 is supported", field="axis")
     else:
-        from .onnx_import import BATCH
-
         target = np.asarray(consts[ins[1]]).reshape(-1)
         # Shape(x)[0] (the batch, unknown at import) in the first place keeps the batch
         shape = [0 if i == 0 and s == BATCH else int(s) for i, s in enumerate(target)]
