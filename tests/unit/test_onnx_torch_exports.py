@@ -168,3 +168,26 @@ def test_the_dynamo_exporters_local_response_norm_imports():
     spec = check_every_layer(data, (1, 3, 9, 9))
     assert [layer["type"] for layer in spec["layers"]] == ["conv", "relu", "lrn", "conv"]
     assert spec["layers"][2]["size"] == 5
+
+
+def test_alexnet_conv1_2_as_published_with_stock_lrn_every_layer_matches():
+    # AlexNet conv1-2 (LRN after ReLU, conv2 in two groups, a lone BatchNorm) built with
+    # nn.LocalResponseNorm, as a user writes it, and exported with a dynamic batch
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 96, 11, 4),
+        nn.ReLU(inplace=True),
+        nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2, groups=2),
+        nn.ReLU(inplace=True),
+        nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0),
+        nn.MaxPool2d(3, 2),
+        nn.BatchNorm2d(256),
+    )
+    bn = net[8]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    spec = check_every_layer(export(net, (1, 3, 67, 67)), (1, 3, 67, 67), n=2)
+    kinds = [layer["type"] for layer in spec["layers"]]
+    assert kinds == ["conv", "relu", "lrn", "maxpool"] * 2 + ["batchnorm"]
