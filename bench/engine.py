@@ -78,6 +78,9 @@ SUITE = [
     Layer("alexnet-conv2-g2", 27, 96, 256, 5, p=2, g=2),
     Layer("dw-56x128-f3", 56, 128, 128, 3, p=1, g=128),
     Layer("dw-28x256-f3-s2", 28, 256, 256, 3, s=2, p=1, g=256),
+    # ResNeXt-50 32x4d's grouped 3x3s: 32 groups of 4 and of 8 channels
+    Layer("resnext-56x128-g32", 56, 128, 128, 3, p=1, g=32),
+    Layer("resnext-28x256-g32", 28, 256, 256, 3, p=1, g=32),
 ]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import onnx_layers as ol
 from . import onnx_windows as ow
-from .onnx_graph import Graph, Value, array, attrs, fail
+from .onnx_graph import BATCH, Graph, Value, array, attrs, constant, fail
 from .onnx_patterns import restore_lrn
 
 MAX_ONNX_BYTES = 1 << 30
@@ -28,8 +28,8 @@ SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip, Concat, Constant, Conv (any group), Dropout, "
     "Flatten, Gather (channels), Gemm, GlobalAveragePool, GlobalMaxPool, Identity, LRN "
     "(or PyTorch's decomposition of it), MatMul, MaxPool, Mul (by a constant after a conv), "
-    "Pad (constant), Relu, Reshape (to N x -1), Shape, Sigmoid, Softmax (channels), Sum, Tanh, "
-    "Unsqueeze (after Gather)"
+    "Pad (constant), ReduceMax (over H and W), ReduceMean (over H and W), Relu, Reshape (to "
+    "N x -1), Shape, Sigmoid, Softmax (channels), Sum, Tanh, Unsqueeze (after Gather)"
 )
 _OPS = frozenset(op.split(" ")[0] for op in SUPPORTED.split(", "))
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -116,22 +116,6 @@ def _input(graph, consts) -> Value:
     return Value("image", dims[1], h, w)
 
 
-def _constant(node) -> np.ndarray:
-    import onnx
-
-    a = {attr.name: attr for attr in node.attribute}
-    if "value" in a:
-        return array(a["value"].t)
-    for key in ("value_float", "value_floats", "value_int", "value_ints"):
-        if key in a:
-            return np.asarray(onnx.helper.get_attribute_value(a[key]))
-    raise fail(f"Constant node {node.name!r}: unsupported value kind {sorted(a)}")
-
-
-BATCH = np.int64(-(2**62) + 12345)
-"""What Shape of an activation gives for its batch dimension (the batch is not known at
-import): a value no real dimension has, which Gather, Concat and the like carry along, and a
-Reshape target takes as "keep the batch" (0). Arithmetic on it is refused."""
 _MOVES_BATCH = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Identity")
 
 
@@ -153,7 +137,7 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
     """Translate one node, or fold it away."""
     op, ins = node.op_type, list(node.input)
     if op == "Constant":
-        consts[node.output[0]] = _constant(node)
+        consts[node.output[0]] = constant(node)
         return
     if op == "Shape" and ins and ins[0] in g.values:
         _shape(g, node, consts)
@@ -218,6 +202,9 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         ow.pool(g, node, v)
     elif op in ("GlobalAveragePool", "GlobalMaxPool"):
         ol.global_pool(g, node, v)
+    elif op in ("ReduceMean", "ReduceMax"):
+        axes = consts[ins[1]] if len(ins) > 1 and ins[1] else None
+        ol.reduce_spatial(g, node, v, axes)
     elif op in ("Relu", "Sigmoid", "Tanh", "Clip"):
         ol.elementwise(g, node, v, ins, consts, opset)
     elif op in ("Flatten", "Reshape"):

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .onnx_graph import Graph, Value, attrs, fail, sized
+from .onnx_graph import BATCH, Graph, Value, attrs, fail, sized
 
 
 def dense(graph: Graph, node, v: Value, weight: np.ndarray, bias) -> Value:
@@ -90,8 +90,6 @@ def flatten(graph: Graph, node, v: Value, consts, ins) -> Value:
         if attrs(node).get("axis", 1) != 1:
             raise fail(f"Flatten node {node.name!r}: only axis=1 is supported", field="axis")
     else:
-        from .onnx_import import BATCH
-
         target = np.asarray(consts[ins[1]]).reshape(-1)
         # Shape(x)[0] (the batch, unknown at import) in the first place keeps the batch
         shape = [0 if i == 0 and s == BATCH else int(s) for i, s in enumerate(target)]
@@ -109,7 +107,7 @@ def global_pool(graph: Graph, node, v: Value) -> Value:
     With a fixed H x W it is a pool whose window is the whole extent (the same sums); with a
     symbolic one, a globalavgpool / globalmaxpool layer that takes any size.
     """
-    average = node.op_type == "GlobalAveragePool"
+    average = node.op_type in ("GlobalAveragePool", "ReduceMean")
     name = graph.name(node)
     layer: dict
     if v.h is None or v.w is None:
@@ -290,3 +288,22 @@ def scale(graph: Graph, node, v: Value, value: np.ndarray) -> Value:
     graph.values[node.output[0]] = v
     graph.tensors[v.layer] = node.output[0]
     return v
+
+
+def reduce_spatial(graph: Graph, node, v: Value, axes) -> Value:
+    """ReduceMean / ReduceMax over height and width (the dynamo exporter's adaptive pool to 1):
+    a global pool; without keepdims the (N, C) result a Gemm may read."""
+    a = attrs(node)
+    axes = a.get("axes", axes)
+    picked = sorted(int(x) % 4 for x in np.asarray(axes if axes is not None else []).reshape(-1))
+    if v.flat or v.rank != 4 or picked != [2, 3] or a.get("noop_with_empty_axes", 0):
+        raise fail(
+            f"{node.op_type} node {node.name!r}: only a reduction over height and width (axes "
+            f"2 and 3) of an (N, C, H, W) map is supported, got axes {picked}",
+            field="axes",
+        )
+    out = global_pool(graph, node, v)
+    if not a.get("keepdims", 1):
+        out = replace(out, rank=2)
+        graph.values[node.output[0]] = out
+    return out

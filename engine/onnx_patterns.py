@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_graph import attrs, fail
+from .onnx_graph import attrs, constant, fail
 
 # Nodes between the AveragePool and the Mul by alpha that only move or reshape values.
 _RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Identity", "If")
@@ -27,9 +27,7 @@ def _scalar(name: str, consts: dict, constant_nodes: dict) -> float | None:
     """Return a one-element constant's value, None if name is not a constant."""
     value = consts.get(name)
     if value is None and name in constant_nodes:
-        from .onnx_import import _constant
-
-        value = _constant(constant_nodes[name])
+        value = constant(constant_nodes[name])
     if value is None or np.size(value) != 1:
         return None
     return float(np.asarray(value).reshape(-1)[0])

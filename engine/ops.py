@@ -37,7 +37,7 @@ from .errors import InputError, ShapeError
 from .geometry import Window
 
 with _cache.versioned():  # the kernels find (and save) their compiled code by source version
-    from . import _conv, _gemm, _pool, _winograd
+    from . import _conv, _gemm, _grouped_kernel, _pool, _winograd
 
 # Rows of im2col packed per tile: tile_bytes / (Kc * 4), so a tile's columns stay in L2 whatever
 # Kc is; measured in bench/engine.py (see bench/README.md).
@@ -46,6 +46,12 @@ MIN_TILE_ROWS = 16
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
 assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
+# Grouped convs with at most this many filters per group, in at least this many groups (the
+# kernel's vector lanes), run engine._grouped_kernel's direct kernel instead of one GEMM per
+# group (KG of a 48-lane block). Measured at N=8, 3x3 (direct / per-group GEMM): 32 groups of
+# 4 channels 0.32, of 8 0.35; 64 of 4 0.18; but 16 of 16 2.2, 8 of 16 2.75, 4 of 16 5.2.
+GROUPED_DIRECT_MAX_KG = 8
+GROUPED_DIRECT_MIN_GROUPS = 16
 # Thin inputs (C <= this) whose filter count fills few micro-kernel lanes (K=32 of a 48-lane
 # block) run two adjacent output pixels per GEMM row instead: 2K lanes over a window one pixel
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
@@ -116,6 +122,7 @@ class ConvWeights:
         self._gemm: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # by GEMM family
         self._winograd: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._wide: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._grouped: tuple[np.ndarray, np.ndarray] | None = None
 
     def _matrix(self) -> np.ndarray:
         k = self.w.shape[0]
@@ -144,6 +151,7 @@ class ConvWeights:
         parts += [a for packed in (*self._gemm.values(), *self._winograd.values()) for a in packed]
         parts += [a for packed in self._wide.values() for a in packed]
         parts.append(self._depthwise)
+        parts.append(self._grouped[0] if self._grouped is not None else None)
         groups = sum(part.nbytes for part in self._parts or ())
         return groups + sum(p.nbytes for p in parts if p is not None)
 
@@ -162,6 +170,18 @@ class ConvWeights:
             taps = np.ascontiguousarray(per_channel.transpose(2, 3, 1, 0))
             self._depthwise = _args.read_only(taps)
         return self._depthwise
+
+    def grouped_taps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (wp (FH, FW, CG, KG, G), bias index (KG, G)) for the grouped direct kernel:
+        filter g*KG + kj's taps at wp[..., kj, g] (engine._grouped_kernel)."""
+        if self._grouped is None:
+            k, fh, fw, cg = self.w.shape
+            ng = self.groups
+            kg = k // ng
+            wp = self.w.reshape(ng, kg, fh, fw, cg).transpose(2, 3, 4, 1, 0)
+            order = np.arange(k).reshape(ng, kg).T  # [kj, g] -> filter g*KG + kj
+            self._grouped = (_args.read_only(np.ascontiguousarray(wp)), order)
+        return self._grouped
 
     def pixels_per_row(self, fw: int, family: str = "avx512") -> int:
         """Return 2 if a stride-1 row of FW-wide windows should compute two pixels, else 1."""
@@ -329,13 +349,35 @@ def _via_temp(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc: bool)
 
 
 def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
-    """Run each group's conv through the GEMM paths into its channel slice of out.
+    """Run a grouped conv into out: few filters per group through the direct kernel, else
+    each group's conv through the GEMM paths into its channel slice of out.
 
-    Each group's channels are copied out once (the kernels read contiguous NHWC), so the whole
-    input is copied once in all; each group's result is copied into out's slice.
+    Direct: the input is copied once with its channels regrouped (see engine._grouped_kernel).
+    Per group: each group's channels are copied out once (the kernels read contiguous NHWC), so
+    the whole input is copied once in all; each group's result is copied into out's slice.
     """
     cg = cw.w.shape[3]
     kg = cw.w.shape[0] // cw.groups
+    if kg <= GROUPED_DIRECT_MAX_KG and cw.groups >= GROUPED_DIRECT_MIN_GROUPS:
+        n, h, w = x.shape[:3]
+        xp = x.reshape(n, h, w, cw.groups, cg).transpose(0, 1, 2, 4, 3)
+        xp = _args.read_only(np.ascontiguousarray(xp))
+        wp, order = cw.grouped_taps()
+        _threads.enter(out.size * win.fh * win.fw * cg)
+        _grouped_kernel.grouped_direct(
+            xp,
+            wp,
+            _args.read_only(np.ascontiguousarray(bias[order])),
+            out,
+            win.sh,
+            win.sw,
+            win.dh,
+            win.dw,
+            win.top,
+            win.left,
+            relu,
+        )
+        return
     part_out = np.empty(out.shape[:3] + (kg,), np.float32)
     for g, part in enumerate(cw.group_parts()):
         xg = _args.read_only(np.ascontiguousarray(x[..., g * cg : (g + 1) * cg]))
@@ -373,6 +415,8 @@ def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -
     w_shape = tuple(getattr(w, "shape", w))
     if w_shape[3] == 1 and groups > 1:
         return kernels.DIRECT
+    if groups >= GROUPED_DIRECT_MIN_GROUPS and w_shape[0] // groups <= GROUPED_DIRECT_MAX_KG:
+        return kernels.GROUPED_DIRECT
     win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
     wout = win.out_hw(x_shape[1], x_shape[2])[1]
     part = (w_shape[0] // groups, *w_shape[1:])
@@ -655,6 +699,7 @@ def warmup(tune: bool = True) -> None:
             conv2d(wide, w3, relu=True, out=slot and slot(1, 1, 12))
     conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
     conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
+    conv2d(np.ones((1, 3, 3, 32), np.float32), np.ones((32, 1, 1, 2), np.float32), groups=16)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)

@@ -532,3 +532,33 @@ def test_residual_add_and_relu_fuse_into_the_conv_store():
     for name in ("bn2", "sum", "out"):  # asked for alone, each still returns its own values
         got = model.run(x, outputs=name)[name]
         np.testing.assert_allclose(got, plain[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [["c", "a", "b"], ["a", "c", "a"], ["c", "image"], ["c", "x1"]],
+    ids=["three", "a-twice", "image", "conv-input"],
+)
+def test_fused_residual_add_of_any_inputs_equals_the_unfused_run(inputs):
+    # the conv's add may take several residuals, one twice, the image (never overwritten), or
+    # the very value the conv reads (which must not change under it)
+    spec = {
+        "input": {"height": 7, "width": 8, "channels": 4},
+        "layers": [
+            {"name": "x1", "type": "conv", "filters": 4, "size": 1},
+            {"name": "a", "type": "conv", "filters": 4, "size": 1, "input": "image"},
+            {"name": "b", "type": "relu", "input": "image"},
+            {"name": "c", "type": "conv", "filters": 4, "size": 3, "pad": 1, "input": "x1"},
+            {"name": "s", "type": "add", "inputs": inputs, "relu": True},
+        ],
+    }
+    model = Model.from_arrays(spec, _conv_arrays(spec, 9))
+    steps = {st.name: st for st in model._steps(["s"])}
+    head, add = steps["s"].layers  # the first conv read only by the add takes it
+    assert head.type == "conv" and add.name == "s"
+    x = np.random.default_rng(10).standard_normal((2, 7, 8, 4)).astype(np.float32)
+    before = x.copy()
+    fused = model.run(x, "s")["s"]
+    np.testing.assert_array_equal(x, before)
+    model.fuse = False
+    np.testing.assert_allclose(fused, model.run(x, "s")["s"], rtol=RTOL, atol=ATOL)

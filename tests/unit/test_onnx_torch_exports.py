@@ -9,6 +9,7 @@ Mul, Add and Concat on the image. Every layer is checked against ONNX Runtime (r
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -139,3 +140,54 @@ def test_gather_of_several_channels_and_its_errors():
 
     with pytest.raises(ModelError, match="reads a Gather of one channel"):
         convert_graph(export(Lone(), (1, 3, 5, 5)))
+
+
+DYNAMO_LRN = os.path.join(os.path.dirname(__file__), "..", "data", "lrn_dynamo.onnx")
+
+
+def regenerate_dynamo_lrn(path: str = DYNAMO_LRN) -> None:
+    """Write tests/data/lrn_dynamo.onnx: LRNNet(5) by the dynamo exporter (needs onnxscript,
+    which the test extra does not install; so the export is kept as a file)."""
+    torch.manual_seed(5)
+    program = torch.onnx.export(
+        LRNNet(5).eval(),
+        (torch.zeros(2, 3, 9, 9),),
+        dynamo=True,
+        opset_version=18,
+        input_names=["image"],
+        dynamic_shapes={"x": {0: torch.export.Dim("N")}},
+    )
+    program.save(path)
+
+
+def test_the_dynamo_exporters_local_response_norm_imports():
+    # dynamo=True writes a shorter decomposition: Mul, Reshape, Pad, AveragePool, Squeeze,
+    # Mul, Add, Pow, Div, with constant shapes instead of Shape arithmetic
+    with open(DYNAMO_LRN, "rb") as f:
+        data = f.read()
+    spec = check_every_layer(data, (1, 3, 9, 9))
+    assert [layer["type"] for layer in spec["layers"]] == ["conv", "relu", "lrn", "conv"]
+    assert spec["layers"][2]["size"] == 5
+
+
+def test_alexnet_conv1_2_as_published_with_stock_lrn_every_layer_matches():
+    # AlexNet conv1-2 (LRN after ReLU, conv2 in two groups, a lone BatchNorm) built with
+    # nn.LocalResponseNorm, as a user writes it, and exported with a dynamic batch
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 96, 11, 4),
+        nn.ReLU(inplace=True),
+        nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2, groups=2),
+        nn.ReLU(inplace=True),
+        nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0),
+        nn.MaxPool2d(3, 2),
+        nn.BatchNorm2d(256),
+    )
+    bn = net[8]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    spec = check_every_layer(export(net, (1, 3, 67, 67)), (1, 3, 67, 67), n=2)
+    kinds = [layer["type"] for layer in spec["layers"]]
+    assert kinds == ["conv", "relu", "lrn", "maxpool"] * 2 + ["batchnorm"]

@@ -8,7 +8,18 @@ import numba
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, kernels, ops
+from engine import (
+    InputError,
+    ModelError,
+    ShapeError,
+    _conv,
+    _gemm,
+    _grouped_kernel,
+    _pool,
+    _winograd,
+    kernels,
+    ops,
+)
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -417,6 +428,7 @@ def test_warmup_compiles_every_kernel():
     ]
     assert all(len(k.signatures) == 2 for k in sliced), [k.signatures for k in sliced]
     compiled = [
+        _grouped_kernel.grouped_direct,
         _conv.conv_im2col,
         _conv.conv_pointwise,
         _conv.conv_depthwise,
