@@ -51,7 +51,8 @@ assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
 # N=32: K32 F5 1.30 -> 1.21 ms, K24 F5 1.69 -> 1.21, K32 F7 2.59 -> 2.35; but K32 F3 0.62 ->
 # 0.81 (the wider window costs more than the lanes save), three pixels (K16) and stride 2 no
-# better: so only 5x5 and wider, stride 1.
+# better: so only 5x5 and wider, stride 1. (K=32 now has a 3x32 block of its own, no padding;
+# two pixels serve filter counts whose two pixels fill one block exactly: K=24 and K=16.)
 WIDE_MAX_C = 16
 WIDE_MIN_FW = 5
 
