@@ -5,7 +5,7 @@ named "<path>-<family>":
 - paths: pointwise (1x1, stride 1, no pad: the input's pixels are the GEMM's rows), winograd
   (F(2x2, 3x3), 3x3 stride 1, engine._winograd), implicit (windows read in place, no column
   buffer; Wout >= IMPLICIT_MIN_WIDTH), im2col (tiles packed, then multiplied: every conv);
-- families: avx512 (6x64 and 8x48 register blocks, engine._gemm), avx2 (3x32 and 4x16), blas
+- families: avx512 (6x64, 8x48, 3x32 register blocks, engine._gemm), avx2 (3x32, 4x16), blas
   (one single-threaded sgemm per tile: portable, pointwise and im2col only).
 Every kernel is correct on every CPU; the family only decides how fast.
 
@@ -184,15 +184,19 @@ def isa_flags() -> list[str]:
 
 
 def version() -> str:
-    """Return convq's version and the kernels' source hash: a choice measured on other code
-    is not reused."""
+    """Return convq's version and a hash of the kernels' and the choice's sources: a choice
+    measured on other code is not reused."""
     try:
         from importlib.metadata import version as dist_version
 
         ours = dist_version("convq")
     except Exception:  # not installed (a source checkout on sys.path)
         ours = "source"
-    return f"{ours}+{_cache.source_hash()}"
+    digest = hashlib.sha256(_cache.source_hash().encode())
+    for name in ("kernels.py", "tuning.py"):  # the classes, samples and rules of the choice
+        with open(os.path.join(_cache.HERE, name), "rb") as src:
+            digest.update(src.read())
+    return f"{ours}+{digest.hexdigest()[:16]}"
 
 
 def key_fields(threads: int) -> dict:
