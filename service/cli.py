@@ -196,6 +196,14 @@ def warmup(argv: list[str]) -> int:
     engine.warmup()
     engine.backward.warmup()  # explain jobs' kernels
     print(f"kernels ready in {time.monotonic() - started:.1f} s")
+    from engine import kernels
+
+    threads = engine.get_threads()
+    chosen = [(c, *kernels.ranking(c, threads)) for c in kernels.CLASSES]
+    print(
+        f"conv kernels ({chosen[0][2]}; convq info for more): "
+        + ", ".join(f"{c} {names[0]}" for c, names, _ in chosen)
+    )
     return 0
 
 

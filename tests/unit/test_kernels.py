@@ -302,3 +302,24 @@ def test_every_kernel_matches_the_reference_on_avx2_and_portable_code():
             "winograd-avx2" if family == "avx2" else "im2col-blas"
         )
         assert report["defaults"]["1x1"] == f"pointwise-{family}"
+
+
+def test_convq_info_shows_the_choices_key_and_file(choices_dir, monkeypatch, capsys):
+    from service import cli
+
+    measure, _ = fake_timings("im2col-avx2")
+    monkeypatch.setattr(tuning, "measure", measure)
+    assert cli.main(["info", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["key"] == kernels.key(ops.get_threads()) and before["measured_at"] is None
+    assert before["choices_file"] == str(choices_dir / kernels.CHOICES_FILE)
+    assert before["classes"]["padded"]["source"] == "default"
+    tuning.ensure()
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"key {before['key']}" in text and "[measured] im2col-avx2 0.100 ms" in text
+    monkeypatch.setenv(kernels.ENV, "im2col-blas")
+    assert cli.main(["info", "--json"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["forced"] == "im2col-blas"
+    assert forced["classes"]["1x1"] == {"kernels": ["im2col-blas"], "source": kernels.ENV}
