@@ -19,6 +19,7 @@ CPU's ISA (DEFAULTS).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -124,18 +125,26 @@ DEFAULTS = {
 }
 
 
-def _host_features() -> set[str]:
-    return {f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[:1] == "+"}
+@functools.cache
+def _host_features() -> frozenset[str]:
+    """Return the host CPU's features (asked of LLVM once: it takes ~1 ms)."""
+    flags = llvm.get_host_cpu_features().flatten().split(",")
+    return frozenset(f[1:] for f in flags if f[:1] == "+")
+
+
+@functools.cache
+def _host_name() -> str:
+    return llvm.get_host_cpu_name()
 
 
 def cpu_name() -> str:
     """Return the CPU name Numba compiles for (NUMBA_CPU_NAME, else the host's, as LLVM names
     it)."""
     name = numba.config.CPU_NAME
-    return llvm.get_host_cpu_name() if name in (None, "host") else name
+    return _host_name() if name in (None, "host") else name
 
 
-def features() -> set[str]:
+def features() -> frozenset[str]:
     """Return the ISA features Numba compiles for (as Numba itself decides, engine._gemm's code
     included): NUMBA_CPU_FEATURES when set; the host's when unset, even under NUMBA_CPU_NAME;
     when set empty, what the named CPU implies (known names only; others count as portable)."""
@@ -145,17 +154,17 @@ def features() -> set[str]:
     if configured:
         return _parse(configured)
     name = cpu_name()
-    if name in ("host", llvm.get_host_cpu_name()):
+    if name in ("host", _host_name()):
         return _host_features()
     if name in AVX512_CPUS:
-        return {"avx512f", "avx2", "fma", "avx"}
+        return frozenset({"avx512f", "avx2", "fma", "avx"})
     if name in AVX2_CPUS:
-        return {"avx2", "fma", "avx"}
-    return set()
+        return frozenset({"avx2", "fma", "avx"})
+    return frozenset()
 
 
-def _parse(spec: str) -> set[str]:
-    return {f.strip()[1:] for f in spec.split(",") if f.strip()[:1] == "+"}
+def _parse(spec: str) -> frozenset[str]:
+    return frozenset(f.strip()[1:] for f in spec.split(",") if f.strip()[:1] == "+")
 
 
 def isa() -> str:
