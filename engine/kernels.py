@@ -246,9 +246,11 @@ def read_choices(path: str | None = None) -> dict:
 
 
 def write_choice(threads: int, entry: dict, path: str | None = None) -> str | None:
-    """Store entry under this machine's key (atomically); return the path, None if unwritable."""
+    """Store entry under this machine's key (atomically), dropping other convq versions' entries;
+    return the path, None if unwritable."""
     path = path or choices_path()
-    data = read_choices(path)
+    ours = version()  # entries of other versions are stale for good: dropped
+    data = {k: v for k, v in read_choices(path).items() if _version_of(v) == ours}
     data[key(threads)] = entry
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -260,6 +262,10 @@ def write_choice(threads: int, entry: dict, path: str | None = None) -> str | No
         return None
     _loaded.pop(threads, None)
     return path
+
+
+def _version_of(entry) -> str | None:
+    return entry.get("version") if isinstance(entry, dict) else None
 
 
 _loaded: dict[int, dict[str, list[str]]] = {}

@@ -5,7 +5,8 @@ key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in t
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
 class's kernels fastest first, by the CPU time of their fastest round (on a shared machine a
-neighbour's load stretches the wall clock, not the work).
+neighbour's load stretches the wall clock, not the work); a kernel HOPELESS times slower than
+the best on its first call (a family compiled for a CPU without its ISA) is not timed again.
 Measuring takes at most about BUDGET seconds; a job never measures (without a measurement a
 layer runs its ISA's default, engine.kernels.DEFAULTS). `convq info` (main) shows the result.
 """
@@ -32,6 +33,7 @@ SAMPLES = {
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
 ROUNDS = 15  # most rounds per class; each round times every candidate once
+HOPELESS = 4.0  # a first call this many times the fastest one's: not timed again
 MARGIN = 0.1  # how much faster than the ISA's default a kernel must be to displace it
 
 
@@ -65,16 +67,23 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
         names = candidates(cls)
         times: dict[str, list[float]] = {name: [] for name in names}
         until = min(deadline, time.monotonic() + share)
+        first = {}
         for round_ in range(ROUNDS + 1):
             for name in names:
                 with kernels.forced([name]):
                     t0 = time.process_time()
                     ops._dense_conv(x, cw, bias, out, win, False)
-                    if round_:  # the first round packs the filters and warms the caches
-                        times[name].append(time.process_time() - t0)
-            if round_ >= 2 and time.monotonic() > until:
+                    spent = time.process_time() - t0
+                if round_:
+                    times[name].append(spent)
+                else:  # the first round packs the filters and warms the caches
+                    first[name] = spent
+            if not round_:  # a kernel this much slower cannot win: time it no more
+                names = [n for n in names if first[n] <= HOPELESS * min(first.values())]
+            elif time.monotonic() > until:
                 break
-        result[cls] = {name: 1e3 * min(ts) for name, ts in times.items() if ts}
+        # a hopeless kernel keeps its first call's time, which ranks it last
+        result[cls] = {n: 1e3 * (min(times[n]) if times[n] else first[n]) for n in first}
     return result
 
 

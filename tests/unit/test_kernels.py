@@ -210,11 +210,18 @@ def test_measured_choice_is_stored_by_key_and_reused(choices_dir, monkeypatch):
     assert len(calls) == 1
     assert kernels.choose(padded, threads) == "im2col-avx2"
     # another convq version (or CPU, ISA, thread count) is another key: measured again
+    with pytest.MonkeyPatch.context() as other_cpu:
+        other_cpu.setattr(numba.config, "CPU_FEATURES", "+sse2")
+        kernels.forget()
+        assert kernels.key(threads) != list(stored)[0]
+    kernels.forget()
+    assert kernels.key(threads) == list(stored)[0]
     monkeypatch.setattr(kernels, "version", lambda: "0.0.0+other")
     kernels.forget()
     assert kernels.choose(padded, threads) == kernels.DEFAULTS[kernels.isa()]["padded"][0]
     tuning.ensure()
-    assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
+    assert len(calls) == 2
+    assert list(json.loads(path.read_text())) == [kernels.key(threads)]  # the old version's gone
 
 
 def test_the_key_holds_the_thread_count(choices_dir):
