@@ -19,6 +19,8 @@ CPU's ISA (DEFAULTS).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -269,11 +271,26 @@ def _version_of(entry) -> str | None:
 
 
 _loaded: dict[int, dict[str, list[str]]] = {}
+_seen: dict[int, tuple[int, int] | None] = {}  # the file's (mtime, size) when last read
+
+
+def _stamp() -> tuple[int, int] | None:
+    try:
+        st = os.stat(choices_path())
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def measured(threads: int) -> dict[str, list[str]]:
-    """Return the measured rankings for this machine and thread count ({} if none yet)."""
-    if threads not in _loaded:
+    """Return the measured rankings for this machine and pool size ({} if none yet).
+
+    The file is read again whenever it changed (one stat per call), so every process on the
+    machine runs what the last measurement chose: their results stay bit-identical.
+    """
+    stamp = _stamp()
+    if threads not in _loaded or _seen.get(threads) != stamp:
+        _seen[threads] = stamp
         entry = read_choices().get(key(threads))
         rankings = entry.get("rankings") if isinstance(entry, dict) else None
         ok = isinstance(rankings, dict) and all(
@@ -288,11 +305,30 @@ def forget() -> None:
     (and this machine's key) again."""
     _loaded.clear()
     _keys.clear()
+    _seen.clear()
 
 
 def remember(threads: int, rankings: dict[str, list[str]]) -> None:
     """Use these rankings in this process (whether or not the file could be written)."""
     _loaded[threads] = rankings
+    _seen[threads] = _stamp()
+
+
+@contextlib.contextmanager
+def choices_lock():
+    """Hold an exclusive lock beside the choices file (none if its directory is unwritable)."""
+    path = choices_path() + ".lock"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def parse_forced(value: str | None) -> list[str] | None:

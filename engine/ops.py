@@ -294,7 +294,8 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
     nthreads = _threads.enter(n * hout * wout * k * fh * fw * c)
-    path, family = kernels.split(kernels.choose(_shape(cw.w.shape, win, wout), get_threads()))
+    name = kernels.choose(_shape(cw.w.shape, win, wout), _threads.max_threads())
+    path, family = kernels.split(name)
     _RUN[path](x, cw, bias, out, win, nthreads, relu, family)
 
 
@@ -314,7 +315,7 @@ def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -
     win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
     wout = win.out_hw(x_shape[1], x_shape[2])[1]
     part = (w_shape[0] // groups, *w_shape[1:])
-    return kernels.choose(_shape(part, win, wout), get_threads(), layer)
+    return kernels.choose(_shape(part, win, wout), _threads.max_threads(), layer)
 
 
 def _pointwise(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family) -> None:

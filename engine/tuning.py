@@ -105,13 +105,24 @@ def rank(timings: dict[str, dict[str, float]], isa: str | None = None) -> dict[s
 
 def ensure(force: bool = False) -> dict:
     """Measure and store this machine's choices unless stored already; return the entry."""
-    threads = ops.get_threads()
-    entry = kernels.read_choices().get(kernels.key(threads))
-    if not force and isinstance(entry, dict) and kernels.measured(threads):
-        return entry
+    threads = _threads.max_threads()
+    with kernels.choices_lock():  # one process measures; the others then read its entry
+        kernels.forget()
+        entry = kernels.read_choices().get(kernels.key(threads))
+        if not force and isinstance(entry, dict) and kernels.measured(threads):
+            return entry
+        return _measure_and_store(threads)
+
+
+def _measure_and_store(threads: int) -> dict:
+    before = ops.get_threads()
+    ops.set_threads(threads)  # measured on the whole pool, whatever this process runs on
     _threads.enter()
     started = time.monotonic()
-    timings = measure()
+    try:
+        timings = measure()
+    finally:
+        ops.set_threads(before)
     entry = {
         **kernels.key_fields(threads),
         "isa": kernels.isa(),
@@ -126,7 +137,7 @@ def ensure(force: bool = False) -> dict:
 
 
 def info(threads: int) -> dict:
-    """Return the kernel choices in effect for `threads` threads and where they come from."""
+    """Return the kernel choices in effect for a pool of `threads` threads and their source."""
     stored = kernels.read_choices().get(kernels.key(threads))
     classes = {}
     for cls in kernels.CLASSES:
@@ -149,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="convq info", description="show the engine's kernel choices on this machine"
     )
-    ap.add_argument("--threads", type=int, default=None, help="as a worker would set them")
     ap.add_argument("--measure", action="store_true", help="measure now (and store) first")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    threads = ops.set_threads(args.threads) if args.threads else ops.get_threads()
+    threads = _threads.max_threads()
     if args.measure:
         ops.warmup(tune=False)
         ensure(force=True)
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"CPU:      {data['cpu']} ({data['cpu_name']})")
     print(f"ISA:      {data['isa']} [{' '.join(data['isa_flags'])}]")
-    print(f"threads:  {threads}    convq {data['version']}")
+    print(f"threads:  {threads} (Numba's pool)    convq {data['version']}")
     when = data["measured_at"] or "not measured yet (convq warmup measures)"
     print(f"choices:  {data['choices_file']}  key {data['key']}: {when}")
     if data["forced"]:

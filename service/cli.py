@@ -198,7 +198,7 @@ def warmup(argv: list[str]) -> int:
     print(f"kernels ready in {time.monotonic() - started:.1f} s")
     from engine import kernels
 
-    threads = engine.get_threads()
+    threads = engine.ops._threads.max_threads()
     chosen = [(c, *kernels.ranking(c, threads)) for c in kernels.CLASSES]
     print(
         f"conv kernels ({chosen[0][2]}; convq info for more): "
