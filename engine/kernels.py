@@ -211,7 +211,7 @@ def version() -> str:
 
 
 def key_fields(threads: int) -> dict:
-    """Return what a measured choice depends on: CPU, ISA flags, thread count, convq version."""
+    """Return what a measured choice depends on: CPU, ISA flags, Numba's pool size, version."""
     return {
         "cpu": cpu_model(),
         "cpu_name": cpu_name(),

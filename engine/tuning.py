@@ -1,7 +1,7 @@
 """Measure which conv kernel runs each shape class fastest on this machine, and remember it.
 
 ensure() (called by engine.warmup: `convq warmup`, every worker's start) looks up this machine's
-key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in the choices file
+key (engine.kernels.key: CPU model, ISA flags, pool size, convq version) in the choices file
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
 class's kernels fastest first, by the CPU time of their fastest round (on a shared machine a

@@ -22,7 +22,7 @@ USAGE = """convq <command> [options]
   summary      print a model's layer table:  convq summary SPEC [--height H --width W] [--batch N]
   import-onnx  convert an .onnx file:         convq import-onnx MODEL.onnx -o DIR
   warmup       compile (or load from cache) every engine kernel, measure the conv kernels once
-  info         CPU, ISA, conv kernel choices:  convq info [--threads N] [--measure] [--json]
+  info         CPU, ISA, conv kernel choices:  convq info [--measure] [--json]
   bench        run the benchmarks:            convq bench [engine|service] [args]
 """
 
