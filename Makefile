@@ -6,10 +6,13 @@ test:  ## the whole suite: unit, integration, system (real redis-server), fuzz, 
 	bash scripts/system-deps.sh
 	$(PYTHON) -m pytest -q
 
-test-fast:  ## unit + integration tests, without the system and slow ones (fakeredis, no processes started)
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not system and not slow" tests/unit tests/integration
+# The fuzz tests' and benches' pytest plugins (schemathesis, anyio, benchmark) cost ~2.5 s to load.
+FAST_PLUGINS = -p no:cacheprovider -p no:schemathesis -p no:anyio -p no:benchmark
 
-lint:  ## ruff (lint + format) everywhere; mypy on the engine and the job contract (zero errors)
+test-fast:  ## unit + integration tests, without the system and slow ones (fakeredis, no processes started)
+	$(PYTHON) -m pytest -q $(FAST_PLUGINS) -m "not system and not slow" tests/unit tests/integration
+
+lint:  ## ruff (lint + format) everywhere; mypy on engine, worker and service (zero errors)
 	$(PYTHON) -m ruff check engine worker service tests bench
 	$(PYTHON) -m ruff format --check engine worker service tests bench
 	$(PYTHON) -m mypy

@@ -78,6 +78,9 @@ SUITE = [
     Layer("alexnet-conv2-g2", 27, 96, 256, 5, p=2, g=2),
     Layer("dw-56x128-f3", 56, 128, 128, 3, p=1, g=128),
     Layer("dw-28x256-f3-s2", 28, 256, 256, 3, s=2, p=1, g=256),
+    # ResNeXt-50 32x4d's grouped 3x3s: 32 groups of 4 and of 8 channels
+    Layer("resnext-56x128-g32", 56, 128, 128, 3, p=1, g=32),
+    Layer("resnext-28x256-g32", 28, 256, 256, 3, p=1, g=32),
 ]
 
 
@@ -343,7 +346,7 @@ def main(argv=None) -> int:
     # malloc as a convq worker sets it (worker.horse.keep_freed_memory), for every library in
     # this process: freed big blocks are reused by the next call instead of being mapped and
     # faulted in anew (importing PyTorch fixes glibc's mmap threshold at its 128 KiB default,
-    # so the engine's 4 MB output of 32x3 at N=32 was faulted in on every call).
+    # so the engine's 4 MB output of 32x3 at N=32 would be faulted in on every call).
     from worker.horse import keep_freed_memory
 
     keep_freed_memory()

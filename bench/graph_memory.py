@@ -6,6 +6,10 @@ Model.run is taken with tracemalloc (NumPy reports its array buffers to it), bes
 Model.memory's estimate and the sum of every layer's activations.
 
     python -m bench.graph_memory [--n 8] [--size 56] [--channels 64] [--blocks 4]
+                                 [--net resnet|inception]
+
+--net inception chains inception blocks instead (four conv branches concatenated), where the
+conv branches write straight into their concat's output.
 """
 
 from __future__ import annotations
@@ -51,6 +55,37 @@ def resnet_like(size: int, c: int, blocks: int) -> tuple[dict, dict]:
     return spec | {"layers": layers}, arrays
 
 
+def inception_like(size: int, c: int, blocks: int) -> tuple[dict, dict]:
+    """Return (spec, arrays) of a stem conv and `blocks` inception blocks of c channels each:
+    1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max pool -> 1x1, concatenated (c/4 channels each)."""
+    rng = np.random.default_rng(0)
+    q = c // 4
+    arrays: dict[str, np.ndarray] = {}
+
+    def conv(name: str, k: int, f: int, src: str, cin: int) -> list[dict]:
+        arrays[f"{name}.w"] = rng.standard_normal((k, f, f, cin), np.float32) / np.sqrt(f * f * cin)
+        arrays[f"{name}.b"] = np.zeros(k, np.float32)
+        layer = {"name": name, "type": "conv", "filters": k, "size": f, "pad": f // 2}
+        return [layer | {"input": src}, {"name": f"{name}_relu", "type": "relu"}]
+
+    layers = conv("stem", c, 3, "image", 3)
+    prev = "stem_relu"
+    for i in range(blocks):
+        b = f"i{i}"
+        layers += conv(f"{b}a", q, 1, prev, c)
+        layers += conv(f"{b}b1", q, 1, prev, c) + conv(f"{b}b", q, 3, f"{b}b1_relu", q)
+        layers += conv(f"{b}c1", q, 1, prev, c) + conv(f"{b}c", q, 5, f"{b}c1_relu", q)
+        layers.append({"name": f"{b}p1", "type": "maxpool", "size": 3, "pad": 1, "stride": 1})
+        layers[-1]["input"] = prev
+        layers += conv(f"{b}p", q, 1, f"{b}p1", c)
+        ends = [f"{b}{x}_relu" for x in ("a", "b", "c", "p")]
+        layers.append({"name": b, "type": "concat", "inputs": ends})
+        prev = b
+    layers += [{"name": "pool", "type": "globalavgpool", "input": prev}]
+    spec = {"name": "inception-like", "input": {"height": size, "width": size, "channels": 3}}
+    return spec | {"layers": layers}, arrays
+
+
 def measure(model: Model, x: np.ndarray, outputs) -> tuple[int, float]:
     """Return (peak traced bytes above the start, seconds) of one run."""
     model.run(x, outputs=outputs)  # warm: compiled kernels, packed filters, scratch buffers
@@ -71,8 +106,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=56)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--net", choices=("resnet", "inception"), default="resnet")
     args = parser.parse_args()
-    spec, arrays = resnet_like(args.size, args.channels, args.blocks)
+    build = resnet_like if args.net == "resnet" else inception_like
+    spec, arrays = build(args.size, args.channels, args.blocks)
     model = Model.from_arrays(spec, arrays)
     x = np.random.default_rng(1).standard_normal((args.n, args.size, args.size, 3), np.float32)
     shapes = model.output_shapes(args.size, args.size)

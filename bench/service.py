@@ -1,15 +1,20 @@
 """Time the service end to end (HTTP in, activations out) against the engine alone.
 
     python bench/service.py [--quick] [--threads 2] [--rounds 5] [--latency 200] [--jobs 24]
+                            [--tables 1,2,3,4,5] [--batch-rounds 3] [--batch-seconds 10]
 
 Starts its own redis-server on a free loopback port, one `convq api` (gunicorn) and `convq
-worker` processes, all on this machine, and prints three tables:
+worker` processes, all on this machine, and prints five tables (--tables picks some, e.g. 4,5):
   1. a 32-image AlexNet conv1 job (227x227x3 -> 55x55x96) through POST /infer with binary
      tensors vs Model.run on the same batch in this process, same thread count, rounds
      alternating, medians; beside it the "Redis floor": the time the job's bytes alone take
      through Redis with the service's own Store calls;
   2. p50/p95 latency of a one-image 32x32 job (K32 F5 P2) through POST /infer;
-  3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start.
+  3. throughput (jobs/s) of 16-image demo jobs queued before 1 or 2 workers of 1 thread start;
+  4. dynamic batching: one-image jobs from 64 concurrent clients on 2 workers, throughput and
+     p50 latency (under load, and of one client alone) with batching on vs off, alternating.
+  5. the 32-image pool1 job with each lean result (float16, uint8, stats, png) against the
+     engine and the TCP floor of its own request and response bytes, with the goals.
 Results move as raw bytes (the V2 binary tensor extension), never as JSON numbers.
 """
 
@@ -127,9 +132,9 @@ class Stack:
     def add_worker(self, threads: int) -> None:
         self.add_workers(1, threads)
 
-    def add_workers(self, n: int, threads: int) -> None:
-        """Start n workers at once; return when all of them are registered."""
-        env = {**self.env, "CONVQ_THREADS": str(threads)}
+    def add_workers(self, n: int, threads: int, env: dict | None = None) -> None:
+        """Start n workers at once (env: extra variables); return when all are registered."""
+        env = {**self.env, "CONVQ_THREADS": str(threads), **(env or {})}
         for _ in range(n):
             self.workers.append(self._spawn([sys.executable, "-m", "worker"], "worker", env))
         want = len(self.workers)
@@ -172,7 +177,9 @@ class Stack:
         rv.raise_for_status()
 
 
-def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]:
+def binary_request(
+    images: np.ndarray, outputs: list[str], options: dict | None = None
+) -> tuple[bytes, dict]:
     raw = images.tobytes()
     head = json.dumps(
         {
@@ -184,7 +191,9 @@ def binary_request(images: np.ndarray, outputs: list[str]) -> tuple[bytes, dict]
                     "parameters": {"binary_data_size": len(raw)},
                 }
             ],
-            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
+            "outputs": [
+                {"name": o, "parameters": {"binary_data": True, **(options or {})}} for o in outputs
+            ],
         }
     ).encode()
     return head + raw, {
@@ -206,19 +215,26 @@ def infer(
     shape: tuple,
 ) -> np.ndarray:
     """POST one binary V2 inference; return the named output (Server-Timing in LAST_TIMING)."""
+    data, n = infer_bytes(session, base, model, body, headers)
+    return np.frombuffer(data, np.float32, offset=n).reshape(shape)
+
+
+def infer_bytes(
+    session: requests.Session, base: str, model: str, body: bytes, headers: dict
+) -> tuple[bytes, int]:
+    """POST one binary V2 inference; return (response body, its JSON header's length)."""
     rv = session.post(
         f"{base}/v2/models/{model}/infer", data=body, headers=headers, timeout=600, stream=True
     )
     rv.raise_for_status()
     # One read of the whole body: requests' .content reads in 10 KB pieces, slow for 37 MB.
     data = rv.raw.read(decode_content=True)
-    n = int(rv.headers["Inference-Header-Content-Length"])
     LAST_TIMING.clear()
     for part in rv.headers.get("Server-Timing", "").split(","):
         key, _, dur = part.strip().partition(";dur=")
         if dur:
             LAST_TIMING[key] = float(dur) / 1000
-    return np.frombuffer(data, np.float32, offset=n).reshape(shape)
+    return data, int(rv.headers.get("Inference-Header-Content-Length", len(data)))
 
 
 def ms(seconds: float) -> str:
@@ -349,6 +365,94 @@ def bench_alexnet(stack: Stack, rounds: int, threads: int) -> None:
     )
 
 
+LEAN = {
+    "float32": {},
+    "float16": {"dtype": "float16"},
+    "uint8": {"dtype": "uint8"},
+    "stats": {"stats": True},
+    "png": {"png": True},
+}
+"""The lean results of table 5: output parameters of the pool1 job (float32 is the baseline)."""
+
+LEAN_GOALS = {"float16": "floor", "stats": 1.15}
+"""float16: end to end <= engine + 1.25 x the TCP floor of its own bytes; stats <= 1.15 x engine."""
+
+
+def bench_lean(stack: Stack, rounds: int, threads: int) -> None:
+    """The 32-image pool1 job with each lean result vs the engine alone, alternating rounds."""
+    spec, arrays = demo_model()
+    stack.upload("alexnet", spec, arrays)
+    model = Model.from_arrays(spec, arrays)
+    images = np.random.default_rng(0).integers(0, 256, (32, 227, 227, 3), dtype=np.uint8)
+    set_threads(threads)
+    from worker.horse import keep_freed_memory
+
+    keep_freed_memory()
+    session = requests.Session()
+    requests_ = {kind: binary_request(images, ["pool1"], opts) for kind, opts in LEAN.items()}
+    for body, headers in requests_.values():  # warm up: the worker's model cache, the kernels
+        infer_bytes(session, stack.base, "alexnet", body, headers)
+    model.run(images, outputs=["pool1"])
+    alone: list[float] = []
+    http: dict[str, list[float]] = {kind: [] for kind in LEAN}
+    spans: dict[str, list[dict]] = {kind: [] for kind in LEAN}
+    sizes: dict[str, int] = {}
+    for _ in range(rounds):  # alternate engine and every kind, so noise hits them alike
+        t = time.perf_counter()
+        model.run(images, outputs=["pool1"])
+        alone.append(time.perf_counter() - t)
+        for kind, (body, headers) in requests_.items():
+            t = time.perf_counter()
+            data, _ = infer_bytes(session, stack.base, "alexnet", body, headers)
+            http[kind].append(time.perf_counter() - t)
+            spans[kind].append(dict(LAST_TIMING, total=http[kind][-1]))
+            sizes[kind] = len(data)
+    a = statistics.median(alone)
+    print(
+        f"\n5. lean results: the 32-image pool1 job (32x27x27x96) through POST /infer, binary, "
+        f"{threads} thread(s), median of {rounds}; engine alone {ms(a)} ms"
+    )
+    print(
+        "   result     response bytes   HTTP infer    ratio |   worker  outside | TCP floor  "
+        "engine+1.25xfloor | goal"
+    )
+    for kind in LEAN:
+        body = requests_[kind][0]
+        h = statistics.median(http[kind])
+        tcp = tcp_floor(len(body), sizes[kind], rounds)
+        bound = a + 1.25 * tcp
+        goal = LEAN_GOALS.get(kind)
+        if goal == "floor":
+            verdict = f"<= engine + 1.25x floor: {'met' if h <= bound else 'NOT met'}"
+        elif goal is not None:
+            verdict = f"<= {goal}x engine: {'met' if h <= goal * a else 'NOT met'}"
+        else:
+            verdict = ""
+        worker = statistics.median(s.get("compute", 0.0) for s in spans[kind])
+        print(
+            f"   {kind:<9} {sizes[kind]:>15,} {ms(h)} ms  {h / a:5.2f}x |{ms(worker)}"
+            f"{ms(h - worker)} | {ms(tcp)} ms  {ms(bound)} ms ({bound / a:.2f}x) | {verdict}"
+        )
+    print("   outside, split (ms):   read  submit   queue  answer    send")
+    for kind in LEAN:
+        part = {
+            key: statistics.median(x.get(key, 0.0) for x in spans[kind])
+            for key in ("read", "submit", "queue")
+        }
+        part["answer"] = statistics.median(
+            x.get("infer", 0.0) - sum(x.get(k, 0.0) for k in ("read", "submit", "queue", "compute"))
+            for x in spans[kind]
+        )
+        part["send"] = statistics.median(x["total"] - x.get("infer", 0.0) for x in spans[kind])
+        print(f"   {kind:<20}" + "".join(ms(v) for v in part.values()))
+    print(
+        "   worker: the job's start to end in the worker (input read, engine, lean shaping, "
+        "result written);\n   outside: the rest (HTTP, parse, input stored, queue, answer). "
+        "TCP floor: this request's and\n   response's bytes over loopback TCP between two "
+        "processes, no HTTP, no work."
+    )
+
+
 def bench_latency(stack: Stack, count: int) -> None:
     rng = np.random.default_rng(1)
     spec = {
@@ -472,6 +576,173 @@ def bench_throughput(stack: Stack, jobs: int) -> None:
     print(f"   scaling 2 vs 1: {rates[2] / rates[1]:.2f}x")
 
 
+SMALL_SPEC = {
+    "name": "small",
+    "input": {"height": 32, "width": 32, "channels": 3},
+    "layers": [{"name": "conv", "type": "conv", "filters": 32, "size": 5, "pad": 2}],
+}
+
+
+def small_model(stack: Stack) -> None:
+    """Upload the one-conv 32x32 model of tables 2 and 4 as "small"."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "conv.w": (rng.standard_normal((32, 5, 5, 3)) * 0.1).astype(np.float32),
+        "conv.b": np.zeros(32, np.float32),
+    }
+    stack.upload("small", SMALL_SPEC, arrays)
+
+
+def _clients(stack: Stack, bodies: list, clients: int, seconds: float) -> tuple[int, list]:
+    """clients threads POST /infer back to back for seconds; return (answers, latencies)."""
+    import threading
+
+    stop = time.monotonic() + seconds
+    done: list[float] = []
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        session = requests.Session()
+        body, headers = bodies[i % len(bodies)]
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            try:
+                infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+            except requests.RequestException as exc:
+                errors.append(str(exc))
+                return
+            done.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]}")
+    return len(done), done
+
+
+def bench_batching(
+    stack: Stack, rounds: int, seconds: float, clients: int = 64, queued: int = 256
+) -> None:
+    """1-image jobs from many clients on 2 workers: batching on vs off, rounds alternating."""
+    small_model(stack)
+    rng = np.random.default_rng(4)
+    bodies = [
+        binary_request(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), ["conv"])
+        for _ in range(16)
+    ]
+    modes = {"batched": {}, "off": {"CONVQ_BATCH_MAX_IMAGES": "0"}}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    p50s: dict[str, list[float]] = {m: [] for m in modes}
+    loaded: dict[str, list[float]] = {m: [] for m in modes}
+    drains: dict[str, list[float]] = {m: [] for m in modes}
+    print(
+        f"\n4. dynamic batching: one 32x32x3 image per job (conv K32 F5 P2) through POST /infer, "
+        f"2 workers of 1 thread;\n   {clients} clients for {seconds:.0f} s (throughput), then 1 "
+        f"client x100 (low-load latency); then {queued} jobs queued before the 2 workers start "
+        f"(their drain rate);\n   {rounds} rounds, batched and off alternating"
+    )
+    for _ in range(rounds):
+        for mode, env in modes.items():
+            stack.stop_workers()
+            stack.add_workers(2, threads=1, env=env)
+            _clients(stack, bodies, clients, 1.0)  # warm: models loaded, connections open
+            count, times = _clients(stack, bodies, clients, seconds)
+            rates[mode].append(count / seconds)
+            loaded[mode].append(statistics.median(times))
+            session = requests.Session()
+            single = []
+            for i in range(100):
+                body, headers = bodies[i % len(bodies)]
+                t = time.perf_counter()
+                infer(session, stack.base, "small", body, headers, "conv", (1, 32, 32, 32))
+                single.append(time.perf_counter() - t)
+            p50s[mode].append(statistics.median(single))
+            print(
+                f"   {mode:8s} {count / seconds:7.1f} jobs/s   p50 under load "
+                f"{ms(statistics.median(times))} ms   p50 alone {ms(statistics.median(single))} ms"
+            )
+        for mode, env in modes.items():
+            rate, sizes = _drain(stack, bodies, env, queued)
+            drains[mode].append(rate)
+            print(
+                f"   {mode:8s} {queued} queued jobs drained at {rate:7.1f} jobs/s   jobs per "
+                f"batch: median {statistics.median(sizes):.0f}, max {max(sizes)}"
+            )
+    rate = {m: statistics.median(v) for m, v in rates.items()}
+    p50 = {m: statistics.median(v) for m, v in p50s.items()}
+    drain = {m: statistics.median(v) for m, v in drains.items()}
+
+    def paired(values: dict[str, list[float]]) -> str:
+        ratios = [b / o for b, o in zip(values["batched"], values["off"], strict=True)]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)"
+
+    print(
+        f"   median of the rounds' own ratios (each round's two modes ran back to back): "
+        f"throughput {paired(rates)}, low-load p50 {paired(p50s)}, drain {paired(drains)}"
+    )
+    print(
+        f"   medians: batched {rate['batched']:.1f} jobs/s vs off {rate['off']:.1f} jobs/s = "
+        f"{rate['batched'] / rate['off']:.2f}x (goal >= 2x); low-load p50 batched "
+        f"{ms(p50['batched'])} ms vs off {ms(p50['off'])} ms = "
+        f"{p50['batched'] / p50['off']:.2f}x (goal <= 1.5x); p50 under load batched "
+        f"{ms(statistics.median(loaded['batched']))} ms vs off "
+        f"{ms(statistics.median(loaded['off']))} ms;\n   queued jobs drained by the 2 workers "
+        f"(no HTTP while they run): batched {drain['batched']:.1f} jobs/s vs off "
+        f"{drain['off']:.1f} jobs/s = {drain['batched'] / drain['off']:.2f}x"
+    )
+
+
+def _ended(stack: Stack, session: requests.Session, job_id: str) -> dict:
+    """Return the job's status once it ended, looking every 0.25 s."""
+    while True:
+        status = session.get(f"{stack.base}/v2/jobs/{job_id}", timeout=30).json()
+        if status["status"] in ("finished", "failed"):
+            return status
+        time.sleep(0.25)
+
+
+def _drain(stack: Stack, bodies: list, env: dict, count: int) -> tuple[float, list[int]]:
+    """Queue count one-image jobs with no worker, start 2 workers; return their jobs/s and
+    each job's batch size (jobs in the engine batch it ran in)."""
+    from datetime import datetime
+
+    stack.stop_workers()
+    session = requests.Session()
+    ids = []
+    for i in range(count):
+        body, headers = bodies[i % len(bodies)]
+        rv = session.post(f"{stack.base}/v2/models/small/jobs", data=body, headers=headers)
+        rv.raise_for_status()
+        ids.append(rv.json()["id"])
+    stack.add_workers(2, threads=1, env=env)
+    _ended(stack, session, ids[-1])  # the last queued first, slowly: reads compete with workers
+    timings, sizes = [], []
+    for job_id in ids:
+        status = _ended(stack, session, job_id)
+        assert status["status"] == "finished", status
+        timings.append(status["timings"])
+        sizes.append((status.get("batch") or {"jobs": 1})["jobs"])
+    for job_id in ids:
+        session.delete(f"{stack.base}/v2/jobs/{job_id}", timeout=30)
+    start = min(datetime.fromisoformat(t["started_at"]) for t in timings)
+    end = max(datetime.fromisoformat(t["ended_at"]) for t in timings)
+    return count / (end - start).total_seconds(), sizes
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and jobs")
@@ -490,15 +761,32 @@ def main(argv: list[str] | None = None) -> int:
         help="make the blob directory under this path (default: the "
         "system's temporary directory; e.g. /dev/shm for a RAM-backed one)",
     )
+    p.add_argument(
+        "--tables",
+        default="1,2,3,4,5",
+        help="comma-separated tables to run (default all: 1,2,3,4,5)",
+    )
+    p.add_argument("--batch-rounds", type=int, default=3, help="rounds per mode of table 4")
+    p.add_argument("--batch-seconds", type=float, default=10.0, help="seconds of load, table 4")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.latency, args.jobs = 3, 50, 8
+        args.batch_rounds, args.batch_seconds = 1, 5.0
+    tables = {t.strip() for t in args.tables.split(",")}
     stack = Stack(threads=args.threads, blobs=args.store == "files", blob_root=args.blob_root)
     try:
+        print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores")
         stack.add_worker(threads=args.threads)
-        bench_alexnet(stack, args.rounds, args.threads)
-        bench_latency(stack, args.latency)
-        bench_throughput(stack, args.jobs)
+        if "1" in tables:
+            bench_alexnet(stack, args.rounds, args.threads)
+        if "2" in tables:
+            bench_latency(stack, args.latency)
+        if "3" in tables:
+            bench_throughput(stack, args.jobs)
+        if "4" in tables:
+            bench_batching(stack, args.batch_rounds, args.batch_seconds)
+        if "5" in tables:
+            bench_lean(stack, args.rounds, args.threads)
     finally:
         stack.close()
     return 0

@@ -103,8 +103,8 @@ class GoogLeNetStem(nn.Module):
         return torch.softmax(self.fc(x), dim=1)
 
 
-def vgg11_bn(classes: int = 1000) -> nn.Sequential:
-    """VGG-11 with BatchNorm for 64x64 input (five pools leave 2x2x512)."""
+def vgg11_bn(classes: int = 1000, hidden: int = 4096) -> nn.Sequential:
+    """VGG-11 with BatchNorm for 64x64 input (five pools leave 2x2x512); hidden: FC width."""
     layers: list[nn.Module] = []
     c = 3
     for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
@@ -116,13 +116,13 @@ def vgg11_bn(classes: int = 1000) -> nn.Sequential:
     return nn.Sequential(
         *layers,
         nn.Flatten(),
-        nn.Linear(512 * 2 * 2, 4096),
+        nn.Linear(512 * 2 * 2, hidden),
         nn.ReLU(inplace=True),
         nn.Dropout(),
-        nn.Linear(4096, 4096),
+        nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
         nn.Dropout(),
-        nn.Linear(4096, classes),
+        nn.Linear(hidden, classes),
     )
 
 
@@ -167,10 +167,13 @@ NETWORKS = {
 }
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
-    """Return network `name` in eval mode with random weights and non-trivial BN statistics."""
+def build(name: str, seed: int = 0, **sizes) -> nn.Module:
+    """Return network `name` in eval mode with random weights and non-trivial BN statistics.
+
+    sizes go to its builder (vgg11-bn: classes, hidden).
+    """
     torch.manual_seed(seed)
-    net = NETWORKS[name][0]()
+    net = NETWORKS[name][0](**sizes)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):  # fresh BN is the identity: make it do something
             m.running_mean.uniform_(-0.5, 0.5)

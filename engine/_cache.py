@@ -21,7 +21,14 @@ import time
 import numba
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL_MODULES = ("_conv.py", "_gemm.py", "_pool.py", "_winograd.py")
+KERNEL_MODULES = (
+    "_conv.py",
+    "_gemm.py",
+    "_grouped_kernel.py",
+    "_pool.py",
+    "_reduce.py",
+    "_winograd.py",
+)
 PREFIX = "kernels-"
 STALE_AFTER = 24 * 3600  # s: other versions' directories untouched this long are removed
 

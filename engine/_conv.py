@@ -141,9 +141,11 @@ def conv_im2col_mk(
     left,
     relu,
     counter,
+    acc=False,
 ):
     """conv_im2col with the micro-kernel: weights packed by _gemm.pack_weights, slots of cols
-    rounded up to a multiple of MR rows (rows past the tile are read, never stored)."""
+    rounded up to a multiple of MR rows (rows past the tile are read, never stored). out2d's
+    rows may be a channel slice of a wider buffer; with acc the conv is added to out2d."""
     per_image = hout * wout
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = x.shape[0] * tiles_per_image
@@ -153,14 +155,17 @@ def conv_im2col_mk(
         while i < ntiles:
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
-            tile_gemm(slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu)
+            tile_gemm(slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu, acc)
             i = claim(counter)
 
 
 @njit(parallel=True, cache=True)
-def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, relu, counter):
+def conv_pointwise_mk(
+    x2d, blocks, table, bias, out2d, cols, per_image, tile, relu, counter, acc=False
+):
     """conv_pointwise with the micro-kernel, reading x2d in place; only a tile whose last
-    MR-row block would run past the end of x2d is first copied into its thread's slot."""
+    MR-row block would run past the end of x2d is first copied into its thread's slot.
+    out2d and acc as for conv_im2col_mk."""
     m_all = x2d.shape[0]
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = (m_all // per_image) * tiles_per_image
@@ -171,10 +176,10 @@ def conv_pointwise_mk(x2d, blocks, table, bias, out2d, cols, per_image, tile, re
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             m = r1 - r0
             if r0 + (m + MR - 1) // MR * MR <= m_all:
-                tile_gemm(x2d, r0, m, blocks, table, bias, out2d, r0, relu)
+                tile_gemm(x2d, r0, m, blocks, table, bias, out2d, r0, relu, acc)
             else:
                 slot[:m] = x2d[r0:r1]
-                tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu)
+                tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu, acc)
             i = claim(counter)
 
 

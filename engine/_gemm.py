@@ -230,24 +230,27 @@ def _implicit(nr, a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, 
 
 
 @njit(cache=True)
-def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu):
+def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu, acc=False):
     """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there.
 
     The weights are packed by pack_weights in any family: each block's width picks its kernel.
+    out's rows may be further apart than K (a channel slice of a wider NHWC buffer, such as a
+    concat's output); with acc the products are added to what out holds (a residual) first.
     """
     kc = a.shape[1]
     k = out.shape[1]
+    ldo = out.strides[0] // 4
     ap, bp, op, biasp, none = _data(a), _data(blocks), _data(out), _data(bias), _data(table)
     for b in range(table.shape[0]):
         offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
         mr = _rows(nr)
         for p0 in range(0, kc, KC):
             p1 = min(kc, p0 + KC)
-            first, last = p0 == 0, p1 == kc
+            first, last = p0 == 0 and not acc, p1 == kc
             for r in range(0, m, mr):
-                a0, o0 = (ar0 + r) * kc, (or0 + r) * k + j0
+                a0, o0 = (ar0 + r) * kc, (or0 + r) * ldo + j0
                 _block(
-                    nr, ap, a0, kc, none, bp, offset, p0, p1, op, o0, k, m - r, k - j0,
+                    nr, ap, a0, kc, none, bp, offset, p0, p1, op, o0, ldo, m - r, k - j0,
                     biasp, j0, first, last, relu,
                 )  # fmt: skip
 
@@ -262,6 +265,7 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
     """
     kc = offs.shape[0]
     k = out.shape[1]
+    ldo = out.strides[0] // 4  # rows further apart than K: a channel slice (see tile_gemm)
     xp, offp, bp, op, biasp = _data(xf), _data(offs), _data(blocks), _data(out), _data(bias)
     for b in range(table.shape[0]):
         offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
@@ -271,8 +275,8 @@ def row_gemm(xf, base, rs, offs, count, blocks, table, bias, out, or0, relu):
             for p0 in range(0, kc, KC):
                 p1 = min(kc, p0 + KC)
                 first, last = p0 == 0, p1 == kc
-                a0, o0 = base + r * rs, (or0 + r) * k + j0
+                a0, o0 = base + r * rs, (or0 + r) * ldo + j0
                 _implicit(
-                    nr, xp, a0, rs, offp, bp, offset, p0, p1, op, o0, k, mr, k - j0,
+                    nr, xp, a0, rs, offp, bp, offset, p0, p1, op, o0, ldo, mr, k - j0,
                     biasp, j0, first, last, relu,
                 )  # fmt: skip

@@ -132,11 +132,13 @@ def _comb3(dst, d0, a, a0, b, b0, c, c0, sign, count):
 
 
 @njit(cache=True, inline="always")
-def _finish(dst, d0, a, a0, b, b0, c, c0, sign, bias, relu, count):
-    """dst[d0:] = a + sign * (b + c) + bias, then ReLU (NaN kept), over count channels."""
+def _finish(dst, d0, a, a0, b, b0, c, c0, sign, bias, relu, acc, count):
+    """dst[d0:] = a + sign * (b + c) + bias (+ dst[d0:] if acc), then ReLU (NaN kept)."""
     for q in range(count):
         v = a[np.uintp(a0 + q)] + sign * (b[np.uintp(b0 + q)] + c[np.uintp(c0 + q)])
         v += bias[np.uintp(q)]
+        if acc:
+            v += dst[np.uintp(d0 + q)]
         if relu and v < 0.0:
             v = 0.0
         dst[np.uintp(d0 + q)] = v
@@ -174,9 +176,12 @@ def _input_tile(xf, h, w, c, patch, tmp, v, vt0, vstride, n, y0, x0, dh, dw):
 
 
 @njit(cache=True)
-def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, nx, dh, dw, relu):
-    """Write Y = A^T M A (+ bias, ReLU) for the tile at m[mt0] (16 rows mstride apart) to the
-    ny x nx valid outputs of of, the flat (N, Hout, Wout, K) output (all data pointers)."""
+def _output_tile(
+    m, mt0, mstride, tmp, bias, k, of, ldo, hout, wout, n, y0, x0, ny, nx, dh, dw, relu, acc
+):
+    """Write Y = A^T M A (+ bias, + what of holds if acc, ReLU) for the tile at m[mt0] (16 rows
+    mstride apart) to the ny x nx valid outputs of of, the flat (N, Hout, Wout, ldo) output
+    whose first K channels are written (all data pointers)."""
     # A^T M: row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3 (a row is four channel rows)
     for j in range(4):
         _comb3(
@@ -204,13 +209,12 @@ def _output_tile(m, mt0, mstride, tmp, bias, k, of, hout, wout, n, y0, x0, ny, n
             k,
         )
     for i in range(ny):
-        row = ((n * hout + y0 + dh * i) * wout + x0) * k
+        row = ((n * hout + y0 + dh * i) * wout + x0) * ldo
         r = 4 * i * k
-        _finish(of, row, tmp, r, tmp, r + k, tmp, r + 2 * k, 1.0, bias, relu, k)
+        _finish(of, row, tmp, r, tmp, r + k, tmp, r + 2 * k, 1.0, bias, relu, acc, k)
         if nx == 2:
-            _finish(
-                of, row + dw * k, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias, relu, k
-            )
+            at = row + dw * ldo
+            _finish(of, at, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias, relu, acc, k)
 
 
 @njit(parallel=True, cache=True)
@@ -234,8 +238,12 @@ def conv3x3(
     group,
     relu,
     counter,
+    acc=False,
 ):
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
+
+    out's pixels may be further apart than K (a channel slice of a wider NHWC buffer); with
+    acc the conv is added to what out holds (a residual) before the ReLU.
 
     blocks (16, ...) and table are the transformed filters (pack_filters); per thread t the
     workspaces are v[t] (16, T*C + SKEW), m[t] (16, T*K + SKEW), patch[t] (2, 16, max(C, K));
@@ -243,6 +251,7 @@ def conv3x3(
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
+    ldo = out.strides[2] // 4
     xf, of, biasp = _data(x), _data(out), _data(bias)
     nty, ntx = ty0.shape[0], tx0.shape[0]
     per_image = nty * ntx
@@ -293,6 +302,7 @@ def conv3x3(
                     biasp,
                     k,
                     of,
+                    ldo,
                     hout,
                     wout,
                     n,
@@ -303,5 +313,6 @@ def conv3x3(
                     dh,
                     dw,
                     relu,
+                    acc,
                 )
             g = claim(counter)

@@ -201,7 +201,7 @@ def _layer_backward(model, layer, g: np.ndarray, hw, chans, saved) -> list[np.nd
     if kind == "globalmaxpool":
         return [backward_graph.global_max_pool_backward(saved, g)]
     win = layer.window
-    if win is None:  # every other type is windowed (spec.WINDOWED)
+    if win is None:  # every other type is windowed (layer_spec.WINDOWED)
         raise ModelError(
             f"{layer.name}: no backward pass for layer type {kind!r}", layer=layer.name
         )

@@ -5,7 +5,7 @@ Shapes as in engine.ops: x (N, H, W, C), w (K, FH, FW, C), dout (N, Hout, Wout, 
 function matches its *_reference in engine.backward_reference to float32 rounding
 (tests/unit/test_backward*.py).
 
-A conv's input gradient is itself a convolution, as the seed says: dout dilated by the stride
+A conv's input gradient is itself a convolution: dout dilated by the stride
 (stride - 1 zeros between its pixels) and padded by D*(F-1) - pad, convolved with the filters
 flipped in space and transposed in channels (C filters of FH x FW x K). At stride 1 that
 convolution runs through engine.ops.conv2d with all its paths (Winograd, implicit GEMM). At

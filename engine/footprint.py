@@ -3,8 +3,10 @@
 A chain run holds, at layer i: the layer's input, its output, every earlier output the caller
 asked for, and a layer's scratch (a padded copy of its input where the window has pads, plus
 im2col tiles of bounded size per thread). Before the first layer the uint8 batch and its float32
-copy are both alive. The peak is the largest of these sums, an upper bound of what Model.run
-allocates (it does not count that a ReLU folded into a conv writes no output of its own).
+copy are both alive. A concat's output is counted from its first input's layer on (its conv
+branches write straight into it, engine.plan). The peak is the largest of these sums, an upper
+bound of what Model.run allocates (it does not count that a ReLU folded into a conv writes no
+output of its own).
 """
 
 from __future__ import annotations
@@ -54,11 +56,20 @@ def peak_bytes(spec: Spec, n: int, h: int, w: int, outputs: list[str]) -> int:
             last_read[src] = i
     live: set[str | None] = {None}
     peak = size[None] + n * h * w * spec.channels  # a uint8 batch and its float32 copy
+    for layer, (ho, wo, k) in zip(spec.layers, shapes, strict=False):
+        size[layer.name] = n * ho * wo * k * FLOAT
+    # the concats each layer is the first input of: their output is allocated with it
+    opens: dict[int, list[str]] = {}
+    index = {name: i for i, name in enumerate(names)}
+    for i, ins in enumerate(inputs):
+        if getattr(spec.layers[i], "type", None) == "concat":
+            first = min((index[s] for s in ins if s is not None), default=i)
+            opens.setdefault(first, []).append(spec.layers[i].name)
     for i, ins in enumerate(inputs):
         layer = spec.layers[i]
         ho, wo, k = shapes[i]
-        size[layer.name] = n * ho * wo * k * FLOAT
         hw[layer.name] = (ho, wo, k)
+        live.update(opens.get(i, ()))
         scratch = 0
         if layer.window is not None:
             win = layer.window

@@ -44,6 +44,7 @@ PATHS = {  # path -> the families it runs on
 }
 KERNELS = tuple(f"{path}-{family}" for path, families in PATHS.items() for family in families)
 DIRECT = "depthwise"  # the direct kernel of depthwise convs (C/groups == 1): no GEMM to choose
+GROUPED_DIRECT = "grouped-direct"  # grouped convs with few filters per group (ops.GROUPED_DIRECT_*)
 # Winograd's 16 GEMMs are too shallow to pay for its transforms below this many input channels.
 WINOGRAD_MIN_C = 32
 # Implicit GEMM computes rows of whole blocks: an output row must be at least the tallest block.

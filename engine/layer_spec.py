@@ -106,6 +106,18 @@ class Layer:
     lo: float | None = None
     hi: float | None = None
 
+    def sliding_window(self) -> Window:
+        """Return the window of a WINDOWED layer; ModelError for a type that has none."""
+        if self.window is None:
+            raise fail(f"{self.name}: a {self.type} layer has no window", self.name, "size")
+        return self.window
+
+    def weights_key(self) -> str:
+        """Return the weights array key of a WEIGHTED layer; ModelError for any other type."""
+        if self.weights is None:
+            raise fail(f"{self.name}: a {self.type} layer has no weights", self.name, "weights")
+        return self.weights
+
     def array_keys(self) -> dict[str, str]:
         """Return {field: array key} of the weight arrays this layer reads."""
         if self.type in WEIGHTED and self.weights is not None:

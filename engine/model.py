@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from . import backprop, footprint, layers, ops
-from ._grouped import convolve, pack, packed_nbytes
 from .errors import InputError, ModelError, ShapeError, WeightsError
 from .graph import IMAGE
+from .layer_spec import BATCHNORM_ARRAYS, Layer
 from .plan import Step, peak_bytes, plan
-from .spec import BATCHNORM_ARRAYS, Layer, Spec, load_spec, parse_spec, parse_spec_json
+from .spec import Spec, load_spec, parse_spec, parse_spec_json
 from .summary import summarize
 from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
@@ -23,9 +23,9 @@ STEP_MACS = 500_000_000
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
     """Return {field: shape} of the arrays a layer needs in OHWI, None where not yet known."""
-    win, k = layer.window, layer.filters
     if layer.type == "batchnorm":
         return dict.fromkeys(BATCHNORM_ARRAYS, (c,))
+    win, k = layer.sliding_window(), layer.filters
     if layer.type == "conv":
         return {"weights": (k, win.fh, win.fw, c // layer.groups), "bias": (k,)}
     hout, wout = out_hw
@@ -89,7 +89,8 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
             f"weights must be a mapping of name to array, got {type(arrays).__name__}",
             field="weights",
         )
-    sizes = spec.shapes(spec.height, spec.width) if spec.height is not None else None
+    size = spec.input_size
+    sizes = spec.shapes(*size) if size is not None else None
     needed = {}
     for layer in spec.layers:
         for field, key in layer.array_keys().items():
@@ -107,7 +108,8 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
         raise WeightsError(
             f"weights hold arrays no layer uses: {', '.join(extra[:10])}", field="weights"
         )
-    out, local_hw = {}, {}
+    out: dict[str, np.ndarray] = {}
+    local_hw: dict[str, tuple[int, int]] = {}
     for i, (layer, c) in enumerate(zip(spec.layers, spec.channels_in(), strict=True)):
         keys = layer.array_keys()
         if not keys:
@@ -115,13 +117,12 @@ def _check_arrays(spec: Spec, arrays) -> tuple[dict[str, np.ndarray], dict[str, 
         hw = (sizes[i][0], sizes[i][1]) if sizes else (None, None)
         shapes = _expected_shapes(layer, c, hw)
         if "weights" in keys:
-            out[layer.weights] = _check_array(
-                layer, "weights", arrays[layer.weights], shapes["weights"], spec.layout
-            )
+            key = keys["weights"]
+            out[key] = _check_array(layer, "weights", arrays[key], shapes["weights"], spec.layout)
         if layer.type == "local":
-            hw = out[layer.weights].shape[:2]
-            local_hw[layer.name] = hw
-            shapes["bias"] = (*hw, layer.filters)
+            hout, wout = out[keys["weights"]].shape[:2]
+            local_hw[layer.name] = (hout, wout)
+            shapes["bias"] = (hout, wout, layer.filters)
         for field, key in keys.items():
             if field != "weights":
                 out[key] = _check_array(layer, field, arrays[key], shapes[field], spec.layout)
@@ -146,13 +147,14 @@ class Model:
         self._arrays, self._local_hw = _check_arrays(spec, arrays)
         # Each conv's packed filters, made on its first run and reused by every later one.
         self._conv_weights = {
-            layer.name: pack(self._arrays[layer.weights], layer.groups)
+            layer.name: ops.ConvWeights(self._arrays[layer.weights_key()], groups=layer.groups)
             for layer in spec.layers
             if layer.type == "conv"
         }
         self._folds: dict[tuple[str, str], tuple] = {}
         self._kernels: dict[str, str] = {}  # conv layer -> kernel its last run used
         self._plans: dict[tuple, list[Step]] = {}
+        self._depth = spec.depths()
         self.fuse = True  # fold batchnorm/relu into the layer before where allowed (plan.py)
 
     @classmethod
@@ -251,7 +253,7 @@ class Model:
         """Return one row per layer (engine.summary.summarize) for h x w or the declared input."""
         if h is None or w is None:
             h, w = self._spec.height, self._spec.width
-        if h is not None:
+        if h is not None and w is not None:
             self.output_shapes(h, w)
         return summarize(self._spec, h, w, local_hw=self._local_hw, batch=batch)
 
@@ -304,7 +306,7 @@ class Model:
     def packed_bytes(self) -> int:
         """Bytes of the packed conv filters made so far by runs (beside the weights)."""
         packed = [*self._conv_weights.values(), *(p for p, _ in self._folds.values())]
-        return sum(packed_nbytes(p) for p in packed)
+        return sum(p.nbytes for p in packed)
 
     def prepare_fitting(self, images) -> np.ndarray:
         """Return prepare(images), or InputError when their height and width do not fit."""
@@ -339,6 +341,7 @@ class Model:
         x = self.prepare_fitting(images)
         steps = self._steps(wanted)
         values: dict[str, np.ndarray] = {IMAGE: x}
+        shapes = self.output_shapes(x.shape[1], x.shape[2]) if any(s.into for s in steps) else {}
         del x
         n, i = sum(len(step.layers) for step in steps), 0
         for step in steps:
@@ -346,12 +349,20 @@ class Model:
                 if on_layer is not None:
                     on_layer(i, n, layer.name)
                 i += 1
-            xs = [values[src] for src in step.head.inputs]
+            xs = [values[src] for src in step.inputs]
+            out = None
+            if step.into is not None:  # a slice of the concat's output, made by its first writer
+                cat, c0, c1 = step.into
+                if cat not in values:
+                    values[cat] = np.empty((len(xs[0]), *shapes[cat]), np.float32)
+                out = values[cat][..., c0:c1]
+            elif step.filled:
+                out = values[step.name]
             if on_step is None:
-                values[step.name] = self._apply(step, xs)
+                values[step.name] = self._apply(step, xs, out=out)
             else:
-                values[step.name] = self._apply_in_steps(step, xs, on_step=on_step)
-            del xs
+                values[step.name] = self._apply_in_steps(step, xs, on_step=on_step, out=out)
+            del xs, out
             for src in step.frees:
                 del values[src]
         return {name: values[name] for name in wanted}
@@ -360,7 +371,7 @@ class Model:
         key = (self.fuse, *wanted)
         steps = self._plans.get(key)
         if steps is None:
-            steps = plan(self._spec.layers, wanted, fuse=self.fuse)
+            steps = plan(self._spec.layers, wanted, fuse=self.fuse, depth=self._depth)
             if len(self._plans) < 64:
                 self._plans[key] = steps
         return steps
@@ -374,7 +385,9 @@ class Model:
         shapes = self.output_shapes(h, w) | {IMAGE: (h, w, self._spec.channels)}
         return peak_bytes(self._steps(self.resolve_outputs(outputs)), shapes, n)
 
-    def _apply_in_steps(self, step: Step, xs: list[np.ndarray], *, on_step: OnStep) -> np.ndarray:
+    def _apply_in_steps(
+        self, step: Step, xs: list[np.ndarray], *, on_step: OnStep, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run one step as _apply does, in parts of at most about STEP_MACS multiply-adds.
 
         Images are grouped while a group fits a part; an image too big for one part is computed
@@ -386,7 +399,7 @@ class Model:
         win = layer.window
         if win is None or len(xs) != 1 or step.in_place is not None:
             on_step()
-            return self._apply(step, xs)
+            return self._apply(step, xs, out=out)
         x = xs[0]
         n, h, w, c = x.shape
         hout, wout = win.out_hw(h, w)
@@ -395,8 +408,9 @@ class Model:
         per_image = max(1, hout * per_row)
         if n * per_image <= STEP_MACS:
             on_step()
-            return self._apply(step, xs)
-        out = np.empty((n, hout, wout, k), np.float32)
+            return self._apply(step, xs, out=out)
+        if out is None:
+            out = np.empty((n, hout, wout, k), np.float32)
         group = max(1, STEP_MACS // per_image)
         rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
         for a in range(0, n, group):
@@ -410,8 +424,7 @@ class Model:
     def _band(self, step: Step, x: np.ndarray, y0: int, y1: int) -> np.ndarray:
         """Return output rows [y0, y1) of a windowed step on x (all rows: the whole output)."""
         layer = step.head
-        win = layer.window
-        assert win is not None
+        win = layer.sliding_window()
         h = x.shape[1]
         lo = y0 * win.sh - win.top
         hi = (y1 - 1) * win.sh - win.top + win.dh * (win.fh - 1) + 1
@@ -433,15 +446,24 @@ class Model:
         *,
         pad: tuple[int, int, int, int] | None = None,
         rows: tuple[int, int] | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run one step (a layer and what is fused into it) through the fast path.
 
-        pad and rows: for a band of output rows (_band) of a windowed layer.
+        xs holds the values of step.inputs. pad and rows: for a band of output rows (_band) of a
+        windowed layer. out: where the result goes (step.into's slice of a concat's output, or
+        the concat's output itself); a step that cannot write there is copied in.
         """
+        if out is not None and step.head.type == "concat":
+            return self._fill_concat(step, xs, out)
+        if out is not None and (step.head.type != "conv" or rows is not None):
+            out[...] = self._apply(step, xs, pad=pad, rows=rows)
+            return out
         layer, x = step.head, xs[0]
-        relu = step.fused("relu") is not None
+        add = step.fused("add")
+        relu = step.fused("relu") is not None or (add is not None and add.relu)
         kind = layer.type
-        if step.in_place is not None:
+        if step.in_place is not None and kind != "conv":
             return self._in_place(step, xs, relu)
         if kind in _SIMPLE:
             return _SIMPLE[kind](x)
@@ -456,7 +478,7 @@ class Model:
             return layers.lrn(x, layer.size or 1, layer.alpha, layer.beta, layer.lrn_bias)
         if kind == "clip":
             return layers.clip(x, layer.lo, layer.hi)
-        win = layer.window
+        win = layer.sliding_window()
         stride, dilation = (win.sh, win.sw), (win.dh, win.dw)
         pad = win.pad if pad is None else pad
         size = (win.fh, win.fw)
@@ -475,12 +497,49 @@ class Model:
             self._kernels[layer.name] = ops.conv_kernel(
                 x.shape, packed, stride, pad, dilation, layer=layer.name
             )
-            return convolve(x, packed, bias, stride, pad, dilation, relu, layer.groups)
-        weights = self._arrays[layer.weights]
+            if add is not None:
+                out = self._residual(step, xs[len(layer.inputs) :])
+            return ops.conv2d(
+                x,
+                packed,
+                bias,
+                stride,
+                pad,
+                dilation,
+                relu=relu,
+                groups=layer.groups,
+                out=out,
+                accumulate=add is not None,
+            )
+        weights = self._arrays[layer.weights_key()]
         if rows is not None:  # a local layer's weights and bias are per output position
             weights = weights[rows[0] : rows[1]]
             bias = None if bias is None else bias[rows[0] : rows[1]]
         return ops.local2d(x, weights, bias, stride, pad, dilation, relu=relu)
+
+    def _residual(self, step: Step, rs: list[np.ndarray]) -> np.ndarray:
+        """Return the sum of a fused add's residuals rs (step.residuals' values) as the array the
+        conv adds itself to: the in-place one when nothing later reads it, else a new one."""
+        names = step.residuals
+        if step.in_place is not None:
+            i = names.index(step.in_place)
+            rs = [rs[i], *rs[:i], *rs[i + 1 :]]
+            acc = rs[0]
+        else:
+            acc = rs[0].copy()
+        for r in rs[1:]:
+            acc += r
+        return acc
+
+    def _fill_concat(self, step: Step, xs: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+        """Copy into out, a concat's output, the inputs not already written into their slice."""
+        c0 = 0
+        for src, x in zip(step.head.inputs, xs, strict=True):
+            c1 = c0 + x.shape[3]
+            if src not in step.filled:
+                out[..., c0:c1] = x
+            c0 = c1
+        return out
 
     def _in_place(self, step: Step, xs: list[np.ndarray], relu: bool) -> np.ndarray:
         """Run an elementwise step writing over its input step.in_place (nothing reads it later)."""
@@ -506,10 +565,10 @@ class Model:
             a = self._arrays
             s, t, m, v = (a[k] for k in bn.arrays)
             scale, shift = layers.batchnorm_affine(s, t, m, v, eps=bn.eps)
-            w = a[conv.weights].astype(np.float64) * scale[:, None, None, None]
+            w = a[conv.weights_key()].astype(np.float64) * scale[:, None, None, None]
             b = a[conv.bias].astype(np.float64) if conv.bias is not None else 0.0
             bias = (b * scale + shift).astype(np.float32)
-            self._folds[key] = (pack(w.astype(np.float32), conv.groups), bias)
+            self._folds[key] = (ops.ConvWeights(w.astype(np.float32), groups=conv.groups), bias)
         return self._folds[key]
 
     def gradients(self, images, target, wrt=("input",)) -> dict[str, np.ndarray]:

@@ -12,6 +12,11 @@ import numpy as np
 
 from .errors import ModelError
 
+BATCH = np.int64(-(2**62) + 12345)
+"""What Shape of an activation gives for its batch dimension (the batch is not known at
+import): a value no real dimension has, which Gather, Concat and the like carry along, and a
+Reshape target takes as "keep the batch" (0). Arithmetic on it is refused."""
+
 
 def fail(message: str, layer: str | None = None, field: str | None = None) -> ModelError:
     return ModelError(message, layer=layer, field=field)
@@ -96,3 +101,16 @@ def array(tensor) -> np.ndarray:
         return onnx.numpy_helper.to_array(tensor)
     except (ValueError, TypeError, KeyError) as err:
         raise fail(f"tensor {tensor.name!r} is unreadable: {err}", field="weights") from None
+
+
+def constant(node) -> np.ndarray:
+    """Return the value of a Constant node."""
+    import onnx
+
+    a = {attr.name: attr for attr in node.attribute}
+    if "value" in a:
+        return array(a["value"].t)
+    for key in ("value_float", "value_floats", "value_int", "value_ints"):
+        if key in a:
+            return np.asarray(onnx.helper.get_attribute_value(a[key]))
+    raise fail(f"Constant node {node.name!r}: unsupported value kind {sorted(a)}")

@@ -19,14 +19,17 @@ import numpy as np
 
 from . import onnx_layers as ol
 from . import onnx_windows as ow
-from .onnx_graph import Graph, Value, array, fail
+from .onnx_graph import BATCH, Graph, Value, array, attrs, constant, fail
+from .onnx_patterns import restore_lrn
 
 MAX_ONNX_BYTES = 1 << 30
 """Largest .onnx accepted (bytes)."""
 SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip, Concat, Constant, Conv (any group), Dropout, "
-    "Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, Identity, LRN, MatMul, MaxPool, "
-    "Pad (constant), Relu, Reshape (to N x -1), Sigmoid, Softmax (channels), Sum, Tanh"
+    "Flatten, Gather (channels), Gemm, GlobalAveragePool, GlobalMaxPool, Identity, LRN "
+    "(or PyTorch's decomposition of it), MatMul, MaxPool, Mul (by a constant after a conv), "
+    "Pad (constant), ReduceMax (over H and W), ReduceMean (over H and W), Relu, Reshape (to "
+    "N x -1), Shape, Sigmoid, Softmax (channels), Sum, Tanh, Unsqueeze (after Gather)"
 )
 _OPS = frozenset(op.split(" ")[0] for op in SUPPORTED.split(", "))
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -113,23 +116,31 @@ def _input(graph, consts) -> Value:
     return Value("image", dims[1], h, w)
 
 
-def _constant(node) -> np.ndarray:
-    import onnx
+_MOVES_BATCH = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Identity")
 
-    a = {attr.name: attr for attr in node.attribute}
-    if "value" in a:
-        return array(a["value"].t)
-    for key in ("value_float", "value_floats", "value_int", "value_ints"):
-        if key in a:
-            return np.asarray(onnx.helper.get_attribute_value(a[key]))
-    raise fail(f"Constant node {node.name!r}: unsupported value kind {sorted(a)}")
+
+def _shape(g: Graph, node, consts: dict) -> None:
+    """Shape of an activation: (BATCH, C, H, W), or (BATCH, C) after Flatten or Gemm."""
+    v = g.values[node.input[0]]
+    if v.h is None or v.w is None:
+        raise fail(
+            f"Shape node {node.name!r} reads an activation of symbolic height or width; "
+            "export the model with a fixed input height and width",
+            field="input",
+        )
+    dims = [BATCH, v.c * v.h * v.w] if v.flat else [BATCH, v.c, v.h, v.w][: v.rank]
+    a = {attr.name: attr.i for attr in node.attribute}
+    consts[node.output[0]] = np.array(dims, np.int64)[a.get("start", 0) : a.get("end", None)]
 
 
 def _node(g: Graph, node, consts: dict, opset: int) -> None:
     """Translate one node, or fold it away."""
     op, ins = node.op_type, list(node.input)
     if op == "Constant":
-        consts[node.output[0]] = _constant(node)
+        consts[node.output[0]] = constant(node)
+        return
+    if op == "Shape" and ins and ins[0] in g.values:
+        _shape(g, node, consts)
         return
     if op in ("Identity", "Dropout") and ins and ins[0] in consts:
         consts[node.output[0]] = consts[ins[0]]
@@ -146,8 +157,8 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         raise fail(
             f"unsupported op {op} (node {node.name!r}); convq imports {SUPPORTED}", field="op"
         )
-    if op == "Add" and len(ins) == 2 and ins[0] in consts and ins[1] in g.values:
-        ins.reverse()  # Add(bias, x) adds the same
+    if op in ("Add", "Mul") and len(ins) == 2 and ins[0] in consts and ins[1] in g.values:
+        ins.reverse()  # Add(bias, x) adds the same, Mul(s, x) scales the same
     if op in ("Add", "Sum", "Concat") and all(i in g.values for i in ins):
         vs = [g.values[i] for i in ins]
         if len(vs) == 1:
@@ -172,6 +183,8 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
             "Conv, MaxPool or AveragePool",
             field="op",
         )
+    if v.rank == 3 and op != "Unsqueeze":
+        raise fail(f"{op} node {node.name!r} reads a Gather of one channel; only Unsqueeze may")
     if v.flat and op not in (
         "Gemm",
         "MatMul",
@@ -189,6 +202,9 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         ow.pool(g, node, v)
     elif op in ("GlobalAveragePool", "GlobalMaxPool"):
         ol.global_pool(g, node, v)
+    elif op in ("ReduceMean", "ReduceMax"):
+        axes = consts[ins[1]] if len(ins) > 1 and ins[1] else None
+        ol.reduce_spatial(g, node, v, axes)
     elif op in ("Relu", "Sigmoid", "Tanh", "Clip"):
         ol.elementwise(g, node, v, ins, consts, opset)
     elif op in ("Flatten", "Reshape"):
@@ -199,6 +215,13 @@ def _node(g: Graph, node, consts: dict, opset: int) -> None:
         ol.dense(g, node, v, consts[ins[1]], None)
     elif op == "Add":
         ol.add_bias(g, node, v, consts[ins[1]])
+    elif op == "Mul":
+        ol.scale(g, node, v, consts[ins[1]])
+    elif op == "Gather":
+        ol.gather_channels(g, node, v, consts[ins[1]])
+    elif op == "Unsqueeze":
+        axes = consts[ins[1]] if len(ins) > 1 and ins[1] else attrs(node).get("axes", [])
+        ol.unsqueeze(g, node, v, axes)
     elif op == "BatchNormalization":
         ol.batchnorm(g, node, v, ins, consts)
     elif op == "LRN":
@@ -224,6 +247,14 @@ def _fold(node, ins: list[str], consts: dict) -> None:
     from onnx.reference import ReferenceEvaluator
 
     values = [consts[i] for i in ins if i]
+    if node.op_type not in _MOVES_BATCH and any(
+        np.asarray(v).dtype == np.int64 and (np.asarray(v) == BATCH).any() for v in values
+    ):
+        raise fail(
+            f"{node.op_type} node {node.name!r} computes with the batch size, which convq does "
+            "not know at import; export with a flatten to (N, -1) such as torch.flatten(x, 1)",
+            field="op",
+        )
     if sum(np.asarray(v).size for v in values) > MAX_FOLD_ELEMENTS:
         raise fail(
             f"{node.op_type} node {node.name!r} computes on constants larger than "
@@ -287,7 +318,7 @@ def convert_graph(
     outputs = [o.name for o in graph.output]
     if len(outputs) != 1:
         raise fail(f"the graph must have one output, it has {outputs}", field="outputs")
-    nodes = _needed(graph.node, outputs[0])
+    nodes = _needed(restore_lrn(list(graph.node), consts), outputs[0])
     g = Graph(layer_names(nodes))
     g.values[_image_name(graph, consts)] = image
     opset = _opset(model)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .onnx_graph import Graph, Value, attrs, fail, sized
+from .onnx_graph import BATCH, Graph, Value, attrs, fail, sized
 
 
 def dense(graph: Graph, node, v: Value, weight: np.ndarray, bias) -> Value:
@@ -90,7 +90,9 @@ def flatten(graph: Graph, node, v: Value, consts, ins) -> Value:
         if attrs(node).get("axis", 1) != 1:
             raise fail(f"Flatten node {node.name!r}: only axis=1 is supported", field="axis")
     else:
-        shape = [int(s) for s in consts[ins[1]].reshape(-1)]
+        target = np.asarray(consts[ins[1]]).reshape(-1)
+        # Shape(x)[0] (the batch, unknown at import) in the first place keeps the batch
+        shape = [0 if i == 0 and s == BATCH else int(s) for i, s in enumerate(target)]
         total = v.c * v.h * v.w if v.h is not None and v.w is not None else None
         if len(shape) != 2 or shape[1] not in (-1, total) or shape[0] not in (-1, 0, 1):
             raise fail(f"Reshape node {node.name!r}: only a flatten to (N, -1) is supported")
@@ -105,7 +107,7 @@ def global_pool(graph: Graph, node, v: Value) -> Value:
     With a fixed H x W it is a pool whose window is the whole extent (the same sums); with a
     symbolic one, a globalavgpool / globalmaxpool layer that takes any size.
     """
-    average = node.op_type == "GlobalAveragePool"
+    average = node.op_type in ("GlobalAveragePool", "ReduceMean")
     name = graph.name(node)
     layer: dict
     if v.h is None or v.w is None:
@@ -218,3 +220,90 @@ def merge(graph: Graph, node, vs: list[Value], opset: int) -> Value:
         raise fail(f"{op} node {node.name!r}: inputs differ in shape {shapes} (no broadcasting)")
     out = replace(vs[0], nonneg=all(v.nonneg for v in vs))
     return graph.add(node, {"name": graph.name(node), "type": "add"}, vs, out)
+
+
+def gather_channels(graph: Graph, node, v: Value, index: np.ndarray) -> Value:
+    """Gather along channels (x[:, i] or x[:, [i, j]]) as a 1x1 conv of one-hot filters.
+
+    A scalar index drops the channel axis (rank 3) until an Unsqueeze puts it back, as
+    torchvision's GoogLeNet and Inception-v3 do with transform_input.
+    """
+    axis = int(attrs(node).get("axis", 0))
+    if v.flat or v.pad is not None or v.rank != 4 or (axis + 4 if axis < 0 else axis) != 1:
+        raise fail(
+            f"Gather node {node.name!r}: only picking channels (axis 1) of an (N, C, H, W) map "
+            "is supported",
+            field="axis",
+        )
+    picks = np.asarray(index).reshape(-1).astype(np.int64)
+    if np.asarray(index).ndim > 1 or not ((-v.c <= picks) & (picks < v.c)).all():
+        raise fail(f"Gather node {node.name!r}: indices {index.tolist()} are not channels of {v.c}")
+    name = graph.name(node)
+    k = len(picks)
+    w = np.zeros((k, 1, 1, v.c), np.float32)
+    w[np.arange(k), 0, 0, picks % v.c] = 1.0
+    graph.arrays[f"{name}.w"] = w
+    layer = {"name": name, "type": "conv", "filters": k, "size": [1, 1], "bias": None}
+    rank = 3 if np.asarray(index).ndim == 0 else 4
+    out = graph.add(node, layer, [v], Value(name, k, v.h, v.w, nonneg=v.nonneg, rank=rank))
+    graph.bias_owner[name] = node.output[0]
+    return out
+
+
+def unsqueeze(graph: Graph, node, v: Value, axes) -> Value:
+    """Unsqueeze(axes=[1]) of a channel Gather's (N, H, W): the (N, 1, H, W) map again."""
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if v.rank != 3 or axes not in ([1], [-3]):
+        raise fail(
+            f"Unsqueeze node {node.name!r}: only restoring the channel axis a Gather of one "
+            "channel removed is supported",
+            field="axes",
+        )
+    out = replace(v, rank=4)
+    graph.values[node.output[0]] = out
+    return out
+
+
+def scale(graph: Graph, node, v: Value, value: np.ndarray) -> Value:
+    """Fold Mul(x, constant) into the weights (and bias) of the conv or fc layer that made x."""
+    last = next((layer for layer in graph.layers if layer["name"] == v.layer), {})
+    k = int(last.get("filters") or 0)
+    owner = graph.bias_owner.get(v.layer) is not None and not v.flat and v.pad is None
+    shape = tuple(value.shape)
+    squeezed = tuple(d for d in shape if d != 1) or (1,)
+    fc = (v.h, v.w) == (1, 1)
+    per_channel = squeezed in ((k,), (1,)) and (fc or len(shape) >= 3 or value.size == 1)
+    if last.get("type") != "conv" or not owner or not per_channel:
+        raise fail(
+            f"Mul node {node.name!r}: only a per-channel constant scale straight after Conv, "
+            "Gemm, MatMul or a channel Gather is supported",
+            field="op",
+        )
+    factor = np.broadcast_to(value.reshape(-1).astype(np.float64), (k,))
+    w = f"{last['name']}.w"
+    graph.arrays[w] = (graph.arrays[w] * factor[:, None, None, None]).astype(np.float32)
+    if last.get("bias") is not None:
+        b = last["bias"]
+        graph.arrays[b] = (graph.arrays[b] * factor).astype(np.float32)
+    graph.values[node.output[0]] = v
+    graph.tensors[v.layer] = node.output[0]
+    return v
+
+
+def reduce_spatial(graph: Graph, node, v: Value, axes) -> Value:
+    """ReduceMean / ReduceMax over height and width (the dynamo exporter's adaptive pool to 1):
+    a global pool; without keepdims the (N, C) result a Gemm may read."""
+    a = attrs(node)
+    axes = a.get("axes", axes)
+    picked = sorted(int(x) % 4 for x in np.asarray(axes if axes is not None else []).reshape(-1))
+    if v.flat or v.rank != 4 or picked != [2, 3] or a.get("noop_with_empty_axes", 0):
+        raise fail(
+            f"{node.op_type} node {node.name!r}: only a reduction over height and width (axes "
+            f"2 and 3) of an (N, C, H, W) map is supported, got axes {picked}",
+            field="axes",
+        )
+    out = global_pool(graph, node, v)
+    if not a.get("keepdims", 1):
+        out = replace(out, rank=2)
+        graph.values[node.output[0]] = out
+    return out

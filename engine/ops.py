@@ -37,7 +37,7 @@ from .errors import InputError, ShapeError
 from .geometry import Window
 
 with _cache.versioned():  # the kernels find (and save) their compiled code by source version
-    from . import _conv, _gemm, _pool, _winograd
+    from . import _conv, _gemm, _grouped_kernel, _pool, _winograd
 
 # Rows of im2col packed per tile: tile_bytes / (Kc * 4), so a tile's columns stay in L2 whatever
 # Kc is; measured in bench/engine.py (see bench/README.md).
@@ -46,6 +46,12 @@ MIN_TILE_ROWS = 16
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
 assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
+# Grouped convs with at most this many filters per group, in at least this many groups (the
+# kernel's vector lanes), run engine._grouped_kernel's direct kernel instead of one GEMM per
+# group (KG of a 48-lane block). Measured at N=8, 3x3 (direct / per-group GEMM): 32 groups of
+# 4 channels 0.32, of 8 0.35; 64 of 4 0.18; but 16 of 16 2.2, 8 of 16 2.75, 4 of 16 5.2.
+GROUPED_DIRECT_MAX_KG = 8
+GROUPED_DIRECT_MIN_GROUPS = 16
 # Thin inputs (C <= this) whose filter count fills few micro-kernel lanes (K=32 of a 48-lane
 # block) run two adjacent output pixels per GEMM row instead: 2K lanes over a window one pixel
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
@@ -117,6 +123,7 @@ class ConvWeights:
         self._gemm: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # by GEMM family
         self._winograd: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._wide: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._grouped: tuple[np.ndarray, np.ndarray] | None = None
 
     def _matrix(self) -> np.ndarray:
         k = self.w.shape[0]
@@ -145,6 +152,7 @@ class ConvWeights:
         parts += [a for packed in (*self._gemm.values(), *self._winograd.values()) for a in packed]
         parts += [a for packed in self._wide.values() for a in packed]
         parts.append(self._depthwise)
+        parts.append(self._grouped[0] if self._grouped is not None else None)
         groups = sum(part.nbytes for part in self._parts or ())
         return groups + sum(p.nbytes for p in parts if p is not None)
 
@@ -163,6 +171,18 @@ class ConvWeights:
             taps = np.ascontiguousarray(per_channel.transpose(2, 3, 1, 0))
             self._depthwise = _args.read_only(taps)
         return self._depthwise
+
+    def grouped_taps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (wp (FH, FW, CG, KG, G), bias index (KG, G)) for the grouped direct kernel:
+        filter g*KG + kj's taps at wp[..., kj, g] (engine._grouped_kernel)."""
+        if self._grouped is None:
+            k, fh, fw, cg = self.w.shape
+            ng = self.groups
+            kg = k // ng
+            wp = self.w.reshape(ng, kg, fh, fw, cg).transpose(2, 3, 4, 1, 0)
+            order = np.arange(k).reshape(ng, kg).T  # [kj, g] -> filter g*KG + kj
+            self._grouped = (_args.read_only(np.ascontiguousarray(wp)), order)
+        return self._grouped
 
     def pixels_per_row(self, fw: int, family: str = "avx512") -> int:
         """Return 2 if a stride-1 row of FW-wide windows should compute two pixels, else 1."""
@@ -211,13 +231,19 @@ def _groups(groups, k: int) -> int:
     return int(groups)
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> np.ndarray:
+def conv2d(
+    x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1, out=None, accumulate=False
+) -> np.ndarray:
     """Convolve x (N, H, W, C) with w (K, FH, FW, C/groups) plus b (K,); return (N, Hout, Wout, K).
 
     Matches conv2d_reference. With relu=True the ReLU is applied in the same pass. w may be a
     ConvWeights, whose packed forms (and groups, and b when b is None) are then used. groups
     splits channels and filters into that many independent convs (PyTorch's groups); with
     C/groups == 1 (depthwise) a direct kernel runs, otherwise the GEMM paths run per group.
+    out: write the result there and return it, (N, Hout, Wout, K) float32 whose channels are
+    contiguous (a channel slice of a wider NHWC buffer, such as a concat's, is fine). With
+    accumulate=True the result is added to what out holds before the ReLU (a residual add
+    fused into the store where the kernel path allows, else one extra pass).
     """
     x = _args.input_array(x)
     if isinstance(w, ConvWeights):
@@ -249,11 +275,18 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> n
     win = Window.make([fh, fw], stride, pad, dilation)
     n, h, w_in, c = x.shape
     hout, wout = win.out_hw(h, w_in)
-    out = np.empty((n, hout, wout, k), np.float32)
+    if out is None:
+        if accumulate:
+            raise InputError("accumulate=True needs out= holding what to add to", field="out")
+        out = np.empty((n, hout, wout, k), np.float32)
+    else:
+        _check_out(out, (n, hout, wout, k))
     if out.size == 0:
         return out
     if ng == 1:
-        _dense_conv(x, cw, bias, out, win, bool(relu))
+        _dense_conv(x, cw, bias, out, win, bool(relu), bool(accumulate))
+    elif accumulate or not out.flags.c_contiguous:
+        _via_temp(x, cw, bias, out, win, bool(relu), bool(accumulate))
     elif cg == 1:
         _threads.enter(out.size * fh * fw)
         _conv.conv_depthwise(
@@ -274,14 +307,78 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False, groups=1) -> n
     return out
 
 
-def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
-    """Run each group's conv through the GEMM paths into its channel slice of out.
+def _check_out(out, shape: tuple) -> None:
+    """Raise InputError unless out can take a conv result of shape in place (see conv2d)."""
+    ok = (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float32
+        and out.shape == shape
+        and out.flags.writeable
+    )
+    if ok and out.size:
+        st = out.strides  # channels contiguous, and pixels, rows and images evenly spaced
+        ok = st[3] == 4 and st[1] == st[2] * shape[2] and st[0] == st[1] * shape[1]
+        ok = ok and st[2] >= 4 * shape[3]
+    if not ok:
+        raise InputError(
+            f"out must be a writeable float32 array of shape {shape} with contiguous channels",
+            field="out",
+        )
 
-    Each group's channels are copied out once (the kernels read contiguous NHWC), so the whole
-    input is copied once in all; each group's result is copied into out's slice.
+
+def _rows(out: np.ndarray) -> np.ndarray:
+    """Return out (N, Hout, Wout, K) viewed as (N*Hout*Wout, K) rows, never a copy."""
+    view = out.view()
+    view.shape = (-1, out.shape[3])
+    return view
+
+
+def _via_temp(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc: bool) -> None:
+    """Run the conv into a new array, then store (or add) it into out: for paths whose kernels
+    write only a whole contiguous output (one extra pass over it)."""
+    tmp = np.empty(out.shape, np.float32)
+    if cw.groups == 1:
+        _dense_conv(x, cw, bias, tmp, win, relu and not acc)
+    else:
+        tmp = conv2d(x, cw, bias, (win.sh, win.sw), win.pad, (win.dh, win.dw), relu and not acc)
+    if not acc:
+        out[...] = tmp
+        return
+    out += tmp
+    if relu:
+        np.maximum(out, np.float32(0), out=out)
+
+
+def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
+    """Run a grouped conv into out: few filters per group through the direct kernel, else
+    each group's conv through the GEMM paths into its channel slice of out.
+
+    Direct: the input is copied once with its channels regrouped (see engine._grouped_kernel).
+    Per group: each group's channels are copied out once (the kernels read contiguous NHWC), so
+    the whole input is copied once in all; each group's result is copied into out's slice.
     """
     cg = cw.w.shape[3]
     kg = cw.w.shape[0] // cw.groups
+    if kg <= GROUPED_DIRECT_MAX_KG and cw.groups >= GROUPED_DIRECT_MIN_GROUPS:
+        n, h, w = x.shape[:3]
+        xp = x.reshape(n, h, w, cw.groups, cg).transpose(0, 1, 2, 4, 3)
+        xp = _args.read_only(np.ascontiguousarray(xp))
+        wp, order = cw.grouped_taps()
+        _threads.enter(out.size * win.fh * win.fw * cg)
+        _grouped_kernel.grouped_direct(
+            xp,
+            wp,
+            _args.read_only(np.ascontiguousarray(bias[order])),
+            out,
+            win.sh,
+            win.sw,
+            win.dh,
+            win.dw,
+            win.top,
+            win.left,
+            relu,
+        )
+        return
     part_out = np.empty(out.shape[:3] + (kg,), np.float32)
     for g, part in enumerate(cw.group_parts()):
         xg = _args.read_only(np.ascontiguousarray(x[..., g * cg : (g + 1) * cg]))
@@ -289,14 +386,22 @@ def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> Non
         out[..., g * kg : (g + 1) * kg] = part_out
 
 
-def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> None:
-    """Run an ungrouped conv into out (N, Hout, Wout, K) by the kernel chosen for its shape."""
+def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=False) -> None:
+    """Run an ungrouped conv into out (N, Hout, Wout, K) by the kernel chosen for its shape.
+
+    out may be a channel slice of a wider buffer and acc add to it (see conv2d): the micro-kernel
+    families store that way themselves; BLAS's, and the implicit GEMM's with acc (it recomputes
+    a row's last few outputs), go through _via_temp.
+    """
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
-    nthreads = _threads.enter(n * hout * wout * k * fh * fw * c)
     name = kernels.choose(_shape(cw.w.shape, win, wout), _threads.max_threads())
     path, family = kernels.split(name)
-    _RUN[path](x, cw, bias, out, win, nthreads, relu, family)
+    if (acc or not out.flags.c_contiguous) and (family == "blas" or (acc and path == "implicit")):
+        _via_temp(x, cw, bias, out, win, relu, acc)
+        return
+    nthreads = _threads.enter(n * hout * wout * k * fh * fw * c)
+    _RUN[path](x, cw, bias, out, win, nthreads, relu, family, acc)
 
 
 def _shape(w_shape: tuple[int, ...], win: Window, wout: int) -> kernels.ConvShape:
@@ -312,34 +417,40 @@ def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -
     w_shape = tuple(getattr(w, "shape", w))
     if w_shape[3] == 1 and groups > 1:
         return kernels.DIRECT
+    if groups >= GROUPED_DIRECT_MIN_GROUPS and w_shape[0] // groups <= GROUPED_DIRECT_MAX_KG:
+        return kernels.GROUPED_DIRECT
     win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
     wout = win.out_hw(x_shape[1], x_shape[2])[1]
     part = (w_shape[0] // groups, *w_shape[1:])
     return kernels.choose(_shape(part, win, wout), _threads.max_threads(), layer)
 
 
-def _pointwise(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family) -> None:
+def _pointwise(
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family, acc=False
+) -> None:
     """Run a 1x1 stride-1 unpadded conv as one GEMM on the pixels: out2d (M, K)."""
     n, hout, wout, k = out.shape
     c = x.shape[3]
     m = n * hout * wout
     tile = _tile_rows(hout * wout, c)
-    x2d, out2d = x.reshape(m, c), out.reshape(m, k)
+    x2d, out2d = x.reshape(m, c), _rows(out)
     if family == "blas":
         _conv.conv_pointwise(x2d, cw.wmat(), bias, out2d, hout * wout, nthreads, tile, relu)
         return
     cols = _columns(nthreads, tile, c)
     blocks, table = cw.gemm_blocks(family)
     _conv.conv_pointwise_mk(
-        x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter()
+        x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc
     )
 
 
-def _im2col(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family) -> None:
+def _im2col(
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family, acc=False
+) -> None:
     """Run a conv as im2col tiles packed per thread, each multiplied (any window)."""
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
-    out2d = out.reshape(n * hout * wout, k)
+    out2d = _rows(out)
     geometry = (hout, wout, fh, fw, win.sh, win.sw, win.dh, win.dw, win.top, win.left)
     width = fh * fw * c
     tile = _tile_rows(hout * wout, width)
@@ -348,16 +459,20 @@ def _im2col(x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, fam
         _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, relu)
         return
     blocks, table = cw.gemm_blocks(family)
-    _conv.conv_im2col_mk(x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter())
+    _conv.conv_im2col_mk(
+        x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc
+    )
 
 
 def _implicit_conv(
-    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family="avx512"
+    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu, family="avx512", acc=False
 ) -> None:
-    """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out (N, Hout, Wout, K)."""
+    """Run a conv as implicit GEMM (engine._conv.conv_implicit_mk) into out (N, Hout, Wout, K);
+    out may be a channel slice of a wider buffer, never accumulated into (see _dense_conv)."""
+    assert not acc, "the implicit GEMM recomputes rows: accumulate through _via_temp"
     n, h, w, c = x.shape
     hout, wout, k = out.shape[1:]
-    out2d = out.reshape(n * hout * wout, k)
+    out2d = _rows(out)
     xp = x
     if win.pad != (0, 0, 0, 0):
         xp = np.zeros((n, h + win.top + win.bottom, w + win.left + win.right, c), np.float32)
@@ -367,7 +482,9 @@ def _implicit_conv(
     # A two-pixel row also multiplies its neighbours' extra columns by zero: exact for finite
     # inputs (the same FMA chain plus zeros), but 0 * inf would be NaN where the plain path
     # gives a number, so non-finite inputs keep the plain path (a cheap pass: C is small).
-    if g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH and np.isfinite(x).all():
+    # (two pixels per row need out2d's rows contiguous: a concat's slice takes one per row)
+    wide = g > 1 and wout % g == 0 and wout // g >= IMPLICIT_MIN_WIDTH
+    if wide and out2d.flags.c_contiguous and np.isfinite(x).all():
         blocks, table, cols = cw.wide_blocks(g, win.sw, family)
         offs = _window_offsets(win.fh, win.fw + (g - 1) * win.sw, c, win.dh, 1, xp.shape[2])
         _conv.conv_implicit_mk(
@@ -403,7 +520,15 @@ def _window_offsets(fh: int, fw: int, c: int, dh: int, dw: int, row: int) -> np.
 
 
 def _winograd_conv(
-    x, cw: ConvWeights, bias, out, win: Window, nthreads: int, relu: bool, family="avx512"
+    x,
+    cw: ConvWeights,
+    bias,
+    out,
+    win: Window,
+    nthreads: int,
+    relu: bool,
+    family="avx512",
+    acc=False,
 ) -> None:
     """Run a 3x3 stride-1 conv through engine._winograd into out (N, Hout, Wout, K)."""
     k, c = cw.w.shape[0], cw.w.shape[3]
@@ -434,6 +559,7 @@ def _winograd_conv(
         _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads),
         relu,
         _counter(),
+        acc,
     )
 
 
@@ -560,22 +686,30 @@ def warmup(tune: bool = True) -> None:
     x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
     w3 = np.ones((2, 3, 3, 2), np.float32)
     wide = rng.standard_normal((1, 3, 14, 2)).astype(np.float32)
-    for family in ("avx512", "blas"):  # every path whatever the choices say; the micro-kernel
-        # families share their compiled code (a block's width picks its kernel at run time)
-        with kernels.forced([f"pointwise-{family}", f"im2col-{family}"]):
-            conv2d(x, w3, stride=2, pad=1, relu=True)
-            conv2d(x, np.ones((2, 1, 1, 2), np.float32))
-    with kernels.forced(["winograd-avx512"]):
-        conv2d(x, w3, pad=1, relu=True)
-    with kernels.forced(["implicit-avx512"]):
-        conv2d(wide, w3, relu=True)
+    # Every path whatever the choices say (the micro-kernel families share their compiled code:
+    # a block's width picks its kernel at run time), each twice: into a new array, and into a
+    # channel slice of a wider one (a concat's output), which Numba types differently.
+    for sliced in (False, True):
+        slot = (lambda *shape: np.empty((*shape, 4), np.float32)[..., :2]) if sliced else None
+        for family in ("avx512", "blas"):
+            with kernels.forced([f"pointwise-{family}", f"im2col-{family}"]):
+                conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
+                conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
+        with kernels.forced(["winograd-avx512"]):
+            conv2d(x, w3, pad=1, relu=True, out=slot and slot(1, 5, 5))
+        with kernels.forced(["implicit-avx512"]):
+            conv2d(wide, w3, relu=True, out=slot and slot(1, 1, 12))
     conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
     conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
+    conv2d(np.ones((1, 3, 3, 32), np.float32), np.ones((32, 1, 1, 2), np.float32), groups=16)
     local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
     max_pool2d(x, 3, 2)
     avg_pool2d(x, 3, 2)
     relu(x)
     preprocess(np.zeros((1, 2, 2, 3), np.uint8), 1.0, 0.0, 1.0)
+    from . import lean_ops  # the kernels that shrink a job's results (worker.contract.lean)
+
+    lean_ops.warmup()
     if tune:
         from . import tuning
 

@@ -14,19 +14,7 @@ from . import graph, sizing
 from .errors import ModelError
 from .files import read_capped
 from .geometry import FITS
-from .layer_spec import (  # noqa: F401  (re-exported: engine.spec is where callers look)
-    BATCHNORM_ARRAYS,
-    LAYER_KEYS,
-    LAYER_TYPES,
-    MAX_DIM,
-    WEIGHTED,
-    WINDOWED,
-    Layer,
-    check_int,
-    check_name,
-    fail,
-    parse_layer,
-)
+from .layer_spec import Layer, check_int, check_name, fail, parse_layer
 
 LAYOUTS = ("OHWI", "OIHW")
 MODEL_KEYS = {"name", "input", "preprocess", "fit", "layout", "layers", "labels"}
@@ -89,6 +77,13 @@ class Spec:
             else depth[layer.inputs[0]]
             for layer in self.layers
         ]
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(H, W) the spec declares, or None when it leaves the input size open."""
+        if self.height is None or self.width is None:
+            return None
+        return self.height, self.width
 
     def shapes(self, h: int, w: int) -> list[tuple[int, int, int]]:
         """Return each layer's (Hout, Wout, K) for an h x w input; ShapeError where it misfits."""
@@ -262,6 +257,6 @@ def parse_spec(raw) -> Spec:
         parsed,
         labels,
     )
-    if height is not None:
-        spec.shapes(height, width)
+    if spec.input_size is not None:
+        spec.shapes(*spec.input_size)
     return spec

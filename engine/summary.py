@@ -23,7 +23,7 @@ from .spec import Spec, load_spec
 
 
 def im2col_shape(h: int, w: int, c: int, window) -> tuple[int, int]:
-    """Return the seed's im2col matrix shape [FH*FW*C x Hout*Wout] for one floor-fitted image."""
+    """Return the im2col matrix shape [FH*FW*C x Hout*Wout] of one floor-fitted image."""
     hout, wout = window.out_hw(h, w, "floor")
     return window.fh * window.fw * c, hout * wout
 
@@ -143,7 +143,7 @@ def peak_bytes(spec: Spec, h: int, w: int, n: int, outputs=None) -> int:
     shapes = dict(zip((lay.name for lay in spec.layers), spec.shapes(h, w), strict=True))
     shapes[IMAGE] = (h, w, spec.channels)
     wanted = list(shapes)[:-1] if outputs == "all" else [spec.layers[-1].name]
-    return plan.peak_bytes(plan.plan(spec.layers, wanted), shapes, n)
+    return plan.peak_bytes(plan.plan(spec.layers, wanted, depth=spec.depths()), shapes, n)
 
 
 def _num(value) -> str:

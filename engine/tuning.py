@@ -57,7 +57,7 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
     share = budget / len(SAMPLES)
     result = {}
     for cls, (n, h, w, c, k, f, s, p) in SAMPLES.items():
-        # read-only as conv2d makes them: the compiled signatures are the ones warmup made
+        # read-only inputs, as conv2d passes them: the same compiled kernels a run uses
         x = _args.input_array(rng.standard_normal((n, h, w, c), dtype=np.float32))
         cw = ops.ConvWeights(rng.standard_normal((k, f, f, c), dtype=np.float32) * 0.1)
         win = Window.make(f, s, p)

@@ -108,6 +108,7 @@ def _read_npz(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
             EOFError,
             NotImplementedError,
             RuntimeError,
+            ValueError,  # a directory whose offsets point before the file: a negative seek
         ) as err:
             raise WeightsError(
                 f"npz member {info.filename!r} is corrupt: {err}", field="weights"

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from worker.contract.cache import ModelCache
+from worker.contract.callbacks import Allow
 from worker.contract.config import Settings
 from worker.contract.connection import connect
 from worker.contract.queue import make_queue
 from worker.contract.store import Store
 
-from . import auth, defaults, guard, metrics, openapi, v2_jobs, v2_models, web
+from . import auth, defaults, guard, metrics, openapi, v2_jobs, v2_models, v2_webhooks, web
 from .context import Convq
 from .errors import register_error_handlers
 
@@ -30,7 +32,14 @@ def _connect(app: Flask) -> Convq:
         store=store,
         settings=settings,
         models=ModelCache(int(app.config["MODEL_CACHE_BYTES"]), keep_latest=True),
+        callback_allow=Allow.parse(settings.callback_allow),  # ValueError: the server won't start
     )
+
+
+class _JSONInOrder(DefaultJSONProvider):
+    """Flask's JSON, keeping keys in the order the code builds them (V2 documents read so)."""
+
+    sort_keys = False
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -38,14 +47,13 @@ def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_object(defaults)
     app.config["REDIS_URL"] = os.environ.get("REDIS_URL")
-    app.config["JSON_SORT_KEYS"] = False
     app.config.from_prefixed_env("CONVQ")
     # Taken as written: Flask's JSON parsing of the environment would turn false, 0 or [] into
     # "no keys", silently switching auth off (auth.parse_keys refuses them instead).
     app.config["API_KEYS"] = os.environ.get("CONVQ_API_KEYS", "")
     if test_config:
         app.config.update(test_config)
-    app.json.sort_keys = False
+    app.json = _JSONInOrder(app)
     register_error_handlers(app)
     app.extensions["convq"] = _connect(app)
 
@@ -53,6 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     guard.init_app(app)
     app.register_blueprint(v2_models.bp)
     app.register_blueprint(v2_jobs.bp)
+    app.register_blueprint(v2_webhooks.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(web.bp)
     metrics.init_app(app)

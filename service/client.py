@@ -3,6 +3,7 @@
     convq submit --url URL [--model NAME] [--spec spec.json --weights w.npz | --onnx m.onnx]
                  [--outputs all|a,b] [--top K] [--out DIR] [--api-key KEY]
                  [--explain METHOD [--layer L] [--channel K|top] [--at CONV]]
+                 [--dtype float16|uint8] [--channels A:B|I,J] [--crop T,L,H,W] [--stats|--png]
                  IMAGES_OR_FOLDERS...
 
 Saves DIR/<job>.npz (one float32 (N, Hout, Wout, K) array per requested layer) and
@@ -12,6 +13,10 @@ With --top K, prints each image's K highest scores of the last layer as "score:i
 With --explain saliency|gradcam|gradient [--layer fc] [--channel K|top] the job also explains
 that channel over the pixels: DIR/<job>/explain:overlay/<i>-<image>.png are heatmaps over the
 images, and the .npz holds explain:map and explain:channel.
+Lean results (every output, applied in the worker): --dtype float16 or uint8 (the .npz then
+holds <layer>:scale and <layer>:offset, x = scale * q + offset per image and channel),
+--channels, --crop, --stats (an (N, K, 5) array per layer: min, max, mean, std, zero fraction;
+no grids), --png (the grids only; no .npz arrays for those layers).
 Exit status: 0 done, 1 the server or the job refused, 2 bad arguments.
 """
 
@@ -72,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bearer key (default $CONVQ_API_KEY)",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    p.add_argument(
+        "--callback",
+        metavar="URL",
+        help="also have the server POST a signed notice to URL when the job ends",
+    )
     p.add_argument("--no-png", action="store_true", help="save the .npz only")
     p.add_argument(
         "--explain",
@@ -83,7 +93,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--channel", default="top", help="channel to explain, or 'top' (each image's highest)"
     )
     p.add_argument("--at", help="gradcam: the conv layer (default: the last before --layer)")
+    lean = p.add_argument_group("lean results (applied to every output, in the worker)")
+    lean.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "uint8"),
+        help="store the maps in this type (uint8: with per-channel scale and offset)",
+    )
+    lean.add_argument(
+        "--channels", metavar="A:B|I,J,...", help="keep these channels: a range or a list"
+    )
+    lean.add_argument("--crop", metavar="TOP,LEFT,HEIGHT,WIDTH", help="keep this part of each map")
+    lean.add_argument(
+        "--stats",
+        action="store_true",
+        help="per-channel min, max, mean, std, fraction of zeros instead of the maps",
+    )
+    lean.add_argument("--png", action="store_true", help="the PNG grids only, no arrays")
     args = p.parse_args(argv)
+    if args.stats and args.png:
+        p.error("--stats and --png exclude each other")
+    if (args.stats or args.png) and args.dtype not in (None, "float32"):
+        p.error("--dtype applies to maps; --stats and --png replace them")
+    if args.png and args.no_png:
+        p.error("--png asks for the pictures only; --no-png for none")
+    if args.top and (args.png or args.stats or args.dtype == "uint8"):
+        p.error("--top ranks the last layer's values: not with --png, --stats or --dtype uint8")
+    try:
+        args.lean = lean_request(args)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.channel != "top" and not args.channel.isdigit():
         p.error("--channel is a channel number or 'top'")
     if (args.spec is None) != (args.weights is None):
@@ -166,6 +204,35 @@ def model_name(args: argparse.Namespace) -> str:
     return "demo"
 
 
+def lean_request(args: argparse.Namespace) -> dict | None:
+    """Return the job's lean field {"*": options} from --dtype, --channels, --crop, --stats, --png.
+
+    ValueError when --channels or --crop cannot be read.
+    """
+    options: dict = {}
+    if args.dtype:
+        options["dtype"] = args.dtype
+    if args.channels:
+        if ":" in args.channels:
+            options["channels"] = args.channels
+        else:
+            try:
+                options["channels"] = [int(c) for c in args.channels.split(",")]
+            except ValueError:
+                raise ValueError('--channels is a range "a:b" or a list "i,j,..."') from None
+    if args.crop:
+        try:
+            options["crop"] = [int(v) for v in args.crop.split(",")]
+        except ValueError:
+            raise ValueError("--crop is TOP,LEFT,HEIGHT,WIDTH (integers)") from None
+        if len(options["crop"]) != 4:
+            raise ValueError("--crop is TOP,LEFT,HEIGHT,WIDTH (four integers)")
+    for flag in ("stats", "png"):
+        if getattr(args, flag):
+            options[flag] = True
+    return {"*": options} if options else None
+
+
 def explain_request(args: argparse.Namespace) -> dict | None:
     """Return the job's explain object from --explain, --layer, --channel and --at."""
     if args.explain is None:
@@ -180,13 +247,23 @@ def explain_request(args: argparse.Namespace) -> dict | None:
 
 
 def submit(
-    api: Api, model: str, images: list[Path], outputs: str, explain: dict | None = None
+    api: Api,
+    model: str,
+    images: list[Path],
+    outputs: str,
+    explain: dict | None = None,
+    lean: dict | None = None,
+    callback: str | None = None,
 ) -> str:
     """POST the images as one multipart job; return the job id."""
     files = [("images", (p.name, p.read_bytes())) for p in images]
     data = {"outputs": outputs}
     if explain is not None:
         data["explain"] = json.dumps(explain)
+    if lean is not None:
+        data["lean"] = json.dumps(lean)
+    if callback is not None:
+        data["callback"] = callback
     resp = api.call("POST", f"/v2/models/{model}/jobs", files=files, data=data)
     return resp.json()["id"]
 
@@ -267,21 +344,32 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save(
-    api: Api, job: str, names: list[str], images: list[Path], out: Path, png: bool
+    api: Api,
+    job: str,
+    names: list[str],
+    images: list[Path],
+    out: Path,
+    png: bool,
+    lean: dict | None = None,
 ) -> list[Path]:
-    """Fetch each output as .npy into out/<job>.npz and, unless png is False, PNG grids."""
+    """Fetch each output as .npy into out/<job>.npz and, unless png is False, PNG grids.
+
+    lean is the job's lean options: a png output has grids only, a stats output no grid.
+    """
     job = safe_part(job, "job id")
     names = [safe_part(name, "output name") for name in names]
     out.mkdir(parents=True, exist_ok=True)
     arrays = {}
     written = []
     for name in names:
-        raw = api.call(
-            "GET", f"/v2/jobs/{job}/result", params={"output": name, "format": "npy"}
-        ).content
-        arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
-        if not png or arrays[name].ndim < 3:  # explain:channel is one number per image
-            continue
+        options = (lean or {}).get(name) or {}
+        if not options.get("png"):
+            raw = api.call(
+                "GET", f"/v2/jobs/{job}/result", params={"output": name, "format": "npy"}
+            ).content
+            arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not png or options.get("stats") or (name in arrays and arrays[name].ndim < 3):
+            continue  # explain:channel is one number per image, a uint8 scale one per channel
         folder = _inside(out, out / job / name)
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -308,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = args.outputs
     if args.top and layers and outputs != "all" and layers[-1] not in outputs.split(","):
         outputs += "," + layers[-1]  # --top ranks the last layer: fetch it too
-    job = submit(api, name, images, outputs, explain_request(args))
+    job = submit(api, name, images, outputs, explain_request(args), args.lean, args.callback)
     print(f"job {job}: {len(images)} image(s) on {name}", file=sys.stderr)
     status = wait(api, job, args.timeout, max(1, len(layers)))
     if status["status"] != "finished":
@@ -318,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     names = status.get("outputs") or []
-    saved = save(api, job, names, images, args.out, png=not args.no_png)
+    saved = save(api, job, names, images, args.out, png=not args.no_png, lean=status.get("lean"))
     print(f"saved {saved[0]} ({', '.join(names)})", file=sys.stderr)
     if len(saved) > 1:
         print(f"saved {len(saved) - 1} PNG grid(s) under {args.out / job}", file=sys.stderr)

@@ -11,14 +11,19 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from math import prod
+from typing import Literal
 
 import numpy as np
+
+from worker.contract.lean import KEYS as LEAN_KEYS
 
 from .body import json_object
 from .classify import parse_k
 from .errors import BadRequest, Unprocessable
 
-DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+DATATYPES = {"<f4": "FP32", "<f2": "FP16", "|u1": "UINT8", "|O": "BYTES"}
+"""V2 datatype of each dtype an output can be stored in (numpy dtype.str)."""
 _REQUEST_KEYS = {"id", "inputs", "outputs", "parameters"}
 _INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_KEYS = {"name", "parameters"}
@@ -30,12 +35,14 @@ class InferRequest:
     """A decoded inference request: the images and which outputs to return, and how."""
 
     images: np.ndarray
-    outputs: list[str] | None = None  # None: the model's default (its last layer)
+    outputs: list[str] | Literal["all"] | None = None  # None: the last layer; "all": every one
     binary: dict[str, bool] = field(default_factory=dict)  # per requested output
     binary_default: bool | None = None  # request-level binary_data_output
     id: str | None = None
     explain: dict | None = None  # parameters.explain, checked against the model at enqueue
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
+    lean: dict[str, dict] = field(default_factory=dict)  # output or "*" -> lean options, unchecked
+    callback: str | None = None  # parameters.callback: URL POSTed when the job ends
 
 
 def parse_header_length(value: str | None, body_size: int) -> int | None:
@@ -136,6 +143,9 @@ def _outputs(value, request: InferRequest) -> None:
             raise BadRequest(f"{where}.parameters must be an object", field="parameters")
         if "classification" in params:
             request.classification[name] = parse_k(params["classification"], where)
+        lean = {k: params[k] for k in LEAN_KEYS if k in params}
+        if lean:
+            request.lean[name] = {**request.lean.get(name, {}), **lean}
         binary = params.get("binary_data")
         if binary is not None:
             if not isinstance(binary, bool):
@@ -164,7 +174,8 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
             f"the model's input is named {INPUT_NAME!r}, not {json.dumps(tensor.get('name'))[:40]}",
             field="name",
         )
-    dtype = DTYPES.get(tensor.get("datatype"))
+    datatype = tensor.get("datatype")
+    dtype = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise BadRequest(
             f"datatype must be one of {', '.join(DTYPES)}, not "
@@ -207,11 +218,13 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
         if not isinstance(req["id"], str):
             raise BadRequest("id must be a string", field="id")
         request.id = req["id"]
-    if "outputs" in req:
-        _outputs(req["outputs"], request)
     rparams = req.get("parameters", {})
     if not isinstance(rparams, dict):
         raise BadRequest("parameters must be an object", field="parameters")
+    if "lean" in rparams:
+        request.lean = parse_lean(rparams["lean"], "parameters.lean")
+    if "outputs" in req:
+        _outputs(req["outputs"], request)  # an output's own parameters override parameters.lean
     if "binary_data_output" in rparams:
         if not isinstance(rparams["binary_data_output"], bool):
             raise BadRequest(
@@ -225,7 +238,30 @@ def decode_infer(body: bytes, header_length: int | None) -> InferRequest:
                 field="explain",
             )
         request.explain = rparams["explain"]
+    if "callback" in rparams:
+        if not isinstance(rparams["callback"], str):
+            raise BadRequest("parameters.callback must be a URL string", field="callback")
+        request.callback = rparams["callback"]
     return request
+
+
+def parse_lean(value, where: str) -> dict[str, dict]:
+    """Return a lean mapping {output or "*": options} from an object or its JSON text.
+
+    JSON text is what a client that sends only scalar parameters (tritonclient) can pass; the
+    options themselves are checked against the model at submit (worker.contract.lean).
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRequest(f"{where} is not valid JSON", field="lean") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise BadRequest(
+            f'{where} must be an object {{"<output>" or "*": {{"dtype": ..., ...}}}}',
+            field="lean",
+        )
+    return value
 
 
 @dataclass
@@ -236,31 +272,45 @@ class Streamed:
     pieces: Iterable[bytes]
 
 
+OutputData = bytes | memoryview | Streamed | list[str]
+"""One output's data for encode_infer: bytes of its datatype, a Streamed, or class strings."""
+
+
 def encode_infer(
     model: str,
     version: int,
-    outputs: list[tuple[str, tuple, object]],
+    outputs: list[tuple],
     binary: set[str],
     request_id: str | None = None,
 ) -> tuple[list, dict]:
     """Build a V2 response (body chunks, headers); outputs named in binary follow as raw bytes.
 
-    Each output's data is a bytes-like of little-endian float32, (binary outputs only) a
-    Streamed whose pieces are read while the body is sent, or a list of strings (a
-    classification output, BYTES, always JSON); iter_body flattens the chunks.
+    An output is (name, shape, data[, datatype, parameters]); datatype FP32 (default), FP16,
+    UINT8 or BYTES (binary only: V2's length-prefixed strings); parameters (scalars) describe it.
+    Its data is a bytes-like of that little-endian type, (binary outputs only) a Streamed whose
+    pieces are read while the body is sent, or a list of strings (a classification output,
+    BYTES, always JSON); iter_body flattens the chunks.
     """
-    described, tails = [], []
-    for name, shape, raw in outputs:
-        entry = {"name": name, "datatype": "FP32", "shape": list(shape)}
+    described: list[dict] = []
+    tails: list[bytes | memoryview | Streamed] = []
+    for name, shape, raw, *more in outputs:
+        datatype = more[0] if more else "FP32"
+        entry: dict = {"name": name, "datatype": datatype, "shape": list(shape)}
+        if len(more) > 1 and more[1]:
+            entry["parameters"] = dict(more[1])
         if isinstance(raw, list):
             entry["datatype"] = "BYTES"
             entry["data"] = raw
-        elif name in binary:
+        elif name in binary or isinstance(raw, Streamed):
             size = raw.size if isinstance(raw, Streamed) else memoryview(raw).nbytes
-            entry["parameters"] = {"binary_data_size": size}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": size}
             tails.append(raw)
         else:
-            values = np.frombuffer(raw, dtype="<f4")
+            values = np.frombuffer(raw, dtype=_NUMBERS[datatype])
+            if datatype == "UINT8":
+                entry["data"] = values.tolist()
+                described.append(entry)
+                continue
             if not np.isfinite(values).all():
                 # JSON has no Infinity or NaN: say so rather than send invalid JSON.
                 bad = int(np.count_nonzero(~np.isfinite(values)))
@@ -283,6 +333,9 @@ def encode_infer(
     else:
         headers["Content-Type"] = "application/json"
     return [head, *tails], headers
+
+
+_NUMBERS = {"FP32": "<f4", "FP16": "<f2", "UINT8": "|u1"}
 
 
 def iter_body(chunks: list) -> Iterator[bytes]:

@@ -6,12 +6,13 @@ convq(). This module imports no view, so views and the app factory can both impo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from flask import current_app
 
 from worker.contract.cache import ModelCache
+from worker.contract.callbacks import Allow
 from worker.contract.config import Settings
 from worker.contract.queue import JobQueue
 from worker.contract.store import Store
@@ -26,6 +27,8 @@ class Convq:
     store: Store
     settings: Settings
     models: ModelCache
+    callback_allow: Allow = field(default_factory=Allow)
+    """Where job callbacks may go besides public addresses (CONVQ_CALLBACK_ALLOW)."""
 
 
 def convq() -> Convq:

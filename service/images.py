@@ -42,6 +42,9 @@ def _check_pixels(h: int, w: int, max_pixels: int, name: str) -> None:
         )
 
 
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # Pillow's mode for a picture of that many channels
+
+
 def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> np.ndarray:
     """Decode PNG/JPEG bytes to (H, W, channels) uint8; channels 1 is grey, 3 RGB."""
     try:
@@ -55,19 +58,14 @@ def _decode_picture(data: bytes, name: str, channels: int, max_pixels: int) -> n
             w, h = im.size
             _check_pixels(h, w, max_pixels, name)
             im.load()
-            if channels == 1:
-                im = im.convert("L")
-            elif channels == 3:
-                im = im.convert("RGB")
-            elif channels == 4:
-                im = im.convert("RGBA")
-            else:
+            mode = _MODES.get(channels)
+            if mode is None:
                 raise BadRequest(
                     f"{name}: the model takes {channels} channels; send .npy "
                     "arrays, pictures carry 1, 3 or 4",
                     field="images",
                 )
-            array = np.asarray(im, dtype=np.uint8)
+            array = np.asarray(im.convert(mode), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise TooLarge(f"{name}: {e}", field="images") from None
     except ApiError:
@@ -116,7 +114,11 @@ def decode_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> n
         return _decode_npy(data, name, max_pixels)
     if kind in ("png", "jpeg"):
         return _decode_picture(data, name, channels, max_pixels)
-    raise UnsupportedMediaType(f"{name}: not a PNG, JPEG or .npy file", field="images")
+    raise _unsupported(name)
+
+
+def _unsupported(name: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(f"{name}: not a PNG, JPEG or .npy file", field="images")
 
 
 def _probe_picture(data: bytes, name: str, channels: int, max_pixels: int) -> tuple:
@@ -159,7 +161,7 @@ def probe_image(data: bytes, name: str, *, channels: int, max_pixels: int) -> tu
         return _probe_npy(data, name, max_pixels)
     if kind in ("png", "jpeg"):
         return _probe_picture(data, name, channels, max_pixels)
-    return decode_image(data, name, channels=channels, max_pixels=max_pixels)  # raises the 415
+    raise _unsupported(name)
 
 
 Check = Callable[[int, int, int, int], None]

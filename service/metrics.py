@@ -77,6 +77,20 @@ class RedisCollector:
             "queue": "Seconds a job waited between enqueue and a worker starting it",
             "compute": "Seconds a worker spent running a job",
         }
+        attempts = CounterMetricFamily(
+            "convq_callback_attempts",
+            "Job callback attempts by outcome: delivered (2xx), retried (again later), failed "
+            "(given up)",
+            labels=["outcome"],
+        )
+        for outcome, n in stats.callbacks.items():
+            attempts.add_metric([outcome], n)
+        yield attempts
+        yield GaugeMetricFamily(
+            "convq_callbacks_waiting",
+            "Job callbacks due now or waiting for their next attempt",
+            value=stats.callbacks_waiting,
+        )
         for kind, hist in stats.histograms.items():
             family = HistogramMetricFamily(f"convq_job_{kind}_seconds", help_text[kind])
             buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist.buckets]
@@ -132,7 +146,7 @@ def init_app(app: Flask) -> None:
         return response
 
     def metrics() -> Response:
-        if multiproc:
+        if registry is None:  # multiprocess: collect what every process wrote to the files
             local = CollectorRegistry()
             multiprocess.MultiProcessCollector(local)
         else:

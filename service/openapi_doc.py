@@ -88,11 +88,45 @@ VERSION = _path("version", "Model version (only the current one is kept)")
 JOB = _path("job_id", "Job id returned by POST .../jobs")
 
 STRING_BINARY = {"type": "string", "format": "binary"}
-INFER_BODY = {
+INFER_BODY: dict = {
     "required": True,
     "description": "A V2 InferRequest as JSON, or (binary tensor "
     "extension) its JSON of Inference-Header-Content-Length bytes then raw input bytes",
     "content": {JSON: {"schema": _ref("InferRequest")}, BINARY: {"schema": STRING_BINARY}},
+}
+LEAN_OPTIONS = {
+    "channels": {
+        "oneOf": [
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            {"type": "string", "pattern": "^[0-9]*:[0-9]*$"},
+        ],
+        "description": 'Lean: keep these channels, a list or a range "start:stop" (stop '
+        'excluded; "8:" to the end)',
+    },
+    "crop": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 4,
+        "maxItems": 4,
+        "description": "Lean: keep [top, left, height, width] of each map",
+    },
+    "dtype": {
+        "enum": ["float32", "float16", "uint8"],
+        "description": "Lean: the maps' type on the wire (FP32, FP16, UINT8). uint8 adds "
+        "outputs <name>:scale and <name>:offset, FP32 (N, K): x[n, y, x, c] ~= "
+        "scale[n, c] * q[n, y, x, c] + offset[n, c], within scale[n, c] / 2; offset is "
+        "the map's min, scale (max - min) / 255",
+    },
+    "stats": {
+        "type": "boolean",
+        "description": "Lean: FP32 (N, K, 5) per image and channel: min, max, mean, std, "
+        "fraction of zeros, instead of the maps",
+    },
+    "png": {
+        "type": "boolean",
+        "description": "Lean: BYTES (N,): each image's PNG grid of the maps, instead of the "
+        "maps; always binary",
+    },
 }
 JOB_BODY = {
     "required": True,
@@ -117,10 +151,32 @@ JOB_BODY = {
                         "description": "An Explain object as JSON text, e.g. "
                         '{"method": "saliency", "layer": "fc", "channel": "top"}',
                     },
+                    "lean": {
+                        "type": "string",
+                        "description": "A LeanMapping as JSON text, e.g. "
+                        '{"*": {"dtype": "float16"}, "fc": {"stats": true}}',
+                    },
+                    "callback": {
+                        "type": "string",
+                        "description": "An http(s) URL POSTed a signed JobEnded body when the "
+                        "job ends (see parameters.callback)",
+                    },
                 },
             }
         },
     },
+}
+CALLBACKS = {
+    "jobEnded": {
+        "{$request.body#/parameters/callback}": {
+            "post": {
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("JobEnded")}}},
+                "responses": {
+                    "2XX": {"description": "Delivered; anything else is tried again later"}
+                },
+            }
+        }
+    }
 }
 LOAD_BODY = {
     "required": False,
@@ -138,7 +194,7 @@ LOAD_BODY = {
         },
     },
 }
-V2_RESPONSE = {
+V2_RESPONSE: dict = {
     "description": "V2 inference response; with binary outputs the JSON header "
     "(Inference-Header-Content-Length bytes) is followed by raw float32 data",
     "headers": {
@@ -241,6 +297,7 @@ SCHEMAS = {
                         "output's top-k per image as BYTES strings 'score:index:label' (label: "
                         "the model's labels for its last layer, else the index)",
                     },
+                    **LEAN_OPTIONS,
                 },
             },
         },
@@ -258,8 +315,33 @@ SCHEMAS = {
                 "properties": {
                     "binary_data_output": {"type": "boolean"},
                     "explain": _ref("Explain"),
+                    "lean": {
+                        "oneOf": [_ref("LeanMapping"), {"type": "string"}],
+                        "description": "Lean options per output (or as JSON text, for "
+                        "clients that send scalar parameters only); an output's own "
+                        "parameters are merged over its entry here",
+                    },
+                    "callback": {
+                        "type": "string",
+                        "maxLength": 2048,
+                        "description": "Jobs only (400 on /infer): an http(s) URL that receives "
+                        "a POST with a JobEnded body when the job finishes, fails or is "
+                        "canceled, signed in X-Convq-Signature (see GET /v2/webhook-secret). "
+                        "Loopback, private, link-local and other internal addresses are "
+                        "refused (400) unless the server's CONVQ_CALLBACK_ALLOW lists them",
+                    },
                 },
             },
+        },
+    },
+    "LeanMapping": {
+        "type": "object",
+        "description": 'Output name, or "*" for every requested layer output, to its lean '
+        'options; an output\'s own entry replaces "*"',
+        "additionalProperties": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": LEAN_OPTIONS,
         },
     },
     "Explain": {
@@ -303,14 +385,20 @@ SCHEMAS = {
                     "required": ["name", "datatype", "shape"],
                     "properties": {
                         "name": {"type": "string"},
-                        "datatype": {"enum": ["FP32", "BYTES"]},
+                        "datatype": {"enum": ["FP32", "FP16", "UINT8", "BYTES"]},
                         "shape": {"type": "array", "items": {"type": "integer"}},
                         "data": {
                             "type": "array",
                             "items": {"type": ["number", "string"]},
                             "description": "numbers; 'score:index:label' strings for BYTES",
                         },
-                        "parameters": {"type": "object"},
+                        "parameters": {
+                            "type": "object",
+                            "description": "binary_data_size; for lean outputs: scale and "
+                            "offset (uint8: the names of its scale and offset outputs), "
+                            "stats ('min,max,mean,std,zeros', the last axis), content_type "
+                            "(png: image/png)",
+                        },
                     },
                 },
             },
@@ -348,6 +436,7 @@ SCHEMAS = {
             "model": {"type": "string"},
             "version": {"type": "integer"},
             "outputs": {"type": "array", "items": {"type": "string"}},
+            "lean": {"type": "object", "description": "The checked lean options per output"},
         },
     },
     "JobStatus": {
@@ -359,6 +448,7 @@ SCHEMAS = {
             "model": {"type": ["string", "null"]},
             "version": {"type": ["integer", "null"]},
             "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
+            "lean": {"type": "object", "description": "The checked lean options per output"},
             "progress": {
                 "type": ["object", "null"],
                 "description": "The layer the job has "
@@ -372,6 +462,59 @@ SCHEMAS = {
             "timings": {"type": "object"},
             "error": {"type": ["string", "null"]},
             "attempt": {"type": "integer"},
+            "batch": {
+                "type": ["object", "null"],
+                "description": "Set when the worker ran this job in one engine batch with "
+                "other queued jobs of the same model, outputs and image size (dynamic "
+                "batching): how many jobs and images that batch held. The job's results "
+                "hold only its own images. null: it ran alone.",
+                "properties": {
+                    "jobs": {"type": "integer"},
+                    "images": {"type": "integer"},
+                },
+            },
+            "callback": {
+                "type": "object",
+                "description": "Only for a job with a callback: its delivery. state: waiting "
+                "(the job has not ended), pending (due, or waiting for its next attempt), "
+                "delivered (a 2xx answer), failed (given up)",
+                "required": ["url", "state"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "state": {"enum": ["waiting", "pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer"},
+                    "last_status": {"type": ["integer", "null"]},
+                    "last_error": {"type": ["string", "null"]},
+                    "next_attempt_at": {"type": ["string", "null"]},
+                    "delivered_at": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+    "JobEnded": {
+        "type": "object",
+        "description": "The body POSTed to a job's callback (the same bytes on every attempt; "
+        "X-Convq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.' + body)>, "
+        "X-Convq-Job: the job id, X-Convq-Attempt: 1, 2, ...)",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["finished", "failed", "canceled"]},
+            "model": {"type": ["string", "null"]},
+            "version": {"type": ["integer", "null"]},
+            "outputs": {"type": ["array", "null"], "items": {"type": "string"}},
+            "error": {"type": ["string", "null"]},
+            "timings": {"type": "object"},
+        },
+    },
+    "WebhookSecret": {
+        "type": "object",
+        "required": ["secret", "algorithm", "header"],
+        "properties": {
+            "secret": {"type": "string", "description": "HMAC key (its UTF-8 bytes)"},
+            "algorithm": {"const": "HMAC-SHA256"},
+            "header": {"const": "X-Convq-Signature"},
+            "signed": {"type": "string"},
         },
     },
     "JobList": {
@@ -551,6 +694,15 @@ def _paths() -> dict:
                 "507",
                 body=JOB_BODY,
                 params=[MODEL],
+            )
+            | {"callbacks": CALLBACKS}
+        },
+        "/v2/webhook-secret": {
+            "get": _op(
+                "The secret signing the caller's job callbacks (one per API key)",
+                {"200": _json(_ref("WebhookSecret"), "The secret")},
+                "401",
+                "503",
             )
         },
         "/v2/jobs": {

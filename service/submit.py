@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from flask import current_app, request
@@ -15,13 +16,14 @@ from flask import current_app, request
 from engine import Model
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 from engine.explain import check_request, result_bytes
+from worker.contract import callbacks, lean
 from worker.contract.cache import ModelGone
 from worker.contract.queue import queue_depth, submit
 
 from . import budget
 from .auth import current_owner
 from .body import read_body
-from .codec import InferRequest, decode_infer, parse_header_length
+from .codec import InferRequest, decode_infer, parse_header_length, parse_lean
 from .context import convq
 from .errors import BadRequest, NotFound, TooLarge, Unavailable, UnsupportedMediaType
 from .images import stack_images
@@ -60,7 +62,7 @@ def find_model(name: str, version: str | None = None) -> Target:
     return Target(name, int(info["version"]), model, stored)
 
 
-def _form_outputs() -> list[str] | str | None:
+def _form_outputs() -> list[str] | Literal["all"] | None:
     fields = [v for raw in request.form.getlist("outputs") for v in raw.split(",") if v.strip()]
     if not fields:
         return None
@@ -74,12 +76,16 @@ def _multipart(model: Model) -> InferRequest:
         for i, f in enumerate(request.files.getlist("images"))
     ]
     unknown = sorted(set(request.files) - {"images"})
-    unknown += sorted(set(request.form) - {"outputs", "explain"})
+    unknown += sorted(set(request.form) - {"outputs", "explain", "lean", "callback"})
     if unknown:
         raise BadRequest(
-            f"unknown form field(s) {', '.join(unknown)}; send images, outputs and explain",
+            f"unknown form field(s) {', '.join(unknown)}; send images, outputs, explain, lean "
+            "and callback",
             field=unknown[0],
         )
+    if len(request.form.getlist("callback")) > 1:
+        raise BadRequest("give one callback URL", field="callback")
+    requested = parse_lean(request.form["lean"], "the lean field") if "lean" in request.form else {}
     explain = None
     if "explain" in request.form:
         try:
@@ -95,7 +101,7 @@ def _multipart(model: Model) -> InferRequest:
 
     def check(n: int, h: int, w: int, c: int) -> None:
         check_shape(model, n, h, w, c)
-        check_cost(model, n, h, w, resolved)
+        check_cost(model, n, h, w, resolved, check_lean(model, requested, resolved, h, w))
 
     images = stack_images(
         files,
@@ -104,7 +110,13 @@ def _multipart(model: Model) -> InferRequest:
         max_images=int(cfg["MAX_IMAGES"]),
         check=check,
     )
-    return InferRequest(images=images, outputs=outputs, explain=explain)
+    return InferRequest(
+        images=images,
+        outputs=outputs,
+        explain=explain,
+        lean=requested,
+        callback=request.form.get("callback"),
+    )
 
 
 def parse_request(model: Model) -> InferRequest:
@@ -147,14 +159,55 @@ def check_shape(model: Model, n: int, h: int, w: int, c: int) -> None:
     model.output_shapes(h, w)  # ShapeError (400) if the layers do not fit this size
 
 
-def check_cost(model: Model, n: int, h: int, w: int, outputs: list[str]) -> int:
-    """Refuse (413) a run whose outputs or working memory pass the limits; return output bytes."""
+def check_lean(
+    model: Model, requested: dict, outputs: list[str], h: int, w: int
+) -> dict[str, dict]:
+    """Return the lean options {output: checked options} of a run of h x w images; 400 if bad."""
+    if not requested:
+        return {}
+    shapes = model.output_shapes(h, w)
+    try:
+        checked = lean.check_all(requested, outputs, shapes)
+    except lean.LeanError as exc:
+        raise BadRequest(str(exc), field=exc.field) from None
+    limit = int(current_app.config["MAX_PNG_PIXELS"])
+    for name, opts in checked.items():
+        hh, ww, k = lean.lean_shape(shapes[name], opts)
+        if opts.get("png") and hh * ww * k > limit:
+            raise TooLarge(
+                f"output {name!r}: png: {hh}x{ww}x{k} maps are too big to draw (limit {limit} "
+                "pixels); ask for fewer channels or a crop",
+                field="png",
+            )
+    return checked
+
+
+def output_bytes(
+    model: Model, n: int, h: int, w: int, outputs: list[str], leaned: dict | None = None
+) -> int:
+    """Return the bytes a run's outputs take as stored: lean where leaned says, else float32."""
+    shapes = model.output_shapes(h, w)
+    leaned = leaned or {}
+    return sum(
+        lean.stored_bytes(n, shapes[name], leaned[name])
+        if name in leaned
+        else model.output_bytes(n, h, w, [name])
+        for name in outputs
+    )
+
+
+def check_cost(
+    model: Model, n: int, h: int, w: int, outputs: list[str], leaned: dict | None = None
+) -> int:
+    """Refuse (413) a run whose stored outputs or working memory pass the limits; return the
+    outputs' stored bytes (lean options leaned counted as they are stored)."""
     cfg = current_app.config
-    predicted = model.output_bytes(n, h, w, outputs)
+    predicted = output_bytes(model, n, h, w, outputs, leaned)
     if predicted > int(cfg["MAX_OUTPUT_BYTES"]):
         raise TooLarge(
             f"the requested outputs would take {predicted} bytes; the limit is "
-            f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images)",
+            f"{cfg['MAX_OUTPUT_BYTES']} (ask for fewer layers or images, or lean results: "
+            "channels, crop, dtype, stats, png)",
             field="outputs",
         )
     peak = model.peak_bytes(n, h, w, outputs)
@@ -177,17 +230,34 @@ def check_images(model: Model, images: np.ndarray) -> np.ndarray:
     return images
 
 
-def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> tuple[str, list]:
-    """Check parsed against the model and the limits, then queue it; return (job id, outputs)."""
+def check_callback(url: str) -> str:
+    """Return url if a job's callback may go there (callbacks.check); 400 saying why not."""
+    try:
+        return callbacks.check(url, convq().callback_allow).url
+    except callbacks.CallbackRefused as exc:
+        raise BadRequest(str(exc), field="callback") from None
+
+
+def enqueue(
+    target: Target, parsed: InferRequest, meta: dict | None = None
+) -> tuple[str, list, dict]:
+    """Check parsed against the model and the limits, then queue it.
+
+    Return (job id, the names its result will hold, its checked lean options).
+    """
     cfg, ext = current_app.config, convq()
     images = check_images(target.model, parsed.images)
     outputs = target.model.resolve_outputs(parsed.outputs)
     n, h, w, _ = images.shape
-    job_bytes = images.nbytes + check_cost(target.model, n, h, w, outputs)
+    leaned = check_lean(target.model, parsed.lean, outputs, h, w)
+    job_bytes = images.nbytes + check_cost(target.model, n, h, w, outputs, leaned)
     explain = None
     if parsed.explain is not None:
         explain = check_request(target.model, parsed.explain, (h, w))  # ModelError: 400
         job_bytes += result_bytes(target.model, n, h, w, explain)
+    job_meta = {"model": target.name, **(meta or {})}
+    if parsed.callback is not None:
+        job_meta["callback"] = check_callback(parsed.callback)
     retry = int(cfg["RETRY_AFTER"])
     if queue_depth(ext.queue) >= int(cfg["MAX_QUEUE"]):
         raise Unavailable(
@@ -210,11 +280,13 @@ def enqueue(target: Target, parsed: InferRequest, meta: dict | None = None) -> t
         images=np.ascontiguousarray(images),
         outputs=list(outputs),
         owner=owner,
-        meta={"model": target.name, **(meta or {})},
+        meta=job_meta,
         job_timeout=ext.settings.job_timeout,
         retries=ext.settings.retries,
         explain=explain,
+        lean=leaned or None,
     )
     ttl = ext.settings.result_ttl + ext.settings.job_timeout
     budget.record(ext.redis, owner, job_id, job_bytes, ttl)
-    return job_id, list(outputs) if explain is None else [*outputs, *EXPLAIN_RESULTS]
+    names = [*outputs, *(x for name, opts in leaned.items() for x in lean.extras(name, opts))]
+    return job_id, names if explain is None else [*names, *EXPLAIN_RESULTS], leaned

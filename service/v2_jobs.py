@@ -12,12 +12,13 @@ from flask import Blueprint, Response, current_app, request, url_for
 
 from engine.explain import OVERLAY as EXPLAIN_OVERLAY
 from engine.npy import npy_header
+from worker.contract.lean import parameters as lean_parameters
 from worker.contract.queue import ENDED, cancel, job_status, list_jobs, wait_for_end
 
 from . import budget
 from .auth import check_visible, current_owner
 from .classify import top_k
-from .codec import Streamed, encode_infer, iter_body
+from .codec import DATATYPES, OutputData, Streamed, encode_infer, iter_body
 from .context import convq
 from .errors import (
     ApiError,
@@ -29,7 +30,7 @@ from .errors import (
     TooLarge,
 )
 from .render import grid_png, rgb_png
-from .submit import enqueue, find_model, parse_request
+from .submit import check_lean, enqueue, find_model, output_bytes, parse_request
 
 bp = Blueprint("v2_jobs", __name__, url_prefix="/v2")
 log = logging.getLogger(__name__)
@@ -63,9 +64,11 @@ def _v2_body(
     """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
 
     Binary outputs are read from Redis in slices while the body is sent, never assembled;
-    an output in classes is sent as its top-k strings (labels: output -> class names).
+    an output in classes is sent as its top-k strings (labels: output -> class names). Lean
+    outputs (status["lean"]) carry their datatype and the parameters that say how to read them;
+    byte strings (png) are always binary.
     """
-    classes, labels = classes or {}, labels or {}
+    classes, labels, lean = classes or {}, labels or {}, status.get("lean") or {}
     store = convq().store
     layouts = {}
     for name in names:
@@ -73,9 +76,10 @@ def _v2_body(
         if layout is None:
             raise NotFound(f"the result of job {job_id} has expired")
         layouts[name] = layout
+    binary = binary | {n for n in names if layouts[n][1].kind == "O" and n not in classes}
     plain = [n for n in names if n not in binary and n not in classes]
     _check_json_size(sum(_nbytes(*layouts[n]) for n in plain))
-    outputs: list[tuple[str, tuple, object]] = []
+    outputs: list[tuple] = []
     for name in names:
         shape, dtype = layouts[name]
         if name in classes:
@@ -85,15 +89,17 @@ def _v2_body(
             rows = top_k(array, classes[name], labels.get(name))
             outputs.append((name, (len(rows), len(rows[0]) if rows else 0), sum(rows, [])))
             continue
+        data: OutputData | None
         if name in binary:
-            pieces = store.result_slices(job_id, name)
-            data = None if pieces is None else Streamed(_nbytes(shape, dtype), pieces)
+            pieces, size = store.result_slices(job_id, name), store.result_nbytes(job_id, name)
+            data = None if pieces is None or size is None else Streamed(size, pieces)
         else:
             array = store.result_array(job_id, name)
-            data = None if array is None else memoryview(array.astype("<f4", copy=False)).cast("B")
+            data = None if array is None else np.ascontiguousarray(array).data.cast("B")
         if data is None:
             raise NotFound(f"the result of job {job_id} has expired")
-        outputs.append((name, shape, data))
+        params = lean_parameters(name, lean.get(name) or {})
+        outputs.append((name, shape, data, DATATYPES[dtype.str], params))
     chunks, headers = encode_infer(status["model"], status["version"], outputs, binary, request_id)
     return iter_body(chunks), headers
 
@@ -133,6 +139,12 @@ def infer(name: str, version: str | None = None):
     ext, cfg = convq(), current_app.config
     target = find_model(name, version)
     parsed = parse_request(target.model)
+    if parsed.callback is not None:
+        raise BadRequest(
+            "a callback applies to jobs (POST /v2/models/{m}/jobs); /infer answers with the "
+            "result itself",
+            field="callback",
+        )
     parsed_at = time.perf_counter()
     # V2: an output is binary if it asks, else if the request asks; JSON requests get JSON.
     default = parsed.binary_default
@@ -142,10 +154,19 @@ def infer(name: str, version: str | None = None):
     classes = parsed.classification
     binary = {n for n in wanted if parsed.binary.get(n, default) and n not in classes}
     as_json = [n for n in wanted if n not in binary and n not in classes]
+    images = parsed.images if parsed.images.ndim == 4 else parsed.images[..., None]
+    n, h, w = images.shape[:3]
+    leaned = check_lean(target.model, parsed.lean, wanted, h, w)
+    leaned_classes = sorted(set(classes) & set(leaned))
+    if leaned_classes:
+        raise BadRequest(
+            f"output {leaned_classes[0]!r}: classification ranks the float32 result; it takes "
+            f'no lean options (an empty entry, "{leaned_classes[0]}": {{}}, exempts it from "*")',
+            field="classification",
+        )
     if as_json:
-        n, h, w = parsed.images.shape[:3]
-        _check_json_size(target.model.output_bytes(n, h, w, as_json))
-    job_id, outputs = enqueue(target, parsed)
+        _check_json_size(output_bytes(target.model, n, h, w, as_json, leaned))
+    job_id, outputs, _ = enqueue(target, parsed)
     binary |= {n for n in outputs if n not in wanted and default}  # an explanation's arrays
     enqueued_at = time.perf_counter()
     status = wait_for_end(ext.queue, job_id, time.monotonic() + float(cfg["INFER_TIMEOUT"]))
@@ -198,7 +219,7 @@ def submit_job(name: str):
             "they are read: GET /v2/jobs/{id}/result?format=json&top=K",
             field="classification",
         )
-    job_id, outputs = enqueue(target, parsed)
+    job_id, outputs, leaned = enqueue(target, parsed)
     location = url_for("v2_jobs.get_job", job_id=job_id)
     return (
         {
@@ -207,6 +228,7 @@ def submit_job(name: str):
             "model": target.name,
             "version": target.version,
             "outputs": outputs,
+            **({"lean": leaned} if leaned else {}),
         },
         202,
         {"Location": location},
@@ -328,6 +350,7 @@ def get_result(job_id: str):
                 field="output",
             )
     names = wanted or names
+    _check_lean_format(status.get("lean") or {}, names, fmt, top is not None)
     if top is not None:  # the classification extension on a job's result
         labels = _job_labels(status)
         classes = {name: top for name in names}
@@ -355,13 +378,15 @@ def get_result(job_id: str):
     if layout is None:
         raise NotFound(f"the result of job {job_id} has expired")
     shape = layout[0]
-    if len(shape) < 3:
+    if len(shape) < 3 and layout[1].kind != "O":
         raise BadRequest(f"{names[0]} holds no maps to draw; fetch format=npy", field="format")
     if image >= shape[0]:
         raise NotFound(
             f"job {job_id} has {shape[0]} image(s); image={image} is past the end", field="image"
         )
-    if int(np.prod(shape[1:])) > int(current_app.config["MAX_PNG_PIXELS"]):
+    if layout[1].kind != "O" and int(np.prod(shape[1:])) > int(
+        current_app.config["MAX_PNG_PIXELS"]
+    ):
         raise TooLarge(
             f"{names[0]} is {shape[1:]} per image, too big to draw; fetch format=npy instead",
             field="format",
@@ -369,10 +394,36 @@ def get_result(job_id: str):
     maps = store.result_array(job_id, names[0])
     if maps is None:
         raise NotFound(f"the result of job {job_id} has expired")
+    if maps.dtype.kind == "O":  # a png output: the worker drew it already
+        return Response(maps[image], mimetype="image/png")
     if names[0] == EXPLAIN_OVERLAY:  # an RGB picture, not maps to tile
         return Response(rgb_png(maps[image]), mimetype="image/png")
     one = maps[image] if maps.ndim == 4 else maps[image][..., None]  # (N, H, W): one map each
     return Response(grid_png(one.astype(np.float32, copy=False)), mimetype="image/png")
+
+
+def _check_lean_format(leaned: dict, names: list[str], fmt: str, ranked: bool) -> None:
+    """Refuse (400) a format that a lean output (stats, png) cannot be read in."""
+    for name in names:
+        opts = leaned.get(name) or {}
+        if opts.get("png") and (fmt in ("json", "npy") or ranked):
+            raise BadRequest(
+                f"output {name!r} holds PNG pictures (png): fetch format=png&image=I, or "
+                "format=binary (V2 BYTES)",
+                field="format",
+            )
+        if opts.get("dtype") == "uint8" and ranked:
+            raise BadRequest(
+                f"output {name!r} is uint8 with a scale per channel, which top-k cannot rank; "
+                "fetch it and its scale and offset",
+                field="top",
+            )
+        if opts.get("stats") and (fmt == "png" or ranked):
+            raise BadRequest(
+                f"output {name!r} holds per-channel stats, not maps: fetch format=json, "
+                "binary or npy",
+                field="format",
+            )
 
 
 def _chain(head: bytes, pieces: Iterator[bytes]) -> Iterator[bytes]:

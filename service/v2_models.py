@@ -121,7 +121,7 @@ def metadata(name: str, version: str | None):
     target = find_model(name, version)
     model = target.model
     h, w, c = model.input_shape
-    shapes = model.output_shapes(h, w) if h is not None else {}
+    shapes = model.output_shapes(h, w) if h is not None and w is not None else {}
     summary = model.summary(h, w)
     outputs = []
     for row in summary:

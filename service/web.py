@@ -161,7 +161,7 @@ def _samples() -> dict[str, bytes]:
 def _demo_files() -> dict[str, bytes]:
     spec, arrays = demo_model()
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)
     return {"spec.json": json.dumps(spec, indent=1).encode(), "weights.npz": buf.getvalue()}
 
 

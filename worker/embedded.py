@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import dispatcher
 from .contract.config import Settings
 from .contract.connection import own_client
 from .runner import _runtime_for, warm
@@ -25,9 +26,10 @@ log = logging.getLogger("convq.worker")
 class Handle:
     """The running embedded workers; stop() ends them after their current job."""
 
-    def __init__(self, workers: list, threads: list[threading.Thread]):
+    def __init__(self, workers: list, threads: list[threading.Thread], hooks=None):
         self.workers = workers
         self.threads = threads
+        self.hooks = hooks  # the webhook dispatcher
 
     @property
     def alive(self) -> int:
@@ -38,6 +40,8 @@ class Handle:
             worker.request_stop_soon()
         for thread in self.threads:
             thread.join(timeout)
+        if self.hooks is not None:
+            self.hooks.stop(timeout)
 
 
 def _loop(worker) -> None:
@@ -48,7 +52,7 @@ def _loop(worker) -> None:
 
 
 def start_workers(redis_client, settings: Settings | None = None, n: int = 1) -> Handle:
-    """Warm the engine, then start n worker threads on redis_client; return their Handle."""
+    """Warm the engine, then start n worker threads and a webhook dispatcher; return a Handle."""
     settings = settings or Settings()
     warm(settings)
     runtime = _runtime_for(settings)
@@ -59,4 +63,5 @@ def start_workers(redis_client, settings: Settings | None = None, n: int = 1) ->
     ]
     for thread in threads:
         thread.start()
-    return Handle(workers, threads)
+    hooks = dispatcher.start(own_client(redis_client), settings)
+    return Handle(workers, threads, hooks)

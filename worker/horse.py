@@ -6,9 +6,10 @@ worker is idle and runs jobs one after another, keeping what rq's per-job fork g
 SIGKILL or stuck kernel ends only the horse (the parent sees its pipe close, reaps it, fails or
 re-queues the job, and forks a new one before the next job), and it dies with its parent.
 
-The parent writes one JSON line per job, {"job", "execution", "queue"}, and reads two bytes
-back: b"1" when the horse took the job (a horse that died idle costs no job an attempt) and
-b"0" once the job has ended and its state is saved. Before all that, a new horse loads the
+The parent writes one JSON line per job, {"jobs": [[job id, execution id], ...], "queue"} (more
+than one job when the worker took a batch, worker/batch_take.py), and reads two bytes back:
+b"1" when the horse took them (a horse that died idle costs no job an attempt) and b"0" once
+every job has ended and its state is saved. Before all that, a new horse loads the
 engine's kernels and says b"r". Nothing else crosses the pipe.
 
 The kernels load and run only in the horse, never in the worker: GNU OpenMP (and Numba, which
@@ -28,11 +29,15 @@ import random
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
+from rq.queue import Queue
+from rq.worker import Worker
 from rq.worker.base import WorkerStatus
+
+from .contract.config import Settings
 
 log = logging.getLogger("convq.worker")
 _TOOK = b"1"
@@ -87,9 +92,12 @@ class _Horse:
     replies: int  # read end: one byte per finished job, EOF when the horse is gone
 
 
-class ReusedHorseMixin:
+class ReusedHorseMixin(Worker):
     """rq.Worker methods that run jobs in one long-lived horse instead of a fork per job."""
 
+    settings: Settings  # set by the worker's configure()
+    batch: list = []  # (job, execution) of each job the horse runs now, the lead first
+    perform_batch: Callable[[list, Queue], None]  # BatchMixin's (worker/batch_worker.py)
     _horse: _Horse | None = None
 
     # -- parent side ------------------------------------------------------------------------
@@ -129,10 +137,14 @@ class ReusedHorseMixin:
         log.info("work-horse %d ready: kernels loaded in %.1f s", pid, time.monotonic() - began)
 
     def execute_job(self, job, queue):
-        """Hand job to the horse (forking one if there is none) and watch it run."""
-        execution = self.prepare_execution(job)
+        """Hand job (and the queued jobs batched with it) to the horse and watch it run."""
+        jobs = [job, *self.take_more(job, queue)]
+        began = time.monotonic()
+        self.batch = self.prepare_executions(jobs)
         message = (
-            json.dumps({"job": job.id, "execution": execution.id, "queue": queue.name}).encode()
+            json.dumps(
+                {"jobs": [[j.id, e.id] for j, e in self.batch], "queue": queue.name}
+            ).encode()
             + b"\n"
         )
         for _attempt in range(3):
@@ -143,8 +155,13 @@ class ReusedHorseMixin:
             # It died or hung while idle (OOM killer, kill -9): the job never reached it.
             log.warning("idle work-horse %d is gone; forking another", horse.pid)
             self._kill_and_reap()
-        self.procline(f"Job {job.id} in horse {self._horse_pid} at {time.time()}")
-        self.monitor_work_horse(job, queue, execution)
+        what = f"Job {job.id}" if len(jobs) == 1 else f"Batch of {len(jobs)} jobs from {job.id}"
+        self.procline(f"{what} in horse {self.horse_pid} at {time.time()}")
+        try:
+            self.monitor_work_horse(job, queue, self.batch[0][1])
+        finally:
+            self.batch = []
+        self.timed(jobs, time.monotonic() - began)
         self.set_state(WorkerStatus.IDLE)
 
     def _hand_over(self, horse: _Horse | None, message: bytes) -> bool:
@@ -231,20 +248,29 @@ class ReusedHorseMixin:
                 os.write(replies, _DONE)
 
     def _horse_run(self, message: dict) -> None:
-        try:
-            job = self.job_class.fetch(
-                message["job"], connection=self.connection, serializer=self.serializer
+        ids = [job_id for job_id, _ in message["jobs"]]
+        jobs = self.job_class.fetch_many(
+            ids, connection=self.connection, serializer=self.serializer
+        )
+        members = []
+        for (job_id, execution_id), job in zip(message["jobs"], jobs, strict=True):
+            if job is None:
+                log.info("job %s was deleted before it started", job_id)
+                continue
+            execution = Execution(
+                execution_id, job.id, connection=self.connection, worker_name=self.name
             )
-        except NoSuchJobError:
-            log.info("job %s was deleted before it started", message["job"])
+            members.append((job, execution))
+        if not members:
             return
         queue = next(q for q in self.queues if q.name == message["queue"])
-        execution = Execution(
-            message["execution"], job.id, connection=self.connection, worker_name=self.name
-        )
-        self.executions = {execution.id: execution}
-        os.environ["RQ_JOB_ID"] = job.id
+        self.executions = {execution.id: execution for _, execution in members}
+        os.environ["RQ_JOB_ID"] = members[0][0].id
         try:
-            self.perform_job(job, queue, execution)
+            if len(members) == 1:
+                job, execution = members[0]
+                self.perform_job(job, queue, execution)
+            else:
+                self.perform_batch(members, queue)
         finally:
             self.executions = {}

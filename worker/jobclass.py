@@ -9,6 +9,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from .contract import telemetry
+from .contract.queue import announce_end, job_ended
 from .jobs import JOB_FUNCTIONS, JobSuperseded
 
 log = logging.getLogger("convq.worker")
@@ -44,8 +45,15 @@ class ConvqJob(Job):
         return JOB_FUNCTIONS[name]
 
     def perform(self):
+        return self._performed(super().perform)
+
+    def take_outcome(self, outcome) -> dict | None:
+        """Return or raise this job's outcome of a batch (worker.batch_run) as perform() would."""
+        return self._performed(outcome.get)
+
+    def _performed(self, run):
         try:
-            return super().perform()
+            return run()
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # Redis went away mid-job: a retry may well succeed
         except JobSuperseded:
@@ -65,14 +73,31 @@ class ConvqJob(Job):
                 pass
             raise
 
-    def ended(self, state: str) -> None:
-        """Report a job that ended in state ('finished'/'failed') to telemetry."""
+    def timings(self) -> tuple[float | None, float | None]:
+        """Return (seconds queued, seconds computing) of a job that ended (None if unknown)."""
         queue_s = compute_s = None
         if self.enqueued_at and self.started_at:
             queue_s = max(0.0, (self.started_at - self.enqueued_at).total_seconds())
         if self.started_at and self.ended_at:
             compute_s = max(0.0, (self.ended_at - self.started_at).total_seconds())
+        return queue_s, compute_s
+
+    def ended(self, state: str) -> None:
+        """Announce a job that ended in state ('finished'/'failed'), count it in telemetry and
+        record its callback as due."""
+        report_end(self, state)
         try:
-            telemetry.record_job(self.connection, state, queue_s, compute_s)
-        except Exception:  # noqa: BLE001 - metrics must never fail a job
-            log.exception("telemetry.record_job failed for job %s", self.id)
+            with self.connection.pipeline(transaction=False) as pipe:
+                announce_end(pipe, self.id)
+                telemetry.observe_job(pipe, state, *self.timings())
+                pipe.execute()
+        except Exception:  # noqa: BLE001 - metrics must never fail a job; a waiter looks again
+            log.exception("job %s: its end was not announced nor counted", self.id)
+
+
+def report_end(job: Job, state: str) -> None:
+    """Record job's callback as due, if it has one; a Redis error is logged, never raised."""
+    try:
+        job_ended(job, state)
+    except Exception:  # noqa: BLE001 - a lost callback must not fail or re-run the job
+        log.exception("job %s: its callback could not be recorded", job.id)

@@ -18,6 +18,7 @@ from engine.explain import explain as explain_images
 
 from . import runtime
 from .contract.cache import ModelGone
+from .contract.lean import lean_results
 from .contract.store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
@@ -63,11 +64,14 @@ def run_model(
     outputs: list[str] | str | None,
     input_id: str,
     explain: dict | None = None,
+    lean: dict | None = None,
 ) -> dict:
     """Run model version on the images stored under input_id; store the requested outputs.
 
     With explain ({"method", "layer", "channel"[, "at"]}, engine.explain) the explanation's
-    arrays (engine.explain.RESULTS) are stored beside the outputs.
+    arrays (engine.explain.RESULTS) are stored beside the outputs. With lean ({output: options},
+    checked by the service with contract.lean.check_all) store_results stores
+    lean_results(outputs, lean): channels, crops, float16 or uint8 maps, stats or PNG grids.
 
     Writes job.meta["progress"] = {"layer": i (1-based), "of": n, "name"} before each layer and
     stops once the job's timeout has passed or the job was canceled: between layers, and inside
@@ -154,12 +158,26 @@ def run_model(
     check()
     if reached and job.meta.get("progress") != reached:
         _save_progress(job, dict(reached))  # a finished job shows n of n
-    _with_redis_retries(lambda: store.put_result(job.id, result, files=in_files), started + timeout)
+    return store_results(job, store, result, input_id, files=in_files, deadline=started + timeout)
+
+
+def store_results(
+    job, store: Store, result: dict, input_id: str, *, files: bool, deadline: float
+) -> dict:
+    """Store one job's outputs and free its input; return the job's return value.
+
+    The one path every run takes to store a result, alone or as a slice of a batch
+    (worker/batch_run.py): result holds this job's own float32 outputs,
+    shaped here by the job's lean options (its "lean" argument, contract.lean.lean_results)
+    before anything is stored. deadline is on time.monotonic().
+    """
+    stored = lean_results(result, job.kwargs.get("lean") or {})
+    _with_redis_retries(lambda: store.put_result(job.id, stored, files=files), deadline)
     try:
         store.finish_run(job.id, input_id)  # free the input now rather than at its TTL
     except redis.RedisError:
         pass  # it expires anyway
-    return {"outputs": list(result)}
+    return {"outputs": list(stored)}
 
 
 def _with_redis_retries(write, deadline: float) -> None:

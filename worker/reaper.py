@@ -23,6 +23,8 @@ from rq.registry import StartedJobRegistry
 from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
 from .contract import keys
+from .contract.queue import announce_end
+from .jobclass import report_end
 
 log = logging.getLogger("convq.worker")
 
@@ -79,7 +81,8 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
                 continue
             job.meta = job.get_meta(refresh=True)
             job.meta["progress"] = None
-            if job.retries_left and job.retries_left > 0:
+            final = not (job.retries_left and job.retries_left > 0)
+            if not final:
                 log.warning(
                     "job %s: its worker stopped heartbeating; re-queued (%d retries left)",
                     job.id,
@@ -92,7 +95,10 @@ def reap_abandoned(queue, *, now: float | None = None, confirm_after: float = 0.
                 log.warning("job %s: %s; failed", job.id, message)
                 record_job_failure(job, job.meta["error"], pipe)
                 pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                announce_end(pipe, job.id)
             pipe.execute()
+            if final:
+                report_end(job, "failed")
             handled.append(job.id)
     return handled
 

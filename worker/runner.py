@@ -15,6 +15,7 @@ from rq.exceptions import StopRequested
 
 import engine
 
+from . import dispatcher
 from .contract import defaults
 from .contract.config import Settings
 from .contract.connection import connect
@@ -71,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     keep_freed_memory()
     log.info("%d threads per job; queue %r", settings.threads, settings.queue)
+    # Its own client: the horse is forked from this process and must share no pool with it.
+    hooks = dispatcher.start(connect(settings.redis_url), settings)
+    try:
+        return _work(settings, burst=args.burst)
+    finally:
+        hooks.stop(timeout=5.0)
 
+
+def _work(settings: Settings, *, burst: bool) -> int:
+    """Take jobs until stopped, reconnecting through Redis outages; return the exit status."""
     pause = 1.0
     while True:
         worker = None
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             client = connect(settings.redis_url)
             worker = make_worker(client, settings)
             worker.prepare_horse()  # kernels loaded before the worker says it is there
-            worker.work(burst=args.burst, logging_level="WARNING")
+            worker.work(burst=burst, logging_level="WARNING")
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s); retrying in %.0f s", exc, pause)
         except StopRequested:
@@ -88,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if worker is not None:
                 worker.stop_horse()
-        stopping = worker is not None and (
-            worker._stop_requested or worker._shutdown_requested_date is not None
-        )
-        if stopping or args.burst:
+        if (worker is not None and worker.stopping) or burst:
             return 0
         if time.monotonic() - began > defaults.BACKOFF_MAX:
             pause = 1.0  # it ran fine for a while: this is a new outage

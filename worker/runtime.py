@@ -6,20 +6,16 @@ the parent loaded), so a cached model costs no Redis round trip and no parsing p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from .contract.cache import ModelCache
 from .contract.config import Settings
 
 
-@dataclass
 class Runtime:
-    settings: Settings
-    cache: ModelCache = field(default=None)  # type: ignore[assignment]
+    """The settings and model cache job functions in this process use."""
 
-    def __post_init__(self):
-        if self.cache is None:
-            self.cache = ModelCache(self.settings.model_cache_bytes)
+    def __init__(self, settings: Settings, cache: ModelCache | None = None) -> None:
+        self.settings = settings
+        self.cache = cache if cache is not None else ModelCache(settings.model_cache_bytes)
 
 
 _current: Runtime | None = None

@@ -22,11 +22,14 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty, HorseMonitorTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, Worker
+from rq.worker.base import WorkerStatus
 
+from .batch_worker import BatchMixin
 from .contract import defaults, keys
+from .contract.queue import announce_end
 from .contract.store import Store
 from .horse import ReusedHorseMixin
-from .jobclass import ConvqJob
+from .jobclass import ConvqJob, report_end
 from .jobs import JOB_FUNCTIONS
 from .reaper import reap_abandoned, reap_unstarted
 
@@ -34,19 +37,32 @@ log = logging.getLogger("convq.worker")
 _PR_SET_PDEATHSIG = 1
 
 
-class _ConvqMixin:
+class _ConvqMixin(BatchMixin):
     """Behaviour shared by both worker kinds; configure() must be called after __init__."""
 
     poll_seconds = defaults.POLL_SECONDS
     max_connection_wait_time = defaults.BACKOFF_MAX
+    stopping = False  # a warm stop was asked for: the runner must not start the worker again
 
     def configure(self, settings, runtime) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = Store.from_settings(self.connection, settings)
-        self.job_monitoring_interval = settings.heartbeat
-        self.maintenance_interval = settings.maintenance_interval
         self._healthy_since: float | None = None
+
+    def register_birth(self):
+        """Register as rq does, then heartbeat at once.
+
+        rq gives a new worker's key worker_ttl + 60 s; one that died before its first heartbeat
+        would be counted alive (readiness, the sweep) for that long.
+        """
+        super().register_birth()
+        self.heartbeat()
+
+    def request_stop(self, signum, frame):
+        """Note a warm stop (SIGTERM, SIGINT or rq's shutdown command), then let rq stop."""
+        self.stopping = True
+        super().request_stop(signum, frame)
 
     @property
     def dequeue_timeout(self) -> int:
@@ -123,9 +139,13 @@ class _ConvqMixin:
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
+            report_end(job, "canceled")
             job.delete(remove_from_queue=True)
             self.store.delete_job(job.id)
             self._release(job)
+            with self.connection.pipeline(transaction=False) as pipe:
+                announce_end(pipe, job.id)  # a waiting /infer finds it gone now
+                pipe.execute()
             log.info("job %s canceled", job.id)
             return
         retry = job.should_retry and self._stopped_job_id != job.id
@@ -148,24 +168,6 @@ class _ConvqMixin:
         super().handle_job_success(job, queue, started_job_registry, execution)
         job.ended("finished")
         self._log_job(job, "finished", "")
-
-    def _log_job(self, job, state: str, exc_string: str) -> None:
-        took = (
-            (job.ended_at - job.started_at).total_seconds()
-            if job.ended_at and job.started_at
-            else 0.0
-        )
-        error = job.meta.get("error") or (exc_string.strip().splitlines() or [""])[-1]
-        kwargs = job.kwargs if job.func_name in JOB_FUNCTIONS else {}
-        log.info(
-            "job %s %s v%s %s in %.2f s%s",
-            job.id,
-            kwargs.get("model"),
-            kwargs.get("version"),
-            state,
-            took,
-            f": {error}" if state != "finished" else "",
-        )
 
 
 def _die_with_parent() -> None:
@@ -206,10 +208,11 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
             os._exit(1)
 
     def maintain_heartbeats(self, job, execution):
-        try:
-            super().maintain_heartbeats(job, execution)
-        except redis.RedisError as exc:
-            log.warning("heartbeat for job %s failed: %s", job.id, exc)
+        for member, member_execution in self.batch or [(job, execution)]:
+            try:
+                super().maintain_heartbeats(member, member_execution)
+            except redis.RedisError as exc:
+                log.warning("heartbeat for job %s failed: %s", member.id, exc)
 
     def monitor_work_horse(self, job, queue, execution):
         """Wait for the horse, heartbeating; kill it once it is well past the job's timeout."""
@@ -237,14 +240,17 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
                 if exc.errno != errno.EINTR:
                     raise
         self._horse_pid = 0
-        self.executions.pop(execution.id, None)
+        members = self.batch or [(job, execution)]
+        for _member, member_execution in members:
+            self.executions.pop(member_execution.id, None)
         if ret_val == os.EX_OK and not timed_out:
             return
-        try:
-            self._horse_ended_badly(job, queue, execution, ret_val, timed_out)
-        except redis.RedisError as exc:
-            # The sweep re-queues the job once Redis is back and its heartbeat has expired.
-            log.warning("job %s: could not record how its horse ended: %s", job.id, exc)
+        for member, member_execution in members:  # each job of a batch as if it ran alone
+            try:
+                self._horse_ended_badly(member, queue, member_execution, ret_val, timed_out)
+            except redis.RedisError as exc:
+                # The sweep re-queues the job once Redis is back and its heartbeat has expired.
+                log.warning("job %s: could not record how its horse ended: %s", member.id, exc)
 
     def _horse_ended_badly(self, job, queue, execution, ret_val, timed_out: bool) -> None:
         status = job.get_status()
@@ -266,6 +272,11 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
             message = f"work-horse died (exit status {ret_val}, signal {sig})"
             self.handle_work_horse_killed(job, None, ret_val, None)
             self.handle_job_failure(job, queue, exc_string=message, execution=execution)
+            if status == "queued":
+                # The horse died before starting it (a job of a batch waits its turn): it is
+                # still in the intermediate list and now queued again; the sweep must not
+                # re-queue it a second time.
+                queue.intermediate_queue.remove(job.id)
 
 
 class _DeadlineOnly(BaseDeathPenalty):
@@ -286,8 +297,20 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
     def _install_signal_handlers(self):
         pass  # rq may only install them from the main thread; Handle.stop() stops us instead
 
+    def execute_job(self, job, queue):
+        """Run job, with the queued jobs batched with it, in this thread."""
+        jobs = [job, *self.take_more(job, queue)]
+        began = time.monotonic()
+        if len(jobs) == 1:
+            super().execute_job(job, queue)
+        else:
+            self.perform_batch(self.prepare_executions(jobs), queue)
+            self.set_state(WorkerStatus.IDLE)
+        self.timed(jobs, time.monotonic() - began)
+
     def request_stop_soon(self) -> None:
         """Finish the job at hand, then leave work() (thread-safe)."""
+        self.stopping = True
         self._stop_requested = True
 
 

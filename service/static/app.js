@@ -212,6 +212,8 @@ async function run() {
   const form = new FormData();
   form.append("images", state.image, state.imageName.replace(/\.\w+$/, "") + ".png");
   form.append("outputs", "all");
+  const lean = leanField($("result-kind").value);
+  if (lean) form.append("lean", JSON.stringify(lean));
   try {
     const { id } = await (await api(`/v2/models/${encodeURIComponent(model)}/jobs`,
                                     { method: "POST", body: form })).json();
@@ -231,6 +233,20 @@ async function run() {
   } finally {
     updateRunButton();
   }
+}
+
+// What the job stores (the lean form field). The page shows grids, so by default the worker
+// draws them and stores only the PNGs, a fraction of the float32 maps' bytes; the last layer
+// stays numbers (float16) when the model has labels to rank for the top 5.
+function leanField(kind) {
+  if (kind === "float32") return null;
+  if (kind === "float16") return { "*": { dtype: "float16" } };
+  const lean = { "*": { png: true } };
+  const outputs = state.meta.outputs || [];
+  if ((state.meta.labels || []).length && outputs.length) {
+    lean[outputs[outputs.length - 1].name] = { dtype: "float16" };
+  }
+  return lean;
 }
 
 async function waitFor(id) {

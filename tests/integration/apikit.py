@@ -14,6 +14,7 @@ from engine import Model
 from service.app import create_app
 from tests.models import TINY_SPEC, tiny_arrays
 from worker.contract.config import Settings
+from worker.contract.store import from_bytes_tensor
 from worker.runner import burst
 
 SPEC = TINY_SPEC
@@ -93,19 +94,27 @@ def v2_binary(imgs: np.ndarray, outputs: list[str] | None = None) -> tuple[bytes
     }
 
 
+V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "BYTES": object}
+
+
 def parse_v2(data: bytes, header_length: str | None) -> dict[str, np.ndarray]:
-    """Decode a V2 response (binary or JSON outputs) to {name: array}."""
+    """Decode a V2 response (binary or JSON outputs) to {name: array}.
+
+    FP32, FP16 and UINT8 outputs become arrays of that type; BYTES an object array of bytes.
+    """
     n = len(data) if header_length is None else int(header_length)
     doc = json.loads(data[:n])
     out, offset = {}, n
     for o in doc["outputs"]:
         size = (o.get("parameters") or {}).get("binary_data_size")
         if size is None:
-            out[o["name"]] = np.array(o["data"], np.float32).reshape(o["shape"])
+            out[o["name"]] = np.array(o["data"], V2_DTYPES[o["datatype"]]).reshape(o["shape"])
+        elif o["datatype"] == "BYTES":
+            out[o["name"]] = from_bytes_tensor(data[offset : offset + size], o["shape"])
+            offset += size
         else:
-            out[o["name"]] = np.frombuffer(data[offset : offset + size], np.float32).reshape(
-                o["shape"]
-            )
+            dtype = V2_DTYPES[o["datatype"]]
+            out[o["name"]] = np.frombuffer(data[offset : offset + size], dtype).reshape(o["shape"])
             offset += size
     assert offset == len(data)
     return out
@@ -121,9 +130,16 @@ class Api:
     With blob_dir, inputs and results are files there (CONVQ_BLOB_DIR), as for every worker.
     """
 
-    def __init__(self, *, blob_dir: str | None = None, retries: int = 0, **config):
+    def __init__(
+        self,
+        *,
+        blob_dir: str | None = None,
+        retries: int = 0,
+        settings: dict | None = None,
+        **config,
+    ):
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir)
+        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir, **(settings or {}))
         self.app = create_app(
             {"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings, **config}
         )

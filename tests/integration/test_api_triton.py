@@ -68,6 +68,38 @@ def test_infer_fp32_with_default_outputs(client):
     np.testing.assert_array_equal(result.as_numpy("fc"), reference_model().run(imgs)["fc"])
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_lean_results_read_by_the_stock_client(client, binary):
+    # request parameters carry scalars only: the lean mapping goes as JSON text
+    imgs = images(2, seed=12)
+    lean = {
+        "conv1": {"dtype": "float16"},
+        "relu1": {"dtype": "uint8", "channels": "1:3"},
+        "pool1": {"stats": True},
+        "fc": {"png": True},
+    }
+    names = ["conv1", "relu1", "pool1", "fc"]
+    result = client.infer(
+        "tiny",
+        [_input(imgs, binary)],
+        outputs=[httpclient.InferRequestedOutput(n, binary_data=binary) for n in names],
+        parameters={"lean": json.dumps(lean)},
+    )
+    expect = reference_model().run(imgs, outputs=names)
+    conv1 = result.as_numpy("conv1")
+    assert conv1.dtype == np.float16
+    np.testing.assert_allclose(conv1.astype(np.float32), expect["conv1"], rtol=2.0**-11, atol=1e-7)
+    q, out = result.as_numpy("relu1"), result.get_output("relu1")
+    assert q.dtype == np.uint8 and out["datatype"] == "UINT8"
+    scale = result.as_numpy(out["parameters"]["scale"]).astype(np.float64)[:, None, None, :]
+    offset = result.as_numpy(out["parameters"]["offset"])[:, None, None, :]
+    assert np.all(np.abs(scale * q + offset - expect["relu1"][..., 1:3]) <= scale / 2 * (1 + 1e-9))
+    stats = result.as_numpy("pool1")
+    np.testing.assert_array_equal(stats[..., 1], expect["pool1"].max(axis=(1, 2)))
+    pictures = result.as_numpy("fc")  # BYTES: one PNG per image, binary whatever was asked
+    assert pictures.shape == (2,) and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+
+
 def test_client_errors_carry_the_message(client):
     with pytest.raises(InferenceServerException, match="conv9"):
         client.infer(

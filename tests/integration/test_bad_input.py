@@ -455,6 +455,7 @@ CASES = [
     Case("json-shape-vs-data-infer", INFER, lambda t: v2_with(shape=[1, 9, 9, 4]), 400, "values"),
     Case("json-negative-shape", JOBS, lambda t: v2_with(shape=[-1, 9, 9, 3]), 400, "shape"),
     Case("json-datatype", JOBS, lambda t: v2_with(datatype="INT64"), 400, "datatype"),
+    Case("json-datatype-list", JOBS, lambda t: v2_with(datatype=["UINT8"]), 400, "datatype"),
     Case("json-uint8-out-of-range", JOBS, lambda t: v2_with(data=[300] * 243), 400, "0..255"),
     Case(
         "json-strings-as-data",
@@ -826,6 +827,7 @@ def test_a_refused_replacement_keeps_the_model_as_it_was(api):
 
 
 # -- fuzzing the upload decoders: weights files and specs ------------------------------------------
+# 120 uploads each through the API: `make test` runs them, `make test-fast` leaves them out.
 
 FUZZ = settings(
     max_examples=120,
@@ -860,6 +862,7 @@ def _refused_or_loaded(api, body: dict) -> None:
         assert snapshot(api.redis) == before
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(WEIGHT_SEEDS),
@@ -875,6 +878,7 @@ def test_mutated_weight_files_are_4xx_or_load(api, seed, flips, cut):
     _refused_or_loaded(api, load_body(filename=filename, data=data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.integers(0, 3),
@@ -900,6 +904,7 @@ def test_specs_with_random_field_values_are_4xx_or_load(api, layer, key, value):
     _refused_or_loaded(api, load_body(spec))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(["name", "input", "preprocess", "fit", "layout", "layers", "extra"]),

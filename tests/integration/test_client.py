@@ -24,7 +24,7 @@ from worker.embedded import start_workers
 def server():
     """A convq API on a free port with one embedded worker, sharing one fakeredis."""
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    settings = Settings(threads=1)
+    settings = Settings(threads=1, callback_allow="127.0.0.1/32")
     app = create_app(
         {"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1-0123456789abcd,k2-0123456789abcd"}
     )
@@ -225,3 +225,105 @@ def test_top_k_prints_the_last_layers_best_classes_with_labels(
         best = np.argsort(-row, kind="stable")[:2]
         want = [f"{row[i]:f}:{i}:class-{i}" for i in best]
         assert ranked.split(", ") == want
+
+
+def _lean_run(server, demo_files, tmp_path, capsys, *flags) -> tuple[int, str, str]:
+    args = ["--url", server, "--api-key", "k1-0123456789abcd", "--model", "lean"]
+    args += ["--spec", str(demo_files / "spec.json"), "--weights", str(demo_files / "weights.npz")]
+    args += ["--outputs", "pool1", *flags, "--out", str(tmp_path), str(demo_files / "pics")]
+    status = client.main(args)
+    captured = capsys.readouterr()
+    return status, captured.out.strip(), captured.err
+
+
+def _demo_pool1() -> np.ndarray:
+    pictures = sorted(demo_images()[:2])
+    batch = np.stack([np.asarray(Image.open(io.BytesIO(data))) for _, data in pictures])
+    return Model.from_arrays(*demo_model()).run(batch, outputs=["pool1"])["pool1"]
+
+
+def test_lean_flags_uint8_channels_and_crop(server, demo_files, tmp_path, capsys):
+    flags = ["--dtype", "uint8", "--channels", "8:24", "--crop", "2,3,20,10"]
+    status, npz, err = _lean_run(server, demo_files, tmp_path, capsys, *flags)
+    assert status == 0, err
+    with np.load(npz, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["pool1", "pool1:offset", "pool1:scale"]
+        q, scale, offset = saved["pool1"], saved["pool1:scale"], saved["pool1:offset"]
+    assert q.dtype == np.uint8 and q.shape == (2, 20, 10, 16)
+    step = scale.astype(np.float64)[:, None, None, :]
+    back = step * q + offset[:, None, None, :]
+    want = _demo_pool1()[:, 2:22, 3:13, 8:24]
+    assert np.all(np.abs(back - want) <= step / 2 + 1e-4 * np.abs(want).max())  # engine rounding
+    grids = sorted(p.name for p in (tmp_path / npz.rsplit("/", 1)[-1][:-4]).rglob("*.png"))
+    assert len(grids) == 2  # pool1's grids; none for the (N, K) scale and offset
+
+
+def test_lean_flags_png_only_and_stats(server, demo_files, tmp_path, capsys):
+    status, npz, err = _lean_run(server, demo_files, tmp_path / "png", capsys, "--png")
+    assert status == 0, err
+    with np.load(npz, allow_pickle=False) as saved:
+        assert saved.files == []  # the pictures only
+    grids = sorted((tmp_path / "png").rglob("*.png"))
+    assert len(grids) == 2
+    with Image.open(grids[0]) as picture:
+        assert picture.format == "PNG"
+    status, npz, err = _lean_run(server, demo_files, tmp_path / "stats", capsys, "--stats")
+    assert status == 0, err
+    with np.load(npz, allow_pickle=False) as saved:
+        stats = saved["pool1"]
+    want = _demo_pool1()
+    assert stats.shape == (2, want.shape[3], 5)
+    np.testing.assert_allclose(stats[..., 2], want.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "stats").rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--stats", "--png"],
+        ["--png", "--dtype", "uint8"],
+        ["--crop", "1,2"],
+        ["--channels", "a,b"],
+        ["--top", "3", "--stats"],
+        ["--png", "--no-png"],
+    ],
+)
+def test_lean_flag_mistakes_need_no_server(tmp_path, capsys, flags):
+    assert client.main(["--url", "http://127.0.0.1:9", *flags, str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_lean_flags_the_server_refuses_end_with_status_1(server, demo_files, tmp_path, capsys):
+    status, _, err = _lean_run(server, demo_files, tmp_path, capsys, "--channels", "0:999")
+    assert status == 1 and "channels" in err and "pool1" in err
+
+
+def test_callback_reaches_the_receiver_signed_and_a_refused_one_is_status_1(
+    server, demo_files, tmp_path, capsys
+):
+    import requests
+
+    from tests.integration.receiver import Receiver
+    from worker.contract import webhooks
+
+    key = "k2-0123456789abcd"
+    args = ["--url", server, "--api-key", key, "--outputs", "pool1", "--no-png"]
+    args += ["--spec", str(demo_files / "spec.json"), "--weights", str(demo_files / "weights.npz")]
+    hook = Receiver()
+    try:
+        status = client.main(
+            [*args, "--callback", hook.url, "--out", str(tmp_path), str(demo_files / "pics")]
+        )
+        captured = capsys.readouterr()
+        assert status == 0, captured.err
+        job = captured.out.strip().rsplit("/", 1)[-1].removesuffix(".npz")
+        (call,) = hook.wait_calls(1)
+        assert json.loads(call.body)["id"] == job
+        secret = requests.get(
+            f"{server}/v2/webhook-secret", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        ).json()["secret"]
+        assert webhooks.verify(secret, call.body, call.headers[webhooks.SIGNATURE_HEADER])
+    finally:
+        hook.close()
+    status = client.main([*args, "--callback", "http://10.0.0.1/", str(demo_files / "pics")])
+    assert status == 1 and "internal address" in capsys.readouterr().err

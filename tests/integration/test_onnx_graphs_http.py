@@ -46,6 +46,14 @@ class InceptionNet(nn.Module):
         return torch.sigmoid(self.norm(self.inception(self.stem(x))))
 
 
+class InceptionStockLRN(InceptionNet):
+    """The same with nn.LocalResponseNorm, which PyTorch exports as its decomposition."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LocalResponseNorm(3, 1e-3, 0.75, 1.0)
+
+
 def exported(net: nn.Module, side: int) -> bytes:
     torch.manual_seed(0)
     for m in net.modules():
@@ -67,6 +75,7 @@ def api():
     [
         (Residual, 16, {"conv", "relu", "add", "avgpool", "softmax"}),
         (InceptionNet, 11, {"conv", "clip", "relu", "maxpool", "concat", "lrn", "sigmoid"}),
+        (InceptionStockLRN, 11, {"conv", "clip", "relu", "maxpool", "concat", "lrn", "sigmoid"}),
     ],
 )
 def test_uploaded_graph_runs_with_every_layer_equal_to_onnxruntime(api, net, side, types):

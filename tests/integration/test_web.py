@@ -212,6 +212,35 @@ def test_the_pages_calls_end_in_one_grid_per_layer(demo, redis_conn):
     assert sizes["conv1"] == sizes["relu1"]
 
 
+def test_the_pages_default_png_job_draws_the_grids_of_a_float32_job(demo, redis_conn):
+    """What app.js sends by default (lean png) gives the very grids of the float32 maps."""
+    assert '{ "*": { png: true } }' in (STATIC / "app.js").read_text()
+    stripes = demo.get("/ui/samples/stripes.png").data
+    jobs = {}
+    for kind, lean in (("float32", None), ("png", '{"*": {"png": true}}')):
+        data = {"images": (io.BytesIO(stripes), "stripes.png"), "outputs": "all"}
+        if lean:
+            data["lean"] = lean
+        resp = demo.post("/v2/models/demo/jobs", data=data)
+        assert resp.status_code == 202, resp.get_data(as_text=True)
+        jobs[kind] = resp.get_json()["id"]
+    burst(redis_conn)
+    for name in ("conv1", "relu1", "pool1"):
+        drawn = [
+            demo.get(f"/v2/jobs/{jobs[kind]}/result?output={name}&format=png&image=0")
+            for kind in ("float32", "png")
+        ]
+        assert drawn[0].status_code == drawn[1].status_code == 200
+        assert drawn[0].data == drawn[1].data
+    # the png job stores the pictures only: far fewer bytes than the float32 maps
+    store = demo.application.extensions["convq"].store
+    sizes = {
+        kind: sum(store.result_nbytes(job, n) for n in ("conv1", "relu1", "pool1"))
+        for kind, job in jobs.items()
+    }
+    assert sizes["png"] * 4 < sizes["float32"]
+
+
 def test_demo_model_files_upload_as_they_are(client):
     spec = client.get("/ui/demo/spec.json")
     weights = client.get("/ui/demo/weights.npz")

@@ -70,3 +70,17 @@ def test_threads_share_the_api_server_and_stop_cleanly():
         started = time.monotonic()
         handle.stop()
     assert handle.alive == 0 and time.monotonic() - started < 10
+
+
+def test_a_new_fork_workers_key_lives_one_heartbeat_ttl_from_birth():
+    from worker.runtime import Runtime
+    from worker.workers import build
+
+    redis = fakeredis.FakeStrictRedis()
+    settings = Settings(heartbeat=1, heartbeat_grace=4)
+    worker = build("fork", redis, settings, Runtime(settings))  # forks nothing until it works
+    worker.register_birth()
+    try:
+        assert 0 < redis.ttl(worker.key) <= 1 + 4 + worker.poll_seconds
+    finally:
+        worker.register_death()

@@ -406,3 +406,24 @@ def test_job_popped_by_a_worker_that_died_is_requeued(env):
     burst(redis, SETTINGS)
     status = job_status(queue, job_id)
     assert status["status"] == "finished" and status["attempt"] == 2
+
+
+def test_wait_for_end_wakes_on_the_jobs_end_signal_not_its_next_look(env):
+    import threading
+
+    redis, _store, queue, *_ = env
+    job_id = _submit(env)
+    woke: list[float] = []
+
+    def wait() -> None:
+        status = wait_for_end(queue, job_id, time.monotonic() + 30, poll_max=20.0)
+        woke.append(time.monotonic())
+        assert status is not None and status is not False and status["status"] == "finished"
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.2)  # the waiter is blocked on the signal (one look takes up to 20 s)
+    burst(redis, SETTINGS)
+    ended = time.monotonic()
+    waiter.join(10)
+    assert woke and woke[0] - ended < 2.0  # woken by the worker's push, long before 20 s

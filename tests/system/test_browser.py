@@ -224,6 +224,118 @@ def test_dropping_a_picture_chooses_it_and_fits_it_to_the_model(server, browser)
     assert browser.find_element(By.ID, "run-button").is_enabled()
 
 
+LABELS = ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "emu", "ant", "eel"]
+
+
+def inception_model() -> tuple[dict, dict]:
+    """A small GoogLeNet-like graph with class labels: stem, one inception block, classifier."""
+    rng = np.random.default_rng(0)
+    arrays: dict = {}
+
+    def conv(name, k, f, c, src=None):
+        arrays[f"{name}.w"] = rng.standard_normal((k, f, f, c)).astype(np.float32) / (f * c**0.5)
+        arrays[f"{name}.b"] = rng.standard_normal(k).astype(np.float32) * 0.1
+        layer = {"name": name, "type": "conv", "filters": k, "size": f, "pad": f // 2}
+        return layer | ({"input": src} if src else {})
+
+    layers = [
+        conv("stem", 8, 3, 3),
+        {"name": "stem_relu", "type": "relu"},
+        conv("b1", 4, 1, 8),
+        {"name": "b1_relu", "type": "relu"},
+        conv("b2_reduce", 4, 1, 8, "stem_relu"),
+        conv("b2", 6, 3, 4),
+        {"name": "b2_relu", "type": "relu"},
+        {"name": "b3_pool", "type": "maxpool", "size": 3, "pad": 1, "stride": 1},
+        conv("b3", 2, 1, 8),
+        {"name": "mixed", "type": "concat", "inputs": ["b1_relu", "b2_relu", "b3"]},
+        {"name": "gap", "type": "globalavgpool"},
+        conv("fc", 10, 1, 12),
+        {"name": "prob", "type": "softmax"},
+    ]
+    layers[7]["input"] = "stem_relu"
+    spec = {
+        "name": "incept",
+        "input": {"height": 32, "width": 32, "channels": 3},
+        "preprocess": {"scale": 1 / 255},
+        "labels": LABELS,
+        "layers": layers,
+    }
+    return spec, arrays
+
+
+def test_a_graph_models_layers_in_graph_order_with_inputs_and_its_top_5(server, browser, tmp_path):
+    from PIL import Image
+
+    from engine import Model
+
+    spec, arrays = inception_model()
+    np.savez(tmp_path / "w.npz", **arrays)
+    files = {
+        "spec": ("spec.json", json.dumps(spec)),
+        "weights": ("w.npz", (tmp_path / "w.npz").read_bytes()),
+    }
+    requests.post(
+        f"{server}/v2/repository/models/incept/load", files=files, timeout=30
+    ).raise_for_status()
+    browser.get(server + "/")
+    select = Select(wait(browser, lambda d: d.find_element(By.ID, "model-select")))
+    wait(browser, lambda d: "incept" in [o.get_attribute("value") for o in select.options])
+    select.select_by_value("incept")
+    rows = wait(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#summary tbody tr")) == 13
+            and d.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
+        ),
+    )
+    model = Model.from_arrays(spec, arrays)
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    assert [c[0] for c in cells] == model.layer_names
+    assert cells[model.layer_names.index("mixed")][2] == "b1_relu, b2_relu, b3"
+
+    picture = tmp_path / "noise.png"  # the model's own size: the page sends it unscaled
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(picture)
+    browser.find_element(By.ID, "file-input").send_keys(str(picture))
+    run = browser.find_element(By.ID, "run-button")
+    wait(browser, lambda d: run.is_enabled())
+    run.click()
+    status = browser.find_element(By.ID, "status")
+    wait(browser, lambda d: "finished" in status.text or "failed" in status.text)
+    assert "finished" in status.text, status.text
+
+    # 13 layers: each a closed row in graph order, titled with its shape and what it reads
+    figures = wait(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#maps figure")) == 13
+            and d.find_elements(By.CSS_SELECTOR, "#maps figure")
+        ),
+    )
+    assert [f.get_attribute("data-layer") for f in figures] == model.layer_names
+    titles = {
+        f.get_attribute("data-layer"): f.find_element(By.TAG_NAME, "summary").text for f in figures
+    }
+    assert titles["mixed"] == "mixed: 32×32×12 ← b1_relu, b2_relu, b3"
+    assert titles["b2_reduce"].endswith("← stem_relu") and titles["b3_pool"].endswith("← stem_relu")
+    branch = next(f for f in figures if f.get_attribute("data-layer") == "b2")
+    img = branch.find_element(By.TAG_NAME, "img")
+    assert not browser.execute_script("return arguments[0].closest('details').open", img)
+    branch.find_element(By.TAG_NAME, "summary").click()  # open a branch layer: its maps load
+    wait(browser, lambda d: loaded(d, img))
+    assert browser.execute_script("return arguments[0].naturalWidth", img) > 32
+
+    box = browser.find_element(By.ID, "top5")
+    wait(browser, lambda d: box.is_displayed())
+    assert browser.find_element(By.ID, "top5-caption").text == "Top 5 of prob"
+    shown = [li.text for li in box.find_elements(By.TAG_NAME, "li")]
+    probs = model.run(pixels[None])["prob"].reshape(-1)
+    best = np.argsort(-probs)[:5]
+    assert shown == [f"{LABELS[i]} ({i}): {probs[i]:.4f}" for i in best]
+    browser.save_screenshot(str(ARTIFACTS / "browser-graph.png"))
+
+
 def test_a_stack_without_the_demo_offers_it_in_one_click(server, browser):
     requests.post(f"{server}/v2/repository/models/demo/unload", timeout=30).raise_for_status()
     requests.post(f"{server}/v2/repository/models/mine/unload", timeout=30)

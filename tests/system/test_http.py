@@ -244,6 +244,21 @@ def test_tritonclient_against_real_processes(stack):
         result = client.infer("m", [tensor], outputs=outputs)
         for name, array in expect.items():
             np.testing.assert_array_equal(result.as_numpy(name), array)
+    # lean results, shaped by the worker processes before they store them
+    lean = {
+        "conv": {"dtype": "uint8", "channels": [3, 1]},
+        "relu": {"stats": True, "crop": [2, 2, 8, 8]},
+        "pool": {"png": True},
+    }
+    result = client.infer("m", [tensor], outputs=outputs, parameters={"lean": json.dumps(lean)})
+    q, scale = result.as_numpy("conv"), result.as_numpy("conv:scale").astype(np.float64)
+    back = scale[:, None, None, :] * q + result.as_numpy("conv:offset")[:, None, None, :]
+    step = scale[:, None, None, :]
+    assert np.all(np.abs(back - expect["conv"][..., [3, 1]]) <= step / 2 * (1 + 1e-9))
+    relu = expect["relu"][:, 2:10, 2:10]
+    np.testing.assert_array_equal(result.as_numpy("relu")[..., 1], relu.max(axis=(1, 2)))
+    np.testing.assert_allclose(result.as_numpy("relu")[..., 4], (relu == 0).mean(axis=(1, 2)))
+    assert [p[:4] for p in result.as_numpy("pool")] == [b"\x89PNG"] * 3
     client.close()
 
 

@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.system]
 
 def test_job_status_is_a_quick_503_with_redis_paused_after_a_metrics_scrape(redis_server):
     app = create_app({"TESTING": True, "REDIS_URL": redis_server.url, "SOCKET_TIMEOUT": 0.5})
-    # A registered worker makes a scrape read worker records (rq's Worker.all), the read that
-    # used to raise the shared pool's socket timeout to rq's blocking-pop wait.
+    # A registered worker makes a scrape read worker records (rq's Worker.all); rq's Worker
+    # raises the socket timeout of the pool it is given to its blocking-pop wait, so a scrape
+    # on the API's shared pool would leave status reads waiting that long.
     other = connect(redis_server.url)
     Worker([make_queue(other)], connection=other, name="outage-probe").register_birth()
     client = app.test_client()

@@ -301,3 +301,50 @@ def test_worker_survives_redis_outage_and_pause(redis_server, workers):
     job_id = bench.submit("tiny", version, np.ones((1, 9, 9, 3), np.uint8), ["fc"])
     assert bench.wait_end(job_id, timeout=60)["status"] == "finished", worker.log()[-3000:]
     assert worker.alive()
+
+
+def _submit_batch(bench, count: int = 3) -> tuple[list[str], list[np.ndarray]]:
+    """Queue count one-image slow jobs of different images (two keys' worth of owners)."""
+    version = bench.upload("slow", slow_model())
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8) for _ in range(count)]
+    ids = [bench.submit("slow", version, x, ["c29"]) for x in images]
+    return ids, images
+
+
+def _wait_batch_started(bench, ids, layer: int) -> None:
+    for job_id in ids:
+        status = bench.wait_layer(job_id, layer)
+        assert status["batch"] == {"jobs": len(ids), "images": len(ids)}, status
+
+
+def _assert_each_right(bench, ids, images, attempt: int) -> None:
+    for job_id, x in zip(ids, images, strict=True):
+        status = bench.wait_end(job_id)
+        assert status["status"] == "finished" and status["attempt"] == attempt, status
+        got = bench.store.result_array(job_id, "c29")
+        assert np.array_equal(got, slow_model().run(x, outputs=["c29"])["c29"])
+        assert job_id not in FailedJobRegistry(queue=bench.queue)
+
+
+def test_killed_horse_mid_batch_retries_every_job_of_it(redis_server, workers):
+    bench = Bench(redis_server)
+    ids, images = _submit_batch(bench)
+    worker = workers(redis_server.url)  # started after the jobs: it takes all three at once
+    _wait_batch_started(bench, ids, 3)
+    (horse,) = worker.children()
+    os.kill(horse, signal.SIGKILL)
+    _assert_each_right(bench, ids, images, attempt=2)
+    assert worker.alive()
+
+
+def test_killed_worker_mid_batch_every_job_finishes_on_another(redis_server, workers):
+    bench = Bench(redis_server)
+    ids, images = _submit_batch(bench)
+    victim = workers(redis_server.url)
+    _wait_batch_started(bench, ids, 2)
+    survivor = workers(redis_server.url)
+    killed_at = time.monotonic()
+    victim.kill()
+    _assert_each_right(bench, ids, images, attempt=2)
+    assert time.monotonic() - killed_at < 90, survivor.log()[-3000:]

@@ -1,4 +1,4 @@
-"""Backward passes against the plain-loop references, finite differences, the seed formula."""
+"""Backward passes against the plain-loop references, finite differences, the transposed conv."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_both_input_gradient_routes_match_reference(name, via_conv):
 
 
 @pytest.mark.parametrize("name", ["stride2-remainder", "dilated-strided", "asymmetric-pads"])
-def test_input_gradient_is_the_seeds_flipped_filter_convolution(name):
+def test_input_gradient_is_the_flipped_filter_convolution(name):
     """dx = (dout dilated by the stride, padded by D(F-1)) conv (flipped, transposed w), cropped."""
     x, wt, dout, stride, pad, dilation = _conv_case(name, seed=9)
     win = Window.make(wt.shape[1:3], stride, pad, dilation)
@@ -70,8 +70,8 @@ def test_input_gradient_is_the_seeds_flipped_filter_convolution(name):
     big[:, ph : ph + hout * win.sh : win.sh, pw : pw + wout * win.sw : win.sw] = dout
     flipped = wt[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)
     dxp = fwd.conv2d_reference(big, flipped, None, 1, 0, (win.dh, win.dw))
-    seed_dx = dxp[:, win.top : win.top + x.shape[1], win.left : win.left + x.shape[2]]
-    assert_matches(bw.conv2d_backward(x, wt, dout, stride, pad, dilation)[0], seed_dx, atol=1e-4)
+    want_dx = dxp[:, win.top : win.top + x.shape[1], win.left : win.left + x.shape[2]]
+    assert_matches(bw.conv2d_backward(x, wt, dout, stride, pad, dilation)[0], want_dx, atol=1e-4)
 
 
 def _objective(out, dout):

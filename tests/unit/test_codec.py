@@ -231,3 +231,10 @@ def test_encode_all_json_has_no_header_length():
     _, headers = encode_infer("m", 1, [("a", a.shape, memoryview(a.tobytes()))], binary=set())
     assert "Inference-Header-Content-Length" not in headers
     assert headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("datatype", [["UINT8"], {"t": 1}, 8, None, "FP16"])
+def test_a_datatype_that_is_not_one_of_the_names_is_a_bad_request(datatype):
+    body = json_request(np.zeros((1, 2, 2, 3), np.uint8), datatype)
+    with pytest.raises(BadRequest, match="datatype must be one of UINT8, FP32"):
+        decode_infer(body, None)

@@ -23,6 +23,10 @@ GROUPED = {
     "depthwise-multiplier3": (2, 8, 9, 5, 15, 5, (3, 3), 1, (0, 1, 2, 0), 1),
     "depthwise-5x5-dilated": (1, 14, 13, 6, 6, 6, (5, 5), (1, 2), (2, 3, 4, 1), (2, 1)),
     "depthwise-pad-wider-than-image": (1, 2, 3, 3, 6, 3, (3, 3), 2, (2, 3, 2, 3), 1),
+    # few filters per group, many groups: the direct kernel (engine._grouped_kernel)
+    "resnext-32-groups-of-4": (2, 7, 8, 128, 128, 32, (3, 3), 1, (1, 1, 1, 1), 1),
+    "direct-stride2-dilated": (1, 9, 11, 64, 32, 16, (3, 3), 2, (0, 1, 2, 1), (2, 1)),
+    "direct-17-groups-odd-lanes": (2, 5, 6, 34, 51, 17, (2, 3), 1, (1, 0, 0, 2), 1),
 }
 
 
@@ -151,6 +155,30 @@ def test_grouped_conv_sweep(case, seed, relu):
     x, wt, b, kw = case_arrays(case, seed=seed)
     got = ops.conv2d(x, wt, b, relu=relu, **kw)
     assert_matches(got, ref.conv2d_reference(x, wt, b, relu=relu, **kw))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=grouped_cases(), seed=st.integers(0, 2**16), relu=st.booleans())
+def test_grouped_direct_kernel_sweep(case, seed, relu):
+    # the direct kernel forced for every drawn case, whatever its groups and filters per group
+    x, wt, b, kw = case_arrays(case, seed=seed)
+    before = ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS
+    ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS = 10**6, 2
+    try:
+        got = ops.conv2d(x, wt, b, relu=relu, **kw)
+    finally:
+        ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS = before
+    assert_matches(got, ref.conv2d_reference(x, wt, b, relu=relu, **kw))
+
+
+def test_grouped_direct_taps_made_once():
+    cw = ops.ConvWeights(rand(64, 3, 3, 2, seed=3), groups=32)
+    x = rand(1, 5, 5, 64, seed=4)
+    first = ops.conv2d(x, cw, pad=1)
+    taps = cw.grouped_taps()[0]
+    assert cw.nbytes >= taps.nbytes > 0
+    np.testing.assert_array_equal(ops.conv2d(x, cw, pad=1), first)
+    assert cw.grouped_taps()[0] is taps
 
 
 torch_cases = pytest.mark.parametrize("case", GROUPED.values(), ids=GROUPED.keys())

@@ -91,3 +91,34 @@ def test_a_branch_keeps_its_source_alive_until_its_last_reader(monkeypatch):
         layers=[SimpleNamespace(**{**vars(x), "inputs": None}) for x in layers], channels=1
     )
     assert footprint.peak_bytes(chain, 1, 8, 8, ["c"]) == a + b  # the image is freed after a
+
+
+def test_a_concat_whose_branches_write_into_it_stays_within_the_prediction():
+    # The concat's output is allocated by its first conv branch, a, while the image and the
+    # pool branch's p are still alive: the prediction counts it from there, not from cat.
+    from tests.unit.test_graph import _conv_arrays
+
+    spec = {
+        "input": {"height": 48, "width": 48, "channels": 32},
+        "layers": [
+            {"name": "a", "type": "conv", "filters": 8, "size": 3, "input": "image"},
+            {"name": "p", "type": "maxpool", "size": 3, "stride": 1, "input": "image"},
+            {"name": "pc", "type": "conv", "filters": 8, "size": 1},
+            {"name": "cat", "type": "concat", "inputs": ["a", "pc"]},
+        ],
+    }
+    model = Model.from_arrays(spec, _conv_arrays(spec, 1))
+    x = np.random.default_rng(0).standard_normal((4, 48, 48, 32)).astype(np.float32)
+    model.run(x)
+    tracemalloc.start()
+    try:
+        model.run(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    predicted = model.peak_bytes(4, 48, 48)
+    assert peak <= predicted - SCRATCH_BYTES + 64 * 1024
+    # while p is made: the float32 image, cat (16 channels), a (8, counted apart, an upper
+    # bound: it is cat's first slice) and p (32)
+    image, per_channel = 4 * 48 * 48 * 32 * 4, 4 * 4 * 46 * 46
+    assert predicted - SCRATCH_BYTES == image + per_channel * (16 + 8 + 32)

@@ -177,7 +177,8 @@ def test_fused_and_unfused_runs_agree():
     model = Model.from_arrays(RESIDUAL, residual_arrays())
     steps = plan(parse_spec(RESIDUAL).layers, ["prob"])
     fused = [[lay.name for lay in step.layers] for step in steps]
-    assert ["c1", "bn1", "r1"] in fused and ["c2", "bn2"] in fused
+    # the residual add (and its relu) goes into c2's store: nothing else reads bn2
+    assert ["c1", "bn1", "r1"] in fused and ["c2", "bn2", "sum"] in fused
     x = np.random.default_rng(7).standard_normal((2, 6, 7, 4)).astype(np.float32)
     fast = model.run(x)["prob"]
     model.fuse = False
@@ -208,7 +209,7 @@ def test_values_are_freed_after_their_last_reader():
 
 
 def test_elementwise_steps_overwrite_values_nobody_reads_later():
-    steps = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["prob"])}
+    steps = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["prob"], fuse=False)}
     assert steps["sum"].in_place == "bn2"  # not "image": that may be the caller's array
     assert steps["prob"].in_place is None  # softmax makes a new array
     twice = copy.deepcopy(RESIDUAL)
@@ -220,7 +221,7 @@ def test_elementwise_steps_overwrite_values_nobody_reads_later():
     got = Model.from_arrays(twice, residual_arrays()).run(x, outputs="sum")["sum"]
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
     kept = {s.name: s for s in plan(parse_spec(RESIDUAL).layers, ["bn2", "prob"])}
-    assert kept["sum"].in_place is None
+    assert kept["sum"].in_place is None and len(kept["sum"].layers) == 1
     model = Model.from_arrays(RESIDUAL, residual_arrays())
     x = np.random.default_rng(8).standard_normal((1, 6, 7, 4)).astype(np.float32)
     before = x.copy()
@@ -237,9 +238,12 @@ def test_memory_is_the_live_set_not_the_sum():
     everything = model.memory(4, 8, 8, "all")
     total = 4 * 4 * sum(int(np.prod(s)) for s in shapes.values())
     assert last < everything <= total + 4 * 4 * 8 * 8 * 3
-    # the widest moment: the four branches held while mixed is made (norm and the image are gone)
-    live = [shapes[n] for n in ("b1", "b2", "b3", "b4_relu6", "mixed")]
+    # b1, b2 and b3 are written straight into mixed's output, allocated by b1; the widest moment
+    # is then b4_pool being made while norm and mixed are held (not the four branches + mixed)
+    live = [shapes[n] for n in ("norm", "mixed", "b4_pool")]
     assert last == 4 * 4 * sum(int(np.prod(s)) for s in live)
+    copied = [shapes[n] for n in ("b1", "b2", "b3", "b4_relu6", "mixed")]
+    assert last < 4 * 4 * sum(int(np.prod(s)) for s in copied)
 
 
 def test_on_layer_sees_every_layer_once_in_order():
@@ -422,3 +426,139 @@ def test_summary_cli_prints_batch_bytes_and_the_live_set_peak(tmp_path, capsys):
     assert peak_bytes(parse_spec(INCEPTION), 8, 8, 4) == last
     assert f"{last:,} B asking for the last layer, {every:,} B asking for all" in out
     assert "per batch (B)" in out and "b1,b2,b3,b4_relu6" in out
+
+
+def _conv_arrays(spec: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    parsed = parse_spec(spec)
+    out = {}
+    for layer, c in zip(parsed.layers, parsed.channels_in(), strict=True):
+        if layer.type == "conv":
+            win = layer.window
+            fan = win.fh * win.fw * c
+            out[layer.weights] = rand(rng, layer.filters, win.fh, win.fw, c) / np.sqrt(fan)
+            if layer.bias is not None:
+                out[layer.bias] = rand(rng, layer.filters)
+        elif layer.type == "batchnorm":
+            out |= bn(rng, layer.name, c)
+    return out
+
+
+def _peak_traced(model: Model, x: np.ndarray, outputs) -> int:
+    import tracemalloc
+
+    model.run(x, outputs=outputs)  # warm: kernels compiled, filters packed, scratch grown
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    model.run(x, outputs=outputs)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return peak
+
+
+def test_conv_branches_write_straight_into_their_concat_slice():
+    steps = {s.name: s for s in plan(parse_spec(INCEPTION).layers, ["gate"], depth=None)}
+    assert all(s.into is None for s in steps.values())  # no depths given: no slices
+    spec = parse_spec(INCEPTION)
+    steps = {s.name: s for s in plan(spec.layers, ["gate"], depth=spec.depths())}
+    assert steps["b1"].into == ("mixed", 0, 4) and steps["b2"].into == ("mixed", 4, 9)
+    assert steps["b3"].into == ("mixed", 9, 11)
+    assert steps["b4_relu6"].into is None  # a clip step is copied in by the concat
+    assert steps["mixed"].filled == ("b1", "b2", "b3")
+    asked = {s.name: s for s in plan(spec.layers, ["b2", "gate"], depth=spec.depths())}
+    assert asked["b2"].into is None  # requested: it keeps its own array
+    # Two 1x1 branches of 32 filters each over a 32x32 image, concatenated: made in place, the
+    # run allocates the concat's output only; with the copy, both branches as well.
+    two = {
+        "input": {"height": 32, "width": 32, "channels": 8},
+        "layers": [
+            {"name": "a", "type": "conv", "filters": 32, "size": 1, "input": "image"},
+            {"name": "b", "type": "conv", "filters": 32, "size": 3, "pad": 1, "input": "image"},
+            {"name": "cat", "type": "concat", "inputs": ["a", "b"]},
+        ],
+    }
+    model = Model.from_arrays(two, _conv_arrays(two, 3))
+    x = np.random.default_rng(4).standard_normal((4, 32, 32, 8)).astype(np.float32)
+    cat_bytes = 4 * 4 * 32 * 32 * 64
+    direct = _peak_traced(model, x, "cat")
+    got = model.run(x)["cat"]
+    model.fuse = False
+    copied = _peak_traced(model, x, "cat")
+    np.testing.assert_array_equal(got, model.run(x)["cat"])
+    assert direct < 1.2 * cat_bytes and copied >= 1.9 * cat_bytes, (direct, copied)
+
+
+RESNET_BLOCK = {
+    "input": {"height": 9, "width": 11, "channels": 32},
+    "layers": [
+        {"name": "stem", "type": "conv", "filters": 32, "size": 1},
+        {"name": "stem_relu", "type": "relu"},
+        {"name": "c1", "type": "conv", "filters": 32, "size": 3, "pad": 1, "bias": None},
+        {"name": "bn1", "type": "batchnorm"},
+        {"name": "r1", "type": "relu"},
+        {"name": "c2", "type": "conv", "filters": 32, "size": 3, "pad": 1},
+        {"name": "bn2", "type": "batchnorm"},
+        {"name": "sum", "type": "add", "inputs": ["bn2", "stem_relu"]},
+        {"name": "out", "type": "relu"},
+        {"name": "down", "type": "conv", "filters": 16, "size": 1, "stride": 2},
+        {"name": "proj", "type": "conv", "filters": 16, "size": 1, "stride": 2, "input": "out"},
+        {"name": "sum2", "type": "add", "inputs": ["proj", "down"], "relu": True},
+    ],
+}
+
+
+def test_residual_add_and_relu_fuse_into_the_conv_store():
+    spec = parse_spec(RESNET_BLOCK)
+    steps = {s.name: s for s in plan(spec.layers, ["sum2"], depth=spec.depths())}
+    assert [lay.name for lay in steps["out"].layers] == ["c2", "bn2", "sum", "out"]
+    # the block input is read last by the add: the conv adds itself onto it, in place
+    assert steps["out"].residuals == ("stem_relu",) and steps["out"].in_place == "stem_relu"
+    # `down` (listed first) takes the add; the step runs where the add sits, after proj
+    order = list(steps)
+    assert order.index("proj") < order.index("sum2")
+    assert steps["sum2"].layers[0].name == "down" and steps["sum2"].residuals == ("proj",)
+    model = Model.from_arrays(RESNET_BLOCK, _conv_arrays(RESNET_BLOCK, 5))
+    x = np.random.default_rng(6).standard_normal((2, 9, 11, 32)).astype(np.float32)
+    before = x.copy()
+    fused = model.run(x, outputs=["sum2"])["sum2"]
+    every = model.run(x, outputs="all")  # nothing fused: each layer its own values
+    np.testing.assert_array_equal(x, before)
+    model.fuse = False
+    plain = model.run(x, outputs="all")
+    np.testing.assert_allclose(fused, plain["sum2"], rtol=RTOL, atol=ATOL)
+    for name, value in plain.items():
+        np.testing.assert_allclose(every[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+    model.fuse = True
+    for name in ("bn2", "sum", "out"):  # asked for alone, each still returns its own values
+        got = model.run(x, outputs=name)[name]
+        np.testing.assert_allclose(got, plain[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [["c", "a", "b"], ["a", "c", "a"], ["c", "image"], ["c", "x1"]],
+    ids=["three", "a-twice", "image", "conv-input"],
+)
+def test_fused_residual_add_of_any_inputs_equals_the_unfused_run(inputs):
+    # the conv's add may take several residuals, one twice, the image (never overwritten), or
+    # the very value the conv reads (which must not change under it)
+    spec = {
+        "input": {"height": 7, "width": 8, "channels": 4},
+        "layers": [
+            {"name": "x1", "type": "conv", "filters": 4, "size": 1},
+            {"name": "a", "type": "conv", "filters": 4, "size": 1, "input": "image"},
+            {"name": "b", "type": "relu", "input": "image"},
+            {"name": "c", "type": "conv", "filters": 4, "size": 3, "pad": 1, "input": "x1"},
+            {"name": "s", "type": "add", "inputs": inputs, "relu": True},
+        ],
+    }
+    model = Model.from_arrays(spec, _conv_arrays(spec, 9))
+    steps = {st.name: st for st in model._steps(["s"])}
+    head, add = steps["s"].layers  # the first conv read only by the add takes it
+    assert head.type == "conv" and add.name == "s"
+    x = np.random.default_rng(10).standard_normal((2, 7, 8, 4)).astype(np.float32)
+    before = x.copy()
+    fused = model.run(x, "s")["s"]
+    np.testing.assert_array_equal(x, before)
+    model.fuse = False
+    np.testing.assert_allclose(fused, model.run(x, "s")["s"], rtol=RTOL, atol=ATOL)

@@ -179,3 +179,26 @@ def test_multiprocess_mode_sums_counts_written_by_other_processes(conn, tmp_path
     s = scrape(first)
     assert value(s, "convq_http_requests_total", route="/boom", code="400") == 3
     assert value(s, "convq_redis_up") == 1
+
+
+def test_callback_attempts_by_outcome_and_deliveries_waiting(conn):
+    from worker.contract import webhooks
+
+    for job_id in ("a", "b", "c"):
+        webhooks.record_due(conn, job_id, url="http://x/", owner=None, body=b"{}", keep=60, now=1)
+    outcomes = {"a": [None, 200], "b": [None, None], "c": [200]}  # None: a failed attempt
+    for job_id, answers in outcomes.items():
+        for n, code in enumerate(answers, 1):
+            assert webhooks.claim(conn, job_id, "t", lease=5, now=1e10) is not None
+            final = job_id == "b" and n == 2
+            webhooks.attempted(
+                conn, job_id, "t", attempts=n, delivered=code is not None, code=code,
+                error=None, next_at=None if code or final else 2, now=2,
+            )  # fmt: skip
+    s = scrape(make_app(conn))
+    assert value(s, "convq_callback_attempts_total", outcome="delivered") == 2
+    assert value(s, "convq_callback_attempts_total", outcome="retried") == 2
+    assert value(s, "convq_callback_attempts_total", outcome="failed") == 1
+    assert value(s, "convq_callbacks_waiting") == 0
+    webhooks.record_due(conn, "d", url="http://x/", owner=None, body=b"{}", keep=60, now=1)
+    assert value(scrape(make_app(conn)), "convq_callbacks_waiting") == 1

@@ -268,7 +268,8 @@ def test_labels_travel_with_the_spec():
 @pytest.mark.parametrize(
     ("nodes", "inits", "fragment"),
     [
-        ([node("Mul", ["x", "x"], "y", name="sq")], [], "unsupported op Mul (node 'sq')"),
+        ([node("Exp", ["x"], "y", name="sq")], [], "unsupported op Exp (node 'sq')"),
+        ([node("Mul", ["x", "x"], "y", name="sq")], [], "Mul node 'sq': input 'x' must be a const"),
         ([node("Softmax", ["x"], "y", axis=-1)], [], "only a softmax over channels"),
         ([node("Concat", ["x", "x"], "y", axis=2)], [], "only a concat along channels"),
         ([node("LRN", ["x"], "y")], [], "LRN node 'y' has no size"),
@@ -356,3 +357,29 @@ def test_random_pad_conv_pool_graphs_match_onnxruntime(
     if residual:
         inits.append(tensor("w2", (4, 4, 1, 1)))
     check(model_bytes(nodes, inits, in_shape=("N", 4, 8, 7)), hw=(8, 7))
+
+
+def test_reduce_over_height_and_width_is_a_global_pool():
+    # the dynamo exporter writes AdaptiveAvgPool2d(1) as ReduceMean(axes=[-1, -2], keepdims=1)
+    mean = model_bytes(
+        [node("ReduceMean", ["x", "axes"], "y", keepdims=1)], [const("axes", [-1, -2])], opset=18
+    )
+    assert [lay["type"] for lay in check(mean)["layers"]] == ["avgpool"]
+    most = model_bytes([node("ReduceMax", ["x"], "y", axes=[2, 3])], [], opset=13)
+    assert [lay["type"] for lay in check(most)["layers"]] == ["maxpool"]
+    # without keepdims the (N, C) result feeds a Gemm directly
+    flat = model_bytes(
+        [
+            node("ReduceMean", ["x", "axes"], "m", keepdims=0),
+            node("Gemm", ["m", "w", "b"], "y", transB=1),
+        ],
+        [const("axes", [2, 3]), tensor("w", (5, 4)), tensor("b", (5,))],
+        opset=18,
+    )
+    assert [lay["type"] for lay in check(flat)["layers"]] == ["avgpool", "conv"]
+    channels = model_bytes(
+        [node("ReduceMean", ["x", "axes"], "y", name="rm")], [const("axes", [1])], opset=18
+    )
+    with pytest.raises(ModelError, match=r"'rm': only a reduction over height and width") as err:
+        convert(channels)
+    assert err.value.field == "axes"

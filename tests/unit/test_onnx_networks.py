@@ -19,16 +19,17 @@ torch_nets = pytest.importorskip("torch_nets")
 
 
 @pytest.mark.parametrize(
-    ("name", "side", "types"),
+    ("name", "side", "sizes", "types"),
     [
-        ("resnet18", 64, {"conv", "relu", "maxpool", "add", "avgpool"}),
-        ("googlenet-3b", 64, {"conv", "relu", "maxpool", "concat", "avgpool", "softmax"}),
-        ("vgg11-bn", 64, {"conv", "relu", "maxpool"}),
-        ("alexnet-conv12", 67, {"conv", "relu", "lrn", "maxpool", "batchnorm"}),
+        ("resnet18", 64, {}, {"conv", "relu", "maxpool", "add", "avgpool"}),
+        ("googlenet-3b", 64, {}, {"conv", "relu", "maxpool", "concat", "avgpool", "softmax"}),
+        # Its fully connected layers 256 wide instead of 4096: the same layers, 1/60 the weights.
+        ("vgg11-bn", 64, {"hidden": 256}, {"conv", "relu", "maxpool"}),
+        ("alexnet-conv12", 67, {}, {"conv", "relu", "lrn", "maxpool", "batchnorm"}),
     ],
 )
-def test_exported_network_imports_and_every_layer_matches(name, side, types):
-    net = torch_nets.build(name)
+def test_exported_network_imports_and_every_layer_matches(name, side, sizes, types):
+    net = torch_nets.build(name, **sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         data = torch_nets.to_onnx(net, side)

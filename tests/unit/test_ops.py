@@ -8,7 +8,18 @@ import numba
 import numpy as np
 import pytest
 
-from engine import InputError, ModelError, ShapeError, _conv, _gemm, _pool, _winograd, kernels, ops
+from engine import (
+    InputError,
+    ModelError,
+    ShapeError,
+    _conv,
+    _gemm,
+    _grouped_kernel,
+    _pool,
+    _winograd,
+    kernels,
+    ops,
+)
 from engine import reference as ref
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -104,6 +115,42 @@ def test_conv2d_matches_reference(case, relu, threads, gemm_path):
     assert_matches(got, want, atol=ATOL * max(1.0, np.sqrt(fh * fw * c / 16)))
     if relu:
         assert (got >= 0).all() and (got == 0).any()
+
+
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+def test_conv2d_into_a_channel_slice_and_onto_a_residual(case, threads, gemm_path):
+    # out= a slice of a wider NHWC buffer (a concat's output): only that slice is written;
+    # accumulate=True adds the conv to what out holds before the ReLU (a fused residual add)
+    n, h, w, c, k, (fh, fw), stride, pad, dilation = case
+    x, wt, b = rand(n, h, w, c, seed=11), rand(k, fh, fw, c, seed=12), rand(k, seed=13)
+    geo = {"stride": stride, "pad": pad, "dilation": dilation}
+    want = ref.conv2d_reference(x, wt, b, **geo)
+    atol = ATOL * max(1.0, np.sqrt(fh * fw * c / 16))
+    wider = np.full((*want.shape[:3], k + 5), 7.0, np.float32)
+    got = ops.conv2d(x, wt, b, relu=True, out=wider[..., 2 : 2 + k], **geo)
+    assert np.shares_memory(got, wider) and (wider[..., :2] == 7).all()
+    assert (wider[..., 2 + k :] == 7).all()
+    assert_matches(wider[..., 2 : 2 + k], np.maximum(want, 0), atol=atol)
+    residual = rand(*want.shape, seed=14)
+    for target in (residual.copy(), wider[..., 2 : 2 + k]):
+        target[...] = residual
+        ops.conv2d(x, wt, b, relu=True, out=target, accumulate=True, **geo)
+        assert_matches(target, np.maximum(want + residual, 0), atol=atol)
+
+
+def test_conv2d_out_is_checked():
+    x, wt = rand(1, 5, 5, 2), rand(3, 3, 3, 2)
+    with pytest.raises(InputError, match="accumulate=True needs out"):
+        ops.conv2d(x, wt, accumulate=True)
+    for bad in (
+        np.empty((1, 3, 3, 4), np.float32),  # wrong shape
+        np.empty((1, 3, 3, 3), np.float64),  # wrong dtype
+        np.empty((1, 3, 3, 6), np.float32)[..., ::2],  # channels not contiguous
+        np.empty((1, 6, 3, 3), np.float32)[:, ::2],  # rows not evenly spaced with pixels
+    ):
+        with pytest.raises(InputError, match="out must be") as err:
+            ops.conv2d(x, wt, out=bad)
+        assert err.value.field == "out"
 
 
 def test_conv2d_without_bias_matches_reference(gemm_path):
@@ -361,16 +408,27 @@ def test_read_only_and_writeable_inputs_share_one_compiled_kernel():
     ops.max_pool2d(read_only(x), 2)
     ops.relu(read_only(x))
     ops.local2d(read_only(x), read_only(rand(4, 4, 2, 3, 3, 3)))
+    wider = np.zeros((2, 6, 6, 7), np.float32)
+    ops.conv2d(x, wt, b, pad=1, out=wider[..., 2:6])  # a concat's slice
+    np.testing.assert_array_equal(wider[..., 2:6], want)
+    ops.conv2d(x, wt, b, pad=1, out=wider[..., 2:6], accumulate=True)  # a residual
+    np.testing.assert_allclose(wider[..., 2:6], 2 * want, rtol=1e-5, atol=1e-5)
     test_warmup_compiles_every_kernel()
 
 
 def test_warmup_compiles_every_kernel():
     ops.warmup(tune=False)
-    compiled = [
+    # the micro-kernel paths twice: a new output array, and a channel slice of a wider one (a
+    # concat's); BLAS's once (a slice goes through a temporary array)
+    sliced = [
         _conv.conv_im2col_mk,
         _conv.conv_pointwise_mk,
         _conv.conv_implicit_mk,
         _winograd.conv3x3,
+    ]
+    assert all(len(k.signatures) == 2 for k in sliced), [k.signatures for k in sliced]
+    compiled = [
+        _grouped_kernel.grouped_direct,
         _conv.conv_im2col,
         _conv.conv_pointwise,
         _conv.conv_depthwise,

@@ -191,3 +191,19 @@ def test_pool_windows_holding_only_padding_are_refused():
     spec["layers"][0]["count_pad"] = False
     with pytest.raises(ShapeError, match="pools only padding"):
         parse_spec(spec)
+
+
+def test_input_size_is_the_declared_size_or_none_when_open():
+    assert parse_spec(BASE).input_size == (8, 8)
+    open_size = parse_spec(spec_with(lambda s: s.update(input={"channels": 3})))
+    assert open_size.input_size is None
+
+
+def test_window_and_weights_accessors_name_a_layer_without_them():
+    conv, relu, pool, _, fc = parse_spec(BASE).layers
+    assert (conv.sliding_window().fh, pool.sliding_window().sh) == (3, 2)
+    assert (conv.weights_key(), fc.weights_key()) == ("conv1.w", "fc.w")
+    with pytest.raises(ModelError, match="relu1: a relu layer has no window"):
+        relu.sliding_window()
+    with pytest.raises(ModelError, match="pool1: a maxpool layer has no weights"):
+        pool.weights_key()

@@ -161,6 +161,24 @@ def test_settings_from_env():
         Settings.from_env({"CONVQ_THREADS": "many"})
 
 
+def test_callback_settings_from_env():
+    s = Settings.from_env(
+        {
+            "CONVQ_CALLBACK_ALLOW": "10.0.0.0/8",
+            "CONVQ_CALLBACK_ATTEMPTS": "0",
+            "CONVQ_CALLBACK_BACKOFF": "0.5",
+            "CONVQ_CALLBACK_TIMEOUT": "0",
+            "CONVQ_WEBHOOK_SECRET": "s" * 20,
+        }
+    )
+    assert (s.callback_allow, s.callback_attempts, s.callback_backoff) == ("10.0.0.0/8", 1, 0.5)
+    assert s.callback_timeout == 0.1 and s.webhook_secret == "s" * 20
+    assert "s" * 20 not in repr(s)  # a logged Settings never shows the secret
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="CONVQ_CALLBACK_BACKOFF"):
+            Settings.from_env({"CONVQ_CALLBACK_BACKOFF": bad})
+
+
 def test_key_names_stay_what_deployed_redis_data_uses():
     from worker.contract import keys
 
@@ -175,10 +193,15 @@ def test_key_names_stay_what_deployed_redis_data_uses():
         keys.result_data("j", 3),
         keys.cancel("j"),
         keys.run("j"),
+        keys.ended("j"),
         keys.sweep_lock("q"),
         keys.expired_seen("q"),
         keys.telemetry_jobs(),
         keys.telemetry_seconds("queue"),
+        keys.webhook("j"),
+        keys.webhooks_due(),
+        keys.webhook_lease("j"),
+        keys.webhook_secret(),
     ] == [
         "convq:models",
         "convq:model:m",
@@ -190,10 +213,15 @@ def test_key_names_stay_what_deployed_redis_data_uses():
         "convq:result:j:3",
         "convq:cancel:j",
         "convq:run:j",
+        "convq:ended:j",
         "convq:sweep-lock:q",
         "convq:expired-seen:q",
         "convq:telemetry:jobs",
         "convq:telemetry:queue_seconds",
+        "convq:webhook:j",
+        "convq:webhooks:due",
+        "convq:webhook-lease:j",
+        "convq:webhook-secret",
     ]
 
 
@@ -251,3 +279,31 @@ def test_a_claim_racing_between_read_and_write_loses_atomically(store):
     assert raced and info["owner"] == "key-b"
     assert store.model_weights("m", info["version"]) == b"theirs"
     assert [k for k in store.redis.keys("convq:weights:*") if b"theirs" != store.redis.get(k)] == []
+
+
+def test_read_inputs_reads_each_job_as_read_input_does(store, tmp_path):
+    small = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    floats = np.linspace(-1, 1, 5 * 5 * 3, dtype=np.float32).reshape(1, 5, 5, 3)
+    store.put_input("a", small)
+    store.put_input("b", floats)
+    with_dir = Store(store.redis, result_ttl=100, input_ttl=200, blob_dir=str(tmp_path))
+    with_dir.put_input("c", small)
+    got = with_dir.read_inputs(["a", "gone", "b", "c"])
+    assert [type(g) for g in got] == [tuple] * 4
+    (a, a_file), (gone, _), (b, b_file), (c, c_file) = got
+    assert np.array_equal(a, small) and a_file is False
+    assert gone is None
+    assert np.array_equal(b, floats) and b.dtype == np.float32 and b_file is False
+    assert np.array_equal(c, small) and c_file is True
+    # A file this process cannot see is that job's error, not the others'.
+    missing = store.read_inputs(["a", "c"])
+    assert np.array_equal(missing[0][0], small) and isinstance(missing[1], LookupError)
+
+
+def test_claim_runs_and_run_states_as_claim_run_and_run_state(store):
+    store.claim_runs({"j1": "t1", "j2": "t2"}, ttl=30)
+    store.claim_run("j2", "newer", ttl=30)  # a newer attempt of j2 took over
+    store.mark_canceled("j3")
+    states = store.run_states({"j1": "t1", "j2": "t2", "j3": "t3"})
+    assert states == {"j1": (True, False), "j2": (False, False), "j3": (True, True)}
+    assert states["j1"] == store.run_state("j1", "t1") and 0 < store.redis.ttl("convq:run:j1") <= 30

@@ -169,3 +169,14 @@ def test_to_ohwi_moves_input_channels_last():
     assert ohwi[1, 2, 3, 0] == oihw[1, 0, 2, 3]
     local = np.zeros((6, 7, 2, 3, 4, 5))
     assert to_ohwi(local, "local").shape == (6, 7, 2, 4, 5, 3)
+
+
+def test_an_npz_whose_directory_points_before_the_file_is_a_weights_error():
+    buf = io.BytesIO()
+    np.savez(buf, w=np.zeros(3, np.float32))
+    data = bytearray(buf.getvalue())
+    end = data.rfind(b"PK\x05\x06")  # end of central directory: its offset is at +16
+    offset = int.from_bytes(data[end + 16 : end + 20], "little")
+    data[end + 16 : end + 20] = (offset + (1 << 24)).to_bytes(4, "little")
+    with pytest.raises(WeightsError, match="npz member 'w.npy' is corrupt"):
+        read_weights(bytes(data), "weights.npz")

@@ -21,6 +21,19 @@ def _int(env: dict, name: str, default: int) -> int:
     return value
 
 
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r} must be a finite number, not negative")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a worker (and the service's queue side) needs to know; times in seconds."""
@@ -39,6 +52,15 @@ class Settings:
     timeout_grace: int = defaults.TIMEOUT_GRACE
     log_level: str = "INFO"
     blob_dir: str | None = None
+    callback_allow: str = ""
+    callback_attempts: int = defaults.CALLBACK_ATTEMPTS
+    callback_backoff: float = defaults.CALLBACK_BACKOFF
+    callback_backoff_max: float = defaults.CALLBACK_BACKOFF_MAX
+    callback_timeout: float = defaults.CALLBACK_TIMEOUT
+    webhook_secret: str | None = field(default=None, repr=False)
+    batch_max_images: int = defaults.BATCH_MAX_IMAGES
+    batch_wait_ms: int = defaults.BATCH_WAIT_MS
+    batch_max_bytes: int = defaults.BATCH_MAX_BYTES
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -61,4 +83,19 @@ class Settings:
             timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
             blob_dir=env.get("CONVQ_BLOB_DIR") or None,
+            callback_allow=env.get("CONVQ_CALLBACK_ALLOW") or "",
+            callback_attempts=max(
+                1, _int(env, "CONVQ_CALLBACK_ATTEMPTS", defaults.CALLBACK_ATTEMPTS)
+            ),
+            callback_backoff=_float(env, "CONVQ_CALLBACK_BACKOFF", defaults.CALLBACK_BACKOFF),
+            callback_backoff_max=_float(
+                env, "CONVQ_CALLBACK_BACKOFF_MAX", defaults.CALLBACK_BACKOFF_MAX
+            ),
+            callback_timeout=max(
+                0.1, _float(env, "CONVQ_CALLBACK_TIMEOUT", defaults.CALLBACK_TIMEOUT)
+            ),
+            webhook_secret=env.get("CONVQ_WEBHOOK_SECRET") or None,
+            batch_max_images=_int(env, "CONVQ_BATCH_MAX_IMAGES", defaults.BATCH_MAX_IMAGES),
+            batch_wait_ms=_int(env, "CONVQ_BATCH_WAIT_MS", defaults.BATCH_WAIT_MS),
+            batch_max_bytes=_int(env, "CONVQ_BATCH_MAX_BYTES", defaults.BATCH_MAX_BYTES),
         )

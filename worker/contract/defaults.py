@@ -33,6 +33,18 @@ POLL_SECONDS = 2
 WORKER_TTL = 60
 """Seconds an idle worker's registration lives without a heartbeat."""
 
+BATCH_MAX_IMAGES = 32
+"""Most images a worker runs as one engine batch of queued jobs (0 or 1: no batching)."""
+
+BATCH_WAIT_MS = 2
+"""Milliseconds a worker holding a job waits for more queued jobs to fill its batch."""
+
+BATCH_MAX_BYTES = 512 * 1024 * 1024
+"""Bytes of activations (Model.memory) one batched run may hold, unless one job alone needs more."""
+
+BATCH_SCAN = 128
+"""Queued job ids a worker looks at, from the front of the queue, for jobs to batch."""
+
 TIMEOUT_GRACE = 10
 """Seconds past a job's timeout before the worker kills a horse stuck inside a kernel."""
 
@@ -41,3 +53,24 @@ SOCKET_TIMEOUT = 2.0
 
 BACKOFF_MAX = 30.0
 """Longest pause in seconds between reconnection attempts while Redis is down."""
+
+CALLBACK_ATTEMPTS = 8
+"""Times a job's callback is tried before its delivery is given up (state "failed")."""
+
+CALLBACK_BACKOFF = 2.0
+"""Seconds before the second attempt of a callback; each later pause doubles (with jitter)."""
+
+CALLBACK_BACKOFF_MAX = 600.0
+"""Longest pause in seconds between two attempts of a callback."""
+
+CALLBACK_TIMEOUT = 10.0
+"""Seconds one callback request may take to connect, and again to answer (twice it in all)."""
+
+CALLBACK_THREADS = 4
+"""Threads of a worker's dispatcher sending callbacks at once (a hung receiver holds one)."""
+
+CALLBACK_POLL = 0.25
+"""Seconds between a dispatcher's looks for callbacks that are due."""
+
+WEBHOOK_KEEP = 86400
+"""Seconds a job's callback delivery record is kept (it outlives the job's own record)."""

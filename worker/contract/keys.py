@@ -4,9 +4,13 @@ Models:   convq:models (set of names), convq:model:<name> (hash: version, owner,
           convq:model-version:<name> (counter), convq:spec:<name>:<v>, convq:weights:<name>:<v>
 Jobs:     convq:input:<id>, convq:result:<id> (index hash), convq:result:<id>:<i> (one output),
           convq:cancel:<id>, convq:run:<id> (the attempt allowed to go on),
+          convq:ended:<id> (a list a worker pushes to when the job ends: wakes a waiting /infer),
           convq:jobs:<owner> (sorted set of an owner's job ids, score = enqueue time)
+Webhooks: convq:webhook:<id> (hash: a job's callback delivery), convq:webhooks:due (sorted set:
+          job id -> when its next attempt is due), convq:webhook-lease:<id> (the dispatcher
+          delivering it), convq:webhook-secret (generated server secret, when none is configured)
 Workers:  convq:sweep-lock:<queue>, convq:expired-seen:<queue>
-Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds
+Metrics:  convq:telemetry:jobs, convq:telemetry:<kind>_seconds, convq:telemetry:callbacks
 """
 
 from __future__ import annotations
@@ -65,6 +69,26 @@ def run(job_id: str) -> str:
     return key("run", job_id)
 
 
+def webhook(job_id: str) -> str:
+    return key("webhook", job_id)
+
+
+def webhooks_due() -> str:
+    return key("webhooks", "due")
+
+
+def webhook_lease(job_id: str) -> str:
+    return key("webhook-lease", job_id)
+
+
+def webhook_secret() -> str:
+    return key("webhook-secret")
+
+
+def ended(job_id: str) -> str:
+    return key("ended", job_id)
+
+
 def sweep_lock(queue: str) -> str:
     return key("sweep-lock", queue)
 
@@ -79,3 +103,7 @@ def telemetry_jobs() -> str:
 
 def telemetry_seconds(kind: str) -> str:
     return key("telemetry", f"{kind}_seconds")
+
+
+def telemetry_callbacks() -> str:
+    return key("telemetry", "callbacks")

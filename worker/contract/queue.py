@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Literal, cast
 
 import numpy as np
 import rq
+from redis import RedisError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus, Retry
 from rq.serializers import JSONSerializer
@@ -19,7 +21,8 @@ from rq.worker_registration import get_keys
 
 from engine.explain import RESULTS as EXPLAIN_RESULTS
 
-from . import defaults, keys
+from . import defaults, keys, webhooks
+from .lean import extras
 
 RUN_MODEL = "worker.jobs.run_model"
 
@@ -40,6 +43,7 @@ _STATUS = {
     JobStatus.STOPPED: "canceled",
     JobStatus.CANCELED: "canceled",
 }
+_STATUS_BY_VALUE = {str(status.value): api for status, api in _STATUS.items()}
 
 
 def make_queue(redis, name: str = defaults.QUEUE_NAME, job_class: type[Job] = Job) -> rq.Queue:
@@ -60,6 +64,7 @@ def submit(
     meta: dict | None = None,
     retries: int = defaults.RETRIES,
     explain: dict | None = None,
+    lean: dict | None = None,
 ) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
@@ -67,24 +72,34 @@ def submit(
     `retries` times, a bad job fails at once.
     """
     job_id = uuid.uuid4().hex
+    timeout = job_timeout or defaults.JOB_TIMEOUT
     kwargs = {"model": model, "version": int(version), "outputs": outputs, "input_id": job_id}
     if explain is not None:  # only then, so records stay readable by workers without it
         kwargs["explain"] = explain
+    if lean:  # checked options (lean.check_all), likewise only when asked for
+        kwargs["lean"] = lean
     store.put_input(job_id, images)
     job_meta = {
         "owner": owner,
         "model": model,
         "version": int(version),
-        "outputs": outputs if explain is None else [*(outputs or []), *EXPLAIN_RESULTS],
+        "outputs": [
+            *(outputs or []),
+            *(x for name, opts in (lean or {}).items() for x in extras(name, opts)),
+            *(EXPLAIN_RESULTS if explain is not None else ()),
+        ],
         "retries": retries,
         "progress": None,
+        **({"lean": lean} if lean else {}),
+        "images": int(images.shape[0]),
+        "batch_key": batch_key(model, version, outputs, images, timeout, explain),
         **(meta or {}),
     }
     try:
         queue.enqueue_call(
             RUN_MODEL,
             kwargs=kwargs,
-            timeout=job_timeout or defaults.JOB_TIMEOUT,
+            timeout=timeout,
             job_id=job_id,
             meta=job_meta,
             result_ttl=store.result_ttl,
@@ -96,8 +111,28 @@ def submit(
     except BaseException:
         store.delete_job(job_id)
         raise
-    _remember(queue.connection, owner, job_id, store, job_timeout or defaults.JOB_TIMEOUT)
+    _remember(queue.connection, owner, job_id, store, timeout)
     return job_id
+
+
+def batch_key(
+    model: str,
+    version: int,
+    outputs: list[str] | str | None,
+    images: np.ndarray,
+    timeout: int,
+    explain: dict | None,
+) -> str | None:
+    """Return the key under which queued jobs may run as one engine batch; None: never batched.
+
+    Jobs share a batch only when they would run the same way alone: same model version, same
+    requested outputs, same image size and type (stacked along N), same timeout; a job that
+    asks for an explanation (gradients of its own images) always runs alone.
+    """
+    if explain is not None:
+        return None
+    shape = [int(d) for d in images.shape[1:]]
+    return json.dumps([model, int(version), outputs, shape, images.dtype.str, int(timeout)])
 
 
 def _lifetime(store, job_timeout: int) -> int:
@@ -156,13 +191,15 @@ def list_jobs(
     top, after = decode_cursor(cursor) if cursor is not None else (None, None)
     items: list[dict] = []
     offset, last = 0, (0.0, "")  # last: the position of the newest id looked at
+    # Unfiltered, a page needs limit ids, +1 to know there is a next, +1 for the cursor's own.
+    scan = LIST_SCAN if status is not None or model is not None else min(LIST_SCAN, limit + 2)
     while True:
         rows = redis.zrevrangebyscore(
             key,
             "+inf" if top is None else repr(top),
             "-inf",
             start=offset,
-            num=LIST_SCAN,
+            num=scan,
             withscores=True,
         )
         offset += len(rows)
@@ -173,18 +210,17 @@ def list_jobs(
             # Equal scores come in descending id order: skip up to and including the cursor.
             if not (after is not None and score == top and job_id >= after):
                 looked.append((job_id, score))
-        jobs = _fetch_many(queue, [job_id for job_id, _ in looked[: limit - len(items) + 1]])
+        jobs = _listed(queue, [job_id for job_id, _ in looked[: limit - len(items) + 1]])
         for (job_id, score), job in zip(looked, jobs, strict=False):
             if len(items) == limit:
                 if gone:
                     redis.zrem(key, *gone)
                 return items, encode_cursor(*last)
             last = (score, job_id)
-            state = None if job is None else _state(job)
-            if job is None or state is None:
+            if job is None:
                 gone.append(job_id)
                 continue
-            found = job.meta or {}
+            state, found = job
             if (status is not None and state != status) or (
                 model is not None and found.get("model") != model
             ):
@@ -206,7 +242,7 @@ def list_jobs(
         if gone:
             redis.zrem(key, *gone)
             offset -= len(gone)
-        if len(rows) < LIST_SCAN and len(jobs) == len(looked):
+        if len(rows) < scan and len(jobs) == len(looked):
             return items, None
 
 
@@ -247,22 +283,52 @@ def _state(job: Job) -> str | None:
         return None
 
 
-def _fetch_many(queue: rq.Queue, job_ids: list[str]) -> list[Job | None]:
-    """Return the jobs of job_ids (None where gone), read in one round trip."""
-    try:
-        return queue.job_class.fetch_many(
-            job_ids, connection=queue.connection, serializer=queue.serializer
-        )
-    except (NoSuchJobError, ValueError):  # one unreadable record: read them one by one
-        return [_fetch(queue, job_id) for job_id in job_ids]
+def _listed(queue: rq.Queue, job_ids: list[str]) -> list[tuple[str, dict] | None]:
+    """Return (API status, meta) of each job (None where gone), read in one round trip.
+
+    Reads only the two fields a listing shows from each job's hash (rq keeps its status and its
+    serialized meta there; tests/unit/test_rq_surface.py checks that), not the whole record:
+    a page of 100 takes ~0.3x the time of rq's Job.fetch_many (bench/job_list.py).
+    """
+    pipe = queue.connection.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(queue.job_class.key_for(job_id), "status", "meta")
+    out: list[tuple[str, dict] | None] = []
+    for raw_status, raw_meta in pipe.execute():
+        if raw_status is None:  # gone (or not written yet)
+            out.append(None)
+            continue
+        try:
+            meta = queue.serializer.loads(raw_meta) if raw_meta else {}
+        except (ValueError, TypeError):  # unreadable: as good as gone
+            out.append(None)
+            continue
+        raw = raw_status if isinstance(raw_status, bytes) else str(raw_status).encode()
+        status = _RAW_STATUS.get(raw, "queued")
+        out.append((status, meta if isinstance(meta, dict) else {}))
+    return out
+
+
+_RAW_STATUS = {rq_status.value.encode(): api for rq_status, api in _STATUS.items()}
+"""rq's status as stored in a job's hash -> the API's status."""
 
 
 def job_status(queue: rq.Queue, job_id: str) -> dict | None:
-    """Return the job's status, progress, timings and error; None for an unknown job."""
+    """Return the job's status, progress, timings, error and callback; None for an unknown job."""
     job = _fetch(queue, job_id)
     status = None if job is None else _state(job)
     if job is None or status is None:
         return None
+    described = describe(job, status)
+    url = (job.meta or {}).get("callback")
+    if url:
+        found = webhooks.delivery(queue.connection, job_id)
+        described["callback"] = {"url": url, **(found or {"state": "waiting"})}
+    return described
+
+
+def describe(job: Job, status: str) -> dict:
+    """Return the status of job, whose API status is status (one of five)."""
     meta = job.meta or {}
     retries = int(meta.get("retries") or 0)
     left = job.retries_left if job.retries_left is not None else retries
@@ -274,6 +340,7 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
         "model": meta.get("model"),
         "version": meta.get("version"),
         "outputs": meta.get("outputs"),
+        **({"lean": meta["lean"]} if meta.get("lean") else {}),
         "owner": meta.get("owner"),
         # The last layer reached stays visible once the job ended (where it failed, or n of n).
         "progress": meta.get("progress") if status != "queued" else None,
@@ -290,37 +357,78 @@ def job_status(queue: rq.Queue, job_id: str) -> dict | None:
             if status != "queued" and meta.get("attempt")
             else max(1, retries - left + 1)
         ),
+        "batch": _batch(meta.get("batch")) if status != "queued" else None,
     }
+
+
+def job_ended(job: Job, status: str) -> bool:
+    """Record the due callback of job, which just ended in status; False when it has none.
+
+    Only records it (a few Redis writes): a dispatcher sends it (worker/dispatcher.py).
+    """
+    meta = job.meta or {}
+    url = meta.get("callback")
+    if not url:
+        return False
+    body = webhooks.payload(describe(job, status))
+    return webhooks.record_due(
+        job.connection,
+        job.id,
+        url=url,
+        owner=meta.get("owner"),
+        body=body,
+        keep=defaults.WEBHOOK_KEEP,
+        now=time.time(),
+    )
+
+
+def _batch(batch) -> dict | None:
+    """The size of the engine batch a job ran in (worker/batch_run.py); None if it ran alone."""
+    if not isinstance(batch, dict):
+        return None
+    return {"jobs": batch.get("jobs"), "images": batch.get("images")}
 
 
 ENDED = ("finished", "failed", "canceled")
 
-POLL_FIRST = 0.001
-"""Seconds before a waiter first looks again; each look waits POLL_GROWTH times longer."""
+WAIT_SLICE = 0.25
+"""Longest seconds a waiter blocks for a job's end signal before it reads the status again."""
 
-POLL_GROWTH = 1.3
-"""Growth of the pause between status reads: a job is seen at most ~30% (or the cap) late."""
+ENDED_SIGNAL_TTL = 60
+"""Seconds a job's end signal (keys.ended) waits for a waiter that has not come yet."""
+
+
+def announce_end(pipe, job_id: str) -> None:
+    """Wake whoever waits for job_id in wait_for_end; call it where the job's end is written."""
+    pipe.rpush(keys.ended(job_id), 1)
+    pipe.expire(keys.ended(job_id), ENDED_SIGNAL_TTL)
 
 
 def wait_for_end(
-    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = 0.05
+    queue: rq.Queue, job_id: str, deadline: float, *, poll_max: float = WAIT_SLICE
 ) -> dict | None | Literal[False]:
     """Wait until job_id ends; return its status (None if it vanished), False past deadline.
 
-    deadline is on time.monotonic(). The status is read again after 1 ms, then 1.3x longer each
-    time up to poll_max seconds: a 10 ms job is seen within ~3 ms of its end after ~7 reads, and
-    every read is a short command, so an outage fails fast with the client's own socket timeout.
+    deadline is on time.monotonic(). Reads the job's status field, then blocks on the job's end
+    signal (BLPOP on keys.ended, pushed by the worker as it writes the end, announce_end) for at
+    most poll_max seconds (and half the client's socket timeout), and reads it again: a job is
+    seen as soon as it ends, a waiter costs a few short commands however long it waits (polling
+    cost ~35 whole-record reads per request with 64 clients waiting ~1 s), and a missed signal
+    (a canceled job) costs at most one slice. An outage fails fast with the socket timeout.
     """
-    pause = POLL_FIRST
+    key = queue.job_class.key_for(job_id)
+    signal = keys.ended(job_id)
+    socket_timeout = queue.connection.connection_pool.connection_kwargs.get("socket_timeout")
+    block = min(poll_max, socket_timeout / 2) if socket_timeout else poll_max
     while True:
-        status = job_status(queue, job_id)
-        if status is None or status["status"] in ENDED:
-            return status
+        raw = queue.connection.hget(key, "status")
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        if value is None or _STATUS_BY_VALUE.get(value, "queued") in ENDED:
+            return job_status(queue, job_id)
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        time.sleep(min(pause, left))
-        pause = min(pause * POLL_GROWTH, poll_max)
+        queue.connection.blpop([signal], timeout=max(0.01, min(block, left)))
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:
@@ -330,6 +438,8 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         store.delete_job(job_id)
         return False
     status = job.get_status(refresh=False)
+    if status not in _ENDED:
+        _report_canceled(job)
     if status == JobStatus.STARTED:
         # The worker sees the mark between layers, stops, and drops the record itself.
         store.mark_canceled(job_id)
@@ -343,6 +453,13 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         pass
     store.delete_job(job_id)
     return True
+
+
+def _report_canceled(job: Job) -> None:
+    try:
+        job_ended(job, "canceled")
+    except RedisError:  # the cancel itself goes on; the callback is lost with the job
+        pass
 
 
 _ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED)

@@ -1,4 +1,4 @@
-"""What /metrics reports of the queue: jobs by state, live workers, job-time histograms.
+"""What /metrics reports of the queue: jobs by state, live workers, job-time histograms, callbacks.
 
 Read through rq's public API on a client of its own: rq's Worker.all() raises the socket timeout
 of the connection pool it is given (to wait out a worker's blocking pop), and the API's shared
@@ -7,11 +7,12 @@ pool must keep its short timeout so an outage is answered with 503 in seconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import rq
 from rq import Worker
 
+from . import webhooks
 from .connection import own_client
 from .telemetry import Histogram, read_telemetry
 
@@ -25,6 +26,8 @@ class QueueStats:
     workers_idle: int
     ended: dict[str, int]
     histograms: dict[str, Histogram]
+    callbacks: dict[str, int] = field(default_factory=dict)  # attempts by outcome
+    callbacks_waiting: int = 0  # deliveries due now or waiting for a retry
 
     @property
     def depth(self) -> int:
@@ -59,6 +62,7 @@ def queue_stats(queue: rq.Queue) -> QueueStats:
         workers = Worker.all(queue=view, serializer=view.serializer)
         busy = sum(1 for w in workers if w.get_state() == "busy")
         ended, histograms = read_telemetry(client)
-        return QueueStats(jobs, busy, len(workers) - busy, ended, histograms)
+        callbacks, waiting = webhooks.counts(client)
+        return QueueStats(jobs, busy, len(workers) - busy, ended, histograms, callbacks, waiting)
     finally:
         client.connection_pool.disconnect()

@@ -52,6 +52,38 @@ class NameTaken(Exception):
         self.name = name
 
 
+BYTES = "BYTES"
+"""The dtype a result index gives an output of byte strings (V2's BYTES, e.g. PNG pictures)."""
+
+
+def bytes_tensor(strings: np.ndarray) -> bytes:
+    """Return an object array of byte strings in V2's BYTES layout: per element, in C order,
+    its length as a 4-byte little-endian integer, then its bytes."""
+    return b"".join(len(s).to_bytes(4, "little") + bytes(s) for s in strings.ravel())
+
+
+def from_bytes_tensor(raw, shape) -> np.ndarray:
+    """Return the object array of byte strings bytes_tensor made, reshaped to shape."""
+    view, items, offset = memoryview(raw), [], 0
+    while offset < len(view):
+        size = int.from_bytes(view[offset : offset + 4], "little")
+        items.append(bytes(view[offset + 4 : offset + 4 + size]))
+        offset += 4 + size
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def _dtype(entry: dict) -> np.dtype:
+    return np.dtype(object) if entry["dtype"] == BYTES else np.dtype(entry["dtype"])
+
+
+def _size(entry: dict) -> int:
+    if entry["dtype"] == BYTES:
+        return int(entry["size"])
+    return int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -251,6 +283,40 @@ class Store:
         raw = self._read_into(key, size or None)
         return (None if raw is None else from_npy(raw)), False
 
+    def read_inputs(self, job_ids: list[str]) -> list[tuple[np.ndarray | None, bool] | Exception]:
+        """read_input of each job id (a batch's), small ones in two round trips in all.
+
+        An input that cannot be read gives its exception (BlobMissing, a Redis error) in its
+        place, so one bad input fails only its job.
+        """
+        client = bulk_client(self.redis)
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.strlen(self.input_key(job_id))
+            sizes = [int(n) for n in pipe.execute()]
+        small = [i for i, n in enumerate(sizes) if 0 < n <= SLICE_BYTES]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for i in small:
+                pipe.get(self.input_key(job_ids[i]))
+            values = dict(zip(small, pipe.execute(), strict=True))
+        out: list[tuple[np.ndarray | None, bool] | Exception] = []
+        for i, job_id in enumerate(job_ids):
+            try:
+                if i not in values:  # big (read in slices), or missing
+                    out.append(self.read_input(job_id))
+                    continue
+                raw = values[i]
+                if raw is None:
+                    out.append((None, False))
+                elif sizes[i] <= 128 and raw.startswith(_FILE_REF):
+                    name = raw[len(_FILE_REF) :].decode()
+                    out.append((from_npy(self._map(name, writable=True)), True))
+                else:
+                    out.append((from_npy(bytearray(raw)), False))
+            except Exception as exc:  # noqa: BLE001 - this job's input, not its batch-mates'
+                out.append(exc)
+        return out
+
     # -- results --------------------------------------------------------------------------------
     def _data_key(self, job_id: str, index: int) -> str:
         return keys.result_data(job_id, index)
@@ -266,11 +332,16 @@ class Store:
         """
         files = self.blobs is not None if files is None else files
         key = self.result_key(job_id)
-        arrays = {name: np.ascontiguousarray(arr) for name, arr in outputs.items()}
-        index: dict[str, dict[str, Any]] = {
-            name: {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
-            for i, (name, arr) in enumerate(arrays.items())
-        }
+        index: dict[str, dict[str, Any]] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for i, (name, arr) in enumerate(outputs.items()):
+            index[name] = {"key": i, "shape": list(arr.shape), "dtype": arr.dtype.str}
+            if arr.dtype.kind == "O":  # byte strings, kept as V2 BYTES: 4-byte length, bytes
+                index[name]["dtype"] = BYTES
+                arrays[name] = np.frombuffer(bytes_tensor(arr), np.uint8)
+                index[name]["size"] = arrays[name].size
+            else:
+                arrays[name] = np.ascontiguousarray(arr)
         if files:  # files first: the index below is what makes them visible
             blobs = self._blobs_for(f"result-{job_id}")
             written: list[str] = []
@@ -312,9 +383,14 @@ class Store:
         return None if raw is None else json.loads(raw)
 
     def result_layout(self, job_id: str, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
-        """Return (shape, dtype) of one output, or None when there is no such output."""
+        """Return (shape, dtype) of one output (dtype object: byte strings), or None."""
         entry = (self._index(job_id) or {}).get(name)
-        return None if entry is None else (tuple(entry["shape"]), np.dtype(entry["dtype"]))
+        return None if entry is None else (tuple(entry["shape"]), _dtype(entry))
+
+    def result_nbytes(self, job_id: str, name: str) -> int | None:
+        """Return the bytes result_slices yields for one output, or None when there is none."""
+        entry = (self._index(job_id) or {}).get(name)
+        return None if entry is None else _size(entry)
 
     def result_slices(self, job_id: str, name: str) -> Iterator[bytes] | None:
         """Return an iterator over one output's raw bytes in slices, or None when it is gone.
@@ -325,7 +401,7 @@ class Store:
         entry = (self._index(job_id) or {}).get(name)
         if entry is None:
             return None
-        size = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
+        size = _size(entry)
         if "file" in entry:
             view = memoryview(self._map(entry["file"], writable=False))
             if len(view) != size:
@@ -357,17 +433,20 @@ class Store:
         entry = (self._index(job_id) or {}).get(name)
         if entry is None:
             return None
-        dtype = np.dtype(entry["dtype"])
-        size = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+        size = _size(entry)
         if "file" in entry:
             raw = self._map(entry["file"], writable=True)
             if len(raw) != size:
                 raise BlobMissing(
                     entry["file"], f"{entry['file']} holds {len(raw)} bytes, not {size}"
                 )
-            return np.frombuffer(raw, dtype).reshape(entry["shape"])
-        raw = self._read_into(self._data_key(job_id, entry["key"]), size)
-        return None if raw is None else np.frombuffer(raw, dtype).reshape(entry["shape"])
+        else:
+            raw = self._read_into(self._data_key(job_id, entry["key"]), size)
+            if raw is None:
+                return None
+        if entry["dtype"] == BYTES:
+            return from_bytes_tensor(raw, entry["shape"])
+        return np.frombuffer(raw, np.dtype(entry["dtype"])).reshape(entry["shape"])
 
     # -- cancellation and cleanup ---------------------------------------------------------------
     def mark_canceled(self, job_id: str) -> None:
@@ -377,14 +456,34 @@ class Store:
     def is_canceled(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
-    def claim_run(self, job_id: str, token: str, ttl: int) -> None:
-        """Record token as the one run of job_id allowed to go on (the latest attempt wins)."""
+    def claim_run(self, job_id: str, token: str, ttl: float) -> None:
+        """Record token as the one run of job_id allowed to go on (the latest attempt wins).
+
+        ttl is in seconds, kept to whole seconds (at least one).
+        """
         self.redis.set(keys.run(job_id), token, ex=max(1, int(ttl)))
 
     def run_state(self, job_id: str, token: str) -> tuple[bool, bool]:
         """Return (still this run's job, canceled) in one round trip."""
         run, canceled = self.redis.mget(keys.run(job_id), self.cancel_key(job_id))
         return run is None or run.decode() == token, canceled is not None
+
+    def claim_runs(self, tokens: dict[str, str], ttl: int) -> None:
+        """claim_run for every job id -> token of a batch, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token in tokens.items():
+                pipe.set(keys.run(job_id), token, ex=max(1, int(ttl)))
+            pipe.execute()
+
+    def run_states(self, tokens: dict[str, str]) -> dict[str, tuple[bool, bool]]:
+        """run_state of every job id -> token of a batch, in one round trip."""
+        ids = list(tokens)
+        found = self.redis.mget([keys.run(i) for i in ids] + [self.cancel_key(i) for i in ids])
+        runs, marks = found[: len(ids)], found[len(ids) :]
+        return {
+            i: (run is None or run.decode() == tokens[i], mark is not None)
+            for i, run, mark in zip(ids, runs, marks, strict=True)
+        }
 
     def finish_run(self, job_id: str, input_id: str) -> None:
         """Drop what an ended job (finished or failed for good) no longer needs: its input, its
@@ -400,6 +499,7 @@ class Store:
             self.input_key(job_id),
             self.result_key(job_id),
             keys.run(job_id),
+            keys.ended(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
         if self.blobs is not None:

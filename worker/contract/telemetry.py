@@ -54,14 +54,27 @@ def record_job(
 
     Never raises on a Redis error: losing a sample must not fail the job it describes.
     """
+    record_jobs(redis, [(state, queue_seconds, compute_seconds)])
+
+
+def record_jobs(redis, samples: list[tuple[str, float | None, float | None]]) -> None:
+    """record_job for every (state, queue_seconds, compute_seconds), in one round trip."""
     try:
         pipe = redis.pipeline(transaction=True)
-        pipe.hincrby(keys.telemetry_jobs(), state, 1)
-        _observe(pipe, "queue", queue_seconds)
-        _observe(pipe, "compute", compute_seconds)
+        for sample in samples:
+            observe_job(pipe, *sample)
         pipe.execute()
     except redis_lib.RedisError as exc:
-        log.warning("telemetry for a %s job not recorded: %s", state, exc)
+        log.warning("telemetry for %d jobs not recorded: %s", len(samples), exc)
+
+
+def observe_job(
+    pipe, state: str, queue_seconds: float | None, compute_seconds: float | None
+) -> None:
+    """Add record_job's commands for one job to pipe (executed by the caller)."""
+    pipe.hincrby(keys.telemetry_jobs(), state, 1)
+    _observe(pipe, "queue", queue_seconds)
+    _observe(pipe, "compute", compute_seconds)
 
 
 def _histogram(raw: dict, bounds: tuple[float, ...]) -> Histogram:
