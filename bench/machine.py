@@ -52,17 +52,18 @@ def sgemm_gflops(threads: int) -> float | None:
 
 def describe(threads: int) -> tuple[str, float | None]:
     """Return (lines naming the CPU, ISA, sgemm rate and kernel choices; the sgemm rate)."""
-    from engine import kernels
+    from engine import _threads, kernels
 
     gflops = sgemm_gflops(threads)
+    pool = _threads.max_threads()  # the choices are keyed by Numba's pool size
     rate = f"{gflops:.0f} GFLOP/s" if gflops is not None else "failed"
-    names, source = zip(*(kernels.ranking(c, threads) for c in kernels.CLASSES), strict=True)
+    names, source = zip(*(kernels.ranking(c, pool) for c in kernels.CLASSES), strict=True)
     choices = ", ".join(f"{c}: {r[0]}" for c, r in zip(kernels.CLASSES, names, strict=True))
     lines = [
         f"CPU: {kernels.cpu_model()} ({kernels.cpu_name()}, {os.cpu_count()} logical); "
         f"ISA: {kernels.isa()} [{' '.join(kernels.isa_flags())}]",
         f"sgemm ({SIZE}^2 float32, NumPy/OpenBLAS native, {threads} threads): {rate}",
-        f"kernels ({'/'.join(sorted(set(source)))}, key {kernels.key(threads)}): {choices}",
+        f"kernels ({'/'.join(sorted(set(source)))}, key {kernels.key(pool)}): {choices}",
     ]
     return "\n".join(lines), gflops
 

@@ -1,6 +1,6 @@
 """Time whole networks: the engine vs ONNX Runtime vs PyTorch channels-last, same process.
 
-    python bench/networks.py [--nets resnet18 ...] [--rounds 7] [--threads 2] [--no-mem]
+    python bench/networks.py [--nets resnet18 ...] [--rounds 7] [--threads 2] [--no-mem] [--kernels]
 
 Each network of bench/torch_nets.py (random weights) is exported to ONNX by PyTorch and
 imported by engine.onnx_import; the engine's Model, an ONNX Runtime session (dynamic batch) and
@@ -8,8 +8,10 @@ the torch module in channels-last memory then run the same float32 batch with th
 count. Rounds alternate between the three and each figure is the median over rounds. The engine
 is asked for the final output only, so a run frees each layer once nothing later reads it.
 Memory is the peak RSS growth of one call, measured in a fresh subprocess per network, batch
-and implementation. Prints the CPU model, one row per network and batch, and the geometric mean
-of engine / the faster peer.
+and implementation. Prints the machine (CPU model, ISA, sgemm GFLOP/s measured in this run, the
+kernel choices: bench/machine.py), one row per network and batch with the engine kernels its
+conv layers ran (every layer's with --kernels), and the geometric mean of engine / the faster
+peer.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def make(impl: str, name: str, n: int, threads: int):
     return run
 
 
-def used_kernels(name: str, n: int, threads: int) -> str:
-    """Return how many conv layers of the network ran each engine kernel at batch n."""
+def used_kernels(name: str, n: int, threads: int, each: bool = False) -> str:
+    """Return how many conv layers of the network ran each engine kernel at batch n (with
+    each, every conv layer and its kernel)."""
     import collections
 
     import engine
@@ -94,6 +97,8 @@ def used_kernels(name: str, n: int, threads: int) -> str:
     _, data, side = export(name)
     model = engine.Model.from_arrays(*convert(data))
     model.run(np.zeros((n, side, side, 3), np.float32), [model.layer_names[-1]])
+    if each:
+        return ", ".join(f"{layer}: {kernel}" for layer, kernel in model.kernels.items())
     counts = collections.Counter(model.kernels.values())
     return ", ".join(f"{k} x{v}" for k, v in counts.most_common())
 
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--kernels", action="store_true", help="print every conv layer's kernel")
     args = ap.parse_args(argv)
     import engine
     from bench.machine import describe
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
                 for i, w in zip(IMPLS, (8, 8, 9), strict=True)
             )
             print(row, flush=True)
-            print(f"  kernels: {used_kernels(name, n, args.threads)}")
+            print(f"  kernels: {used_kernels(name, n, args.threads, args.kernels)}")
     geo = float(np.exp(np.mean(np.log(ratios))))
     print(f"geomean engine / faster peer: {geo:.2f}; worst {max(ratios):.2f}")
     return 0

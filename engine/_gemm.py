@@ -2,14 +2,15 @@
 
 Computes out[r, j] = sum_p a[r, p] * w[p, j] (+ bias[j], then ReLU) for one tile: a is (rows,
 Kc) row-major (im2col rows, or NHWC pixels for 1x1); the weights w (Kc, K) are packed into
-contiguous (Kc, NR) column blocks of one family (FAMILIES: NR 64 or 48, or 24 or 16),
+contiguous (Kc, NR) column blocks of one family (FAMILIES: NR 64, 48, 32; or 32, 16),
 zero-padded past K. Each block of mr x NR outputs is held in registers (24 zmm, or 12 ymm: an
 `alloca`d array that LLVM promotes once the loops over r and j are unrolled) while p runs over
 Kc in chunks of KC, so a streams from L1 and the weight block from L2. Index arithmetic is
 unsigned: NumPy-style negative-index wraparound would otherwise turn every weight load into a
 gather. Measured on one Zen 5 core: 250 GFLOP/s for 6x64 and 8x48 blocks vs 115 for OpenBLAS's
 Haswell kernels (the OPENBLAS_CORETYPE this environment sets); 12x32 blocks reach 145 at best,
-so K=32 is padded to 48 instead.
+but a 3x32 block written channel loop outermost (CHANNEL_OUTER) covers K = 32 with no padding:
+32x3 K32 F5 at N=8 on one core of a loaded host, 85 GFLOP/s against 69 padded to 48.
 
 Every element is one FMA chain over p in order, so a row's result does not depend on which tile
 or block it lands in: results are bit-identical whatever the batch or thread count.
@@ -29,7 +30,7 @@ from numba.extending import intrinsic
 # (AVX2 build, one core: 6x16 3 GFLOP/s, 3x32 2; channel-outer 3x32 90-106, 4x16 103, 6x16 43,
 # 4x24 46: the best two are kept). Every family compiles and runs correctly on any CPU (LLVM
 # spills what does not fit); which one is fastest where is measured (engine.kernels).
-FAMILIES = {"avx512": ((64, 6), (48, 8)), "avx2": ((32, 3), (16, 4))}
+FAMILIES = {"avx512": ((64, 6), (48, 8), (32, 3)), "avx2": ((32, 3), (16, 4))}
 CHANNEL_OUTER = {32, 16}
 SHAPES = {nr: mr for shapes in FAMILIES.values() for nr, mr in shapes}
 MR = 24  # rows per tile step: a multiple of every block's row count
@@ -51,16 +52,26 @@ def _stack_block(typingctx, size):
 
 
 def plan_blocks(k: int, family: str = "avx512") -> list[int]:
-    """Return block widths (wide ones, then narrow) of family covering k channels with the least
-    zero padding, then the fewest blocks."""
-    (wide, _), (narrow, _) = FAMILIES[family]
-    best: tuple[int, int, int, int] | None = None
-    for a in range(-(-k // wide) + 1):
-        b = max(0, -(-(k - wide * a) // narrow))
-        cand = (wide * a + narrow * b - k, a + b, a, b)
+    """Return block widths of family (widest first) covering k channels with the least zero
+    padding, then the fewest blocks, then the fewest of the narrowest."""
+    widths = [nr for nr, _ in FAMILIES[family]]
+    best: tuple | None = None
+    for counts in _counts(k, widths):
+        pad = sum(n * nr for n, nr in zip(counts, widths, strict=True)) - k
+        cand = (pad, sum(counts), counts[::-1])
         best = cand if best is None or cand < best else best
     assert best is not None
-    return [wide] * best[2] + [narrow] * best[3]
+    return [nr for nr, n in zip(widths, best[2][::-1], strict=True) for _ in range(n)]
+
+
+def _counts(k: int, widths: list[int]):
+    """Yield counts of each width (the last the fewest that reach k) for every useful mix."""
+    if len(widths) == 1:
+        yield (max(0, -(-k // widths[0])),)
+        return
+    for n in range(max(0, -(-k // widths[0])) + 1):
+        for rest in _counts(k - n * widths[0], widths[1:]):
+            yield (n, *rest)
 
 
 def pack_weights(wmat: np.ndarray, family: str = "avx512") -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ named "<path>-<family>":
 - paths: pointwise (1x1, stride 1, no pad: the input's pixels are the GEMM's rows), winograd
   (F(2x2, 3x3), 3x3 stride 1, engine._winograd), implicit (windows read in place, no column
   buffer; Wout >= IMPLICIT_MIN_WIDTH), im2col (tiles packed, then multiplied: every conv);
-- families: avx512 (6x64 and 8x48 register blocks, engine._gemm), avx2 (3x32 and 4x16), blas
+- families: avx512 (6x64, 8x48, 3x32 register blocks, engine._gemm), avx2 (3x32, 4x16), blas
   (one single-threaded sgemm per tile: portable, pointwise and im2col only).
 Every kernel is correct on every CPU; the family only decides how fast.
 
@@ -19,6 +19,9 @@ CPU's ISA (DEFAULTS).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -125,18 +128,26 @@ DEFAULTS = {
 }
 
 
-def _host_features() -> set[str]:
-    return {f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[:1] == "+"}
+@functools.cache
+def _host_features() -> frozenset[str]:
+    """Return the host CPU's features (asked of LLVM once: it takes ~1 ms)."""
+    flags = llvm.get_host_cpu_features().flatten().split(",")
+    return frozenset(f[1:] for f in flags if f[:1] == "+")
+
+
+@functools.cache
+def _host_name() -> str:
+    return llvm.get_host_cpu_name()
 
 
 def cpu_name() -> str:
     """Return the CPU name Numba compiles for (NUMBA_CPU_NAME, else the host's, as LLVM names
     it)."""
     name = numba.config.CPU_NAME
-    return llvm.get_host_cpu_name() if name in (None, "host") else name
+    return _host_name() if name in (None, "host") else name
 
 
-def features() -> set[str]:
+def features() -> frozenset[str]:
     """Return the ISA features Numba compiles for (as Numba itself decides, engine._gemm's code
     included): NUMBA_CPU_FEATURES when set; the host's when unset, even under NUMBA_CPU_NAME;
     when set empty, what the named CPU implies (known names only; others count as portable)."""
@@ -146,17 +157,17 @@ def features() -> set[str]:
     if configured:
         return _parse(configured)
     name = cpu_name()
-    if name in ("host", llvm.get_host_cpu_name()):
+    if name in ("host", _host_name()):
         return _host_features()
     if name in AVX512_CPUS:
-        return {"avx512f", "avx2", "fma", "avx"}
+        return frozenset({"avx512f", "avx2", "fma", "avx"})
     if name in AVX2_CPUS:
-        return {"avx2", "fma", "avx"}
-    return set()
+        return frozenset({"avx2", "fma", "avx"})
+    return frozenset()
 
 
-def _parse(spec: str) -> set[str]:
-    return {f.strip()[1:] for f in spec.split(",") if f.strip()[:1] == "+"}
+def _parse(spec: str) -> frozenset[str]:
+    return frozenset(f.strip()[1:] for f in spec.split(",") if f.strip()[:1] == "+")
 
 
 def isa() -> str:
@@ -185,19 +196,23 @@ def isa_flags() -> list[str]:
 
 
 def version() -> str:
-    """Return convq's version and the kernels' source hash: a choice measured on other code
-    is not reused."""
+    """Return convq's version and a hash of the kernels' and the choice's sources: a choice
+    measured on other code is not reused."""
     try:
         from importlib.metadata import version as dist_version
 
         ours = dist_version("convq")
     except Exception:  # not installed (a source checkout on sys.path)
         ours = "source"
-    return f"{ours}+{_cache.source_hash()}"
+    digest = hashlib.sha256(_cache.source_hash().encode())
+    for name in ("kernels.py", "tuning.py"):  # the classes, samples and rules of the choice
+        with open(os.path.join(_cache.HERE, name), "rb") as src:
+            digest.update(src.read())
+    return f"{ours}+{digest.hexdigest()[:16]}"
 
 
 def key_fields(threads: int) -> dict:
-    """Return what a measured choice depends on: CPU, ISA flags, thread count, convq version."""
+    """Return what a measured choice depends on: CPU, ISA flags, Numba's pool size, version."""
     return {
         "cpu": cpu_model(),
         "cpu_name": cpu_name(),
@@ -234,9 +249,11 @@ def read_choices(path: str | None = None) -> dict:
 
 
 def write_choice(threads: int, entry: dict, path: str | None = None) -> str | None:
-    """Store entry under this machine's key (atomically); return the path, None if unwritable."""
+    """Store entry under this machine's key (atomically), dropping other convq versions' entries;
+    return the path, None if unwritable."""
     path = path or choices_path()
-    data = read_choices(path)
+    ours = version()  # entries of other versions are stale for good: dropped
+    data = {k: v for k, v in read_choices(path).items() if _version_of(v) == ours}
     data[key(threads)] = entry
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -250,12 +267,31 @@ def write_choice(threads: int, entry: dict, path: str | None = None) -> str | No
     return path
 
 
+def _version_of(entry) -> str | None:
+    return entry.get("version") if isinstance(entry, dict) else None
+
+
 _loaded: dict[int, dict[str, list[str]]] = {}
+_seen: dict[int, tuple[int, int] | None] = {}  # the file's (mtime, size) when last read
+
+
+def _stamp() -> tuple[int, int] | None:
+    try:
+        st = os.stat(choices_path())
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def measured(threads: int) -> dict[str, list[str]]:
-    """Return the measured rankings for this machine and thread count ({} if none yet)."""
-    if threads not in _loaded:
+    """Return the measured rankings for this machine and pool size ({} if none yet).
+
+    The file is read again whenever it changed (one stat per call), so every process on the
+    machine runs what the last measurement chose: their results stay bit-identical.
+    """
+    stamp = _stamp()
+    if threads not in _loaded or _seen.get(threads) != stamp:
+        _seen[threads] = stamp
         entry = read_choices().get(key(threads))
         rankings = entry.get("rankings") if isinstance(entry, dict) else None
         ok = isinstance(rankings, dict) and all(
@@ -270,11 +306,30 @@ def forget() -> None:
     (and this machine's key) again."""
     _loaded.clear()
     _keys.clear()
+    _seen.clear()
 
 
 def remember(threads: int, rankings: dict[str, list[str]]) -> None:
     """Use these rankings in this process (whether or not the file could be written)."""
     _loaded[threads] = rankings
+    _seen[threads] = _stamp()
+
+
+@contextlib.contextmanager
+def choices_lock():
+    """Hold an exclusive lock beside the choices file (none if its directory is unwritable)."""
+    path = choices_path() + ".lock"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def parse_forced(value: str | None) -> list[str] | None:

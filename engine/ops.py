@@ -57,7 +57,8 @@ GROUPED_DIRECT_MIN_GROUPS = 16
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
 # N=32: K32 F5 1.30 -> 1.21 ms, K24 F5 1.69 -> 1.21, K32 F7 2.59 -> 2.35; but K32 F3 0.62 ->
 # 0.81 (the wider window costs more than the lanes save), three pixels (K16) and stride 2 no
-# better: so only 5x5 and wider, stride 1.
+# better: so only 5x5 and wider, stride 1. (K=32 now has a 3x32 block of its own, no padding;
+# two pixels serve filter counts whose two pixels fill one block exactly: K=24 and K=16.)
 WIDE_MAX_C = 16
 WIDE_MIN_FW = 5
 
@@ -394,7 +395,8 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=Fals
     """
     k, fh, fw, c = cw.w.shape
     n, hout, wout = out.shape[:3]
-    path, family = kernels.split(kernels.choose(_shape(cw.w.shape, win, wout), get_threads()))
+    name = kernels.choose(_shape(cw.w.shape, win, wout), _threads.max_threads())
+    path, family = kernels.split(name)
     if (acc or not out.flags.c_contiguous) and (family == "blas" or (acc and path == "implicit")):
         _via_temp(x, cw, bias, out, win, relu, acc)
         return
@@ -420,7 +422,7 @@ def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -
     win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
     wout = win.out_hw(x_shape[1], x_shape[2])[1]
     part = (w_shape[0] // groups, *w_shape[1:])
-    return kernels.choose(_shape(part, win, wout), get_threads(), layer)
+    return kernels.choose(_shape(part, win, wout), _threads.max_threads(), layer)
 
 
 def _pointwise(

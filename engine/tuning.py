@@ -1,11 +1,12 @@
 """Measure which conv kernel runs each shape class fastest on this machine, and remember it.
 
 ensure() (called by engine.warmup: `convq warmup`, every worker's start) looks up this machine's
-key (engine.kernels.key: CPU model, ISA flags, thread count, convq version) in the choices file
+key (engine.kernels.key: CPU model, ISA flags, pool size, convq version) in the choices file
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
 class's kernels fastest first, by the CPU time of their fastest round (on a shared machine a
-neighbour's load stretches the wall clock, not the work).
+neighbour's load stretches the wall clock, not the work); a kernel HOPELESS times slower than
+the best on its first call (a family compiled for a CPU without its ISA) is not timed again.
 Measuring takes at most about BUDGET seconds; a job never measures (without a measurement a
 layer runs its ISA's default, engine.kernels.DEFAULTS). `convq info` (main) shows the result.
 """
@@ -32,6 +33,7 @@ SAMPLES = {
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
 ROUNDS = 15  # most rounds per class; each round times every candidate once
+HOPELESS = 4.0  # a first call this many times the fastest one's: not timed again
 MARGIN = 0.1  # how much faster than the ISA's default a kernel must be to displace it
 
 
@@ -65,16 +67,23 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
         names = candidates(cls)
         times: dict[str, list[float]] = {name: [] for name in names}
         until = min(deadline, time.monotonic() + share)
+        first = {}
         for round_ in range(ROUNDS + 1):
             for name in names:
                 with kernels.forced([name]):
                     t0 = time.process_time()
                     ops._dense_conv(x, cw, bias, out, win, False)
-                    if round_:  # the first round packs the filters and warms the caches
-                        times[name].append(time.process_time() - t0)
-            if round_ >= 2 and time.monotonic() > until:
+                    spent = time.process_time() - t0
+                if round_:
+                    times[name].append(spent)
+                else:  # the first round packs the filters and warms the caches
+                    first[name] = spent
+            if not round_:  # a kernel this much slower cannot win: time it no more
+                names = [n for n in names if first[n] <= HOPELESS * min(first.values())]
+            elif time.monotonic() > until:
                 break
-        result[cls] = {name: 1e3 * min(ts) for name, ts in times.items() if ts}
+        # a hopeless kernel keeps its first call's time, which ranks it last
+        result[cls] = {n: 1e3 * (min(times[n]) if times[n] else first[n]) for n in first}
     return result
 
 
@@ -96,13 +105,24 @@ def rank(timings: dict[str, dict[str, float]], isa: str | None = None) -> dict[s
 
 def ensure(force: bool = False) -> dict:
     """Measure and store this machine's choices unless stored already; return the entry."""
-    threads = ops.get_threads()
-    entry = kernels.read_choices().get(kernels.key(threads))
-    if not force and isinstance(entry, dict) and kernels.measured(threads):
-        return entry
+    threads = _threads.max_threads()
+    with kernels.choices_lock():  # one process measures; the others then read its entry
+        kernels.forget()
+        entry = kernels.read_choices().get(kernels.key(threads))
+        if not force and isinstance(entry, dict) and kernels.measured(threads):
+            return entry
+        return _measure_and_store(threads)
+
+
+def _measure_and_store(threads: int) -> dict:
+    before = ops.get_threads()
+    ops.set_threads(threads)  # measured on the whole pool, whatever this process runs on
     _threads.enter()
     started = time.monotonic()
-    timings = measure()
+    try:
+        timings = measure()
+    finally:
+        ops.set_threads(before)
     entry = {
         **kernels.key_fields(threads),
         "isa": kernels.isa(),
@@ -117,7 +137,7 @@ def ensure(force: bool = False) -> dict:
 
 
 def info(threads: int) -> dict:
-    """Return the kernel choices in effect for `threads` threads and where they come from."""
+    """Return the kernel choices in effect for a pool of `threads` threads and their source."""
     stored = kernels.read_choices().get(kernels.key(threads))
     classes = {}
     for cls in kernels.CLASSES:
@@ -140,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="convq info", description="show the engine's kernel choices on this machine"
     )
-    ap.add_argument("--threads", type=int, default=None, help="as a worker would set them")
     ap.add_argument("--measure", action="store_true", help="measure now (and store) first")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    threads = ops.set_threads(args.threads) if args.threads else ops.get_threads()
+    threads = _threads.max_threads()
     if args.measure:
         ops.warmup(tune=False)
         ensure(force=True)
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"CPU:      {data['cpu']} ({data['cpu_name']})")
     print(f"ISA:      {data['isa']} [{' '.join(data['isa_flags'])}]")
-    print(f"threads:  {threads}    convq {data['version']}")
+    print(f"threads:  {threads} (Numba's pool)    convq {data['version']}")
     when = data["measured_at"] or "not measured yet (convq warmup measures)"
     print(f"choices:  {data['choices_file']}  key {data['key']}: {when}")
     if data["forced"]:

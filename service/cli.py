@@ -22,7 +22,7 @@ USAGE = """convq <command> [options]
   summary      print a model's layer table:  convq summary SPEC [--height H --width W] [--batch N]
   import-onnx  convert an .onnx file:         convq import-onnx MODEL.onnx -o DIR
   warmup       compile (or load from cache) every engine kernel, measure the conv kernels once
-  info         CPU, ISA, conv kernel choices:  convq info [--threads N] [--measure] [--json]
+  info         CPU, ISA, conv kernel choices:  convq info [--measure] [--json]
   bench        run the benchmarks:            convq bench [engine|service] [args]
 """
 
@@ -196,6 +196,14 @@ def warmup(argv: list[str]) -> int:
     engine.warmup()
     engine.backward.warmup()  # explain jobs' kernels
     print(f"kernels ready in {time.monotonic() - started:.1f} s")
+    from engine import kernels
+
+    threads = engine.ops._threads.max_threads()
+    chosen = [(c, *kernels.ranking(c, threads)) for c in kernels.CLASSES]
+    print(
+        f"conv kernels ({chosen[0][2]}; convq info for more): "
+        + ", ".join(f"{c} {names[0]}" for c, names, _ in chosen)
+    )
     return 0
 
 

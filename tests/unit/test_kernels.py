@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 
-from engine import Model, kernels, ops, tuning
+from engine import Model, _threads, kernels, ops, tuning
 from engine import reference as ref
 from engine.kernels import ConvShape, KernelError
 from tests import isa_check
@@ -167,7 +167,7 @@ def test_without_a_measurement_each_isa_has_its_default(
 ):
     monkeypatch.setattr(numba.config, "CPU_NAME", name)
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "")
-    threads = ops.get_threads()
+    threads = _threads.max_threads()
     assert kernels.choose(ConvShape(64, 64, 3, 3, 1, 1, True, 28), threads) == deep
     assert kernels.choose(ConvShape(256, 64, 1, 1, 1, 1, False, 28), threads) == pointwise
     assert kernels.choose(ConvShape(3, 96, 11, 11, 4, 4, False, 55), threads) == thin
@@ -193,7 +193,7 @@ def fake_timings(first: str):
 def test_measured_choice_is_stored_by_key_and_reused(choices_dir, monkeypatch):
     measure, calls = fake_timings("im2col-avx2")
     monkeypatch.setattr(tuning, "measure", measure)
-    threads = ops.get_threads()
+    threads = _threads.max_threads()
     entry = tuning.ensure()
     assert len(calls) == 1
     assert entry["threads"] == threads and entry["cpu"] == kernels.cpu_model()
@@ -210,11 +210,18 @@ def test_measured_choice_is_stored_by_key_and_reused(choices_dir, monkeypatch):
     assert len(calls) == 1
     assert kernels.choose(padded, threads) == "im2col-avx2"
     # another convq version (or CPU, ISA, thread count) is another key: measured again
+    with pytest.MonkeyPatch.context() as other_cpu:
+        other_cpu.setattr(numba.config, "CPU_FEATURES", "+sse2")
+        kernels.forget()
+        assert kernels.key(threads) != list(stored)[0]
+    kernels.forget()
+    assert kernels.key(threads) == list(stored)[0]
     monkeypatch.setattr(kernels, "version", lambda: "0.0.0+other")
     kernels.forget()
     assert kernels.choose(padded, threads) == kernels.DEFAULTS[kernels.isa()]["padded"][0]
     tuning.ensure()
-    assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
+    assert len(calls) == 2
+    assert list(json.loads(path.read_text())) == [kernels.key(threads)]  # the old version's gone
 
 
 def test_the_key_holds_the_thread_count(choices_dir):
@@ -232,10 +239,11 @@ def test_forcing_wins_over_a_measurement(choices_dir, monkeypatch):
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"rankings": {"1x1": ["x"]}}}'])
 def test_unreadable_choices_fall_back_to_the_default(choices_dir, content):
-    text = content % kernels.key(ops.get_threads()) if "%s" in content else content
+    text = content % kernels.key(_threads.max_threads()) if "%s" in content else content
     (choices_dir / kernels.CHOICES_FILE).write_text(text)
     shape = ConvShape(256, 64, 1, 1, 1, 1, False, 28)
-    assert kernels.choose(shape, ops.get_threads()) == kernels.DEFAULTS[kernels.isa()]["1x1"][0]
+    default = kernels.DEFAULTS[kernels.isa()]["1x1"][0]
+    assert kernels.choose(shape, _threads.max_threads()) == default
 
 
 def test_an_unwritable_cache_directory_still_uses_the_measurement(choices_dir, monkeypatch):
@@ -302,3 +310,49 @@ def test_every_kernel_matches_the_reference_on_avx2_and_portable_code():
             "winograd-avx2" if family == "avx2" else "im2col-blas"
         )
         assert report["defaults"]["1x1"] == f"pointwise-{family}"
+
+
+def test_convq_info_shows_the_choices_key_and_file(choices_dir, monkeypatch, capsys):
+    from service import cli
+
+    measure, _ = fake_timings("im2col-avx2")
+    monkeypatch.setattr(tuning, "measure", measure)
+    assert cli.main(["info", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["key"] == kernels.key(_threads.max_threads()) and before["measured_at"] is None
+    assert before["choices_file"] == str(choices_dir / kernels.CHOICES_FILE)
+    assert before["classes"]["padded"]["source"] == "default"
+    tuning.ensure()
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"key {before['key']}" in text and "[measured] im2col-avx2 0.100 ms" in text
+    monkeypatch.setenv(kernels.ENV, "im2col-blas")
+    assert cli.main(["info", "--json"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["forced"] == "im2col-blas"
+    assert forced["classes"]["1x1"] == {"kernels": ["im2col-blas"], "source": kernels.ENV}
+
+
+def test_a_measurement_written_by_another_process_is_used_at_once(choices_dir):
+    threads = _threads.max_threads()
+    padded = ConvShape(64, 128, 3, 3, 2, 2, True, 28)
+    assert kernels.choose(padded, threads) == kernels.DEFAULTS[kernels.isa()]["padded"][0]
+    other = {"rankings": {"padded": ["im2col-blas"]}, "version": kernels.version()}
+    kernels.write_choice(threads, other)  # as a worker starting beside this process would
+    kernels._loaded[threads] = {}  # this process had read the file before: no measurement
+    assert kernels.choose(padded, threads) == "im2col-blas"
+
+
+def test_the_choice_follows_the_pool_not_set_threads(choices_dir):
+    # results stay bit-identical whatever set_threads says: the kernel does not change with it
+    x, w = rand(2, 12, 12, 40, seed=4), rand(24, 3, 3, 40, seed=5)
+    before = ops.get_threads()
+    try:
+        ops.set_threads(1)
+        one = ops.conv_kernel(x.shape, w, pad=1), ops.conv2d(x, w, pad=1)
+        ops.set_threads(_threads.max_threads())
+        two = ops.conv_kernel(x.shape, w, pad=1), ops.conv2d(x, w, pad=1)
+    finally:
+        ops.set_threads(before)
+    assert one[0] == two[0]
+    np.testing.assert_array_equal(one[1], two[1])
