@@ -332,7 +332,11 @@ def test_a_graph_models_layers_in_graph_order_with_inputs_and_its_top_5(server, 
     shown = [li.text for li in box.find_elements(By.TAG_NAME, "li")]
     probs = model.run(pixels[None])["prob"].reshape(-1)
     best = np.argsort(-probs)[:5]
-    assert shown == [f"{LABELS[i]} ({i}): {probs[i]:.4f}" for i in best]
+    # the worker may run other conv kernels than this process (each measures its own choice),
+    # so the scores agree to float32 rounding, not bit for bit; the ranking is the engine's
+    assert [s.rsplit(":", 1)[0] for s in shown] == [f"{LABELS[i]} ({i})" for i in best]
+    scores = [float(s.rsplit(":", 1)[1]) for s in shown]
+    np.testing.assert_allclose(scores, probs[best], atol=5e-5 + 1e-5)
     browser.save_screenshot(str(ARTIFACTS / "browser-graph.png"))
 
 
