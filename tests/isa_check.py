@@ -6,8 +6,8 @@
 Run by tests/unit/test_kernels.py in subprocesses (with NUMBA_CACHE_DIR in a temporary
 directory) so the AVX2 and portable builds are tested on any CI machine. Prints one JSON line:
 the ISA engine.kernels sees, the default kernel of each case, the kernels checked (each into a
-new array, into a channel slice of a wider buffer, and accumulating onto a residual there), failures,
-and whether the micro-kernel's code uses zmm / ymm registers.
+new array, into a channel slice of a wider buffer, and accumulating onto a residual there),
+failures, and whether the micro-kernel's code uses zmm / ymm registers.
 """
 
 from __future__ import annotations
