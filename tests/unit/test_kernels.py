@@ -277,7 +277,8 @@ ISAS = {  # the environment of each build: the ISA engine.kernels must see, zmm/
 
 @pytest.mark.slow
 def test_every_kernel_matches_the_reference_on_avx2_and_portable_code():
-    # Both builds compile every kernel from scratch (~40 s of CPU each): run them side by side.
+    # Both builds compile every kernel from scratch, a channel slice of the output too (~80 s of
+    # CPU each, loaded): run them side by side.
     with tempfile.TemporaryDirectory() as cache:
         procs = {}
         for isa, (env, _) in ISAS.items():
