@@ -5,8 +5,9 @@
 
 Run by tests/unit/test_kernels.py in subprocesses (with NUMBA_CACHE_DIR in a temporary
 directory) so the AVX2 and portable builds are tested on any CI machine. Prints one JSON line:
-the ISA engine.kernels sees, the default kernel of each case, the kernels checked, failures,
-and whether the micro-kernel's code uses zmm / ymm registers.
+the ISA engine.kernels sees, the default kernel of each case, the kernels checked (each into a
+new array, into a channel slice of a wider buffer, and accumulating onto a residual there),
+failures, and whether the micro-kernel's code uses zmm / ymm registers.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main() -> int:
         x = rng.standard_normal((n, h, w, c)).astype(np.float32)
         wt = rng.standard_normal((k, *size, c)).astype(np.float32)
         b = rng.standard_normal(k).astype(np.float32)
-        want = ref.conv2d_reference(x, wt, b, stride, pad, dil, relu=True)
+        linear = ref.conv2d_reference(x, wt, b, stride, pad, dil)
+        want = np.maximum(linear, 0)
+        residual = rng.standard_normal(linear.shape).astype(np.float32)
+        summed = np.maximum(linear.astype(np.float64) + residual, 0)
         with kernels.forced(None):
             defaults[case_name] = ops.conv_kernel(x.shape, wt, stride, pad, dil)
         atol = 1e-5 * max(1.0, np.sqrt(size[0] * size[1] * c / 16))
@@ -48,10 +52,35 @@ def main() -> int:
                     got = ops.conv2d(x, wt, b, stride, pad, dil, relu=True)
                 except kernels.KernelError:
                     continue  # does not apply to this shape
+                # into a concat's channel slice, then onto a residual held there (fused add)
+                wider = np.full((*linear.shape[:3], k + 5), 7.0, np.float32)
+                ops.conv2d(x, wt, b, stride, pad, dil, out=wider[..., 2 : 2 + k])
+                sliced = wider[..., 2 : 2 + k].copy()
+                wider[..., 2 : 2 + k] = residual
+                ops.conv2d(
+                    x,
+                    wt,
+                    b,
+                    stride,
+                    pad,
+                    dil,
+                    relu=True,
+                    out=wider[..., 2 : 2 + k],
+                    accumulate=True,
+                )
             checked.append(f"{case_name}:{name}")
-            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=atol):
-                err = float(np.abs(got - want).max()) if got.shape == want.shape else None
-                failures.append({"case": case_name, "kernel": name, "max_error": err})
+            untouched = (wider[..., :2] == 7).all() and (wider[..., 2 + k :] == 7).all()
+            for variant, have, expect in (
+                ("new", got, want),
+                ("slice", sliced, linear),
+                ("accumulate", wider[..., 2 : 2 + k], summed),
+            ):
+                ok = have.shape == expect.shape and np.allclose(have, expect, rtol=1e-4, atol=atol)
+                if not ok or not untouched:
+                    err = float(np.abs(have - expect).max()) if have.shape == expect.shape else None
+                    failures.append(
+                        {"case": case_name, "kernel": name, "variant": variant, "max_error": err}
+                    )
     from engine import _gemm
 
     asm = "".join(_gemm._block16.inspect_asm(sig) for sig in _gemm._block16.signatures)

@@ -19,6 +19,7 @@ import engine
 from engine import EngineError
 from tests.models import tiny_model
 from worker.batch_take import take_batch
+from worker.contract import lean
 from worker.contract.config import Settings
 from worker.contract.queue import cancel, job_status, make_queue, queue_depth, submit
 from worker.contract.store import Store
@@ -53,7 +54,9 @@ def _images(seed: int, n: int, h: int = 9, w: int = 11) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def _submit(env, images, *, owner="key1", outputs=OUTPUTS, model="tiny", version=None):
+def _submit(
+    env, images, *, owner="key1", outputs=OUTPUTS, model="tiny", version=None, lean=None, meta=None
+):
     _redis, store, queue, _model, v = env
     return submit(
         queue,
@@ -63,6 +66,8 @@ def _submit(env, images, *, owner="key1", outputs=OUTPUTS, model="tiny", version
         images=images,
         outputs=outputs,
         owner=owner,
+        lean=lean,
+        meta=meta,
     )
 
 
@@ -262,3 +267,45 @@ def test_a_batch_runs_in_chunks_that_fit_batch_max_bytes(env):
     assert ran[0] == ran[1] != ran[3] == ran[4]  # two engine runs of two, taken as one batch
     for seed, (job_id, n) in enumerate(zip(ids, sizes, strict=True)):
         _assert_alone_equal(env, job_id, _images(seed, n))
+
+
+LEAN_MIX = [  # one batch, four ways of shaping its results
+    {"conv1": {"dtype": "float16"}},
+    {lean.ALL: {"dtype": "uint8"}},
+    {"conv1": {"stats": True, "channels": "1:3"}, "fc": {"dtype": "float16", "channels": [4, 0]}},
+    None,
+]
+
+
+def test_jobs_with_different_lean_options_share_a_batch_each_shaped_its_own_way(env):
+    redis, store, queue, model, _v = env
+    sizes = [2, 1, 3, 1]
+    images = [_images(10 + seed, n) for seed, n in enumerate(sizes)]
+    shapes = model.output_shapes(9, 11)
+    checked = [lean.check_all(opts, OUTPUTS, shapes) if opts else {} for opts in LEAN_MIX]
+    ids = [_submit(env, x, lean=opts) for x, opts in zip(images, checked, strict=True)]
+    _burst(env)
+    assert len({_meta(redis, job_id)["batch"]["id"] for job_id in ids}) == 1
+    for job_id, x, opts in zip(ids, images, checked, strict=True):
+        status = job_status(queue, job_id)
+        assert status["status"] == "finished", status
+        assert status["batch"] == {"jobs": 4, "images": 7}
+        want = lean.lean_results(model.run(x, outputs=OUTPUTS), opts)  # the job run alone
+        assert store.result_names(job_id) == list(want)
+        for name, arr in want.items():
+            got = store.result_array(job_id, name)
+            assert (got.shape, got.dtype) == (arr.shape, arr.dtype), (job_id, name)
+            if arr.dtype == np.uint8:  # a batch's float32 maps may round one step the other way
+                assert np.abs(got.astype(np.int16) - arr).max() <= 1, name
+            else:
+                np.testing.assert_allclose(got, arr, rtol=2e-3, atol=1e-5, err_msg=name)
+    # each job's own shapes: what its options ask for, never a batch-mate's
+    assert store.result_array(ids[0], "conv1").dtype == np.float16
+    assert store.result_names(ids[1]) == ["conv1", "conv1:scale", "conv1:offset"] + [
+        "fc",
+        "fc:scale",
+        "fc:offset",
+    ]
+    assert store.result_array(ids[2], "conv1").shape == (3, 2, 5)
+    assert store.result_array(ids[2], "fc").shape == (3, *shapes["fc"][:2], 2)
+    assert store.result_array(ids[3], "conv1").dtype == np.float32

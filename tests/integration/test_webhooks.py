@@ -593,3 +593,91 @@ def test_a_job_whose_worker_died_is_reported_failed_only_when_no_retry_is_left(r
         assert body is None  # re-queued: it has not ended
     else:
         assert body["status"] == "failed" and "worker died" in body["error"]
+
+
+def _batch_of(api: Api, job_id: str) -> dict | None:
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    return Job.fetch(job_id, connection=api.redis, serializer=JSONSerializer).meta.get("batch")
+
+
+def _calls_by_id(hook) -> dict[str, list]:
+    calls: dict[str, list] = {}
+    for call in hook.calls:
+        calls.setdefault(json.loads(call.body)["id"], []).append(call)
+    return calls
+
+
+def test_batched_jobs_each_get_one_call_with_their_own_id_status_and_signature(receiver):
+    api, hook = keyed_api(batch_wait_ms=0), receiver()
+    store = api.app.extensions["convq"].store
+    # each key has its own "tiny": A's three jobs are taken as one batch, B's runs alone
+    jobs = [(submit(api, hook.url, h), h) for h in (A, A, B, A)]
+    failing = jobs[1][0]
+    api.redis.delete(store.input_key(failing))  # fails alone; its batch-mates run together
+    api.burst()
+    ran = [_batch_of(api, job_id) for job_id, _ in jobs]
+    assert ran[1] is None and ran[2] is None and ran[0]["id"] == ran[3]["id"]
+    dispatch(api, lambda: len(hook.calls) >= 4)
+    dispatch(api, lambda: False, timeout=0.3)  # more rounds: nothing is sent again
+    calls = _calls_by_id(hook)
+    assert len(hook.calls) == 4 and set(calls) == {job_id for job_id, _ in jobs}
+    secrets = {"A": secret(api, A), "B": secret(api, B)}
+    for job_id, headers in jobs:
+        (call,) = calls[job_id]
+        own, other = (secrets["A"], secrets["B"]) if headers is A else (secrets["B"], secrets["A"])
+        signature = call.headers[webhooks.SIGNATURE_HEADER]
+        assert webhooks.verify(own, call.body, signature)
+        assert not webhooks.verify(other, call.body, signature)
+        body, status = json.loads(call.body), job(api, job_id, headers)
+        assert call.headers["X-Convq-Job"] == job_id and body["status"] == status["status"]
+        assert body["error"] == status["error"]
+        assert status["callback"]["state"] == "delivered" and status["callback"]["attempts"] == 1
+        if job_id == failing:
+            assert body["status"] == "failed" and "input" in body["error"]
+            assert body["outputs"] is None
+        else:
+            assert body["status"] == "finished" and body["error"] is None
+            assert body["outputs"] == status["outputs"] == ["fc"]
+            assert status["batch"] == (None if headers is B else {"jobs": 2, "images": 2})
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_batch_with_a_canceled_job_still_calls_back_for_the_others(receiver, monkeypatch, when):
+    import engine
+
+    api, hook = keyed_api(batch_wait_ms=0), receiver()
+    store = api.app.extensions["convq"].store
+    ids = [submit(api, hook.url, A) for _ in range(3)]  # one key's: one batch
+    canceled = ids[1]
+    if when == "before":
+        store.mark_canceled(canceled)  # what a cancel leaves for a job already taken
+    else:
+        run = engine.Model.run
+
+        def canceling(self, *args, **kw):  # canceled while its batch runs
+            store.mark_canceled(canceled)
+            return run(self, *args, **kw)
+
+        monkeypatch.setattr(engine.Model, "run", canceling)
+    api.burst()
+    dispatch(api, lambda: len(hook.calls) >= 3)
+    dispatch(api, lambda: False, timeout=0.3)
+    calls = _calls_by_id(hook)
+    assert len(hook.calls) == 3 and set(calls) == set(ids)
+    own = secret(api, A)
+    for job_id in ids:
+        (call,) = calls[job_id]
+        assert webhooks.verify(own, call.body, call.headers[webhooks.SIGNATURE_HEADER])
+        assert call.headers["X-Convq-Job"] == job_id
+        body = json.loads(call.body)
+        if job_id == canceled:
+            assert body["status"] == "canceled" and body["outputs"] is None
+            assert store.result_names(job_id) is None
+        else:
+            status = job(api, job_id, A)
+            assert body["status"] == status["status"] == "finished"
+            assert _batch_of(api, job_id)["id"] == _batch_of(api, ids[0])["id"]
+            assert body["outputs"] == status["outputs"] and body["error"] is None
+            assert store.result_names(job_id) == status["outputs"]

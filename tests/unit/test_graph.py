@@ -4,11 +4,12 @@ fusion, freeing, memory, labels and the 2,000-layer load."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
 
-from engine import Model, ModelError, ShapeError, WeightsError
+from engine import Model, ModelError, ShapeError, WeightsError, kernels
 from engine import layers_reference as lref
 from engine.plan import plan
 from engine.reference import conv2d_reference, max_pool2d_reference, relu_reference
@@ -562,3 +563,130 @@ def test_fused_residual_add_of_any_inputs_equals_the_unfused_run(inputs):
     np.testing.assert_array_equal(x, before)
     model.fuse = False
     np.testing.assert_allclose(fused, model.run(x, "s")["s"], rtol=RTOL, atol=ATOL)
+
+
+# Blocks whose convs meet the fused store: K (40, 24, 36, 12) no multiple of the block widths,
+# the residual add (and its ReLU) in the stores of c2 (3x3), down (1x1 stride 2) and expand
+# (1x1: pointwise), each inception branch into its concat slice.
+RESNET_SEAM = {
+    "input": {"height": 9, "width": 11, "channels": 40},
+    "layers": [
+        {"name": "stem", "type": "conv", "filters": 40, "size": 1},
+        {"name": "stem_relu", "type": "relu"},
+        {"name": "c1", "type": "conv", "filters": 40, "size": 3, "pad": 1, "bias": None},
+        {"name": "bn1", "type": "batchnorm"},
+        {"name": "r1", "type": "relu"},
+        {"name": "c2", "type": "conv", "filters": 40, "size": 3, "pad": 1},
+        {"name": "bn2", "type": "batchnorm"},
+        {"name": "sum", "type": "add", "inputs": ["bn2", "stem_relu"]},
+        {"name": "out", "type": "relu"},
+        {"name": "down", "type": "conv", "filters": 24, "size": 1, "stride": 2},
+        {"name": "proj", "type": "conv", "filters": 24, "size": 1, "stride": 2, "input": "out"},
+        {"name": "sum2", "type": "add", "inputs": ["proj", "down"], "relu": True},
+        {"name": "expand", "type": "conv", "filters": 24, "size": 1},
+        {"name": "sum3", "type": "add", "inputs": ["expand", "sum2"], "relu": True},
+    ],
+}
+
+
+def resnet_seam_reference(x, a):
+    def conv(name, src, **kw):
+        return conv2d_reference(src, a[f"{name}.w"], a.get(f"{name}.b"), **kw)
+
+    o = {"stem": conv("stem", x)}
+    o["stem_relu"] = relu_reference(o["stem"])
+    o["c1"] = conv("c1", o["stem_relu"], pad=1)
+    o["bn1"] = bn_ref(o["c1"], a, "bn1")
+    o["r1"] = relu_reference(o["bn1"])
+    o["c2"] = conv("c2", o["r1"], pad=1)
+    o["bn2"] = bn_ref(o["c2"], a, "bn2")
+    o["sum"] = lref.add_reference([o["bn2"], o["stem_relu"]])
+    o["out"] = relu_reference(o["sum"])
+    o["down"] = conv("down", o["out"], stride=2)
+    o["proj"] = conv("proj", o["out"], stride=2)
+    o["sum2"] = lref.add_reference([o["proj"], o["down"]], relu=True)
+    o["expand"] = conv("expand", o["sum2"])
+    o["sum3"] = lref.add_reference([o["expand"], o["sum2"]], relu=True)
+    return o
+
+
+INCEPTION_SEAM = {
+    "input": {"height": 10, "width": 12, "channels": 8},
+    "layers": [
+        {"name": "stem", "type": "conv", "filters": 40, "size": 3, "pad": 1},
+        {"name": "stem_relu", "type": "relu"},
+        {"name": "b1", "type": "conv", "filters": 24, "size": 1, "input": "stem_relu"},
+        {"name": "b2_reduce", "type": "conv", "filters": 36, "size": 1, "input": "stem_relu"},
+        {"name": "b2", "type": "conv", "filters": 40, "size": 3, "pad": 1},
+        {"name": "b3", "type": "conv", "filters": 12, "size": 5, "pad": 2, "input": "stem_relu"},
+        {"name": "b4_pool", "type": "maxpool", "size": 3, "stride": 1, "pad": 1, "input": "stem"},
+        {"name": "b4", "type": "conv", "filters": 8, "size": 1},
+        {"name": "mixed", "type": "concat", "inputs": ["b1", "b2", "b3", "b4"]},
+        {"name": "gap", "type": "globalavgpool"},
+    ],
+}
+
+
+def inception_seam_reference(x, a):
+    def conv(name, src, **kw):
+        return conv2d_reference(src, a[f"{name}.w"], a[f"{name}.b"], **kw)
+
+    o = {"stem": conv("stem", x, pad=1)}
+    o["stem_relu"] = relu_reference(o["stem"])
+    o["b1"] = conv("b1", o["stem_relu"])
+    o["b2_reduce"] = conv("b2_reduce", o["stem_relu"])
+    o["b2"] = conv("b2", o["b2_reduce"], pad=1)
+    o["b3"] = conv("b3", o["stem_relu"], pad=2)
+    o["b4_pool"] = max_pool2d_reference(o["stem"], 3, 1, 1)
+    o["b4"] = conv("b4", o["b4_pool"])
+    o["mixed"] = lref.concat_reference([o["b1"], o["b2"], o["b3"], o["b4"]])
+    o["gap"] = lref.global_avg_pool_reference(o["mixed"])
+    return o
+
+
+SEAM_NETS = {  # spec, its reference run, input shape
+    "resnet": (RESNET_SEAM, resnet_seam_reference, (2, 9, 11, 40)),
+    "inception": (INCEPTION_SEAM, inception_seam_reference, (2, 10, 12, 8)),
+}
+
+
+@functools.cache
+def _seam_run(net: str) -> tuple:
+    """Return the model, its input and the reference graph run's every value."""
+    spec, reference, shape = SEAM_NETS[net]
+    arrays = _conv_arrays(spec, 17)
+    x = np.random.default_rng(18).standard_normal(shape).astype(np.float32)
+    return Model.from_arrays(spec, arrays), x, reference(x, arrays)
+
+
+def test_the_seam_nets_last_output_uses_the_fused_residual_and_the_concat_slices():
+    spec = parse_spec(RESNET_SEAM)
+    steps = {s.name: s for s in plan(spec.layers, ["sum3"], depth=spec.depths())}
+    assert steps["out"].residuals == ("stem_relu",) and steps["sum2"].residuals == ("proj",)
+    assert steps["sum3"].layers[0].name == "expand" and steps["sum3"].residuals == ("sum2",)
+    spec = parse_spec(INCEPTION_SEAM)
+    steps = {s.name: s for s in plan(spec.layers, ["gap"], depth=spec.depths())}
+    assert [steps[b].into for b in ("b1", "b2", "b3", "b4")] == [
+        ("mixed", 0, 24),
+        ("mixed", 24, 64),
+        ("mixed", 64, 76),
+        ("mixed", 76, 84),
+    ]
+
+
+@pytest.mark.parametrize("outputs", ["all", "last"])
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+@pytest.mark.parametrize("net", SEAM_NETS)
+def test_each_forced_kernel_runs_the_blocks_as_the_reference_graph(net, kernel, outputs):
+    # the kernel runs every conv it applies to; the others run im2col of its family
+    model, x, want = _seam_run(net)
+    last = model.layer_names[-1]
+    fallback = "im2col-" + kernels.split(kernel)[1]
+    with kernels.forced([kernel, fallback]):
+        got = model.run(x, outputs="all" if outputs == "all" else last)
+    assert kernel in model.kernels.values(), model.kernels
+    assert set(model.kernels.values()) <= {kernel, fallback}
+    assert list(got) == (model.layer_names if outputs == "all" else [last])
+    for name, value in got.items():
+        assert value.shape == want[name].shape, name
+        np.testing.assert_allclose(value, want[name], rtol=RTOL, atol=ATOL, err_msg=name)

@@ -3,6 +3,7 @@ choice and its cache file; every kernel against the reference on AVX2 and portab
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -284,7 +285,8 @@ ISAS = {  # the environment of each build: the ISA engine.kernels must see, zmm/
 
 @pytest.mark.slow
 def test_every_kernel_matches_the_reference_on_avx2_and_portable_code():
-    # Both builds compile every kernel from scratch (~40 s of CPU each): run them side by side.
+    # Both builds compile every kernel from scratch, a channel slice of the output too (~80 s of
+    # CPU each, loaded): run them side by side.
     with tempfile.TemporaryDirectory() as cache:
         procs = {}
         for isa, (env, _) in ISAS.items():
@@ -356,3 +358,81 @@ def test_the_choice_follows_the_pool_not_set_threads(choices_dir):
         ops.set_threads(before)
     assert one[0] == two[0]
     np.testing.assert_array_equal(one[1], two[1])
+
+
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation): where the fused store (out= a channel slice,
+# accumulate=True) meets each kernel's own tiling; K of 40 and 72 is no multiple of any block width
+SEAM_CASES = {
+    "1x1-K40": (2, 5, 9, 6, 40, (1, 1), 1, 0, 1),
+    "1x1-C33-K72": (1, 7, 8, 33, 72, (1, 1), 1, 0, 1),
+    "3x3-padded-C33-K72": (1, 6, 10, 33, 72, (3, 3), 1, 1, 1),
+    "3x3-unpadded-C32-K40": (2, 7, 11, 32, 40, (3, 3), 1, 0, 1),
+    "5x5-K72": (1, 9, 12, 17, 72, (5, 5), 1, 2, 1),
+    "strided-K40": (1, 11, 21, 18, 40, (3, 3), 2, 1, 1),
+    "thin-C3-K40": (2, 8, 12, 3, 40, (3, 3), 1, 1, 1),
+    "dilated-K72": (1, 10, 13, 5, 72, (3, 3), 1, 2, 2),
+}
+
+
+def _seam_pairs() -> list[tuple[str, str]]:
+    """Return (kernel, case) for every kernel and every SEAM_CASES shape it applies to."""
+    pairs = []
+    for name in kernels.KERNELS:
+        for case, (n, h, w, c, k, size, stride, pad, dil) in SEAM_CASES.items():
+            part = (k, *size, c)
+            with kernels.forced([name]):
+                try:
+                    ops.conv_kernel((n, h, w, c), part, stride, pad, dil)
+                except KernelError:
+                    continue
+            pairs.append((name, case))
+    return pairs
+
+
+SEAM_PAIRS = _seam_pairs()
+
+
+@functools.cache
+def _seam_data(case: str) -> tuple:
+    """Return x, w, b, the reference conv (float64, no ReLU) and a residual for a case."""
+    n, h, w, c, k, size, stride, pad, dil = SEAM_CASES[case]
+    x, wt, b = rand(n, h, w, c, seed=21), rand(k, *size, c, seed=22), rand(k, seed=23)
+    conv = ref.conv2d_reference(x, wt, b, stride, pad, dil).astype(np.float64)
+    return x, wt, b, conv, rand(*conv.shape, seed=24)
+
+
+def test_every_kernel_meets_several_seam_shapes():
+    per_kernel = {name: [c for n, c in SEAM_PAIRS if n == name] for name in kernels.KERNELS}
+    assert all(len(cases) >= 2 for cases in per_kernel.values()), per_kernel
+    assert len(per_kernel["im2col-blas"]) == len(SEAM_CASES)  # im2col runs every conv
+    assert per_kernel["pointwise-avx2"] == ["1x1-K40", "1x1-C33-K72"]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("name,case", SEAM_PAIRS, ids=[f"{n}:{c}" for n, c in SEAM_PAIRS])
+def test_each_kernel_writes_a_channel_slice_and_accumulates(name, case, relu, monkeypatch):
+    # A concat's slice: only its channels change. A fused residual: conv + what out held,
+    # then the ReLU, equal to the reference computed and added in float64. Even these small
+    # convs are split over the threads (as a big layer's would be).
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
+    n, h, w, c, k, size, stride, pad, dil = SEAM_CASES[case]
+    x, wt, b, conv, residual = _seam_data(case)
+    geo = {"stride": stride, "pad": pad, "dilation": dil}
+    atol = 2e-5 * max(1.0, np.sqrt(size[0] * size[1] * c / 16))
+    wider = np.full((*conv.shape[:3], 3 + k + 5), 7.0, np.float32)
+    with kernels.forced([name]):
+        assert ops.conv_kernel(x.shape, wt, **geo) == name
+        got = ops.conv2d(x, wt, b, relu=relu, out=wider[..., 3 : 3 + k], **geo)
+        assert np.shares_memory(got, wider)
+        assert (wider[..., :3] == 7).all() and (wider[..., 3 + k :] == 7).all()
+        want = np.maximum(conv, 0) if relu else conv
+        np.testing.assert_allclose(wider[..., 3 : 3 + k], want, rtol=1e-4, atol=atol)
+        summed = conv + residual
+        want = np.maximum(summed, 0) if relu else summed
+        whole = residual.copy()
+        ops.conv2d(x, wt, b, relu=relu, out=whole, accumulate=True, **geo)
+        np.testing.assert_allclose(whole, want, rtol=1e-4, atol=atol)
+        wider[..., 3 : 3 + k] = residual
+        ops.conv2d(x, wt, b, relu=relu, out=wider[..., 3 : 3 + k], accumulate=True, **geo)
+        assert (wider[..., :3] == 7).all() and (wider[..., 3 + k :] == 7).all()
+        np.testing.assert_allclose(wider[..., 3 : 3 + k], want, rtol=1e-4, atol=atol)
