@@ -65,11 +65,13 @@ def submit(
     retries: int = defaults.RETRIES,
     explain: dict | None = None,
     lean: dict | None = None,
+    also_write=None,
 ) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
     The record and the input share the store's TTLs; a worker death re-runs the job up to
-    `retries` times, a bad job fails at once.
+    `retries` times, a bad job fails at once. also_write(pipe, job_id), when given, adds its
+    own commands to the one transaction that writes the job.
     """
     job_id = uuid.uuid4().hex
     timeout = job_timeout or defaults.JOB_TIMEOUT
@@ -78,7 +80,6 @@ def submit(
         kwargs["explain"] = explain
     if lean:  # checked options (lean.check_all), likewise only when asked for
         kwargs["lean"] = lean
-    store.put_input(job_id, images)
     job_meta = {
         "owner": owner,
         "model": model,
@@ -95,6 +96,11 @@ def submit(
         "batch_key": batch_key(model, version, outputs, images, timeout, explain),
         **(meta or {}),
     }
+    # One round trip for everything a job writes: its input (or the reference to its file),
+    # rq's record and queue entry, its owner's list and what also_write adds (the budget).
+    # rq starts the transaction (MULTI) on the empty pipeline; the rest joins it, so no worker
+    # sees the job before its input.
+    pipe = queue.connection.pipeline()
     try:
         queue.enqueue_call(
             RUN_MODEL,
@@ -107,11 +113,16 @@ def submit(
             ttl=store.input_ttl,
             retry=Retry(max=retries) if retries > 0 else None,
             description=f"run {model} v{version}",
+            pipeline=pipe,
         )
+        store.put_input(job_id, images, pipe=pipe)
+        _remember(pipe, owner, job_id, store, timeout)
+        if also_write is not None:
+            also_write(pipe, job_id)
+        pipe.execute()
     except BaseException:
         store.delete_job(job_id)
         raise
-    _remember(queue.connection, owner, job_id, store, timeout)
     return job_id
 
 
@@ -140,13 +151,11 @@ def _lifetime(store, job_timeout: int) -> int:
     return int(store.input_ttl) + int(job_timeout) + int(store.result_ttl)
 
 
-def _remember(redis, owner: str | None, job_id: str, store, job_timeout: int) -> None:
-    """Add job_id to its owner's list; the list lives as long as its newest job can."""
+def _remember(pipe, owner: str | None, job_id: str, store, job_timeout: int) -> None:
+    """Add job_id to its owner's list (on pipe); the list lives as long as its newest job can."""
     key = keys.owner_jobs(owner)
-    pipe = redis.pipeline(transaction=False)
     pipe.zadd(key, {job_id: time.time()})
     pipe.expire(key, _lifetime(store, job_timeout))
-    pipe.execute()
 
 
 def encode_cursor(score: float, job_id: str) -> str:

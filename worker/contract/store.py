@@ -248,15 +248,20 @@ class Store:
             yield cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1))
 
     # -- inputs ---------------------------------------------------------------------------------
-    def put_input(self, job_id: str, images: np.ndarray) -> None:
-        """Store a job's images (N, H, W, C) uint8 or float32 for input_ttl seconds."""
+    def put_input(self, job_id: str, images: np.ndarray, *, pipe=None) -> None:
+        """Store a job's images (N, H, W, C) uint8 or float32 for input_ttl seconds.
+
+        With pipe, its Redis write is added to that pipeline (the caller executes it); a file
+        blob is written at once.
+        """
+        client = self.redis if pipe is None else pipe
         if self.blobs is None:
-            self.redis.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
+            client.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
             return
         images = np.ascontiguousarray(images)
         name = f"input-{job_id}"
         self.blobs.write(name, [npy_header(images.shape, images.dtype), images.data.cast("B")])
-        self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
+        client.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
         """Return a job's images (writable), or None when they expired.
