@@ -382,28 +382,49 @@ class Store:
         raw = self.redis.hget(self.result_key(job_id), _INDEX_FIELD)
         return None if raw is None else json.loads(raw)
 
+    def result_index(self, job_id: str) -> tuple[list[str], dict] | None:
+        """Return (output names in request order, index) of a result in one round trip, or None.
+
+        The index may be passed to result_layout, result_nbytes, result_slices and result_array
+        so that reading one result costs one read of its index.
+        """
+        raw_names, raw_index = self.redis.hmget(self.result_key(job_id), _NAMES_FIELD, _INDEX_FIELD)
+        if raw_names is None or raw_index is None:
+            return None
+        return json.loads(raw_names), json.loads(raw_index)
+
+    def _entry(self, job_id: str, name: str, index: dict | None) -> dict | None:
+        """Return one output's index entry: from index when given (result_index), else read."""
+        if index is None:
+            index = self._index(job_id) or {}
+        return index.get(name)
+
     def result_names(self, job_id: str) -> list[str] | None:
         """Return the output names of a result in request order; None when there is none."""
         raw = self.redis.hget(self.result_key(job_id), _NAMES_FIELD)
         return None if raw is None else json.loads(raw)
 
-    def result_layout(self, job_id: str, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    def result_layout(
+        self, job_id: str, name: str, index: dict | None = None
+    ) -> tuple[tuple[int, ...], np.dtype] | None:
         """Return (shape, dtype) of one output (dtype object: byte strings), or None."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         return None if entry is None else (tuple(entry["shape"]), _dtype(entry))
 
-    def result_nbytes(self, job_id: str, name: str) -> int | None:
+    def result_nbytes(self, job_id: str, name: str, index: dict | None = None) -> int | None:
         """Return the bytes result_slices yields for one output, or None when there is none."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         return None if entry is None else _size(entry)
 
-    def result_slices(self, job_id: str, name: str) -> Iterator[bytes] | None:
+    def result_slices(
+        self, job_id: str, name: str, index: dict | None = None
+    ) -> Iterator[bytes] | None:
         """Return an iterator over one output's raw bytes in slices, or None when it is gone.
 
         The iterator raises LookupError should the result vanish (TTL, delete) while it runs,
         rather than end short.
         """
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         if entry is None:
             return None
         size = _size(entry)
@@ -433,9 +454,9 @@ class Store:
 
         return pieces()
 
-    def result_array(self, job_id: str, name: str) -> np.ndarray | None:
+    def result_array(self, job_id: str, name: str, index: dict | None = None) -> np.ndarray | None:
         """Return one output as a (writable) array, or None."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         if entry is None:
             return None
         size = _size(entry)
