@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -84,6 +85,10 @@ def _size(entry: dict) -> int:
     return int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
 
 
+SPEC_CACHE = 256
+"""Model specs (name, version) a Store keeps read; each is immutable once written."""
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -107,6 +112,8 @@ class Store:
         # A replaced version must outlive the jobs already queued on it.
         self.old_version_ttl = old_version_ttl or input_ttl
         self.blobs = _blob_dir(str(blob_dir)) if blob_dir else None
+        self._specs: dict[tuple[str, int], bytes] = {}  # (name, version) -> raw spec
+        self._specs_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, redis, settings) -> Store:
@@ -188,16 +195,45 @@ class Store:
 
     def model_info(self, name: str) -> dict | None:
         """Return {name, version, spec, owner, weights_bytes, created} of the live version."""
-        raw = self.redis.hgetall(keys.model(name))
-        if not raw:
-            return None
-        info = {k.decode(): json.loads(v) for k, v in raw.items()}
-        info["owner"] = info.get("owner") or None
-        spec = self.model_spec(name, info["version"])
-        if spec is None:
-            return None
-        info["spec"] = spec
-        return info
+        return self.model_infos([name])[0]
+
+    def model_infos(self, names: list[str]) -> list[dict | None]:
+        """Return model_info of each name (None where there is none), in one round trip when
+        the specs of their live versions were read before (a version's spec never changes:
+        put_model never reuses a version number, so they are kept by name and version)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.model(name))
+        infos: list[dict | None] = []
+        missing: list[tuple[str, int]] = []
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            if not raw:
+                infos.append(None)
+                continue
+            info = {k.decode(): json.loads(v) for k, v in raw.items()}
+            info["owner"] = info.get("owner") or None
+            infos.append(info)
+            if (name, int(info["version"])) not in self._specs:
+                missing.append((name, int(info["version"])))
+        if missing:
+            found = self.redis.mget([keys.spec(name, version) for name, version in missing])
+            for key, raw_spec in zip(missing, found, strict=True):
+                if raw_spec is not None:
+                    self._keep_spec(key, raw_spec)
+        for i, (name, info) in enumerate(zip(names, infos, strict=True)):
+            raw_spec = None if info is None else self._specs.get((name, int(info["version"])))
+            if info is not None:
+                if raw_spec is None:
+                    infos[i] = None  # the version's spec is gone: as good as no model
+                else:
+                    info["spec"] = json.loads(raw_spec)  # a fresh dict each time
+        return infos
+
+    def _keep_spec(self, key: tuple[str, int], raw: bytes) -> None:
+        with self._specs_lock:  # API threads share the store
+            if len(self._specs) >= SPEC_CACHE:
+                self._specs.pop(next(iter(self._specs)))  # the oldest
+            self._specs[key] = raw
 
     def model_spec(self, name: str, version: int) -> dict | None:
         """Return the spec of one version, or None when it is gone."""
@@ -207,7 +243,7 @@ class Store:
     def list_models(self) -> list[dict]:
         """Return model_info of every model, sorted by name."""
         names = sorted(n.decode() for n in self.redis.smembers(keys.models()))
-        infos = [self.model_info(n) for n in names]
+        infos = self.model_infos(names)
         return [i for i in infos if i is not None]
 
     def delete_model(self, name: str) -> bool:
