@@ -418,26 +418,32 @@ def wait_for_end(
 ) -> dict | None | Literal[False]:
     """Wait until job_id ends; return its status (None if it vanished), False past deadline.
 
-    deadline is on time.monotonic(). Reads the job's status field, then blocks on the job's end
-    signal (BLPOP on keys.ended, pushed by the worker as it writes the end, announce_end) for at
-    most poll_max seconds (and half the client's socket timeout), and reads it again: a job is
-    seen as soon as it ends, a waiter costs a few short commands however long it waits (polling
-    cost ~35 whole-record reads per request with 64 clients waiting ~1 s), and a missed signal
-    (a canceled job) costs at most one slice. An outage fails fast with the socket timeout.
+    deadline is on time.monotonic(). Blocks on the job's end signal (BLPOP on keys.ended, pushed
+    by the worker as it writes the end, announce_end, and kept a while for a waiter that comes
+    late) for at most poll_max seconds (and half the client's socket timeout): signalled, it
+    reads the status (a job ends once: two round trips in all); else it reads the job's status
+    field and blocks again. A job is seen as soon as it ends, a waiter costs a few short
+    commands however long it waits (polling cost ~35 whole-record reads per request with 64
+    clients waiting ~1 s), and a missed signal (a canceled job) costs at most one slice. An
+    outage fails fast with the socket timeout.
     """
     key = queue.job_class.key_for(job_id)
     signal = keys.ended(job_id)
     socket_timeout = queue.connection.connection_pool.connection_kwargs.get("socket_timeout")
     block = min(poll_max, socket_timeout / 2) if socket_timeout else poll_max
     while True:
+        left = deadline - time.monotonic()
+        if left > 0 and queue.connection.blpop([signal], timeout=max(0.01, min(block, left))):
+            status = job_status(queue, job_id)
+            if status is None or status["status"] in ENDED:
+                return status
+            continue  # the end of an attempt that is retried: wait for the next
         raw = queue.connection.hget(key, "status")
         value = raw.decode() if isinstance(raw, bytes) else raw
         if value is None or _STATUS_BY_VALUE.get(value, "queued") in ENDED:
             return job_status(queue, job_id)
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline - time.monotonic() <= 0:
             return False
-        queue.connection.blpop([signal], timeout=max(0.01, min(block, left)))
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:
