@@ -462,11 +462,15 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         return True
     if status not in _ENDED:  # a retry re-queued meanwhile must not run either
         store.mark_canceled(job_id)
+    # rq's record and registry entries, then the input and result, written in one transaction.
+    pipe = queue.connection.pipeline()
     try:
-        job.delete(remove_from_queue=True)
+        job.delete(pipeline=pipe, remove_from_queue=True)
     except (NoSuchJobError, InvalidJobOperation):
         pass
-    store.delete_job(job_id)
+    files = store.delete_job(job_id, pipe=pipe)
+    pipe.execute()
+    store.delete_blobs(files)
     return True
 
 

@@ -554,18 +554,30 @@ class Store:
         if self.blobs is not None:
             self.blobs.delete(f"input-{input_id}")
 
-    def delete_job(self, job_id: str) -> None:
-        """Delete a job's input and result (the cancel mark stays until it expires)."""
+    def delete_job(self, job_id: str, *, pipe=None) -> list[str]:
+        """Delete a job's input and result (the cancel mark stays until it expires).
+
+        With pipe, the Redis deletes join that pipeline and the blob files are left to the
+        caller, who passes the names returned to delete_blobs once the pipeline ran (a file goes
+        only after the keys that name it).
+        """
         entries = list((self._index(job_id) or {}).values())
-        self.redis.delete(
+        (self.redis if pipe is None else pipe).delete(
             self.input_key(job_id),
             self.result_key(job_id),
             keys.run(job_id),
             keys.ended(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
+        files = [f"input-{job_id}", *(e["file"] for e in entries if "file" in e)]
+        if pipe is None:
+            self.delete_blobs(files)
+        return files
+
+    def delete_blobs(self, names: list[str]) -> None:
+        """Delete blob files by name (delete_job's); nothing without a blob directory."""
         if self.blobs is not None:
-            self.blobs.delete(f"input-{job_id}", *(e["file"] for e in entries if "file" in e))
+            self.blobs.delete(*names)
 
     def sweep_blobs(self) -> int:
         """Delete blob files past their TTL (their Redis records are gone); return how many."""
