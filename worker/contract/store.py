@@ -221,12 +221,13 @@ class Store:
                 if raw_spec is not None:
                     self._keep_spec(key, raw_spec)
         for i, (name, info) in enumerate(zip(names, infos, strict=True)):
-            raw_spec = None if info is None else self._specs.get((name, int(info["version"])))
-            if info is not None:
-                if raw_spec is None:
-                    infos[i] = None  # the version's spec is gone: as good as no model
-                else:
-                    info["spec"] = json.loads(raw_spec)  # a fresh dict each time
+            if info is None:
+                continue
+            kept = self._specs.get((name, int(info["version"])))
+            if kept is None:
+                infos[i] = None  # the version's spec is gone: as good as no model
+            else:
+                info["spec"] = json.loads(kept)  # a fresh dict each time
         return infos
 
     def _keep_spec(self, key: tuple[str, int], raw: bytes) -> None:
