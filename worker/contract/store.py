@@ -220,14 +220,14 @@ class Store:
             for key, raw_spec in zip(missing, found, strict=True):
                 if raw_spec is not None:
                     self._keep_spec(key, raw_spec)
-        for i, (name, info) in enumerate(zip(names, infos, strict=True)):
-            if info is None:
+        for i, (name, found) in enumerate(zip(names, infos, strict=True)):
+            if found is None:
                 continue
-            kept = self._specs.get((name, int(info["version"])))
+            kept = self._specs.get((name, int(found["version"])))
             if kept is None:
                 infos[i] = None  # the version's spec is gone: as good as no model
             else:
-                info["spec"] = json.loads(kept)  # a fresh dict each time
+                found["spec"] = json.loads(kept)  # a fresh dict each time
         return infos
 
     def _keep_spec(self, key: tuple[str, int], raw: bytes) -> None:
