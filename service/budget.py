@@ -28,13 +28,6 @@ def _keys(owner: str | None) -> tuple[str, str, str, str]:
     return f"{base}:jobs", f"{base}:bytes", f"{base}:sizes", f"{base}:total"
 
 
-def _expire(redis, owner: str | None, now: float) -> None:
-    _, by_time, sizes, total = _keys(owner)
-    gone = redis.zrangebyscore(by_time, 0, now, start=0, num=EXPIRE_BATCH)
-    if gone:
-        _drop(redis, owner, gone)
-
-
 def _drop(redis, owner: str | None, ids: list) -> None:
     _, by_time, sizes, total = _keys(owner)
     amounts = redis.hmget(sizes, ids)
@@ -47,13 +40,13 @@ def _drop(redis, owner: str | None, ids: list) -> None:
     pipe.execute()
 
 
-def _active(redis, owner: str | None) -> int:
-    """Return how many of the owner's jobs are queued or running (dropping the others)."""
-    jobs = _keys(owner)[0]
-    ids = redis.zrange(jobs, 0, -1)
+def _active(redis, owner: str | None, ids: list) -> int:
+    """Return how many of ids, the owner's jobs not known done, are queued or running (dropping
+    the others)."""
     if not ids:
         return 0
-    pipe = redis.pipeline()
+    jobs = _keys(owner)[0]
+    pipe = redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hget(b"rq:job:" + job_id, "status")
     statuses = pipe.execute()
@@ -73,9 +66,16 @@ def check(
             f"{max_bytes} in all",
             field="images",
         )
-    now = time.time()
-    _expire(redis, owner, now)
-    stored = int(redis.get(_keys(owner)[3]) or 0)
+    jobs, by_time, _, total = _keys(owner)
+    pipe = redis.pipeline(transaction=False)  # what the checks read, in one round trip
+    pipe.zrangebyscore(by_time, 0, time.time(), start=0, num=EXPIRE_BATCH)
+    pipe.get(total)
+    pipe.zrange(jobs, 0, -1)
+    gone, raw_total, ids = pipe.execute()
+    if gone:
+        _drop(redis, owner, gone)
+        raw_total = redis.get(total)
+    stored = int(raw_total or 0)
     if stored + job_bytes > max_bytes:
         raise TooManyRequests(
             f"this key's jobs store {stored} bytes and this one would add {job_bytes}; the "
@@ -83,7 +83,7 @@ def check(
             "for results to expire",
             retry_after=retry_after,
         )
-    active = _active(redis, owner)
+    active = _active(redis, owner, ids)
     if active >= max_jobs:
         raise TooManyRequests(
             f"this key has {active} jobs queued or running; the limit is {max_jobs} per key: "
@@ -92,20 +92,27 @@ def check(
         )
 
 
-def record(redis, owner: str | None, job_id: str, job_bytes: int, ttl: float) -> None:
-    """Count a queued job against the key's budget until ttl seconds from now."""
+def record(pipe, owner: str | None, job_id: str, job_bytes: int, ttl: float) -> None:
+    """Count a queued job against the key's budget until ttl seconds from now.
+
+    Adds its writes to pipe (the transaction that writes the job, queue.submit's also_write).
+    """
     jobs, by_time, sizes, total = _keys(owner)
     now = time.time()
-    pipe = redis.pipeline()
     pipe.zadd(jobs, {job_id: now})
     pipe.zadd(by_time, {job_id: now + ttl})
     pipe.hset(sizes, job_id, job_bytes)
     pipe.incrby(total, job_bytes)
-    pipe.execute()
 
 
 def release(redis, owner: str | None, job_id: str) -> None:
-    """Give a deleted job's place and bytes back to the key."""
-    redis.zrem(_keys(owner)[0], job_id)
-    if redis.hexists(_keys(owner)[2], job_id):
-        _drop(redis, owner, [job_id])
+    """Give a deleted job's place and bytes back to the key (two round trips at most)."""
+    jobs, by_time, sizes, total = _keys(owner)
+    pipe = redis.pipeline()  # one transaction: of two releases of a job, one deletes its size
+    pipe.zrem(jobs, job_id)
+    pipe.zrem(by_time, job_id)
+    pipe.hget(sizes, job_id)
+    pipe.hdel(sizes, job_id)
+    _, _, size, deleted = pipe.execute()
+    if deleted and size is not None and int(size):
+        redis.decrby(total, int(size))

@@ -33,8 +33,7 @@ def resolve(store, name: str) -> tuple[str, dict] | None:
     """
     owner = current_owner()
     candidates = [stored_name(name, owner), name] if owner is not None else [name]
-    for stored in candidates:
-        info = store.model_info(stored)
+    for stored, info in zip(candidates, store.model_infos(candidates), strict=True):
         if info is not None and info.get("owner") in (None, owner):
             return stored, info
     return None

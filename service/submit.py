@@ -272,6 +272,7 @@ def enqueue(
         max_bytes=int(cfg["MAX_KEY_STORED_BYTES"]),
         retry_after=retry,
     )
+    ttl = ext.settings.result_ttl + ext.settings.job_timeout
     job_id = submit(
         ext.queue,
         ext.store,
@@ -285,8 +286,7 @@ def enqueue(
         retries=ext.settings.retries,
         explain=explain,
         lean=leaned or None,
+        also_write=lambda pipe, job_id: budget.record(pipe, owner, job_id, job_bytes, ttl),
     )
-    ttl = ext.settings.result_ttl + ext.settings.job_timeout
-    budget.record(ext.redis, owner, job_id, job_bytes, ttl)
     names = [*outputs, *(x for name, opts in leaned.items() for x in lean.extras(name, opts))]
     return job_id, names if explain is None else [*names, *EXPLAIN_RESULTS], leaned

@@ -60,19 +60,26 @@ def _v2_body(
     request_id: str | None = None,
     classes: dict[str, int] | None = None,
     labels: dict[str, list[str]] | None = None,
+    index: dict | None = None,
 ) -> tuple[Iterator[bytes], dict]:
     """Return (body iterator, headers) of a V2 inference response with the job's outputs names.
 
     Binary outputs are read from Redis in slices while the body is sent, never assembled;
     an output in classes is sent as its top-k strings (labels: output -> class names). Lean
     outputs (status["lean"]) carry their datatype and the parameters that say how to read them;
-    byte strings (png) are always binary.
+    byte strings (png) are always binary. index: the result's index (Store.result_index), when
+    the caller has read it already.
     """
     classes, labels, lean = classes or {}, labels or {}, status.get("lean") or {}
     store = convq().store
+    if index is None:
+        found = store.result_index(job_id)
+        if found is None:
+            raise NotFound(f"the result of job {job_id} has expired")
+        index = found[1]
     layouts = {}
     for name in names:
-        layout = store.result_layout(job_id, name)
+        layout = store.result_layout(job_id, name, index)
         if layout is None:
             raise NotFound(f"the result of job {job_id} has expired")
         layouts[name] = layout
@@ -83,7 +90,7 @@ def _v2_body(
     for name in names:
         shape, dtype = layouts[name]
         if name in classes:
-            array = store.result_array(job_id, name)
+            array = store.result_array(job_id, name, index)
             if array is None:
                 raise NotFound(f"the result of job {job_id} has expired")
             rows = top_k(array, classes[name], labels.get(name))
@@ -91,10 +98,11 @@ def _v2_body(
             continue
         data: OutputData | None
         if name in binary:
-            pieces, size = store.result_slices(job_id, name), store.result_nbytes(job_id, name)
+            pieces = store.result_slices(job_id, name, index)
+            size = store.result_nbytes(job_id, name, index)
             data = None if pieces is None or size is None else Streamed(size, pieces)
         else:
-            array = store.result_array(job_id, name)
+            array = store.result_array(job_id, name, index)
             data = None if array is None else np.ascontiguousarray(array).data.cast("B")
         if data is None:
             raise NotFound(f"the result of job {job_id} has expired")
@@ -340,9 +348,10 @@ def get_result(job_id: str):
             f"{status.get('error') or ''}".rstrip(": ")
         )
     store = convq().store
-    names = store.result_names(job_id)
-    if names is None:
+    found = store.result_index(job_id)
+    if found is None:
         raise NotFound(f"the result of job {job_id} has expired")
+    names, index = found
     for name in wanted:
         if name not in names:
             raise NotFound(
@@ -354,14 +363,15 @@ def get_result(job_id: str):
     if top is not None:  # the classification extension on a job's result
         labels = _job_labels(status)
         classes = {name: top for name in names}
-        body, headers = _v2_body(job_id, status, names, set(), None, classes, labels)
+        body, headers = _v2_body(job_id, status, names, set(), None, classes, labels, index)
         return Response(body, status=200, headers=headers)
     if fmt in ("binary", "json"):
-        body, headers = _v2_body(job_id, status, names, set(names) if fmt == "binary" else set())
+        binary = set(names) if fmt == "binary" else set()
+        body, headers = _v2_body(job_id, status, names, binary, index=index)
         return Response(body, status=200, headers=headers)
     if fmt == "npy":
-        array = store.result_layout(job_id, names[0])
-        pieces = store.result_slices(job_id, names[0])
+        array = store.result_layout(job_id, names[0], index)
+        pieces = store.result_slices(job_id, names[0], index)
         if array is None or pieces is None:
             raise NotFound(f"the result of job {job_id} has expired")
         shape, dtype = array
@@ -374,7 +384,7 @@ def get_result(job_id: str):
                 "Content-Disposition": f"attachment; filename={job_id}-{names[0]}.npy",
             },
         )
-    layout = store.result_layout(job_id, names[0])
+    layout = store.result_layout(job_id, names[0], index)
     if layout is None:
         raise NotFound(f"the result of job {job_id} has expired")
     shape = layout[0]
@@ -391,7 +401,7 @@ def get_result(job_id: str):
             f"{names[0]} is {shape[1:]} per image, too big to draw; fetch format=npy instead",
             field="format",
         )
-    maps = store.result_array(job_id, names[0])
+    maps = store.result_array(job_id, names[0], index)
     if maps is None:
         raise NotFound(f"the result of job {job_id} has expired")
     if maps.dtype.kind == "O":  # a png output: the worker drew it already

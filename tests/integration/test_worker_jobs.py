@@ -427,3 +427,26 @@ def test_wait_for_end_wakes_on_the_jobs_end_signal_not_its_next_look(env):
     ended = time.monotonic()
     waiter.join(10)
     assert woke and woke[0] - ended < 2.0  # woken by the worker's push, long before 20 s
+
+
+def test_submit_writes_nothing_when_its_transaction_fails(env):
+    redis, store, queue, *_ = env
+
+    def refuse(pipe, job_id):
+        pipe.zadd("convq:test:seen", {job_id: 1})
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        _submit(env, also_write=refuse)
+    # Nothing of the job was written: no record, no queue entry, no input, no owner list.
+    assert queue_depth(queue) == 0 and redis.keys("rq:job:*") == []
+    assert redis.keys("convq:input:*") == [] and redis.keys("convq:jobs:*") == []
+    assert redis.exists("convq:test:seen") == 0
+
+
+def test_submit_writes_what_also_write_adds_with_the_job(env):
+    redis, store, queue, *_ = env
+    job_id = _submit(env, also_write=lambda pipe, job_id: pipe.set("convq:test:with", job_id))
+    assert redis.get("convq:test:with") == job_id.encode()
+    assert job_status(queue, job_id)["status"] == "queued"
+    assert store.get_input(job_id) is not None

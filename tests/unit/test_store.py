@@ -307,3 +307,21 @@ def test_claim_runs_and_run_states_as_claim_run_and_run_state(store):
     states = store.run_states({"j1": "t1", "j2": "t2", "j3": "t3"})
     assert states == {"j1": (True, False), "j2": (False, False), "j3": (True, True)}
     assert states["j1"] == store.run_state("j1", "t1") and 0 < store.redis.ttl("convq:run:j1") <= 30
+
+
+def test_model_infos_read_specs_once_per_version_and_see_new_versions():
+    redis = fakeredis.FakeRedis()
+    store = Store(redis, result_ttl=100, input_ttl=200)
+    other = {**SPEC, "name": "m2"}
+    store.put_model("m", SPEC, b"w1", owner=None)
+    assert [i and i["spec"] for i in store.model_infos(["nope", "m"])] == [None, SPEC]
+    first = store.model_info("m")
+    first["spec"]["layers"].clear()  # a caller's copy: the next read is untouched
+    assert store.model_info("m")["spec"] == SPEC
+    # A new version's spec is read, not the cached one of the old version.
+    store.put_model("m", other, b"w2", owner=None)
+    assert store.model_info("m")["spec"] == other
+    # Another Store (another process) sees the same models; a deleted model is gone at once.
+    assert Store(redis).model_info("m")["version"] == 2
+    store.delete_model("m")
+    assert store.model_infos(["m"]) == [None]

@@ -65,11 +65,13 @@ def submit(
     retries: int = defaults.RETRIES,
     explain: dict | None = None,
     lean: dict | None = None,
+    also_write=None,
 ) -> str:
     """Store images, enqueue a run of model version on them; return the job id.
 
     The record and the input share the store's TTLs; a worker death re-runs the job up to
-    `retries` times, a bad job fails at once.
+    `retries` times, a bad job fails at once. also_write(pipe, job_id), when given, adds its
+    own commands to the one transaction that writes the job.
     """
     job_id = uuid.uuid4().hex
     timeout = job_timeout or defaults.JOB_TIMEOUT
@@ -78,7 +80,6 @@ def submit(
         kwargs["explain"] = explain
     if lean:  # checked options (lean.check_all), likewise only when asked for
         kwargs["lean"] = lean
-    store.put_input(job_id, images)
     job_meta = {
         "owner": owner,
         "model": model,
@@ -95,6 +96,11 @@ def submit(
         "batch_key": batch_key(model, version, outputs, images, timeout, explain),
         **(meta or {}),
     }
+    # One round trip for everything a job writes: its input (or the reference to its file),
+    # rq's record and queue entry, its owner's list and what also_write adds (the budget).
+    # rq starts the transaction (MULTI) on the empty pipeline; the rest joins it, so no worker
+    # sees the job before its input.
+    pipe = queue.connection.pipeline()
     try:
         queue.enqueue_call(
             RUN_MODEL,
@@ -107,11 +113,16 @@ def submit(
             ttl=store.input_ttl,
             retry=Retry(max=retries) if retries > 0 else None,
             description=f"run {model} v{version}",
+            pipeline=pipe,
         )
+        store.put_input(job_id, images, pipe=pipe)
+        _remember(pipe, owner, job_id, store, timeout)
+        if also_write is not None:
+            also_write(pipe, job_id)
+        pipe.execute()
     except BaseException:
         store.delete_job(job_id)
         raise
-    _remember(queue.connection, owner, job_id, store, timeout)
     return job_id
 
 
@@ -140,13 +151,11 @@ def _lifetime(store, job_timeout: int) -> int:
     return int(store.input_ttl) + int(job_timeout) + int(store.result_ttl)
 
 
-def _remember(redis, owner: str | None, job_id: str, store, job_timeout: int) -> None:
-    """Add job_id to its owner's list; the list lives as long as its newest job can."""
+def _remember(pipe, owner: str | None, job_id: str, store, job_timeout: int) -> None:
+    """Add job_id to its owner's list (on pipe); the list lives as long as its newest job can."""
     key = keys.owner_jobs(owner)
-    pipe = redis.pipeline(transaction=False)
     pipe.zadd(key, {job_id: time.time()})
     pipe.expire(key, _lifetime(store, job_timeout))
-    pipe.execute()
 
 
 def encode_cursor(score: float, job_id: str) -> str:
@@ -409,26 +418,32 @@ def wait_for_end(
 ) -> dict | None | Literal[False]:
     """Wait until job_id ends; return its status (None if it vanished), False past deadline.
 
-    deadline is on time.monotonic(). Reads the job's status field, then blocks on the job's end
-    signal (BLPOP on keys.ended, pushed by the worker as it writes the end, announce_end) for at
-    most poll_max seconds (and half the client's socket timeout), and reads it again: a job is
-    seen as soon as it ends, a waiter costs a few short commands however long it waits (polling
-    cost ~35 whole-record reads per request with 64 clients waiting ~1 s), and a missed signal
-    (a canceled job) costs at most one slice. An outage fails fast with the socket timeout.
+    deadline is on time.monotonic(). Blocks on the job's end signal (BLPOP on keys.ended, pushed
+    by the worker as it writes the end, announce_end, and kept a while for a waiter that comes
+    late) for at most poll_max seconds (and half the client's socket timeout): signalled, it
+    reads the status (a job ends once: two round trips in all); else it reads the job's status
+    field and blocks again. A job is seen as soon as it ends, a waiter costs a few short
+    commands however long it waits (polling cost ~35 whole-record reads per request with 64
+    clients waiting ~1 s), and a missed signal (a canceled job) costs at most one slice. An
+    outage fails fast with the socket timeout.
     """
     key = queue.job_class.key_for(job_id)
     signal = keys.ended(job_id)
     socket_timeout = queue.connection.connection_pool.connection_kwargs.get("socket_timeout")
     block = min(poll_max, socket_timeout / 2) if socket_timeout else poll_max
     while True:
+        left = deadline - time.monotonic()
+        if left > 0 and queue.connection.blpop([signal], timeout=max(0.01, min(block, left))):
+            status = job_status(queue, job_id)
+            if status is None or status["status"] in ENDED:
+                return status
+            continue  # the end of an attempt that is retried: wait for the next
         raw = queue.connection.hget(key, "status")
         value = raw.decode() if isinstance(raw, bytes) else raw
         if value is None or _STATUS_BY_VALUE.get(value, "queued") in ENDED:
             return job_status(queue, job_id)
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline - time.monotonic() <= 0:
             return False
-        queue.connection.blpop([signal], timeout=max(0.01, min(block, left)))
 
 
 def cancel(queue: rq.Queue, store, job_id: str) -> bool:
@@ -447,11 +462,15 @@ def cancel(queue: rq.Queue, store, job_id: str) -> bool:
         return True
     if status not in _ENDED:  # a retry re-queued meanwhile must not run either
         store.mark_canceled(job_id)
+    # rq's record and registry entries, then the input and result, written in one transaction.
+    pipe = queue.connection.pipeline()
     try:
-        job.delete(remove_from_queue=True)
+        job.delete(pipeline=pipe, remove_from_queue=True)
     except (NoSuchJobError, InvalidJobOperation):
         pass
-    store.delete_job(job_id)
+    files = store.delete_job(job_id, pipe=pipe)
+    pipe.execute()
+    store.delete_blobs(files)
     return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -84,6 +85,10 @@ def _size(entry: dict) -> int:
     return int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
 
 
+SPEC_CACHE = 256
+"""Model specs (name, version) a Store keeps read; each is immutable once written."""
+
+
 @functools.lru_cache(maxsize=8)
 def _blob_dir(path: str) -> BlobDir:
     return BlobDir(path)  # checked once per process and path
@@ -107,6 +112,8 @@ class Store:
         # A replaced version must outlive the jobs already queued on it.
         self.old_version_ttl = old_version_ttl or input_ttl
         self.blobs = _blob_dir(str(blob_dir)) if blob_dir else None
+        self._specs: dict[tuple[str, int], bytes] = {}  # (name, version) -> raw spec
+        self._specs_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, redis, settings) -> Store:
@@ -188,16 +195,46 @@ class Store:
 
     def model_info(self, name: str) -> dict | None:
         """Return {name, version, spec, owner, weights_bytes, created} of the live version."""
-        raw = self.redis.hgetall(keys.model(name))
-        if not raw:
-            return None
-        info = {k.decode(): json.loads(v) for k, v in raw.items()}
-        info["owner"] = info.get("owner") or None
-        spec = self.model_spec(name, info["version"])
-        if spec is None:
-            return None
-        info["spec"] = spec
-        return info
+        return self.model_infos([name])[0]
+
+    def model_infos(self, names: list[str]) -> list[dict | None]:
+        """Return model_info of each name (None where there is none), in one round trip when
+        the specs of their live versions were read before (a version's spec never changes:
+        put_model never reuses a version number, so they are kept by name and version)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.model(name))
+        infos: list[dict | None] = []
+        missing: list[tuple[str, int]] = []
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            if not raw:
+                infos.append(None)
+                continue
+            info = {k.decode(): json.loads(v) for k, v in raw.items()}
+            info["owner"] = info.get("owner") or None
+            infos.append(info)
+            if (name, int(info["version"])) not in self._specs:
+                missing.append((name, int(info["version"])))
+        if missing:
+            found = self.redis.mget([keys.spec(name, version) for name, version in missing])
+            for key, raw_spec in zip(missing, found, strict=True):
+                if raw_spec is not None:
+                    self._keep_spec(key, raw_spec)
+        for i, (name, found) in enumerate(zip(names, infos, strict=True)):
+            if found is None:
+                continue
+            kept = self._specs.get((name, int(found["version"])))
+            if kept is None:
+                infos[i] = None  # the version's spec is gone: as good as no model
+            else:
+                found["spec"] = json.loads(kept)  # a fresh dict each time
+        return infos
+
+    def _keep_spec(self, key: tuple[str, int], raw: bytes) -> None:
+        with self._specs_lock:  # API threads share the store
+            if len(self._specs) >= SPEC_CACHE:
+                self._specs.pop(next(iter(self._specs)))  # the oldest
+            self._specs[key] = raw
 
     def model_spec(self, name: str, version: int) -> dict | None:
         """Return the spec of one version, or None when it is gone."""
@@ -207,7 +244,7 @@ class Store:
     def list_models(self) -> list[dict]:
         """Return model_info of every model, sorted by name."""
         names = sorted(n.decode() for n in self.redis.smembers(keys.models()))
-        infos = [self.model_info(n) for n in names]
+        infos = self.model_infos(names)
         return [i for i in infos if i is not None]
 
     def delete_model(self, name: str) -> bool:
@@ -248,15 +285,20 @@ class Store:
             yield cast(bytes, client.getrange(key, offset, min(offset + SLICE_BYTES, stop) - 1))
 
     # -- inputs ---------------------------------------------------------------------------------
-    def put_input(self, job_id: str, images: np.ndarray) -> None:
-        """Store a job's images (N, H, W, C) uint8 or float32 for input_ttl seconds."""
+    def put_input(self, job_id: str, images: np.ndarray, *, pipe=None) -> None:
+        """Store a job's images (N, H, W, C) uint8 or float32 for input_ttl seconds.
+
+        With pipe, its Redis write is added to that pipeline (the caller executes it); a file
+        blob is written at once.
+        """
+        client = self.redis if pipe is None else pipe
         if self.blobs is None:
-            self.redis.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
+            client.set(self.input_key(job_id), to_npy(images), ex=self.input_ttl)
             return
         images = np.ascontiguousarray(images)
         name = f"input-{job_id}"
         self.blobs.write(name, [npy_header(images.shape, images.dtype), images.data.cast("B")])
-        self.redis.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
+        client.set(self.input_key(job_id), _FILE_REF + name.encode(), ex=self.input_ttl)
 
     def get_input(self, job_id: str) -> np.ndarray | None:
         """Return a job's images (writable), or None when they expired.
@@ -377,28 +419,49 @@ class Store:
         raw = self.redis.hget(self.result_key(job_id), _INDEX_FIELD)
         return None if raw is None else json.loads(raw)
 
+    def result_index(self, job_id: str) -> tuple[list[str], dict] | None:
+        """Return (output names in request order, index) of a result in one round trip, or None.
+
+        The index may be passed to result_layout, result_nbytes, result_slices and result_array
+        so that reading one result costs one read of its index.
+        """
+        raw_names, raw_index = self.redis.hmget(self.result_key(job_id), _NAMES_FIELD, _INDEX_FIELD)
+        if raw_names is None or raw_index is None:
+            return None
+        return json.loads(raw_names), json.loads(raw_index)
+
+    def _entry(self, job_id: str, name: str, index: dict | None) -> dict | None:
+        """Return one output's index entry: from index when given (result_index), else read."""
+        if index is None:
+            index = self._index(job_id) or {}
+        return index.get(name)
+
     def result_names(self, job_id: str) -> list[str] | None:
         """Return the output names of a result in request order; None when there is none."""
         raw = self.redis.hget(self.result_key(job_id), _NAMES_FIELD)
         return None if raw is None else json.loads(raw)
 
-    def result_layout(self, job_id: str, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    def result_layout(
+        self, job_id: str, name: str, index: dict | None = None
+    ) -> tuple[tuple[int, ...], np.dtype] | None:
         """Return (shape, dtype) of one output (dtype object: byte strings), or None."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         return None if entry is None else (tuple(entry["shape"]), _dtype(entry))
 
-    def result_nbytes(self, job_id: str, name: str) -> int | None:
+    def result_nbytes(self, job_id: str, name: str, index: dict | None = None) -> int | None:
         """Return the bytes result_slices yields for one output, or None when there is none."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         return None if entry is None else _size(entry)
 
-    def result_slices(self, job_id: str, name: str) -> Iterator[bytes] | None:
+    def result_slices(
+        self, job_id: str, name: str, index: dict | None = None
+    ) -> Iterator[bytes] | None:
         """Return an iterator over one output's raw bytes in slices, or None when it is gone.
 
         The iterator raises LookupError should the result vanish (TTL, delete) while it runs,
         rather than end short.
         """
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         if entry is None:
             return None
         size = _size(entry)
@@ -428,9 +491,9 @@ class Store:
 
         return pieces()
 
-    def result_array(self, job_id: str, name: str) -> np.ndarray | None:
+    def result_array(self, job_id: str, name: str, index: dict | None = None) -> np.ndarray | None:
         """Return one output as a (writable) array, or None."""
-        entry = (self._index(job_id) or {}).get(name)
+        entry = self._entry(job_id, name, index)
         if entry is None:
             return None
         size = _size(entry)
@@ -492,18 +555,30 @@ class Store:
         if self.blobs is not None:
             self.blobs.delete(f"input-{input_id}")
 
-    def delete_job(self, job_id: str) -> None:
-        """Delete a job's input and result (the cancel mark stays until it expires)."""
+    def delete_job(self, job_id: str, *, pipe=None) -> list[str]:
+        """Delete a job's input and result (the cancel mark stays until it expires).
+
+        With pipe, the Redis deletes join that pipeline and the blob files are left to the
+        caller, who passes the names returned to delete_blobs once the pipeline ran (a file goes
+        only after the keys that name it).
+        """
         entries = list((self._index(job_id) or {}).values())
-        self.redis.delete(
+        (self.redis if pipe is None else pipe).delete(
             self.input_key(job_id),
             self.result_key(job_id),
             keys.run(job_id),
             keys.ended(job_id),
             *(self._data_key(job_id, e["key"]) for e in entries if "key" in e),
         )
+        files = [f"input-{job_id}", *(e["file"] for e in entries if "file" in e)]
+        if pipe is None:
+            self.delete_blobs(files)
+        return files
+
+    def delete_blobs(self, names: list[str]) -> None:
+        """Delete blob files by name (delete_job's); nothing without a blob directory."""
         if self.blobs is not None:
-            self.blobs.delete(f"input-{job_id}", *(e["file"] for e in entries if "file" in e))
+            self.blobs.delete(*names)
 
     def sweep_blobs(self) -> int:
         """Delete blob files past their TTL (their Redis records are gone); return how many."""
