@@ -12,6 +12,7 @@ to its usual places.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import os
@@ -35,9 +36,16 @@ STALE_AFTER = 24 * 3600  # s: other versions' directories untouched this long ar
 
 def source_hash() -> str:
     """Return a hash of every module that holds or is called by a cached kernel."""
+    return _hash(HERE)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash(here: str) -> str:
+    # read once per process: the kernel choice asks for it on every conv, and the sources of a
+    # running process do not change (a new version is a new process)
     digest = hashlib.sha256()
     for name in KERNEL_MODULES:
-        with open(os.path.join(HERE, name), "rb") as src:
+        with open(os.path.join(here, name), "rb") as src:
             digest.update(src.read())
     return digest.hexdigest()[:16]
 

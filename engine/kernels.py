@@ -195,6 +195,7 @@ def isa_flags() -> list[str]:
     return sorted(f for f in features() if f.startswith(("avx", "fma", "sse4")))
 
 
+@functools.lru_cache(maxsize=1)
 def version() -> str:
     """Return convq's version and a hash of the kernels' and the choice's sources: a choice
     measured on other code is not reused."""

@@ -485,6 +485,7 @@ def test_kernel_cache_directory_follows_every_kernel_module(tmp_path, monkeypatc
     first = _cache.cache_dir()
     assert first.startswith(str(tmp_path / "__pycache__" / _cache.PREFIX))
     (tmp_path / "_gemm.py").write_text("# the micro-kernel changed\n")
+    _cache._hash.cache_clear()  # a process reads its sources once; a new version is a new process
     second = _cache.cache_dir()
     assert second != first  # kernels in _conv.py that call _gemm.py get a fresh cache
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
