@@ -38,11 +38,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     _reference_ids.update(i.nodeid for i in items if i.get_closest_marker("reference"))
 
 
+def _marked(report: pytest.TestReport | pytest.CollectReport) -> bool:
+    # Under pytest-xdist the controller collects nothing: it knows a test's markers only
+    # from the keywords its report carries.
+    return report.nodeid in _reference_ids or "reference" in getattr(report, "keywords", {})
+
+
 def _note(report: pytest.TestReport | pytest.CollectReport) -> None:
     if not report.skipped:
         return
     reason = _reason(report)
-    if report.nodeid in _reference_ids or is_missing_library(reason):
+    if _marked(report) or is_missing_library(reason):
         _skipped.append((report.nodeid, reason))
 
 

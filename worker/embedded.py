@@ -6,7 +6,8 @@ that installs no handlers and enforces the job timeout with run_model's deadline
 with SIGALRM: checked between layers and between the steps of a long layer (about 0.05-0.5 s
 of compute each), so a job stops near its timeout even inside one big layer. The main
 thread keeps the HTTP server and its Ctrl+C; Handle.stop() asks each worker to finish its
-job and leave its loop, which it notices within POLL_SECONDS.
+job and leave its loop, which it notices within its poll
+(Settings.poll, CONVQ_POLL_SECONDS).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import os
 import signal
 import time
@@ -47,6 +48,7 @@ class _ConvqMixin(BatchMixin):
     def configure(self, settings, runtime) -> None:
         self.settings = settings
         self.runtime = runtime
+        self.poll_seconds = settings.poll
         self.store = Store.from_settings(self.connection, settings)
         self._healthy_since: float | None = None
 
@@ -66,7 +68,7 @@ class _ConvqMixin(BatchMixin):
 
     @property
     def dequeue_timeout(self) -> int:
-        return self.poll_seconds
+        return math.ceil(self.poll_seconds)  # the block itself is cut to poll_seconds below
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """Block on the queue in short slices so a stop request or a sweep is never far off."""
@@ -191,7 +193,7 @@ class ConvqWorker(ReusedHorseMixin, _ConvqMixin, Worker):
     def heartbeat(self, timeout=None, pipeline=None):
         # rq keeps a worker's key 60+ s past its last heartbeat; this one beats every few
         # seconds idle or busy, so a dead worker's key goes within one heartbeat TTL.
-        ttl = self.get_heartbeat_ttl(None) + self.poll_seconds
+        ttl = self.get_heartbeat_ttl(None) + math.ceil(self.poll_seconds)
         return super().heartbeat(min(timeout or ttl, ttl), pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):

@@ -139,7 +139,9 @@ class Api:
         **config,
     ):
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        self.settings = Settings(threads=1, retries=retries, blob_dir=blob_dir, **(settings or {}))
+        # poll: embedded workers started over this API notice a stop within 0.1 s, not 2 s
+        settings = {"threads": 1, "poll": 0.1, **(settings or {})}
+        self.settings = Settings(retries=retries, blob_dir=blob_dir, **settings)
         self.app = create_app(
             {"TESTING": True, "REDIS": self.redis, "SETTINGS": self.settings, **config}
         )

@@ -24,7 +24,7 @@ from worker.embedded import start_workers
 def server():
     """A convq API on a free port with one embedded worker, sharing one fakeredis."""
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    settings = Settings(threads=1, callback_allow="127.0.0.1/32")
+    settings = Settings(threads=1, poll=0.1, callback_allow="127.0.0.1/32")
     app = create_app(
         {"REDIS": redis, "SETTINGS": settings, "API_KEYS": "k1-0123456789abcd,k2-0123456789abcd"}
     )

@@ -218,6 +218,7 @@ def test_two_dispatchers_at_once_send_each_job_exactly_once(receiver):
         dispatcher = Dispatcher(api.redis, api.settings)
         while not stop.is_set():
             dispatcher.run_once()
+            stop.wait(0.005)  # as serve() pauses: three spinning threads would starve the receiver
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:

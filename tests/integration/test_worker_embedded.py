@@ -50,7 +50,7 @@ def test_threads_share_the_api_server_and_stop_cleanly():
     version = store.put_model("e", model.spec, model.to_safetensors(), owner=None)
     queue = make_queue(api_side)
     before = signal.getsignal(signal.SIGTERM)
-    handle = start_workers(api_side, Settings(), n=2)
+    handle = start_workers(api_side, Settings(poll=0.1), n=2)
     try:
         assert handle.alive == 2
         images = [rng.integers(0, 256, (1, 8, 8), dtype=np.uint8) for _ in range(6)]

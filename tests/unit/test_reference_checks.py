@@ -51,7 +51,9 @@ def pytest_configure(config):
 """
 
 
-def _run(tmp_path: Path, files: dict[str, str], ci: str | None) -> subprocess.CompletedProcess:
+def _run(
+    tmp_path: Path, files: dict[str, str], ci: str | None, *args: str
+) -> subprocess.CompletedProcess:
     for name, text in {"conftest.py": CONFTEST, **files}.items():
         (tmp_path / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
@@ -59,7 +61,7 @@ def _run(tmp_path: Path, files: dict[str, str], ci: str | None) -> subprocess.Co
     if ci is not None:
         env["CI"] = ci
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -74,14 +76,15 @@ def test_reason_of_importorskip_names_a_reference_library():
     assert not is_missing_library("could not import 'selenium': No module named 'selenium'")
 
 
-@pytest.mark.slow  # three pytest runs in subprocesses
-def test_skipped_cross_checks_fail_in_ci_only(tmp_path):
+@pytest.mark.slow  # pytest runs in subprocesses
+@pytest.mark.parametrize("args", [(), ("-n", "2")], ids=["serial", "xdist"])
+def test_skipped_cross_checks_fail_in_ci_only(tmp_path, args):
     files = {"test_suite.py": SUITE, "test_marked.py": MARKED, "test_torch.py": MISSING_TORCH}
-    ci = _run(tmp_path, files, "true")
+    ci = _run(tmp_path, files, "true", *args)
     assert ci.returncode == 1, ci.stdout
     assert "FAILED: CI=true and 2 reference check(s) skipped" in ci.stdout
     assert "test_marked.py::test_cross_check" in ci.stdout and "test_torch.py" in ci.stdout
-    local = _run(tmp_path, files, None)
+    local = _run(tmp_path, files, None, *args)
     assert local.returncode == 0, local.stdout
     assert "warning: 2 reference check(s) skipped" in local.stdout
 

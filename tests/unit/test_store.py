@@ -161,6 +161,14 @@ def test_settings_from_env():
         Settings.from_env({"CONVQ_THREADS": "many"})
 
 
+def test_poll_seconds_from_env_is_a_number_of_at_least_a_twentieth():
+    assert Settings.from_env({}).poll == 2.0
+    assert Settings.from_env({"CONVQ_POLL_SECONDS": "0.5"}).poll == 0.5
+    assert Settings.from_env({"CONVQ_POLL_SECONDS": "0"}).poll == 0.05  # never a busy loop
+    with pytest.raises(ValueError, match="CONVQ_POLL_SECONDS"):
+        Settings.from_env({"CONVQ_POLL_SECONDS": "soon"})
+
+
 def test_callback_settings_from_env():
     s = Settings.from_env(
         {

@@ -49,6 +49,7 @@ class Settings:
     heartbeat: int = defaults.HEARTBEAT_SECONDS
     heartbeat_grace: int = defaults.HEARTBEAT_GRACE
     maintenance_interval: int = defaults.MAINTENANCE_SECONDS
+    poll: float = defaults.POLL_SECONDS
     timeout_grace: int = defaults.TIMEOUT_GRACE
     log_level: str = "INFO"
     blob_dir: str | None = None
@@ -80,6 +81,7 @@ class Settings:
             maintenance_interval=max(
                 1, _int(env, "CONVQ_MAINTENANCE_INTERVAL", defaults.MAINTENANCE_SECONDS)
             ),
+            poll=max(0.05, _float(env, "CONVQ_POLL_SECONDS", defaults.POLL_SECONDS)),
             timeout_grace=max(1, _int(env, "CONVQ_TIMEOUT_GRACE", defaults.TIMEOUT_GRACE)),
             log_level=env.get("CONVQ_LOG_LEVEL") or "INFO",
             blob_dir=env.get("CONVQ_BLOB_DIR") or None,

@@ -27,8 +27,9 @@ HEARTBEAT_GRACE = 20
 MAINTENANCE_SECONDS = 5
 """Seconds between a worker's sweeps for abandoned jobs and stale registry entries."""
 
-POLL_SECONDS = 2
-"""Seconds an idle worker blocks on the queue before it looks at stop requests again."""
+POLL_SECONDS = 2.0
+"""Seconds an idle worker blocks on the queue before it looks at stop requests again
+(CONVQ_POLL_SECONDS; each wake-up is one heartbeat and one BLPOP on Redis)."""
 
 WORKER_TTL = 60
 """Seconds an idle worker's registration lives without a heartbeat."""
