@@ -141,46 +141,62 @@ def conv_im2col_mk(
     left,
     relu,
     counter,
-    acc=False,
+    acc,
+    splits,
 ):
     """conv_im2col with the micro-kernel: weights packed by _gemm.pack_weights, slots of cols
     rounded up to a multiple of MR rows (rows past the tile are read, never stored). out2d's
-    rows may be a channel slice of a wider buffer; with acc the conv is added to out2d."""
+    rows may be a channel slice of a wider buffer; with acc the conv is added to out2d.
+
+    Work is handed out as (row tile, column part) pairs, the parts being the weight blocks
+    splits[j] <= b < splits[j + 1]: with few row tiles (one small image) the threads share a
+    tile's columns instead of waiting on one another's rows, each packing the tile once."""
     per_image = hout * wout
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = x.shape[0] * tiles_per_image
+    parts = splits.shape[0] - 1
     for t in prange(cols.shape[0]):
         slot = cols[t]
-        i = claim(counter)
-        while i < ntiles:
+        packed = -1
+        q = claim(counter)
+        while q < ntiles * parts:
+            i, j = q // parts, q % parts
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
-            _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
-            tile_gemm(slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu, acc)
-            i = claim(counter)
+            if i != packed:
+                _pack(x, slot, r0, r1, hout, wout, fh, fw, sh, sw, dh, dw, top, left)
+                packed = i
+            tile_gemm(
+                slot, 0, r1 - r0, blocks, table, bias, out2d, r0, relu, acc,
+                splits[j], splits[j + 1],
+            )  # fmt: skip
+            q = claim(counter)
 
 
 @njit(parallel=True, cache=True)
 def conv_pointwise_mk(
-    x2d, blocks, table, bias, out2d, cols, per_image, tile, relu, counter, acc=False
+    x2d, blocks, table, bias, out2d, cols, per_image, tile, relu, counter, acc, splits
 ):
     """conv_pointwise with the micro-kernel, reading x2d in place; only a tile whose last
     MR-row block would run past the end of x2d is first copied into its thread's slot.
-    out2d and acc as for conv_im2col_mk."""
+    out2d, acc and splits (column parts) as for conv_im2col_mk."""
     m_all = x2d.shape[0]
     tiles_per_image = (per_image + tile - 1) // tile
     ntiles = (m_all // per_image) * tiles_per_image
+    parts = splits.shape[0] - 1
     for t in prange(cols.shape[0]):
         slot = cols[t]
-        i = claim(counter)
-        while i < ntiles:
+        q = claim(counter)
+        while q < ntiles * parts:
+            i, j = q // parts, q % parts
+            b0, b1 = splits[j], splits[j + 1]
             r0, r1 = _tile_rows(i, per_image, tile, tiles_per_image)
             m = r1 - r0
             if r0 + (m + MR - 1) // MR * MR <= m_all:
-                tile_gemm(x2d, r0, m, blocks, table, bias, out2d, r0, relu, acc)
+                tile_gemm(x2d, r0, m, blocks, table, bias, out2d, r0, relu, acc, b0, b1)
             else:
                 slot[:m] = x2d[r0:r1]
-                tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu, acc)
-            i = claim(counter)
+                tile_gemm(slot, 0, m, blocks, table, bias, out2d, r0, relu, acc, b0, b1)
+            q = claim(counter)
 
 
 @njit(parallel=True, cache=True)

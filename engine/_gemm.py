@@ -230,10 +230,12 @@ def _implicit(nr, a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, 
 
 
 @njit(cache=True)
-def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu, acc=False):
+def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu, acc, b0, b1):
     """out[or0:or0+m] (m, K) = a[ar0:ar0+m] @ weights + bias; a needs ceil(m/MR)*MR rows there.
 
     The weights are packed by pack_weights in any family: each block's width picks its kernel.
+    Only the columns of blocks b0 <= b < b1 (rows of table) are computed; each column's result
+    is the same whichever blocks are computed with it.
     out's rows may be further apart than K (a channel slice of a wider NHWC buffer, such as a
     concat's output); with acc the products are added to what out holds (a residual) first.
     """
@@ -241,7 +243,7 @@ def tile_gemm(a, ar0, m, blocks, table, bias, out, or0, relu, acc=False):
     k = out.shape[1]
     ldo = out.strides[0] // 4
     ap, bp, op, biasp, none = _data(a), _data(blocks), _data(out), _data(bias), _data(table)
-    for b in range(table.shape[0]):
+    for b in range(b0, b1):
         offset, nr, j0 = table[b, 0], table[b, 1], table[b, 2]
         mr = _rows(nr)
         for p0 in range(0, kc, KC):

@@ -258,6 +258,7 @@ def conv3x3(
     total = n_img * per_image
     ngroups = (total + group - 1) // group
     zero = np.zeros(k, np.float32)
+    nb = table.shape[0]
     nthreads = v.shape[0]
     for th in prange(nthreads):
         vt, mt = v[th], m[th]  # (16, T*C + SKEW), (16, T*K + SKEW)
@@ -290,7 +291,7 @@ def conv3x3(
                 # whole planes: the micro-kernel may read (never store) rows past count
                 a_xi = vt[xi, : TILES * c].reshape((TILES, c))
                 m_xi = mt[xi, : TILES * k].reshape((TILES, k))
-                tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False)
+                tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False, False, 0, nb)
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)

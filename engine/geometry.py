@@ -66,6 +66,9 @@ def pads(value, *, layer: str | None = None, field: str = "pad") -> tuple[int, i
     return h, w, h, w
 
 
+_windows: dict[tuple, Window] = {}  # Window.make's results by the forms it was given
+
+
 @dataclass(frozen=True)
 class Window:
     """A layer's window: size, stride, dilation per axis and its four pads."""
@@ -84,11 +87,19 @@ class Window:
     @classmethod
     def make(cls, size, stride=1, pad=0, dilation=1, *, layer: str | None = None) -> Window:
         """Build a window from the spec's int / [h, w] / [t, l, b, r] forms, checking each."""
-        fh, fw = pair(size, layer=layer, field="size")
-        sh, sw = pair(stride, layer=layer, field="stride")
-        dh, dw = pair(dilation, layer=layer, field="dilation")
-        t, le, b, r = pads(pad, layer=layer)
-        return cls(fh, fw, sh, sw, dh, dw, t, le, b, r)
+        # repr, not the values: True == 1 and [3, 3] is unhashable; only valid forms are kept
+        memo = (cls, repr((size, stride, pad, dilation)))
+        win = _windows.get(memo)
+        if win is None:
+            fh, fw = pair(size, layer=layer, field="size")
+            sh, sw = pair(stride, layer=layer, field="stride")
+            dh, dw = pair(dilation, layer=layer, field="dilation")
+            t, le, b, r = pads(pad, layer=layer)
+            win = cls(fh, fw, sh, sw, dh, dw, t, le, b, r)
+            if len(_windows) >= 4096:
+                _windows.clear()
+            _windows[memo] = win
+        return win
 
     @property
     def pad(self) -> tuple[int, int, int, int]:

@@ -236,7 +236,14 @@ _keys: dict[int, str] = {}
 
 def choices_path() -> str:
     """Return the JSON file of measured choices: beside Numba's cache of the kernels."""
-    return os.path.join(os.path.dirname(_cache.cache_dir()), CHOICES_FILE)
+    base = os.environ.get("NUMBA_CACHE_DIR")  # all cache_dir() reads that can change
+    path = _paths.get(base)
+    if path is None:
+        path = _paths[base] = os.path.join(os.path.dirname(_cache.cache_dir()), CHOICES_FILE)
+    return path
+
+
+_paths: dict[str | None, str] = {}
 
 
 def read_choices(path: str | None = None) -> dict:
@@ -265,6 +272,7 @@ def write_choice(threads: int, entry: dict, path: str | None = None) -> str | No
     except OSError:
         return None
     _loaded.pop(threads, None)
+    _chosen.clear()
     return path
 
 
@@ -308,12 +316,14 @@ def forget() -> None:
     _loaded.clear()
     _keys.clear()
     _seen.clear()
+    _chosen.clear()
 
 
 def remember(threads: int, rankings: dict[str, list[str]]) -> None:
     """Use these rankings in this process (whether or not the file could be written)."""
     _loaded[threads] = rankings
     _seen[threads] = _stamp()
+    _chosen.clear()
 
 
 @contextlib.contextmanager
@@ -374,7 +384,8 @@ def forced_names() -> list[str] | None:
     """Return the kernels forced on this thread (forced(), else CONVQ_KERNEL), or None."""
     names: list[str] | str | None = getattr(_forcing, "names", _FROM_ENV)
     if isinstance(names, str):
-        return parse_forced(os.environ.get(ENV))
+        raw = os.environ.get(ENV)
+        return None if raw is None else parse_forced(raw)
     return names
 
 
@@ -390,7 +401,26 @@ def ranking(cls: str, threads: int) -> tuple[list[str], str]:
 
 
 def choose(shape: ConvShape, threads: int, layer: str | None = None) -> str:
-    """Return the kernel a conv of this shape runs on `threads` threads."""
+    """Return the kernel a conv of this shape runs on `threads` threads.
+
+    Every conv asks (twice in a Model: to report the kernel and to run it), so answers are
+    remembered per shape, pool size, forced list and choices file version (one stat).
+    """
+    names = forced_names()
+    memo = (shape, threads, None if names is None else tuple(names), _stamp())
+    name = _chosen.get(memo)
+    if name is None:
+        name = _choose(shape, threads, layer)
+        if len(_chosen) >= 4096:
+            _chosen.clear()
+        _chosen[memo] = name
+    return name
+
+
+_chosen: dict[tuple, str] = {}
+
+
+def _choose(shape: ConvShape, threads: int, layer: str | None) -> str:
     cls = shape_class(shape)
     names, source = ranking(cls, threads)
     for name in names:

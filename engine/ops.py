@@ -43,6 +43,10 @@ with _cache.versioned():  # the kernels find (and save) their compiled code by s
 # Kc is; measured in bench/engine.py (see bench/README.md).
 TILE_BYTES = 512 * 1024
 MIN_TILE_ROWS = 16
+# Threads also split a GEMM's columns when there are fewer row tiles per thread than this and
+# rows alone would give the busiest thread more than SPLIT_IMBALANCE times the average work.
+COLUMN_SPLIT_TILES = 4
+SPLIT_IMBALANCE = 1.15
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
 assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
@@ -94,6 +98,39 @@ def _tile_rows(per_image: int, width: int) -> int:
     rows = max(MIN_TILE_ROWS, TILE_BYTES // (4 * width))
     tiles = max(_threads.max_threads(), -(-per_image // rows))
     return _round_up(-(-per_image // tiles))
+
+
+def _column_splits(
+    table: np.ndarray, n: int, per_image: int, tile: int, nthreads: int
+) -> np.ndarray:
+    """Return the weight-block boundaries cutting a GEMM's columns into parts (see
+    _conv.conv_im2col_mk): one part, unless handing out row tiles alone would leave the
+    busiest thread more than SPLIT_IMBALANCE times the average work; then one per thread.
+
+    One small image has a few row tiles of unequal size (7x7 outputs: 48 rows and 1), so rows
+    alone leave threads idle. Parts change no result: each column is computed the same way in
+    any part. Splitting costs a re-read (im2col: a re-pack) of each row tile per part, so it
+    is kept for when the rows cannot be shared out evenly.
+    """
+    nblocks = table.shape[0]
+    whole = np.array([0, nblocks], np.int64)
+    tiles_per_image = -(-per_image // tile)
+    if nthreads < 2 or nblocks < 2 or n * tiles_per_image >= COLUMN_SPLIT_TILES * nthreads:
+        return whole
+    # MR-row blocks each thread computes when free threads take the next tile (a partial
+    # block costs a whole one)
+    last = per_image - (tiles_per_image - 1) * tile
+    work = [-(-tile // _gemm.MR)] * (tiles_per_image - 1) + [-(-last // _gemm.MR)]
+    loads = [0] * nthreads
+    for w in work * n:
+        loads[loads.index(min(loads))] += w
+    if max(loads) <= SPLIT_IMBALANCE * sum(loads) / nthreads:
+        return whole
+    parts = min(nthreads, nblocks)
+    starts = table[:, 2]  # each block's first column
+    total = int(starts[-1] + table[-1, 1])
+    cuts = {int(np.searchsorted(starts, total * j / parts)) for j in range(1, parts)}
+    return np.array(sorted({0, nblocks} | cuts), np.int64)
 
 
 def _round_up(rows: int) -> int:
@@ -439,8 +476,9 @@ def _pointwise(
         return
     cols = _columns(nthreads, tile, c)
     blocks, table = cw.gemm_blocks(family)
+    splits = _column_splits(table, n, hout * wout, tile, nthreads)
     _conv.conv_pointwise_mk(
-        x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc
+        x2d, blocks, table, bias, out2d, cols, hout * wout, tile, relu, _counter(), acc, splits
     )
 
 
@@ -459,8 +497,9 @@ def _im2col(
         _conv.conv_im2col(x, cw.wmat(), bias, out2d, cols, tile, *geometry, relu)
         return
     blocks, table = cw.gemm_blocks(family)
+    splits = _column_splits(table, n, hout * wout, tile, nthreads)
     _conv.conv_im2col_mk(
-        x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc
+        x, blocks, table, bias, out2d, cols, tile, *geometry, relu, _counter(), acc, splits
     )
 
 

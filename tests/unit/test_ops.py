@@ -180,6 +180,43 @@ def test_conv2d_one_image_equals_same_image_in_a_batch(monkeypatch, f, pad, gemm
         np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], wt, b, pad=pad)[0], batch[i])
 
 
+@pytest.mark.parametrize("kernel", ["im2col-avx512", "im2col-avx2", "pointwise-avx512"])
+@pytest.mark.parametrize("k", [96, 130])  # 3 blocks of 32 (parts of 2 and 1), a narrow last one
+def test_threads_sharing_one_images_columns_give_the_rows_only_result(monkeypatch, kernel, k):
+    # 7x7 outputs are row tiles of 48 rows and 1: the two threads split the filters instead
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
+    before = ops.get_threads()
+    f = 1 if kernel.startswith("pointwise") else 3
+    x, wt, b = rand(1, 7, 7, 64, seed=40), rand(k, f, f, 64, seed=41), rand(k, seed=42)
+    pad = f // 2
+    cw = ops.ConvWeights(wt, b)
+    try:
+        ops.set_threads(2)
+        with kernels.forced([kernel]):
+            _, table = cw.gemm_blocks(kernel.split("-")[1])
+            tile = ops._tile_rows(49, f * f * 64)
+            splits = ops._column_splits(table, 1, 49, tile, 2)
+            assert len(splits) == 3 and splits[0] == 0 and splits[-1] == len(table)
+            shared = ops.conv2d(x, cw, pad=pad, relu=True)
+            monkeypatch.setattr(ops, "COLUMN_SPLIT_TILES", 0)  # rows only
+            assert len(ops._column_splits(table, 1, 49, tile, 2)) == 2
+            rows_only = ops.conv2d(x, cw, pad=pad, relu=True)
+    finally:
+        ops.set_threads(before)
+    np.testing.assert_array_equal(shared, rows_only)
+    want = ref.conv2d_reference(x, wt, b, pad=pad, relu=True)  # sums of up to 576 products
+    np.testing.assert_allclose(shared, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_even_row_tiles_keep_whole_columns():
+    _, table = ops.ConvWeights(rand(128, 3, 3, 64)).gemm_blocks("avx2")
+    assert list(ops._column_splits(table, 1, 196, 72, 2)) == [0, 2, 4]  # 72 + 52 rows vs 72
+    assert list(ops._column_splits(table, 1, 784, 120, 2)) == [0, len(table)]  # 4 vs 3 tiles: 1.09
+    assert list(ops._column_splits(table, 4, 784, 120, 2)) == [0, len(table)]  # 28 tiles
+    assert list(ops._column_splits(table, 1, 96, 48, 2)) == [0, len(table)]  # 48 + 48 rows
+    assert list(ops._column_splits(table, 1, 49, 48, 1)) == [0, len(table)]  # one thread
+
+
 def test_conv2d_column_workspace_does_not_grow_with_batch(monkeypatch):
     monkeypatch.setattr(ops._workspace, "buf", None, raising=False)
     wt = rand(8, 5, 5, 4, seed=12)
