@@ -132,11 +132,11 @@ def _comb3(dst, d0, a, a0, b, b0, c, c0, sign, count):
 
 
 @njit(cache=True, inline="always")
-def _finish(dst, d0, a, a0, b, b0, c, c0, sign, bias, relu, acc, count):
-    """dst[d0:] = a + sign * (b + c) + bias (+ dst[d0:] if acc), then ReLU (NaN kept)."""
+def _finish(dst, d0, a, a0, b, b0, c, c0, sign, bias, bias0, relu, acc, count):
+    """dst[d0:] = a + sign * (b + c) + bias[bias0:] (+ dst[d0:] if acc), then ReLU (NaN kept)."""
     for q in range(count):
         v = a[np.uintp(a0 + q)] + sign * (b[np.uintp(b0 + q)] + c[np.uintp(c0 + q)])
-        v += bias[np.uintp(q)]
+        v += bias[np.uintp(bias0 + q)]
         if acc:
             v += dst[np.uintp(d0 + q)]
         if relu and v < 0.0:
@@ -177,11 +177,11 @@ def _input_tile(xf, h, w, c, patch, tmp, v, vt0, vstride, n, y0, x0, dh, dw):
 
 @njit(cache=True)
 def _output_tile(
-    m, mt0, mstride, tmp, bias, k, of, ldo, hout, wout, n, y0, x0, ny, nx, dh, dw, relu, acc
+    m, mt0, mstride, tmp, bias, k0, k, of, ldo, hout, wout, n, y0, x0, ny, nx, dh, dw, relu, acc
 ):
     """Write Y = A^T M A (+ bias, + what of holds if acc, ReLU) for the tile at m[mt0] (16 rows
-    mstride apart) to the ny x nx valid outputs of of, the flat (N, Hout, Wout, ldo) output
-    whose first K channels are written (all data pointers)."""
+    mstride apart, k channels) to the ny x nx valid outputs of of, the flat (N, Hout, Wout, ldo)
+    output, as its channels k0 .. k0+k-1 (all data pointers)."""
     # A^T M: row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3 (a row is four channel rows)
     for j in range(4):
         _comb3(
@@ -209,12 +209,14 @@ def _output_tile(
             k,
         )
     for i in range(ny):
-        row = ((n * hout + y0 + dh * i) * wout + x0) * ldo
+        row = ((n * hout + y0 + dh * i) * wout + x0) * ldo + k0
         r = 4 * i * k
-        _finish(of, row, tmp, r, tmp, r + k, tmp, r + 2 * k, 1.0, bias, relu, acc, k)
+        _finish(of, row, tmp, r, tmp, r + k, tmp, r + 2 * k, 1.0, bias, k0, relu, acc, k)
         if nx == 2:
             at = row + dw * ldo
-            _finish(of, at, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias, relu, acc, k)
+            _finish(
+                of, at, tmp, r + k, tmp, r + 2 * k, tmp, r + 3 * k, -1.0, bias, k0, relu, acc, k
+            )
 
 
 @njit(parallel=True, cache=True)
@@ -238,7 +240,8 @@ def conv3x3(
     group,
     relu,
     counter,
-    acc=False,
+    acc,
+    splits,
 ):
     """Fill out (N, Hout, Wout, K) with conv(x) for a 3x3 stride-1 window of dilation (dh, dw).
 
@@ -247,7 +250,9 @@ def conv3x3(
 
     blocks (16, ...) and table are the transformed filters (pack_filters); per thread t the
     workspaces are v[t] (16, T*C + SKEW), m[t] (16, T*K + SKEW), patch[t] (2, 16, max(C, K));
-    groups of `group` <= T tiles.
+    groups of `group` <= T tiles. Work is handed out as (group, column part) pairs, the parts
+    being the filter blocks splits[j] <= b < splits[j + 1] (as in _conv.conv_im2col_mk): a
+    thread transforms a group's input tiles once for all the parts it takes in a row.
     """
     n_img, h, w, c = x.shape
     hout, wout, k = out.shape[1], out.shape[2], out.shape[3]
@@ -258,17 +263,22 @@ def conv3x3(
     total = n_img * per_image
     ngroups = (total + group - 1) // group
     zero = np.zeros(k, np.float32)
-    nb = table.shape[0]
+    parts = splits.shape[0] - 1
     nthreads = v.shape[0]
     for th in prange(nthreads):
         vt, mt = v[th], m[th]  # (16, T*C + SKEW), (16, T*K + SKEW)
         vf, mf = _data(vt), _data(mt)
         pin, ptmp = _data(patch[th, 0]), _data(patch[th, 1])
-        g = claim(counter)  # groups go to whichever thread is free (counter zero on entry)
-        while g < ngroups:
+        have = -1
+        q = claim(counter)  # items go to whichever thread is free (counter zero on entry)
+        while q < ngroups * parts:
+            g, j = q // parts, q % parts
+            b0, b1 = splits[j], splits[j + 1]
+            k0 = table[b0, 2]
+            k1 = min(k, table[b1 - 1, 2] + table[b1 - 1, 1])
             g0 = g * group
             count = min(group, total - g0)
-            for t in range(count):
+            for t in range(count if g != have else 0):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
                 _input_tile(
@@ -291,17 +301,19 @@ def conv3x3(
                 # whole planes: the micro-kernel may read (never store) rows past count
                 a_xi = vt[xi, : TILES * c].reshape((TILES, c))
                 m_xi = mt[xi, : TILES * k].reshape((TILES, k))
-                tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False, False, 0, nb)
+                tile_gemm(a_xi, 0, count, blocks[xi], table, zero, m_xi, 0, False, False, b0, b1)
+            have = g
             for t in range(count):
                 n, rem = divmod(g0 + t, per_image)
                 a, b = divmod(rem, ntx)
                 _output_tile(
                     mf,
-                    t * k,
+                    t * k + k0,
                     mt.shape[1],
                     ptmp,
                     biasp,
-                    k,
+                    k0,
+                    k1 - k0,
                     of,
                     ldo,
                     hout,
@@ -316,4 +328,4 @@ def conv3x3(
                     relu,
                     acc,
                 )
-            g = claim(counter)
+            q = claim(counter)

@@ -126,7 +126,13 @@ def _column_splits(
         loads[loads.index(min(loads))] += w
     if max(loads) <= SPLIT_IMBALANCE * sum(loads) / nthreads:
         return whole
-    parts = min(nthreads, nblocks)
+    return _even_parts(table, nthreads)
+
+
+def _even_parts(table: np.ndarray, parts: int) -> np.ndarray:
+    """Return block boundaries cutting table's blocks into at most `parts` runs of about
+    equal column counts."""
+    nblocks = table.shape[0]
     starts = table[:, 2]  # each block's first column
     total = int(starts[-1] + table[-1, 1])
     cuts = {int(np.searchsorted(starts, total * j / parts)) for j in range(1, parts)}
@@ -575,6 +581,15 @@ def _winograd_conv(
     ty0, tyn = _winograd.tile_origins(out.shape[1], win.dh)
     tx0, txn = _winograd.tile_origins(out.shape[2], win.dw)
     t = _winograd.TILES
+    tiles = x.shape[0] * len(ty0) * len(tx0)
+    group = _winograd.group_size(tiles, nthreads)
+    splits = np.array([0, len(table)], np.int64)
+    if 1 < nthreads and tiles < nthreads * t:
+        # Too few tiles for a full group per thread (one small image): one group of them all
+        # (or a few), its columns shared by the threads, so each streams only its part of the
+        # 16 transformed filter planes and the GEMMs get as many rows as there are tiles.
+        group = min(t, tiles)
+        splits = _even_parts(table, nthreads)
     v = _scratch("wino_v", (nthreads, 16, t * c + _winograd.SKEW))
     m = _scratch("wino_m", (nthreads, 16, t * k + _winograd.SKEW))
     patch = _scratch("wino_patch", (nthreads, 2, 16, max(c, k)))
@@ -595,10 +610,11 @@ def _winograd_conv(
         v,
         m,
         patch,
-        _winograd.group_size(x.shape[0] * len(ty0) * len(tx0), nthreads),
+        group,
         relu,
         _counter(),
         acc,
+        splits,
     )
 
 

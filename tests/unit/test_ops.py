@@ -208,6 +208,35 @@ def test_threads_sharing_one_images_columns_give_the_rows_only_result(monkeypatc
     np.testing.assert_allclose(shared, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("kernel", ["winograd-avx512", "winograd-avx2"])
+def test_winograd_threads_sharing_a_small_images_columns_match_one_thread(monkeypatch, kernel):
+    # one 7x7 image is 16 tiles, fewer than a group per thread: both threads take the one group,
+    # each its part of the filters, writing into a channel slice and adding to it (a residual)
+    monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
+    x, wt, b = rand(1, 7, 7, 32, seed=43), rand(96, 3, 3, 32, seed=44), rand(96, seed=45)
+    residual = rand(1, 7, 7, 96, seed=46)
+    parts = []
+    even_parts = ops._even_parts
+    monkeypatch.setattr(ops, "_even_parts", lambda *a: parts.append(even_parts(*a)) or parts[-1])
+    before = ops.get_threads()
+    results = []
+    try:
+        with kernels.forced([kernel]):
+            for threads in (1, 2):
+                ops.set_threads(threads)
+                wide = np.zeros((1, 7, 7, 100), np.float32)
+                wide[..., 2:98] = residual
+                ops.conv2d(x, wt, b, pad=1, relu=True, out=wide[..., 2:98], accumulate=True)
+                results.append(wide)
+    finally:
+        ops.set_threads(before)
+    assert len(parts) == 1 and len(parts[0]) == 3  # only on 2 threads: two parts of the blocks
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not results[1][..., :2].any() and not results[1][..., 98:].any()
+    want = np.maximum(ref.conv2d_reference(x, wt, b, pad=1) + residual, 0)
+    np.testing.assert_allclose(results[1][..., 2:98], want, rtol=1e-4, atol=1e-4)
+
+
 def test_even_row_tiles_keep_whole_columns():
     _, table = ops.ConvWeights(rand(128, 3, 3, 64)).gemm_blocks("avx2")
     assert list(ops._column_splits(table, 1, 196, 72, 2)) == [0, 2, 4]  # 72 + 52 rows vs 72
