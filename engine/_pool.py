@@ -13,33 +13,32 @@ from numba import njit, prange
 
 @njit(parallel=True, cache=True)
 def max_pool(x, out, fh, fw, sh, sw, dh, dw, top, left):
-    """Fill out with the max of each window; an all-padding window gives -inf."""
+    """Fill out with the max of each window; an all-padding window gives -inf.
+
+    Per output row: the max over the window's input rows first (whole W*C rows), then over
+    each output pixel's columns of that. np.maximum, not a compare-and-select loop: Numba
+    vectorises it (about 5x faster, measured) and it keeps NaN winning like PyTorch and the
+    reference.
+    """
     n_img, h, w, c = x.shape
     hout, wout = out.shape[1], out.shape[2]
-    xf, of = x.reshape(x.size), out.reshape(out.size)
     for row in prange(n_img * hout):
         n = row // hout
         y = row - n * hout
         iy0 = y * sh - top
+        rows = np.full(w * c, -np.inf, np.float32)
+        for fy in range(fh):
+            iy = iy0 + fy * dh
+            if 0 <= iy < h:
+                np.maximum(rows, x[n, iy].reshape(w * c), rows)
+        o = out[n, y]
+        o[:] = -np.inf
         for xo in range(wout):
             ix0 = xo * sw - left
-            o = ((n * hout + y) * wout + xo) * c
-            for ch in range(c):
-                of[np.uintp(o + ch)] = -np.inf
-            for fy in range(fh):
-                iy = iy0 + fy * dh
-                if iy < 0 or iy >= h:
-                    continue
-                for fx in range(fw):
-                    ix = ix0 + fx * dw
-                    if ix < 0 or ix >= w:
-                        continue
-                    src = ((n * h + iy) * w + ix) * c
-                    for ch in range(c):
-                        # a select, not a branch, so it vectorises; `v != v` keeps NaN winning
-                        # like PyTorch and the reference
-                        v, a = xf[np.uintp(src + ch)], of[np.uintp(o + ch)]
-                        of[np.uintp(o + ch)] = v if (v > a or v != v) else a
+            for fx in range(fw):
+                ix = ix0 + fx * dw
+                if 0 <= ix < w:
+                    np.maximum(o[xo], rows[ix * c : (ix + 1) * c], o[xo])
 
 
 @njit(parallel=True, cache=True)
