@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import status_kb  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -220,14 +222,6 @@ def time_layer(layer: Layer, n: int, threads: int, rounds: int, impls: list[str]
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def peak_growth(impl: str, layer_name: str, n: int, threads: int) -> float:
     """Run in a subprocess: peak RSS growth (bytes) over the first call at batch n.
 
@@ -247,9 +241,9 @@ def peak_growth(impl: str, layer_name: str, n: int, threads: int) -> float:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     out = fn()  # held until the peak is read, as a caller would hold it
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     del out
     return (peak - before) * 1024.0
 

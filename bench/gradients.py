@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import status_kb  # noqa: E402
+
 
 def _conv(name, k, f, s=1, p=0):
     return {"name": name, "type": "conv", "filters": k, "size": f, "stride": s, "pad": p}
@@ -124,14 +126,6 @@ def torch_fn(net: str, n: int, threads: int):
 IMPLS = {"engine": engine_fn, "torch": torch_fn}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def peak_growth(impl: str, net: str, n: int, threads: int) -> float:
     """Run in a subprocess: peak RSS growth (bytes) over the first call at batch n.
 
@@ -154,9 +148,9 @@ def peak_growth(impl: str, net: str, n: int, threads: int) -> float:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     out = fn()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     del out
     return (peak - before) * 1024.0
 

@@ -20,6 +20,17 @@ sys.path.insert(0, ROOT)
 
 SIZE = 2048
 ROUNDS = 7
+
+
+def status_kb(key: str) -> int:
+    """Return a field of /proc/self/status in KiB (VmRSS now, VmHWM the peak so far)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
 _SGEMM = f"""
 import statistics, time
 import numpy as np

@@ -36,6 +36,8 @@ sys.path.append(os.path.join(ROOT, "bench"))
 
 import torch_nets  # noqa: E402
 
+from bench.machine import status_kb  # noqa: E402
+
 IMPLS = ("engine", "ort", "torch")
 
 
@@ -118,14 +120,6 @@ def time_net(name: str, n: int, threads: int, rounds: int) -> dict[str, float]:
     return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def peak_growth(impl: str, name: str, n: int, threads: int) -> float:
     """Run in a subprocess: peak RSS growth (bytes) of one call at batch n.
 
@@ -144,9 +138,9 @@ def peak_growth(impl: str, name: str, n: int, threads: int) -> float:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     out = fn()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     del out
     return (peak - before) * 1024.0
 
