@@ -27,6 +27,7 @@ and filters (packed per group).
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numpy as np
@@ -71,7 +72,7 @@ _workspace = threading.local()
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Return a reused float32 buffer of this shape, grown as needed, per Python thread (trap 2)."""
-    need = int(np.prod(shape))
+    need = math.prod(shape)
     buf = getattr(_workspace, name, None)
     if buf is None or buf.size < need:
         buf = np.empty(max(need, 1), np.float32)
@@ -113,7 +114,9 @@ def _column_splits(
     is kept for when the rows cannot be shared out evenly.
     """
     nblocks = table.shape[0]
-    whole = np.array([0, nblocks], np.int64)
+    whole = _whole.get(nblocks)
+    if whole is None:
+        whole = _whole[nblocks] = np.array([0, nblocks], np.int64)  # kernels only read it
     tiles_per_image = -(-per_image // tile)
     if nthreads < 2 or nblocks < 2 or n * tiles_per_image >= COLUMN_SPLIT_TILES * nthreads:
         return whole
@@ -127,6 +130,9 @@ def _column_splits(
     if max(loads) <= SPLIT_IMBALANCE * sum(loads) / nthreads:
         return whole
     return _even_parts(table, nthreads)
+
+
+_whole: dict[int, np.ndarray] = {}  # [0, nblocks]: every block in one part
 
 
 def _even_parts(table: np.ndarray, parts: int) -> np.ndarray:
@@ -583,7 +589,7 @@ def _winograd_conv(
     t = _winograd.TILES
     tiles = x.shape[0] * len(ty0) * len(tx0)
     group = _winograd.group_size(tiles, nthreads)
-    splits = np.array([0, len(table)], np.int64)
+    splits = _column_splits(table, 1, 1, 1, 1)  # every block in one part
     if 1 < nthreads and tiles < nthreads * t:
         # Too few tiles for a full group per thread (one small image): one group of them all
         # (or a few), its columns shared by the threads, so each streams only its part of the
