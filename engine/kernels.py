@@ -329,7 +329,21 @@ def remember(threads: int, rankings: dict[str, list[str]]) -> None:
 @contextlib.contextmanager
 def choices_lock():
     """Hold an exclusive lock beside the choices file (none if its directory is unwritable)."""
-    path = choices_path() + ".lock"
+    with _file_lock(choices_path() + ".lock"):
+        yield
+
+
+@contextlib.contextmanager
+def compile_lock():
+    """Hold an exclusive lock while compiling kernels into Numba's cache (warmup does): two
+    processes compiling the same kernel at once can give their cache entries the same number,
+    and one of them then loads the other's machine code (garbage results or a crash, seen)."""
+    with _file_lock(os.path.join(os.path.dirname(choices_path()), "compile.lock")):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -743,34 +743,35 @@ def warmup(tune: bool = True) -> None:
     """Compile, or load from Numba's on-disk cache, every kernel signature the engine uses; then,
     with tune, measure which conv kernel is fastest here unless already measured (engine.tuning).
     """
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
-    w3 = np.ones((2, 3, 3, 2), np.float32)
-    wide = rng.standard_normal((1, 3, 14, 2)).astype(np.float32)
-    # Every path whatever the choices say (the micro-kernel families share their compiled code:
-    # a block's width picks its kernel at run time), each twice: into a new array, and into a
-    # channel slice of a wider one (a concat's output), which Numba types differently.
-    for sliced in (False, True):
-        slot = (lambda *shape: np.empty((*shape, 4), np.float32)[..., :2]) if sliced else None
-        for family in ("avx512", "blas"):
-            with kernels.forced([f"pointwise-{family}", f"im2col-{family}"]):
-                conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
-                conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
-        with kernels.forced(["winograd-avx512"]):
-            conv2d(x, w3, pad=1, relu=True, out=slot and slot(1, 5, 5))
-        with kernels.forced(["implicit-avx512"]):
-            conv2d(wide, w3, relu=True, out=slot and slot(1, 1, 12))
-    conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
-    conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
-    conv2d(np.ones((1, 3, 3, 32), np.float32), np.ones((32, 1, 1, 2), np.float32), groups=16)
-    local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
-    max_pool2d(x, 3, 2)
-    avg_pool2d(x, 3, 2)
-    relu(x)
-    preprocess(np.zeros((1, 2, 2, 3), np.uint8), 1.0, 0.0, 1.0)
-    from . import lean_ops  # the kernels that shrink a job's results (worker.contract.lean)
+    with kernels.compile_lock():  # one process compiles into the cache at a time
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+        w3 = np.ones((2, 3, 3, 2), np.float32)
+        wide = rng.standard_normal((1, 3, 14, 2)).astype(np.float32)
+        # Every path whatever the choices say (the micro-kernel families share their compiled code:
+        # a block's width picks its kernel at run time), each twice: into a new array, and into a
+        # channel slice of a wider one (a concat's output), which Numba types differently.
+        for sliced in (False, True):
+            slot = (lambda *shape: np.empty((*shape, 4), np.float32)[..., :2]) if sliced else None
+            for family in ("avx512", "blas"):
+                with kernels.forced([f"pointwise-{family}", f"im2col-{family}"]):
+                    conv2d(x, w3, stride=2, pad=1, relu=True, out=slot and slot(1, 3, 3))
+                    conv2d(x, np.ones((2, 1, 1, 2), np.float32), out=slot and slot(1, 5, 5))
+            with kernels.forced(["winograd-avx512"]):
+                conv2d(x, w3, pad=1, relu=True, out=slot and slot(1, 5, 5))
+            with kernels.forced(["implicit-avx512"]):
+                conv2d(wide, w3, relu=True, out=slot and slot(1, 1, 12))
+        conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
+        conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
+        conv2d(np.ones((1, 3, 3, 32), np.float32), np.ones((32, 1, 1, 2), np.float32), groups=16)
+        local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
+        max_pool2d(x, 3, 2)
+        avg_pool2d(x, 3, 2)
+        relu(x)
+        preprocess(np.zeros((1, 2, 2, 3), np.uint8), 1.0, 0.0, 1.0)
+        from . import lean_ops  # the kernels that shrink a job's results (worker.contract.lean)
 
-    lean_ops.warmup()
+        lean_ops.warmup()
     if tune:
         from . import tuning
 

@@ -436,3 +436,29 @@ def test_each_kernel_writes_a_channel_slice_and_accumulates(name, case, relu, mo
         ops.conv2d(x, wt, b, relu=relu, out=wider[..., 3 : 3 + k], accumulate=True, **geo)
         assert (wider[..., :3] == 7).all() and (wider[..., 3 + k :] == 7).all()
         np.testing.assert_allclose(wider[..., 3 : 3 + k], want, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.slow  # a second process importing the engine, and a 3 s wait
+def test_one_process_at_a_time_compiles_into_the_cache(choices_dir, monkeypatch):
+    import contextlib
+
+    held = []
+
+    @contextlib.contextmanager
+    def spy():
+        held.append(True)
+        yield
+
+    monkeypatch.setattr(kernels, "compile_lock", spy)
+    ops.warmup(tune=False)
+    assert held == [True]  # warmup compiles under the lock
+    monkeypatch.undo()
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(choices_dir))
+    script = "from engine import kernels\nwith kernels.compile_lock():\n    print('in')\n"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    with kernels.compile_lock():
+        other = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE)
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=3)  # waits while this process holds the lock
+    out, _ = other.communicate(timeout=60)
+    assert out.decode().strip() == "in"
