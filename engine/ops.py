@@ -114,9 +114,7 @@ def _column_splits(
     is kept for when the rows cannot be shared out evenly.
     """
     nblocks = table.shape[0]
-    whole = _whole.get(nblocks)
-    if whole is None:
-        whole = _whole[nblocks] = np.array([0, nblocks], np.int64)  # kernels only read it
+    whole = _one_part(table)
     tiles_per_image = -(-per_image // tile)
     if nthreads < 2 or nblocks < 2 or n * tiles_per_image >= COLUMN_SPLIT_TILES * nthreads:
         return whole
@@ -132,7 +130,17 @@ def _column_splits(
     return _even_parts(table, nthreads)
 
 
-_whole: dict[int, np.ndarray] = {}  # [0, nblocks]: every block in one part
+def _one_part(table: np.ndarray) -> np.ndarray:
+    """Return the block boundaries [0, nblocks]: every column in one part (made once per count;
+    kernels only read it)."""
+    nblocks = table.shape[0]
+    whole = _whole.get(nblocks)
+    if whole is None:
+        whole = _whole[nblocks] = np.array([0, nblocks], np.int64)
+    return whole
+
+
+_whole: dict[int, np.ndarray] = {}
 
 
 def _even_parts(table: np.ndarray, parts: int) -> np.ndarray:
@@ -589,7 +597,7 @@ def _winograd_conv(
     t = _winograd.TILES
     tiles = x.shape[0] * len(ty0) * len(tx0)
     group = _winograd.group_size(tiles, nthreads)
-    splits = _column_splits(table, 1, 1, 1, 1)  # every block in one part
+    splits = _one_part(table)
     if 1 < nthreads and tiles < nthreads * t:
         # Too few tiles for a full group per thread (one small image): one group of them all
         # (or a few), its columns shared by the threads, so each streams only its part of the
