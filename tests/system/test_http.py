@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from rq.job import Job
 
 from engine import Model
-from tests.system.models import conv_stack
+from tests.system.models import HEAD, conv_stack, slow_images
 from tests.system.procs import start_api, start_worker, worker_pids
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -27,7 +27,7 @@ LAYERS = 24
 
 @functools.cache
 def slow_model() -> tuple[dict, dict]:
-    """24 3x3 convs, 64 channels: a few seconds per 2-image 256x256 job on one thread."""
+    """24 3x3 convs, 64 channels, a global pool: ~SLOW_SECONDS per job of slow_images()."""
     return conv_stack(LAYERS, seed=7)
 
 
@@ -80,10 +80,10 @@ def test_job_survives_its_worker_being_killed(stack):
     server, base, workers = stack
     spec, arrays = slow_model()
     upload(base, "slow", spec, arrays)
-    images = np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    images = slow_images(LAYERS, seed=1)
     files = [("images", (f"{i}.npy", _npy(img))) for i, img in enumerate(images)]
     rv = requests.post(
-        f"{base}/v2/models/slow/jobs", files=files, data={"outputs": "c23"}, timeout=30
+        f"{base}/v2/models/slow/jobs", files=files, data={"outputs": HEAD}, timeout=30
     )
     assert rv.status_code == 202, rv.text
     job_id = rv.json()["id"]
@@ -98,9 +98,9 @@ def test_job_survives_its_worker_being_killed(stack):
     os.kill(pid, signal.SIGKILL)
     status = wait_status(base, job_id, lambda s: s["status"] in ("finished", "failed"), 120)
     assert status["status"] == "finished" and status["attempt"] >= 2, status
-    rv = requests.get(f"{base}/v2/jobs/{job_id}/result?output=c23&format=npy", timeout=30)
+    rv = requests.get(f"{base}/v2/jobs/{job_id}/result?output={HEAD}&format=npy", timeout=30)
     got = np.load(io.BytesIO(rv.content), allow_pickle=False)
-    expect = Model.from_arrays(spec, arrays).run(images, outputs=["c23"])["c23"]
+    expect = Model.from_arrays(spec, arrays).run(images, outputs=[HEAD])[HEAD]
     np.testing.assert_array_equal(got, expect)
 
 

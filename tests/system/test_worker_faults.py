@@ -18,7 +18,8 @@ from rq.registry import FailedJobRegistry
 
 from engine import Model
 from tests.models import tiny_model
-from tests.system.models import conv_stack
+from tests.system.models import HEAD, SIZE, conv_stack, slow_image_count
+from tests.system.models import slow_images as stack_images
 from tests.system.procs import pid_alive, start_worker, worker_pids
 from worker.contract.connection import connect
 from worker.contract.queue import job_status, make_queue, submit
@@ -31,18 +32,18 @@ LAYERS = 30
 
 @functools.cache
 def slow_model() -> Model:
-    """30 3x3 convs, 64 channels: a few seconds per job at 256x256, 0.1-0.2 s per layer."""
+    """30 3x3 convs, 64 channels, then a global pool: ~SLOW_SECONDS per job of slow_images()."""
     return Model.from_arrays(*conv_stack(LAYERS, seed=0))
 
 
 @functools.cache
 def slow_images() -> np.ndarray:
-    return np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    return stack_images(LAYERS, seed=1)
 
 
 @functools.cache
 def slow_expected() -> np.ndarray:
-    return slow_model().run(slow_images(), outputs=["c29"])["c29"]
+    return slow_model().run(slow_images(), outputs=[HEAD])[HEAD]
 
 
 class Bench:
@@ -113,11 +114,11 @@ def workers(tmp_path):
 
 def _submit_slow(bench, **kw):
     version = bench.upload("slow", slow_model())
-    return bench.submit("slow", version, slow_images(), ["c29"], **kw)
+    return bench.submit("slow", version, slow_images(), [HEAD], **kw)
 
 
 def _assert_right(bench, job_id):
-    got = bench.store.result_array(job_id, "c29")
+    got = bench.store.result_array(job_id, HEAD)
     assert got is not None and np.array_equal(got, slow_expected())
     assert job_id not in FailedJobRegistry(queue=bench.queue)
 
@@ -167,7 +168,7 @@ def test_killed_horse_is_retried_and_restarts_progress(redis_server, workers):
         60,
         "attempt 2",
     )
-    assert again["progress"]["of"] == LAYERS
+    assert again["progress"]["of"] == LAYERS + 1  # the convs and the pool
     status = bench.wait_end(job_id)
     assert status["status"] == "finished" and status["attempt"] == 2, status
     _assert_right(bench, job_id)
@@ -180,7 +181,7 @@ def test_killed_worker_job_finishes_on_another_within_90s(redis_server, workers)
     job_id = _submit_slow(bench)
     bench.wait_layer(job_id, 2)
     job = bench.queue.fetch_job(job_id)
-    victim = first if worker_pids(redis_server.url).get(job.worker_name) == first.pid else second
+    victim = {first.pid: first, second.pid: second}[worker_pids(redis_server.url)[job.worker_name]]
     survivor = second if victim is first else first
     horse = victim.children()
     killed_at = time.monotonic()
@@ -304,26 +305,30 @@ def test_worker_survives_redis_outage_and_pause(redis_server, workers):
 
 
 def _submit_batch(bench, count: int = 3) -> tuple[list[str], list[np.ndarray]]:
-    """Queue count one-image slow jobs of different images (two keys' worth of owners)."""
+    """Queue count slow jobs of different images (two keys' worth of owners), together about
+    as long as one slow job."""
     version = bench.upload("slow", slow_model())
-    rng = np.random.default_rng(7)
-    images = [rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8) for _ in range(count)]
-    ids = [bench.submit("slow", version, x, ["c29"]) for x in images]
+    each = max(1, -(-slow_image_count(LAYERS) // count))
+    images = list(
+        stack_images(LAYERS, seed=7, count=each * count).reshape(count, each, SIZE, SIZE, 3)
+    )
+    ids = [bench.submit("slow", version, x, [HEAD]) for x in images]
     return ids, images
 
 
-def _wait_batch_started(bench, ids, layer: int) -> None:
+def _wait_batch_started(bench, ids, images, layer: int) -> None:
+    total = sum(len(x) for x in images)
     for job_id in ids:
         status = bench.wait_layer(job_id, layer)
-        assert status["batch"] == {"jobs": len(ids), "images": len(ids)}, status
+        assert status["batch"] == {"jobs": len(ids), "images": total}, status
 
 
 def _assert_each_right(bench, ids, images, attempt: int) -> None:
     for job_id, x in zip(ids, images, strict=True):
         status = bench.wait_end(job_id)
         assert status["status"] == "finished" and status["attempt"] == attempt, status
-        got = bench.store.result_array(job_id, "c29")
-        assert np.array_equal(got, slow_model().run(x, outputs=["c29"])["c29"])
+        got = bench.store.result_array(job_id, HEAD)
+        assert np.array_equal(got, slow_model().run(x, outputs=[HEAD])[HEAD])
         assert job_id not in FailedJobRegistry(queue=bench.queue)
 
 
@@ -331,7 +336,7 @@ def test_killed_horse_mid_batch_retries_every_job_of_it(redis_server, workers):
     bench = Bench(redis_server)
     ids, images = _submit_batch(bench)
     worker = workers(redis_server.url)  # started after the jobs: it takes all three at once
-    _wait_batch_started(bench, ids, 3)
+    _wait_batch_started(bench, ids, images, 3)
     (horse,) = worker.children()
     os.kill(horse, signal.SIGKILL)
     _assert_each_right(bench, ids, images, attempt=2)
@@ -342,7 +347,7 @@ def test_killed_worker_mid_batch_every_job_finishes_on_another(redis_server, wor
     bench = Bench(redis_server)
     ids, images = _submit_batch(bench)
     victim = workers(redis_server.url)
-    _wait_batch_started(bench, ids, 2)
+    _wait_batch_started(bench, ids, images, 2)
     survivor = workers(redis_server.url)
     killed_at = time.monotonic()
     victim.kill()
