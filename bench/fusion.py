@@ -26,12 +26,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))
 
-import torch_nets  # noqa: E402
-from networks import cpu_model  # noqa: E402
-
+# The engine before PyTorch, as in bench/networks.py (its GOMP_SPINCOUNT must reach GNU OpenMP
+# before torch loads it, or the engine's threads sleep after every kernel).
 import engine  # noqa: E402
 from engine import plan as plan_module  # noqa: E402
 from engine.onnx_import import convert  # noqa: E402
+
+# isort: split
+import torch_nets  # noqa: E402
+
+from bench.machine import describe  # noqa: E402
 
 FUSED = plan_module._FOLLOWERS["conv"]
 UNFUSED = tuple(kind for kind in FUSED if kind != "add")
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     engine.set_threads(args.threads)
-    print(f"CPU: {cpu_model()}; threads={args.threads} rounds={args.rounds}; medians")
+    print(describe(args.threads)[0])
+    print(f"threads={args.threads} rounds={args.rounds}; medians")
     print(f"{'network':<14} {'N':>3} {'unfused ms':>11} {'fused ms':>9} {'fused/unfused':>14}")
     for name in args.nets:
         net = torch_nets.build(name)

@@ -11,7 +11,7 @@ Memory is the peak RSS growth of one call, measured in a fresh subprocess per ne
 and implementation. Prints the machine (CPU model, ISA, sgemm GFLOP/s measured in this run, the
 kernel choices: bench/machine.py), one row per network and batch with the engine kernels its
 conv layers ran (every layer's with --kernels), and the geometric mean of engine / the faster
-peer.
+peer. The process's malloc keeps freed blocks for reuse, as a convq worker's does.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))
 
+# The engine before PyTorch: importing it sets GOMP_SPINCOUNT (its threads spin ~50 us between
+# layers before sleeping, as in a convq worker), which GNU OpenMP reads once, when the first
+# library that links it loads; torch first made the engine's threads sleep after every kernel
+# and a 2-thread conv at N=1 ran at about 1-thread speed (ResNet-18 layer3 3x3: 0.65 vs 0.40 ms).
+import engine  # noqa: E402
+
+# isort: split
 import torch_nets  # noqa: E402
 
 from bench.machine import status_kb  # noqa: E402
@@ -56,7 +63,6 @@ def make(impl: str, name: str, n: int, threads: int):
     net, data, side = export(name)
     x = np.random.default_rng(0).standard_normal((n, 3, side, side), dtype=np.float32)
     if impl == "engine":
-        import engine
         from engine.onnx_import import convert
 
         engine.set_threads(threads)
@@ -92,7 +98,6 @@ def used_kernels(name: str, n: int, threads: int, each: bool = False) -> str:
     each, every conv layer and its kernel)."""
     import collections
 
-    import engine
     from engine.onnx_import import convert
 
     engine.set_threads(threads)
@@ -127,8 +132,6 @@ def peak_growth(impl: str, name: str, n: int, threads: int) -> float:
     inputs) for the engine, one call at N=1 for the others (as bench/engine.py does).
     """
     if impl == "engine":
-        import engine
-
         engine.warmup()
     else:
         make(impl, name, 1, threads)()
@@ -165,12 +168,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--kernels", action="store_true", help="print every conv layer's kernel")
     args = ap.parse_args(argv)
-    import engine
     from bench.machine import describe
 
     engine.set_threads(args.threads)
     engine.warmup()  # compiles, then measures the kernel choices unless stored for this machine
     print(describe(args.threads)[0])
+    # malloc as a convq worker sets it (worker.horse.keep_freed_memory), for every library in
+    # this process as in bench/engine.py: a run's freed activations are reused by the next
+    # instead of being mapped and faulted in anew (ONNX Runtime keeps its own arena either way).
+    from worker.horse import keep_freed_memory
+
+    keep_freed_memory()
     print(f"threads={args.threads} rounds={args.rounds}; medians; "
           "memory = peak RSS growth of one call")  # fmt: skip
     head = f"{'network':<16}{'N':>4}{'engine ms':>11}{'ORT ms':>9}{'torch ms':>10}"
