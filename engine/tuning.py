@@ -5,8 +5,10 @@ key (engine.kernels.key: CPU model, ISA flags, pool size, convq version) in the 
 beside Numba's cache; without an entry it times every kernel that applies to one representative
 layer per shape class (SAMPLES), rounds alternating between the candidates, and stores each
 class's kernels fastest first, by the CPU time of their fastest round (on a shared machine a
-neighbour's load stretches the wall clock, not the work); a kernel HOPELESS times slower than
-the best on its first call (a family compiled for a CPU without its ISA) is not timed again.
+neighbour's load stretches the wall clock, not the work). Each kernel is called WARM_CALLS
+times untimed first (loading its code is not its speed); one still HOPELESS times slower than
+the best after PRUNE_AFTER timed rounds (a family compiled for a CPU without its ISA) is not
+timed again.
 Measuring takes at most about BUDGET seconds; a job never measures (without a measurement a
 layer runs its ISA's default, engine.kernels.DEFAULTS). `convq info` (main) shows the result.
 """
@@ -33,8 +35,10 @@ SAMPLES = {
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
 ROUNDS = 15  # most rounds per class; each round times every candidate once
-HOPELESS = 4.0  # a first call this many times the fastest one's: not timed again
+HOPELESS = 4.0  # a kernel this many times the fastest after PRUNE_AFTER rounds: not timed again
+PRUNE_AFTER = 3  # timed rounds before that cut (a single round can be a neighbour's spike)
 MARGIN = 0.1  # how much faster than the ISA's default a kernel must be to displace it
+WARM_CALLS = 2  # untimed calls of each candidate before its first timed round
 
 
 def candidates(cls: str) -> list[str]:
@@ -66,24 +70,29 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
         bias = _args.read_only(np.zeros(k, np.float32))
         names = candidates(cls)
         times: dict[str, list[float]] = {name: [] for name in names}
+        # Untimed calls first: the first packs the filters and loads the kernel's code, which for
+        # a block width that warmup's tiny layers never ran means reading Numba's cache (or
+        # compiling); the second still ran 2-3x slow (caches, the pool's threads settling). Timed,
+        # they once made every avx512 kernel of a Zen 5 machine look hopeless.
+        with kernels.compile_lock():
+            for _ in range(WARM_CALLS):
+                for name in names:
+                    with kernels.forced([name]):
+                        ops._dense_conv(x, cw, bias, out, win, False)
         until = min(deadline, time.monotonic() + share)
-        first = {}
-        for round_ in range(ROUNDS + 1):
+        for round_ in range(ROUNDS):
             for name in names:
                 with kernels.forced([name]):
                     t0 = time.process_time()
                     ops._dense_conv(x, cw, bias, out, win, False)
-                    spent = time.process_time() - t0
-                if round_:
-                    times[name].append(spent)
-                else:  # the first round packs the filters and warms the caches
-                    first[name] = spent
-            if not round_:  # a kernel this much slower cannot win: time it no more
-                names = [n for n in names if first[n] <= HOPELESS * min(first.values())]
-            elif time.monotonic() > until:
+                    times[name].append(time.process_time() - t0)
+            if round_ + 1 == PRUNE_AFTER:  # a kernel this much slower cannot win: time it no more
+                best = min(min(ts) for ts in times.values())
+                names = [n for n in names if min(times[n]) <= HOPELESS * best]
+            elif round_ + 1 > PRUNE_AFTER and time.monotonic() > until:
                 break
-        # a hopeless kernel keeps its first call's time, which ranks it last
-        result[cls] = {n: 1e3 * (min(times[n]) if times[n] else first[n]) for n in first}
+        # a hopeless kernel keeps its best of PRUNE_AFTER rounds, which ranks it last
+        result[cls] = {n: 1e3 * min(ts) for n, ts in times.items()}
     return result
 
 
