@@ -43,7 +43,7 @@ import engine  # noqa: E402
 # isort: split
 import torch_nets  # noqa: E402
 
-from bench.machine import status_kb  # noqa: E402
+from bench.machine import describe, status_kb  # noqa: E402
 
 IMPLS = ("engine", "ort", "torch")
 
@@ -168,8 +168,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--kernels", action="store_true", help="print every conv layer's kernel")
     args = ap.parse_args(argv)
-    from bench.machine import describe
-
     engine.set_threads(args.threads)
     engine.warmup()  # compiles, then measures the kernel choices unless stored for this machine
     print(describe(args.threads)[0])
