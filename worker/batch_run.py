@@ -239,6 +239,8 @@ def _run_chunk(run: _Run, net, group: list[_Member], outputs) -> None:
         if now - run.saved_at >= PROGRESS_SECONDS:
             run.saved_at = now
             _check(run, group)
+            if run.reached and _live(run, group)[0].job.meta.get("progress") != run.reached:
+                _save_progress(run, group)  # a layer begun too soon after the last save
 
     images = group[0].images if len(group) == 1 else np.concatenate([m.images for m in group])
     try:

@@ -145,6 +145,10 @@ def run_model(
         if now - saved_at[0] >= PROGRESS_SECONDS:
             saved_at[0] = now
             check()
+            # The layer begun since the last save, if it was skipped for being too soon: a
+            # run of long layers would otherwise show its first layer to the end.
+            if reached and job.meta.get("progress") != reached:
+                _save_progress(job, dict(reached))
 
     try:
         result = net.run(images, outputs=outputs, on_layer=on_layer, on_step=on_step)
