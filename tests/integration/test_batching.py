@@ -17,7 +17,9 @@ from rq.serializers import JSONSerializer
 
 import engine
 from engine import EngineError
+from tests.integration.scripted import scripted_run
 from tests.models import tiny_model
+from worker import batch_run
 from worker.batch_take import take_batch
 from worker.contract import lean
 from worker.contract.config import Settings
@@ -210,6 +212,19 @@ def test_a_job_canceled_before_it_is_taken_is_not_run(env):
     _burst(env)
     assert job_status(queue, ids[2]) is None and store.result_names(ids[2]) is None
     assert job_status(queue, ids[0])["batch"] == {"jobs": 2, "images": 2}
+
+
+def test_a_layer_begun_too_soon_after_a_save_is_saved_for_every_job_at_its_next_step(
+    env, monkeypatch
+):
+    redis, _store, queue, _model, _v = env
+    monkeypatch.setattr(batch_run, "PROGRESS_SECONDS", 0.2)
+    ids = [_submit(env, _images(seed, 1), owner=f"key{seed}") for seed in range(2)]
+    shown = scripted_run(monkeypatch, redis, ids, pause=0.3)
+    _burst(env)
+    assert shown == [{"layer": 2, "of": 3, "name": "b"}] * 2
+    for job_id in ids:
+        assert job_status(queue, job_id)["batch"] == {"jobs": 2, "images": 2}
 
 
 def test_take_moves_each_job_once_from_the_queue_to_the_intermediate_list(env):

@@ -14,6 +14,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from engine import Model
+from tests.integration.scripted import scripted_run
 from tests.models import tiny_arrays, tiny_model, tiny_spec
 from worker import jobs
 from worker.contract.config import Settings
@@ -194,6 +195,17 @@ def test_fast_layers_record_progress_the_first_time_and_at_the_end(env, monkeypa
     assert len(checks) == 2  # before the first layer and after the last: none in between
     assert job_status(queue, job_id)["progress"] == {"layer": 4, "of": 4, "name": "fc"}
     assert store.result_names(job_id) is not None
+
+
+def test_a_layer_begun_too_soon_after_a_save_is_saved_at_its_next_step(env, monkeypatch):
+    # A run of long layers: without this, the job showed layer 1 until it ended.
+    redis, *_ = env
+    monkeypatch.setattr(jobs, "PROGRESS_SECONDS", 0.2)
+    job_id = _submit(env)
+    shown = scripted_run(monkeypatch, redis, [job_id], pause=0.3)
+    burst(redis, SETTINGS)
+    assert shown == [{"layer": 2, "of": 3, "name": "b"}]
+    assert job_status(make_queue(redis), job_id)["status"] == "finished"
 
 
 def test_cancel_queued_job_deletes_everything(env):
