@@ -1,17 +1,28 @@
-"""A direct kernel for grouped convs with few channels per group (ResNeXt's 32 groups of 4).
+"""Kernels for grouped convs of many groups with few filters each (ResNeXt's 32 groups of 4).
 
-Shapes: xp (N, H, W, CG, G) is x (N, H, W, C = G*CG) with its channels regrouped so that channel
-ci of every group is contiguous (xp[..., ci, g] = x[..., g*CG + ci]); wp (FH, FW, CG, KG, G) holds
-filter g*KG + kj's tap (fy, fx) for its channel ci at wp[fy, fx, ci, kj, g]; bp (KG, G) the bias
-likewise; out (N, Hout, Wout, K = G*KG). Per tap each output pixel takes CG*KG multiply-adds of G
-contiguous lanes (all useful), where the per-group GEMM pads KG filters to a 48-lane block and
-pays a kernel launch, an input copy and an output copy per group.
+A GEMM per group would be 4 or 8 columns wide: most of a micro-kernel block's lanes wasted, and
+a launch, an input copy and an output copy per group. These kernels vectorise across groups
+instead: every lane is a different group doing the same multiply-add, all of them useful.
+
+grouped_tiled (kernels grouped-avx512 and grouped-avx2): the input is copied once, regrouped in
+blocks of L groups and zero-padded (regroup), so that channel ci of L consecutive groups is one
+contiguous vector and every window lies inside; each register tile then holds the sums of
+P adjacent output pixels x KGp filters x L groups (TILES) over every tap and channel, and stores
+them transposed into NHWC. A block's input and weights are contiguous: with whole rows of all
+groups interleaved, a tile used a quarter of each cache line and the weights fell out of L1.
+
+grouped_direct (grouped-direct: any filter count and output width): one output pixel at a time,
+sums in memory; xp (N, H, W, CG, G) is x with channels regrouped (xp[..., ci, g] =
+x[..., g*CG + ci]), wp (FH, FW, CG, KG, G) holds filter g*KG + kj's tap (fy, fx) for channel ci
+at wp[fy, fx, ci, kj, g], bp (KG, G) the bias likewise; out (N, Hout, Wout, K = G*KG).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from ._gemm import _data, _stack_block
 
 
 @njit(cache=True, inline="always")
@@ -64,3 +75,171 @@ def grouped_direct(xp, wp, bp, out, sh, sw, dh, dw, top, left, relu):
                     if relu and v < 0.0:
                         v = np.float32(0.0)
                     o[g * kg + kj] = v
+
+
+# Register tiles of the tiled kernel: (P output pixels, KG filters per group, L groups) sums,
+# P*KG vectors of L lanes, by vector family (L = 16 lanes for 512-bit, 8 for 256-bit registers)
+# and filters per group (KG padded up to 2, 4 or 8).
+TILES = {
+    ("avx512", 2): (6, 16),
+    ("avx512", 4): (6, 16),
+    ("avx512", 8): (3, 16),
+    ("avx2", 2): (6, 8),
+    ("avx2", 4): (3, 8),
+    ("avx2", 8): (1, 8),
+}
+
+
+def _make_tile(pixels: int, kg: int, lanes: int):
+    """Build the kernel for one tile: `pixels` adjacent output pixels x kg filters x lanes
+    groups, constants baked in so its loops unroll and the sums live in registers."""
+    size = pixels * kg * lanes
+    xsz, wsz = pixels * lanes, kg * lanes
+
+    @njit(fastmath={"contract"}, cache=True)
+    def tile(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu):
+        """Sum `taps` taps (input offsets toff[t]) of cg channels from x0 (pixel p at x0 +
+        p*ps) with the weights from w0 and bias from b0 of one block of `lanes` groups, the
+        first g0; store groups < ng, filters < kr at of[o0 + ...]."""
+        acc = _stack_block(size)
+        for p in range(pixels):
+            for kj in range(kg):
+                for lane in range(lanes):
+                    acc[(p * kg + kj) * lanes + lane] = bf[b0 + kj * lanes + lane]
+        xs = _stack_block(xsz)
+        ws = _stack_block(wsz)
+        tap_size = cg * kg * lanes
+        for t in range(taps):
+            xa = x0 + toff[t]
+            wa = w0 + t * tap_size
+            for ci in range(cg):
+                # Operands first, then the products lane loop outermost: the one order in
+                # which LLVM vectorised every tile shape (AVX2 build; the others left some
+                # scalar, as engine._gemm found for its blocks).
+                for p in range(pixels):
+                    for lane in range(lanes):
+                        xs[p * lanes + lane] = xf[xa + ci * lanes + p * ps + lane]
+                for kj in range(kg):
+                    for lane in range(lanes):
+                        ws[kj * lanes + lane] = wf[wa + (ci * kg + kj) * lanes + lane]
+                for lane in range(lanes):
+                    for p in range(pixels):
+                        for kj in range(kg):
+                            acc[(p * kg + kj) * lanes + lane] += (
+                                xs[p * lanes + lane] * ws[kj * lanes + lane]
+                            )
+        for p in range(pixels):
+            for lane in range(lanes):
+                g = g0 + lane
+                if g < ng:
+                    for kj in range(kg):
+                        if kj < kr:
+                            v = acc[(p * kg + kj) * lanes + lane]
+                            if relu and v < 0.0:
+                                v = np.float32(0.0)
+                            of[o0 + p * ops + g * kr + kj] = v
+
+    return tile
+
+
+def tile_filters(kg: int) -> int:
+    """Return the filters per group a tile computes for kg (KG padded up to 2, 4 or 8)."""
+    return 2 if kg <= 2 else 4 if kg <= 4 else 8
+
+
+TILE_KEYS = list(TILES)  # a tile's variant number is its index here
+_t0, _t1, _t2, _t3, _t4, _t5 = (_make_tile(TILES[k][0], k[1], TILES[k][1]) for k in TILE_KEYS)
+
+
+@njit(cache=True, inline="always")
+def _tile(variant, xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu):
+    """Run tile variant (an index of TILE_KEYS)."""
+    if variant == 0:
+        _t0(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+    elif variant == 1:
+        _t1(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+    elif variant == 2:
+        _t2(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+    elif variant == 3:
+        _t3(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+    elif variant == 4:
+        _t4(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+    else:
+        _t5(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
+
+
+@njit(parallel=True, cache=True)
+def regroup(x, xpad, top, left, ng):
+    """Fill xpad (N, B, Hp, Wp, CG, L) with x (N, H, W, ng*CG) regrouped in blocks of L groups
+    (xpad[n, b, r, c, ci, l] = x[n, r - top, c - left, (b*L + l)*CG + ci]); zeros around the
+    image and in groups >= ng."""
+    n_img, blocks, hp, wpd, cg, lanes = xpad.shape
+    h, w, c_in = x.shape[1], x.shape[2], x.shape[3]
+    pixel = cg * lanes
+    plane = hp * wpd * pixel  # one block of one image
+    full = ng == blocks * lanes
+    xf, df = _data(x), _data(xpad)
+    for task in prange(n_img * hp):
+        n = task // hp
+        r = task - n * hp
+        iy = r - top
+        for b in range(blocks):
+            d0 = (n * blocks + b) * plane + r * wpd * pixel
+            if iy < 0 or iy >= h:
+                for i in range(wpd * pixel):
+                    df[d0 + i] = 0.0
+                continue
+            for c in range(wpd):
+                ix = c - left
+                d = d0 + c * pixel
+                if ix < 0 or ix >= w:
+                    for i in range(pixel):
+                        df[d + i] = 0.0
+                    continue
+                src = ((n * h + iy) * w + ix) * c_in + b * lanes * cg
+                if full:
+                    for lane in range(lanes):
+                        for ci in range(cg):
+                            df[d + ci * lanes + lane] = xf[src + lane * cg + ci]
+                else:
+                    for lane in range(lanes):
+                        ok = b * lanes + lane < ng
+                        for ci in range(cg):
+                            df[d + ci * lanes + lane] = xf[src + lane * cg + ci] if ok else 0.0
+
+
+@njit(parallel=True, cache=True)
+def grouped_tiled(xpad, wp, bp, toff, out, sh, sw, ng, relu, variant, pixels, lanes):
+    """Fill out (N, Hout, Wout, ng*KG; channels contiguous) with the grouped conv of xpad.
+
+    xpad (N, B, Hp, Wp, CG, L): the input as regroup leaves it, padded so every window is
+    inside; wp (B, taps, CG, KGp, L) and bp (B, KGp, L): weights and bias by block of L = lanes
+    groups, filters and groups zero-padded to the tile's KGp and B*L; toff[t]: tap t's offset
+    in a block's xpad from a window's corner. A block's operands are contiguous: with whole
+    rows of all groups, a tile read a quarter of each cache line and L1 thrashed.
+    Each task is one output row of one block of `lanes` groups; a row's last tile is moved
+    back to end at Wout (its pixels recomputed, bit-identically) when Wout % pixels != 0.
+    """
+    n_img, blocks, hp, wpd, cg, _ = xpad.shape
+    hout, wout = out.shape[1], out.shape[2]
+    kr = out.shape[3] // ng
+    kgp = wp.shape[3]
+    on, oy, ox = out.strides[0] // 4, out.strides[1] // 4, out.strides[2] // 4
+    col = cg * lanes
+    tiles = -(-wout // pixels)
+    taps = toff.shape[0]
+    xf, wf, bf, of, tf = _data(xpad), _data(wp), _data(bp), _data(out), _data(toff)
+    for task in prange(n_img * hout * blocks):
+        rest = task // blocks
+        b = task - rest * blocks
+        n = rest // hout
+        y = rest - n * hout
+        w0, b0 = b * taps * cg * kgp * lanes, b * kgp * lanes
+        for t in range(tiles):
+            xo = min(t * pixels, wout - pixels)
+            x0 = (((n * blocks + b) * hp + y * sh) * wpd + xo * sw) * col
+            o0 = n * on + y * oy + xo * ox
+            _tile(
+                variant, xf, x0, sw * col, tf, taps, cg, wf, w0, bf, b0, b * lanes, of, o0, ox,
+                ng, kr, relu,
+            )  # fmt: skip

@@ -7,6 +7,11 @@ named "<path>-<family>":
   buffer; Wout >= IMPLICIT_MIN_WIDTH), im2col (tiles packed, then multiplied: every conv);
 - families: avx512 (6x64, 8x48, 3x32 register blocks, engine._gemm), avx2 (3x32, 4x16), blas
   (one single-threaded sgemm per tile: portable, pointwise and im2col only).
+Grouped convs of many groups with few filters each (ResNeXt's 32 groups of 4: GEMMs of 4
+columns would waste most lanes) run a kernel of their own, vectorised across groups
+(engine._grouped_kernel): grouped-avx512 and grouped-avx2 (register tiles of 16 or 8 groups),
+grouped-direct (one pixel at a time, any width). CONVQ_KERNEL forces those convs only when it
+names a grouped kernel.
 Every kernel is correct on every CPU; the family only decides how fast.
 
 A layer falls in one shape class (CLASSES). Each class has a ranking of kernels and a layer runs
@@ -41,17 +46,25 @@ PATHS = {  # path -> the families it runs on
     "winograd": ("avx512", "avx2"),
     "implicit": ("avx512", "avx2"),
     "im2col": ("avx512", "avx2", "blas"),
+    "grouped": ("avx512", "avx2", "direct"),
 }
 KERNELS = tuple(f"{path}-{family}" for path, families in PATHS.items() for family in families)
 DIRECT = "depthwise"  # the direct kernel of depthwise convs (C/groups == 1): no GEMM to choose
-GROUPED_DIRECT = "grouped-direct"  # grouped convs with few filters per group (ops.GROUPED_DIRECT_*)
+GROUPED_DIRECT = "grouped-direct"  # grouped convs with few filters per group, any output width
+# Grouped convs with at most this many filters per group, in at least this many groups (a
+# vector's lanes), run the grouped kernels instead of one GEMM per group: measured at N=8, 3x3,
+# the one-pixel kernel against per-group GEMMs: 32 groups of 4 channels 0.32, of 8 0.35; 64 of
+# 4 0.18; but 16 of 16 2.2, 8 of 16 2.75, 4 of 16 5.2.
+GROUPED_MAX_KG = 8
+GROUPED_MIN_GROUPS = 16
+GROUPED_MAX_KG_TILED = 8  # the widest tile of grouped-avx512/avx2 (engine._grouped_kernel.TILES)
 # Winograd's 16 GEMMs are too shallow to pay for its transforms below this many input channels.
 WINOGRAD_MIN_C = 32
 # Implicit GEMM computes rows of whole blocks: an output row must be at least the tallest block.
 IMPLICIT_MIN_WIDTH = 8
 # Inputs thinner than this: a padded copy costs less than packing columns (implicit GEMM wins).
 THIN_C = 16
-CLASSES = ("1x1", "3x3s1", "thin", "unpadded", "padded")
+CLASSES = ("1x1", "3x3s1", "thin", "unpadded", "padded", "grouped")
 ENV = "CONVQ_KERNEL"
 CHOICES_FILE = "kernel-choices.json"
 # CPUs LLVM knows by name whose code is AVX-512 or AVX2 (NUMBA_CPU_NAME without features).
@@ -72,7 +85,9 @@ class KernelError(EngineError, ValueError):
 
 @dataclass(frozen=True)
 class ConvShape:
-    """What choosing a kernel needs of an ungrouped conv: C, K, window, stride, pads, Wout."""
+    """What choosing a kernel needs of a conv: C, K, window, stride, pads, Wout (and groups:
+    a grouped conv asks here only when it has GROUPED_MIN_GROUPS groups of at most
+    GROUPED_MAX_KG filters; others run per group, asking as ungrouped convs)."""
 
     c: int
     k: int
@@ -82,11 +97,33 @@ class ConvShape:
     sw: int
     padded: bool
     wout: int
+    groups: int = 1
+
+
+def grouped(c: int, k: int, groups: int) -> bool:
+    """Return whether a conv of these channels, filters and groups runs a grouped kernel."""
+    return groups >= GROUPED_MIN_GROUPS and k // groups <= GROUPED_MAX_KG and c > groups
+
+
+def tile_pixels(name: str, shape: ConvShape) -> int:
+    """Return the output pixels of one register tile of grouped kernel `name` for this shape."""
+    from . import _grouped_kernel  # imported here: it compiles nothing, but pulls in Numba code
+
+    family = split(name)[1]
+    return _grouped_kernel.TILES[(family, _grouped_kernel.tile_filters(shape.k // shape.groups))][0]
 
 
 def applies(name: str, shape: ConvShape) -> bool:
     """Return whether kernel `name` can run a conv of this shape."""
-    path = name.rsplit("-", 1)[0]
+    path, family = split(name)
+    if path == "grouped" or shape.groups > 1:
+        if path != "grouped" or shape.groups == 1:
+            return False
+        if family == "direct":
+            return True
+        return shape.k // shape.groups <= GROUPED_MAX_KG_TILED and shape.wout >= tile_pixels(
+            name, shape
+        )
     if path == "pointwise":
         return (shape.fh, shape.fw, shape.sh, shape.sw) == (1, 1, 1, 1) and not shape.padded
     if path == "winograd":
@@ -98,6 +135,8 @@ def applies(name: str, shape: ConvShape) -> bool:
 
 def shape_class(shape: ConvShape) -> str:
     """Return the class (CLASSES) whose ranking decides this shape's kernel."""
+    if shape.groups > 1:
+        return "grouped"
     if (shape.fh, shape.fw, shape.sh, shape.sw) == (1, 1, 1, 1) and not shape.padded:
         return "1x1"
     if (shape.fh, shape.fw, shape.sh, shape.sw) == (3, 3, 1, 1) and shape.c >= WINOGRAD_MIN_C:
@@ -120,12 +159,14 @@ _DEFAULT = {
     "thin": ["implicit-{f}", "im2col-{f}"],
     "unpadded": ["implicit-{f}", "im2col-{f}"],
     "padded": ["im2col-{f}"],
+    "grouped": ["grouped-{f}", "grouped-direct"],
 }
 DEFAULTS = {
     "avx512": {cls: [n.format(f="avx512") for n in r] for cls, r in _DEFAULT.items()},
     "avx2": {cls: [n.format(f="avx2") for n in r] for cls, r in _DEFAULT.items()},
-    "portable": {cls: ["pointwise-blas", "im2col-blas"] for cls in CLASSES},
+    "portable": {cls: ["pointwise-blas", "im2col-blas"] for cls in CLASSES[:-1]},
 }
+DEFAULTS["portable"]["grouped"] = ["grouped-direct"]
 
 
 @functools.cache
@@ -406,7 +447,7 @@ def forced_names() -> list[str] | None:
 def ranking(cls: str, threads: int) -> tuple[list[str], str]:
     """Return (the kernels tried in order for a class, where that order comes from)."""
     names = forced_names()
-    if names is not None:
+    if names is not None and (cls != "grouped" or any(n.startswith("grouped-") for n in names)):
         return names, ENV
     rankings = measured(threads)
     if cls in rankings:
@@ -440,16 +481,17 @@ def _choose(shape: ConvShape, threads: int, layer: str | None) -> str:
     for name in names:
         if applies(name, shape):
             return name
+    fallback = GROUPED_DIRECT if cls == "grouped" else f"im2col-{isa_family()}"
     if source == ENV:
         raise KernelError(
             f"{ENV} forces {', '.join(names)}, none of which runs a {shape.fh}x{shape.fw} "
             f"stride {shape.sh}x{shape.sw} conv {'with' if shape.padded else 'without'} pads, "
-            f"Wout {shape.wout} (class {cls!r}); add im2col-{isa_family()} to the list, "
+            f"Wout {shape.wout} (class {cls!r}); add {fallback} to the list, "
             "which runs every conv",
             layer=layer,
             field=ENV,
         )
-    return f"im2col-{isa_family()}"
+    return fallback
 
 
 def isa_family() -> str:

@@ -51,12 +51,6 @@ SPLIT_IMBALANCE = 1.15
 LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
 assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
-# Grouped convs with at most this many filters per group, in at least this many groups (the
-# kernel's vector lanes), run engine._grouped_kernel's direct kernel instead of one GEMM per
-# group (KG of a 48-lane block). Measured at N=8, 3x3 (direct / per-group GEMM): 32 groups of
-# 4 channels 0.32, of 8 0.35; 64 of 4 0.18; but 16 of 16 2.2, 8 of 16 2.75, 4 of 16 5.2.
-GROUPED_DIRECT_MAX_KG = 8
-GROUPED_DIRECT_MIN_GROUPS = 16
 # Thin inputs (C <= this) whose filter count fills few micro-kernel lanes (K=32 of a 48-lane
 # block) run two adjacent output pixels per GEMM row instead: 2K lanes over a window one pixel
 # wider (32x3 K32 F5: 75 of 90 multiply-adds useful instead of 32 of 48 lanes). Measured at
@@ -181,6 +175,7 @@ class ConvWeights:
         self._winograd: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._wide: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._grouped: tuple[np.ndarray, np.ndarray] | None = None
+        self._grouped_tiles: dict[str, np.ndarray] = {}  # by grouped kernel family
 
     def _matrix(self) -> np.ndarray:
         k = self.w.shape[0]
@@ -210,6 +205,7 @@ class ConvWeights:
         parts += [a for packed in self._wide.values() for a in packed]
         parts.append(self._depthwise)
         parts.append(self._grouped[0] if self._grouped is not None else None)
+        parts += list(self._grouped_tiles.values())
         groups = sum(part.nbytes for part in self._parts or ())
         return groups + sum(p.nbytes for p in parts if p is not None)
 
@@ -240,6 +236,23 @@ class ConvWeights:
             order = np.arange(k).reshape(ng, kg).T  # [kj, g] -> filter g*KG + kj
             self._grouped = (_args.read_only(np.ascontiguousarray(wp)), order)
         return self._grouped
+
+    def grouped_tile_taps(self, family: str) -> np.ndarray:
+        """Return the weights of the tiled grouped kernel of family (engine._grouped_kernel):
+        (B, FH*FW, CG, KGp, L), filter g*KG + kj's tap t for channel ci at [g // L, t, ci, kj,
+        g % L], zero for the filters and groups padding KG to the tile's and G to B*L."""
+        if family not in self._grouped_tiles:
+            k, fh, fw, cg = self.w.shape
+            ng = self.groups
+            kg = k // ng
+            kgp = _grouped_kernel.tile_filters(kg)
+            lanes = _grouped_kernel.TILES[(family, kgp)][1]
+            gp = -(-ng // lanes) * lanes
+            wp = np.zeros((fh, fw, cg, kgp, gp), np.float32)
+            wp[:, :, :, :kg, :ng] = self.w.reshape(ng, kg, fh, fw, cg).transpose(2, 3, 4, 1, 0)
+            wp = wp.reshape(fh * fw, cg, kgp, gp // lanes, lanes).transpose(3, 0, 1, 2, 4)
+            self._grouped_tiles[family] = _args.read_only(np.ascontiguousarray(wp))
+        return self._grouped_tiles[family]
 
     def pixels_per_row(self, fw: int, family: str = "avx512") -> int:
         """Return 2 if a stride-1 row of FW-wide windows should compute two pixels, else 1."""
@@ -416,7 +429,12 @@ def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> Non
     """
     cg = cw.w.shape[3]
     kg = cw.w.shape[0] // cw.groups
-    if kg <= GROUPED_DIRECT_MAX_KG and cw.groups >= GROUPED_DIRECT_MIN_GROUPS:
+    if kernels.grouped(x.shape[3], cw.w.shape[0], cw.groups):
+        shape = _shape(cw.w.shape, win, out.shape[2], cw.groups)
+        name = kernels.choose(shape, _threads.max_threads())
+        if name != kernels.GROUPED_DIRECT:
+            _grouped_tiled(x, cw, bias, out, win, relu, kernels.split(name)[1])
+            return
         n, h, w = x.shape[:3]
         xp = x.reshape(n, h, w, cw.groups, cg).transpose(0, 1, 2, 4, 3)
         xp = _args.read_only(np.ascontiguousarray(xp))
@@ -443,6 +461,33 @@ def _grouped_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool) -> Non
         out[..., g * kg : (g + 1) * kg] = part_out
 
 
+def _grouped_tiled(x, cw: ConvWeights, bias, out, win: Window, relu: bool, family: str) -> None:
+    """Run a grouped conv through the tiled kernel of family: the input is copied once,
+    regrouped and padded so that every window lies inside it (engine._grouped_kernel)."""
+    wp = cw.grouped_tile_taps(family)
+    blocks, taps, cg, kgp, lanes = wp.shape
+    ng = cw.groups
+    kg = cw.w.shape[0] // ng
+    pixels = _grouped_kernel.TILES[(family, kgp)][0]
+    n, hout, wout = out.shape[:3]
+    hp = (hout - 1) * win.sh + (win.fh - 1) * win.dh + 1
+    wpd = (wout - 1) * win.sw + (win.fw - 1) * win.dw + 1
+    xpad = np.empty((n, blocks, hp, wpd, cg, lanes), np.float32)
+    _threads.enter(xpad.size)
+    _grouped_kernel.regroup(x, xpad, win.top, win.left, ng)
+    bp = np.zeros((kgp, blocks * lanes), np.float32)
+    bp[:kg, :ng] = bias.reshape(ng, kg).T
+    bp = np.ascontiguousarray(bp.reshape(kgp, blocks, lanes).transpose(1, 0, 2))
+    col = cg * lanes
+    rows, cols = np.arange(win.fh) * (win.dh * wpd * col), np.arange(win.fw) * (win.dw * col)
+    toff = np.add.outer(rows, cols).ravel().astype(np.int64)  # tap (fy, fx): its offset
+    variant = _grouped_kernel.TILE_KEYS.index((family, kgp))
+    _threads.enter(out.size * taps * cg)
+    _grouped_kernel.grouped_tiled(
+        xpad, wp, bp, toff, out, win.sh, win.sw, ng, relu, variant, pixels, lanes
+    )
+
+
 def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=False) -> None:
     """Run an ungrouped conv into out (N, Hout, Wout, K) by the kernel chosen for its shape.
 
@@ -461,9 +506,10 @@ def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=Fals
     _RUN[path](x, cw, bias, out, win, nthreads, relu, family, acc)
 
 
-def _shape(w_shape: tuple[int, ...], win: Window, wout: int) -> kernels.ConvShape:
-    k, fh, fw, c = w_shape
-    return kernels.ConvShape(c, k, fh, fw, win.sh, win.sw, win.pad != (0, 0, 0, 0), wout)
+def _shape(w_shape: tuple[int, ...], win: Window, wout: int, groups: int = 1) -> kernels.ConvShape:
+    k, fh, fw, cg = w_shape
+    padded = win.pad != (0, 0, 0, 0)
+    return kernels.ConvShape(cg * groups, k, fh, fw, win.sh, win.sw, padded, wout, groups)
 
 
 def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -> str:
@@ -474,10 +520,11 @@ def conv_kernel(x_shape, w, stride=1, pad=0, dilation=1, groups=1, layer=None) -
     w_shape = tuple(getattr(w, "shape", w))
     if w_shape[3] == 1 and groups > 1:
         return kernels.DIRECT
-    if groups >= GROUPED_DIRECT_MIN_GROUPS and w_shape[0] // groups <= GROUPED_DIRECT_MAX_KG:
-        return kernels.GROUPED_DIRECT
     win = Window.make([w_shape[1], w_shape[2]], stride, pad, dilation)
     wout = win.out_hw(x_shape[1], x_shape[2])[1]
+    if kernels.grouped(x_shape[3], w_shape[0], groups):
+        shape = _shape(w_shape, win, wout, groups)
+        return kernels.choose(shape, _threads.max_threads(), layer)
     part = (w_shape[0] // groups, *w_shape[1:])
     return kernels.choose(_shape(part, win, wout), _threads.max_threads(), layer)
 

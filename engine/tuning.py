@@ -25,13 +25,15 @@ import numpy as np
 from . import _args, _threads, kernels, ops
 from .geometry import Window
 
-# One representative layer per class: (N, H, W, C, K, F, stride, pad), 40-230 M multiply-adds.
+# One representative layer per class: (N, H, W, C, K, F, stride, pad, groups), 15-230 M
+# multiply-adds.
 SAMPLES = {
-    "1x1": (4, 28, 28, 128, 128, 1, 1, 0),
-    "3x3s1": (4, 28, 28, 64, 64, 3, 1, 1),
-    "thin": (16, 32, 32, 3, 32, 5, 1, 2),
-    "unpadded": (4, 33, 33, 48, 96, 3, 2, 0),
-    "padded": (4, 28, 28, 64, 128, 3, 2, 1),
+    "1x1": (4, 28, 28, 128, 128, 1, 1, 0, 1),
+    "3x3s1": (4, 28, 28, 64, 64, 3, 1, 1, 1),
+    "thin": (16, 32, 32, 3, 32, 5, 1, 2, 1),
+    "unpadded": (4, 33, 33, 48, 96, 3, 2, 0, 1),
+    "padded": (4, 28, 28, 64, 128, 3, 2, 1, 1),
+    "grouped": (4, 28, 28, 128, 128, 3, 1, 1, 32),
 }
 BUDGET = 3.0  # s: the most one measurement of every class may take (checked between rounds)
 ROUNDS = 15  # most rounds per class; each round times every candidate once
@@ -43,9 +45,9 @@ WARM_CALLS = 2  # untimed calls of each candidate before its first timed round
 
 def candidates(cls: str) -> list[str]:
     """Return every kernel that applies to the class's representative layer."""
-    n, h, w, c, k, f, s, p = SAMPLES[cls]
+    n, h, w, c, k, f, s, p, g = SAMPLES[cls]
     wout = (w + 2 * p - f) // s + 1
-    shape = kernels.ConvShape(c, k, f, f, s, s, p > 0, wout)
+    shape = kernels.ConvShape(c, k, f, f, s, s, p > 0, wout, g)
     assert kernels.shape_class(shape) == cls
     return [name for name in kernels.KERNELS if kernels.applies(name, shape)]
 
@@ -60,10 +62,12 @@ def measure(budget: float = BUDGET) -> dict[str, dict[str, float]]:
     deadline = time.monotonic() + budget
     share = budget / len(SAMPLES)
     result = {}
-    for cls, (n, h, w, c, k, f, s, p) in SAMPLES.items():
+    for cls, (n, h, w, c, k, f, s, p, g) in SAMPLES.items():
         # read-only inputs, as conv2d passes them: the same compiled kernels a run uses
         x = _args.input_array(rng.standard_normal((n, h, w, c), dtype=np.float32))
-        cw = ops.ConvWeights(rng.standard_normal((k, f, f, c), dtype=np.float32) * 0.1)
+        cw = ops.ConvWeights(
+            rng.standard_normal((k, f, f, c // g), dtype=np.float32) * 0.1, groups=g
+        )
         win = Window.make(f, s, p)
         # the kernel alone, into one output: a fresh one per call is page faults, not kernel
         out = np.empty((n, *win.out_hw(h, w), k), np.float32)
@@ -99,7 +103,10 @@ def _call(name: str, conv: tuple) -> None:
     """Run conv (x, filters, bias, out, window) once through kernel name, without ReLU."""
     x, cw, bias, out, win = conv
     with kernels.forced([name]):
-        ops._dense_conv(x, cw, bias, out, win, False)
+        if cw.groups > 1:
+            ops._grouped_conv(x, cw, bias, out, win, False)
+        else:
+            ops._dense_conv(x, cw, bias, out, win, False)
 
 
 def rank(timings: dict[str, dict[str, float]], isa: str | None = None) -> dict[str, list[str]]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_ops import CONV_PATHS, assert_matches, force_path, rand, restore_path
 
-from engine import ShapeError, ops
+from engine import ShapeError, kernels, ops
 from engine import reference as ref
 
 # (N, H, W, C, K, groups, (FH, FW), stride, (top, left, bottom, right), dilation)
@@ -23,10 +23,13 @@ GROUPED = {
     "depthwise-multiplier3": (2, 8, 9, 5, 15, 5, (3, 3), 1, (0, 1, 2, 0), 1),
     "depthwise-5x5-dilated": (1, 14, 13, 6, 6, 6, (5, 5), (1, 2), (2, 3, 4, 1), (2, 1)),
     "depthwise-pad-wider-than-image": (1, 2, 3, 3, 6, 3, (3, 3), 2, (2, 3, 2, 3), 1),
-    # few filters per group, many groups: the direct kernel (engine._grouped_kernel)
+    # few filters per group, many groups: the grouped kernels (engine._grouped_kernel)
     "resnext-32-groups-of-4": (2, 7, 8, 128, 128, 32, (3, 3), 1, (1, 1, 1, 1), 1),
-    "direct-stride2-dilated": (1, 9, 11, 64, 32, 16, (3, 3), 2, (0, 1, 2, 1), (2, 1)),
-    "direct-17-groups-odd-lanes": (2, 5, 6, 34, 51, 17, (2, 3), 1, (1, 0, 0, 2), 1),
+    "grouped-stride2-dilated": (1, 9, 11, 64, 32, 16, (3, 3), 2, (0, 1, 2, 1), (2, 1)),
+    "grouped-17-groups-odd-lanes": (2, 5, 6, 34, 51, 17, (2, 3), 1, (1, 0, 0, 2), 1),
+    "grouped-wide-row-last-tile-moved": (1, 4, 23, 96, 96, 32, (3, 3), 1, (1, 1, 1, 1), 1),
+    "grouped-3-filters-20-groups": (1, 6, 13, 60, 60, 20, (3, 3), 1, (1, 1, 1, 1), 1),
+    "grouped-8-filters-of-4-channels": (2, 5, 9, 64, 128, 16, (3, 3), 1, (1, 1, 1, 1), 1),
 }
 
 
@@ -157,18 +160,29 @@ def test_grouped_conv_sweep(case, seed, relu):
     assert_matches(got, ref.conv2d_reference(x, wt, b, relu=relu, **kw))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("name", ["grouped-avx512", "grouped-avx2", "grouped-direct"])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(case=grouped_cases(), seed=st.integers(0, 2**16), relu=st.booleans())
-def test_grouped_direct_kernel_sweep(case, seed, relu):
-    # the direct kernel forced for every drawn case, whatever its groups and filters per group
+def test_grouped_kernel_sweep(name, case, seed, relu):
+    # each grouped kernel forced for every drawn case, whatever its groups and filters per
+    # group (the tiled ones where their tile fits: at most 8 filters, Wout >= tile pixels)
     x, wt, b, kw = case_arrays(case, seed=seed)
-    before = ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS
-    ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS = 10**6, 2
+    assume(1 < kw["groups"] < x.shape[3])  # grouped, not depthwise
+    before = kernels.GROUPED_MAX_KG, kernels.GROUPED_MIN_GROUPS
+    kernels.GROUPED_MAX_KG, kernels.GROUPED_MIN_GROUPS = 10**6, 2
     try:
-        got = ops.conv2d(x, wt, b, relu=relu, **kw)
+        with kernels.forced([name, "grouped-direct"]):
+            used = ops.conv_kernel(x.shape, wt, **kw)
+            got = ops.conv2d(x, wt, b, relu=relu, **kw)
     finally:
-        ops.GROUPED_DIRECT_MAX_KG, ops.GROUPED_DIRECT_MIN_GROUPS = before
+        kernels.GROUPED_MAX_KG, kernels.GROUPED_MIN_GROUPS = before
     assert_matches(got, ref.conv2d_reference(x, wt, b, relu=relu, **kw))
+    fits = wt.shape[0] // kw["groups"] <= 8 and got.shape[2] >= 6  # tiles are <= 6 pixels
+    assert used == name or (not fits and used == "grouped-direct")
 
 
 def test_grouped_direct_taps_made_once():

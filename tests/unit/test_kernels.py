@@ -38,7 +38,7 @@ def choices_dir(tmp_path, monkeypatch):
 
 
 def test_kernel_names_are_path_and_family():
-    assert len(kernels.KERNELS) == len(set(kernels.KERNELS)) == 10
+    assert len(kernels.KERNELS) == len(set(kernels.KERNELS)) == 13
     for name in kernels.KERNELS:
         path, family = kernels.split(name)
         assert family in kernels.PATHS[path]
@@ -62,6 +62,7 @@ def test_every_kernel_matches_the_reference_here(capsys):
         (ConvShape(64, 128, 3, 3, 2, 2, True, 28), "padded"),
         (ConvShape(64, 128, 3, 3, 2, 2, False, 27), "unpadded"),
         (ConvShape(64, 128, 1, 1, 2, 2, False, 14), "unpadded"),  # 1x1 stride 2
+        (ConvShape(128, 128, 3, 3, 1, 1, True, 56, 32), "grouped"),  # ResNeXt's 32 of 4
     ],
 )
 def test_shape_classes(shape, cls):
@@ -77,6 +78,33 @@ def test_what_applies_where():
     assert all(
         kernels.applies(f"im2col-{f}", narrow) for f in kernels.PATHS["im2col"]
     )  # im2col runs every conv
+    resnext = ConvShape(128, 128, 3, 3, 1, 1, True, 56, 32)
+    assert kernels.applies("grouped-avx2", resnext) and kernels.applies("grouped-direct", resnext)
+    assert not kernels.applies("im2col-avx2", resnext)  # ungrouped kernels: per group only
+    assert not kernels.applies("grouped-avx2", ConvShape(128, 128, 3, 3, 1, 1, True, 56))
+    tiny_row = ConvShape(128, 128, 3, 3, 1, 1, True, 2, 32)  # narrower than a 3-pixel tile
+    assert not kernels.applies("grouped-avx2", tiny_row)
+    assert kernels.applies("grouped-direct", tiny_row)
+    nine = ConvShape(128, 288, 3, 3, 1, 1, True, 28, 32)  # 9 filters per group: no tile
+    assert not kernels.applies("grouped-avx512", nine) and kernels.applies("grouped-direct", nine)
+
+
+def test_grouped_convs_obey_only_a_forced_list_that_names_a_grouped_kernel(monkeypatch):
+    x, w = rand(1, 6, 9, 64), rand(64, 3, 3, 4)
+    monkeypatch.setenv(kernels.ENV, "im2col-avx2")
+    assert (
+        ops.conv_kernel(x.shape, w, pad=1, groups=16) in kernels.DEFAULTS[kernels.isa()]["grouped"]
+    )
+    monkeypatch.setenv(kernels.ENV, "im2col-avx2,grouped-direct")
+    assert ops.conv_kernel(x.shape, w, pad=1, groups=16) == "grouped-direct"
+    monkeypatch.setenv(kernels.ENV, "grouped-avx512")
+    assert ops.conv_kernel(x.shape, w, pad=1, groups=16) == "grouped-avx512"
+    np.testing.assert_allclose(
+        ops.conv2d(x, w, pad=1, groups=16),
+        ref.conv2d_reference(x, w, pad=1, groups=16),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_unknown_forced_kernel_is_a_clear_error(monkeypatch):
@@ -383,17 +411,20 @@ def test_the_choice_follows_the_pool_not_set_threads(choices_dir):
     np.testing.assert_array_equal(one[1], two[1])
 
 
-# (N, H, W, C, K, (FH, FW), stride, pad, dilation): where the fused store (out= a channel slice,
-# accumulate=True) meets each kernel's own tiling; K of 40 and 72 is no multiple of any block width
+# (N, H, W, C, K, (FH, FW), stride, pad, dilation, groups): where the fused store (out= a channel
+# slice, accumulate=True) meets each kernel's own tiling; K of 40 and 72 is no multiple of any
+# block width, 20 groups no multiple of a grouped tile's lanes
 SEAM_CASES = {
-    "1x1-K40": (2, 5, 9, 6, 40, (1, 1), 1, 0, 1),
-    "1x1-C33-K72": (1, 7, 8, 33, 72, (1, 1), 1, 0, 1),
-    "3x3-padded-C33-K72": (1, 6, 10, 33, 72, (3, 3), 1, 1, 1),
-    "3x3-unpadded-C32-K40": (2, 7, 11, 32, 40, (3, 3), 1, 0, 1),
-    "5x5-K72": (1, 9, 12, 17, 72, (5, 5), 1, 2, 1),
-    "strided-K40": (1, 11, 21, 18, 40, (3, 3), 2, 1, 1),
-    "thin-C3-K40": (2, 8, 12, 3, 40, (3, 3), 1, 1, 1),
-    "dilated-K72": (1, 10, 13, 5, 72, (3, 3), 1, 2, 2),
+    "1x1-K40": (2, 5, 9, 6, 40, (1, 1), 1, 0, 1, 1),
+    "1x1-C33-K72": (1, 7, 8, 33, 72, (1, 1), 1, 0, 1, 1),
+    "3x3-padded-C33-K72": (1, 6, 10, 33, 72, (3, 3), 1, 1, 1, 1),
+    "3x3-unpadded-C32-K40": (2, 7, 11, 32, 40, (3, 3), 1, 0, 1, 1),
+    "5x5-K72": (1, 9, 12, 17, 72, (5, 5), 1, 2, 1, 1),
+    "strided-K40": (1, 11, 21, 18, 40, (3, 3), 2, 1, 1, 1),
+    "thin-C3-K40": (2, 8, 12, 3, 40, (3, 3), 1, 1, 1, 1),
+    "dilated-K72": (1, 10, 13, 5, 72, (3, 3), 1, 2, 2, 1),
+    "grouped-20-of-4-K80": (2, 6, 11, 80, 80, (3, 3), 1, 1, 1, 20),
+    "grouped-16-of-6-strided": (1, 11, 21, 32, 96, (3, 3), 2, 1, 1, 16),
 }
 
 
@@ -401,11 +432,12 @@ def _seam_pairs() -> list[tuple[str, str]]:
     """Return (kernel, case) for every kernel and every SEAM_CASES shape it applies to."""
     pairs = []
     for name in kernels.KERNELS:
-        for case, (n, h, w, c, k, size, stride, pad, dil) in SEAM_CASES.items():
-            part = (k, *size, c)
+        for case, (n, h, w, c, k, size, stride, pad, dil, g) in SEAM_CASES.items():
+            part = (k, *size, c // g)
             with kernels.forced([name]):
                 try:
-                    ops.conv_kernel((n, h, w, c), part, stride, pad, dil)
+                    if ops.conv_kernel((n, h, w, c), part, stride, pad, dil, g) != name:
+                        continue  # a grouped conv, and no grouped kernel forced
                 except KernelError:
                     continue
             pairs.append((name, case))
@@ -418,16 +450,18 @@ SEAM_PAIRS = _seam_pairs()
 @functools.cache
 def _seam_data(case: str) -> tuple:
     """Return x, w, b, the reference conv (float64, no ReLU) and a residual for a case."""
-    n, h, w, c, k, size, stride, pad, dil = SEAM_CASES[case]
-    x, wt, b = rand(n, h, w, c, seed=21), rand(k, *size, c, seed=22), rand(k, seed=23)
-    conv = ref.conv2d_reference(x, wt, b, stride, pad, dil).astype(np.float64)
+    n, h, w, c, k, size, stride, pad, dil, g = SEAM_CASES[case]
+    x, wt, b = rand(n, h, w, c, seed=21), rand(k, *size, c // g, seed=22), rand(k, seed=23)
+    conv = ref.conv2d_reference(x, wt, b, stride, pad, dil, groups=g).astype(np.float64)
     return x, wt, b, conv, rand(*conv.shape, seed=24)
 
 
 def test_every_kernel_meets_several_seam_shapes():
     per_kernel = {name: [c for n, c in SEAM_PAIRS if n == name] for name in kernels.KERNELS}
     assert all(len(cases) >= 2 for cases in per_kernel.values()), per_kernel
-    assert len(per_kernel["im2col-blas"]) == len(SEAM_CASES)  # im2col runs every conv
+    ungrouped = [case for case, shape in SEAM_CASES.items() if shape[-1] == 1]
+    assert per_kernel["im2col-blas"] == ungrouped  # im2col runs every ungrouped conv
+    assert per_kernel["grouped-direct"] == [c for c in SEAM_CASES if c not in ungrouped]
     assert per_kernel["pointwise-avx2"] == ["1x1-K40", "1x1-C33-K72"]
 
 
@@ -438,10 +472,10 @@ def test_each_kernel_writes_a_channel_slice_and_accumulates(name, case, relu, mo
     # then the ReLU, equal to the reference computed and added in float64. Even these small
     # convs are split over the threads (as a big layer's would be).
     monkeypatch.setattr(ops._threads, "_small_work", lambda: 0)
-    n, h, w, c, k, size, stride, pad, dil = SEAM_CASES[case]
+    n, h, w, c, k, size, stride, pad, dil, g = SEAM_CASES[case]
     x, wt, b, conv, residual = _seam_data(case)
-    geo = {"stride": stride, "pad": pad, "dilation": dil}
-    atol = 2e-5 * max(1.0, np.sqrt(size[0] * size[1] * c / 16))
+    geo = {"stride": stride, "pad": pad, "dilation": dil, "groups": g}
+    atol = 2e-5 * max(1.0, np.sqrt(size[0] * size[1] * c / g / 16))
     wider = np.full((*conv.shape[:3], 3 + k + 5), 7.0, np.float32)
     with kernels.forced([name]):
         assert ops.conv_kernel(x.shape, wt, **geo) == name
