@@ -19,6 +19,8 @@ at wp[fy, fx, ci, kj, g], bp (KG, G) the bias likewise; out (N, Hout, Wout, K = 
 
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from numba import njit, prange
 
@@ -147,27 +149,6 @@ def tile_filters(kg: int) -> int:
     return 2 if kg <= 2 else 4 if kg <= 4 else 8
 
 
-TILE_KEYS = list(TILES)  # a tile's variant number is its index here
-_t0, _t1, _t2, _t3, _t4, _t5 = (_make_tile(TILES[k][0], k[1], TILES[k][1]) for k in TILE_KEYS)
-
-
-@njit(cache=True, inline="always")
-def _tile(variant, xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu):
-    """Run tile variant (an index of TILE_KEYS)."""
-    if variant == 0:
-        _t0(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-    elif variant == 1:
-        _t1(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-    elif variant == 2:
-        _t2(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-    elif variant == 3:
-        _t3(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-    elif variant == 4:
-        _t4(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-    else:
-        _t5(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu)
-
-
 @njit(parallel=True, cache=True)
 def regroup(x, xpad, top, left, ng):
     """Fill xpad (N, B, Hp, Wp, CG, L) with x (N, H, W, ng*CG) regrouped in blocks of L groups
@@ -208,38 +189,60 @@ def regroup(x, xpad, top, left, ng):
                             df[d + ci * lanes + lane] = xf[src + lane * cg + ci] if ok else 0.0
 
 
-@njit(parallel=True, cache=True)
-def grouped_tiled(xpad, wp, bp, toff, out, sh, sw, ng, relu, variant, pixels, lanes):
-    """Fill out (N, Hout, Wout, ng*KG; channels contiguous) with the grouped conv of xpad.
+def _make_driver(pixels: int, kg: int, lanes: int, tile):
+    """Build grouped_tiled for one tile shape (tile: its _make_tile kernel).
 
-    xpad (N, B, Hp, Wp, CG, L): the input as regroup leaves it, padded so every window is
-    inside; wp (B, taps, CG, KGp, L) and bp (B, KGp, L): weights and bias by block of L = lanes
-    groups, filters and groups zero-padded to the tile's KGp and B*L; toff[t]: tap t's offset
-    in a block's xpad from a window's corner. A block's operands are contiguous: with whole
-    rows of all groups, a tile read a quarter of each cache line and L1 thrashed.
-    Each task is one output row of one block of `lanes` groups; a row's last tile is moved
-    back to end at Wout (its pixels recomputed, bit-identically) when Wout % pixels != 0.
+    One parallel function per shape, compiled when first used: with all six tiles in one, it
+    took ~35 s to compile, one ~4 s. The function reaches its tile as the global _tile_kernel of
+    a globals dict of its own, not through the closure: Numba keys cache entries by the
+    closure's contents, and a compiled function pickles differently in every process (every
+    load missed). The closure's three ints differ between shapes, so their entries do too.
     """
-    n_img, blocks, hp, wpd, cg, _ = xpad.shape
-    hout, wout = out.shape[1], out.shape[2]
-    kr = out.shape[3] // ng
-    kgp = wp.shape[3]
-    on, oy, ox = out.strides[0] // 4, out.strides[1] // 4, out.strides[2] // 4
-    col = cg * lanes
-    tiles = -(-wout // pixels)
-    taps = toff.shape[0]
-    xf, wf, bf, of, tf = _data(xpad), _data(wp), _data(bp), _data(out), _data(toff)
-    for task in prange(n_img * hout * blocks):
-        rest = task // blocks
-        b = task - rest * blocks
-        n = rest // hout
-        y = rest - n * hout
-        w0, b0 = b * taps * cg * kgp * lanes, b * kgp * lanes
-        for t in range(tiles):
-            xo = min(t * pixels, wout - pixels)
-            x0 = (((n * blocks + b) * hp + y * sh) * wpd + xo * sw) * col
-            o0 = n * on + y * oy + xo * ox
-            _tile(
-                variant, xf, x0, sw * col, tf, taps, cg, wf, w0, bf, b0, b * lanes, of, o0, ox,
-                ng, kr, relu,
-            )  # fmt: skip
+
+    def grouped_tiled(xpad, wp, bp, toff, out, sh, sw, ng, relu):
+        """Fill out (N, Hout, Wout, ng*KG; channels contiguous) with the grouped conv of xpad.
+
+        xpad (N, B, Hp, Wp, CG, L): the input as regroup leaves it, padded so every window is
+        inside; wp (B, taps, CG, KGp, L) and bp (B, KGp, L): weights and bias by block of L =
+        lanes groups, filters and groups zero-padded to the tile's KGp and B*L; toff[t]: tap
+        t's offset in a block's xpad from a window's corner. A block's operands are
+        contiguous: with whole rows of all groups, a tile read a quarter of each cache line
+        and L1 thrashed. Each task is one output row of one block of groups; a row's last tile
+        is moved back to end at Wout (its pixels recomputed, bit-identically).
+        """
+        n_img, blocks, hp, wpd, cg, _ = xpad.shape
+        hout, wout = out.shape[1], out.shape[2]
+        kr = out.shape[3] // ng
+        on, oy, ox = out.strides[0] // 4, out.strides[1] // 4, out.strides[2] // 4
+        col = cg * lanes
+        tiles = -(-wout // pixels)
+        taps = toff.shape[0]
+        xf, wf, bf, of, tf = _data(xpad), _data(wp), _data(bp), _data(out), _data(toff)
+        for task in prange(n_img * hout * blocks):
+            rest = task // blocks
+            b = task - rest * blocks
+            n = rest // hout
+            y = rest - n * hout
+            w0, b0 = b * taps * cg * kg * lanes, b * kg * lanes
+            for t in range(tiles):
+                xo = min(t * pixels, wout - pixels)
+                x0 = (((n * blocks + b) * hp + y * sh) * wpd + xo * sw) * col
+                o0 = n * on + y * oy + xo * ox
+                _tile_kernel(  # noqa: F821 - this function's own global (see above)
+                    xf, x0, sw * col, tf, taps, cg, wf, w0, bf, b0, b * lanes, of, o0, ox, ng, kr,
+                    relu,
+                )  # fmt: skip
+
+    code = grouped_tiled
+    own = {**globals(), "_tile_kernel": tile}
+    fn = pytypes.FunctionType(code.__code__, own, code.__name__, None, code.__closure__)
+    fn.__qualname__, fn.__doc__ = code.__qualname__, code.__doc__
+    return njit(parallel=True, cache=True)(fn)
+
+
+# The tiled kernel by (family, KGp): grouped_tiled[(family, KGp)](xpad, wp, bp, toff, out, sh,
+# sw, ng, relu).
+grouped_tiled = {
+    (family, kg): _make_driver(pixels, kg, lanes, _make_tile(pixels, kg, lanes))
+    for (family, kg), (pixels, lanes) in TILES.items()
+}

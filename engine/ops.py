@@ -468,7 +468,6 @@ def _grouped_tiled(x, cw: ConvWeights, bias, out, win: Window, relu: bool, famil
     blocks, taps, cg, kgp, lanes = wp.shape
     ng = cw.groups
     kg = cw.w.shape[0] // ng
-    pixels = _grouped_kernel.TILES[(family, kgp)][0]
     n, hout, wout = out.shape[:3]
     hp = (hout - 1) * win.sh + (win.fh - 1) * win.dh + 1
     wpd = (wout - 1) * win.sw + (win.fw - 1) * win.dw + 1
@@ -481,11 +480,8 @@ def _grouped_tiled(x, cw: ConvWeights, bias, out, win: Window, relu: bool, famil
     col = cg * lanes
     rows, cols = np.arange(win.fh) * (win.dh * wpd * col), np.arange(win.fw) * (win.dw * col)
     toff = np.add.outer(rows, cols).ravel().astype(np.int64)  # tap (fy, fx): its offset
-    variant = _grouped_kernel.TILE_KEYS.index((family, kgp))
     _threads.enter(out.size * taps * cg)
-    _grouped_kernel.grouped_tiled(
-        xpad, wp, bp, toff, out, win.sh, win.sw, ng, relu, variant, pixels, lanes
-    )
+    _grouped_kernel.grouped_tiled[(family, kgp)](xpad, wp, bp, toff, out, win.sh, win.sw, ng, relu)
 
 
 def _dense_conv(x, cw: ConvWeights, bias, out, win: Window, relu: bool, acc=False) -> None:
@@ -819,6 +815,9 @@ def warmup(tune: bool = True) -> None:
         conv2d(x, np.ones((4, 3, 3, 1), np.float32), pad=1, groups=2)  # depthwise, multiplier 2
         conv2d(np.ones((1, 3, 3, 4), np.float32), np.ones((2, 1, 1, 2), np.float32), groups=2)
         conv2d(np.ones((1, 3, 3, 32), np.float32), np.ones((32, 1, 1, 2), np.float32), groups=16)
+        for family, kgp in _grouped_kernel.TILES:  # each tile shape is a kernel of its own
+            with kernels.forced([f"grouped-{family}"]):
+                conv2d(np.ones((1, 1, 8, 32), np.float32), np.ones((16 * kgp, 1, 1, 2)), groups=16)
         local2d(x, np.ones((3, 3, 2, 3, 3, 2), np.float32))
         max_pool2d(x, 3, 2)
         avg_pool2d(x, 3, 2)
