@@ -144,9 +144,11 @@ def _make_tile(pixels: int, kg: int, lanes: int):
     return tile
 
 
-def tile_filters(kg: int) -> int:
-    """Return the filters per group a tile computes for kg (KG padded up to 2, 4 or 8)."""
-    return 2 if kg <= 2 else 4 if kg <= 4 else 8
+def tile(family: str, kg: int) -> tuple[int, int, int] | None:
+    """Return (KGp, P pixels, L lanes) of family's tile for kg filters per group (KG padded up
+    to 2, 4 or 8), None when kg is more than any tile holds."""
+    kgp = next((f for f in (2, 4, 8) if kg <= f), None)
+    return None if kgp is None else (kgp, *TILES[(family, kgp)])
 
 
 @njit(parallel=True, cache=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 import numba
 
-from . import _cache
+from . import _cache, _grouped_kernel
 from .errors import EngineError
 
 PATHS = {  # path -> the families it runs on
@@ -57,7 +57,6 @@ GROUPED_DIRECT = "grouped-direct"  # grouped convs with few filters per group, a
 # 4 0.18; but 16 of 16 2.2, 8 of 16 2.75, 4 of 16 5.2.
 GROUPED_MAX_KG = 8
 GROUPED_MIN_GROUPS = 16
-GROUPED_MAX_KG_TILED = 8  # the widest tile of grouped-avx512/avx2 (engine._grouped_kernel.TILES)
 # Winograd's 16 GEMMs are too shallow to pay for its transforms below this many input channels.
 WINOGRAD_MIN_C = 32
 # Implicit GEMM computes rows of whole blocks: an output row must be at least the tallest block.
@@ -105,25 +104,16 @@ def grouped(c: int, k: int, groups: int) -> bool:
     return groups >= GROUPED_MIN_GROUPS and k // groups <= GROUPED_MAX_KG and c > groups
 
 
-def tile_pixels(name: str, shape: ConvShape) -> int:
-    """Return the output pixels of one register tile of grouped kernel `name` for this shape."""
-    from . import _grouped_kernel  # imported here: it compiles nothing, but pulls in Numba code
-
-    family = split(name)[1]
-    return _grouped_kernel.TILES[(family, _grouped_kernel.tile_filters(shape.k // shape.groups))][0]
-
-
 def applies(name: str, shape: ConvShape) -> bool:
     """Return whether kernel `name` can run a conv of this shape."""
     path, family = split(name)
-    if path == "grouped" or shape.groups > 1:
-        if path != "grouped" or shape.groups == 1:
-            return False
+    if (path == "grouped") != (shape.groups > 1):
+        return False  # grouped convs run grouped kernels; the others, per group, the rest
+    if path == "grouped":
         if family == "direct":
             return True
-        return shape.k // shape.groups <= GROUPED_MAX_KG_TILED and shape.wout >= tile_pixels(
-            name, shape
-        )
+        fits = _grouped_kernel.tile(family, shape.k // shape.groups)
+        return fits is not None and shape.wout >= fits[1]  # at least one tile wide
     if path == "pointwise":
         return (shape.fh, shape.fw, shape.sh, shape.sw) == (1, 1, 1, 1) and not shape.padded
     if path == "winograd":
@@ -164,9 +154,11 @@ _DEFAULT = {
 DEFAULTS = {
     "avx512": {cls: [n.format(f="avx512") for n in r] for cls, r in _DEFAULT.items()},
     "avx2": {cls: [n.format(f="avx2") for n in r] for cls, r in _DEFAULT.items()},
-    "portable": {cls: ["pointwise-blas", "im2col-blas"] for cls in CLASSES[:-1]},
+    "portable": {
+        cls: ["grouped-direct"] if cls == "grouped" else ["pointwise-blas", "im2col-blas"]
+        for cls in CLASSES
+    },
 }
-DEFAULTS["portable"]["grouped"] = ["grouped-direct"]
 
 
 @functools.cache

@@ -245,8 +245,9 @@ class ConvWeights:
             k, fh, fw, cg = self.w.shape
             ng = self.groups
             kg = k // ng
-            kgp = _grouped_kernel.tile_filters(kg)
-            lanes = _grouped_kernel.TILES[(family, kgp)][1]
+            fits = _grouped_kernel.tile(family, kg)
+            assert fits is not None, "a tiled grouped kernel chosen for more filters than it holds"
+            kgp, _, lanes = fits
             gp = -(-ng // lanes) * lanes
             wp = np.zeros((fh, fw, cg, kgp, gp), np.float32)
             wp[:, :, :, :kg, :ng] = self.w.reshape(ng, kg, fh, fw, cg).transpose(2, 3, 4, 1, 0)
