@@ -415,6 +415,10 @@ class Model:
         rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
         for a in range(0, n, group):
             b = min(n, a + group)
+            if rows >= hout:  # whole images: straight into their slice of out (a conv, no copy)
+                on_step()
+                self._apply(step, [x[a:b]], out=out[a:b])
+                continue
             for y0 in range(0, hout, rows):
                 y1 = min(hout, y0 + rows)
                 on_step()

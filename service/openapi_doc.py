@@ -452,7 +452,7 @@ SCHEMAS = {
             "progress": {
                 "type": ["object", "null"],
                 "description": "The layer the job has "
-                "reached, 1-based, updated at most every 50 ms and at the end.",
+                "reached, 1-based, updated at most every 200 ms and at the end.",
                 "properties": {
                     "layer": {"type": "integer"},
                     "of": {"type": "integer"},

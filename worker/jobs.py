@@ -23,7 +23,7 @@ from .contract.store import BlobMissing, Store
 
 log = logging.getLogger("convq.worker")
 
-PROGRESS_SECONDS = 0.05
+PROGRESS_SECONDS = 0.2
 """Least seconds between two layers' progress saves, each with a check for cancel or a newer
 attempt (two Redis round trips): a 20-layer net on small images would otherwise spend more time
 on them than on its layers. The first layer and the finished run are always recorded."""

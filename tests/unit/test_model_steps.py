@@ -109,3 +109,36 @@ def test_one_big_layer_of_one_image_is_stepped_by_rows_and_can_be_stopped(monkey
     with pytest.raises(Stop):
         model.run(x, "c", on_step=stop_at_third)
     assert len(calls) == 3  # stopped inside the layer, 6 bands never computed
+
+
+@pytest.mark.parametrize("step", [1, 600, 10000])
+def test_stepped_branches_write_their_slice_of_a_concat(step):
+    # A conv branch writes straight into its channel slice of the concat's output; stepped by
+    # rows (1, 600) or by image groups (10000: two of the three images a step), it must fill
+    # only that slice.
+    rng = np.random.default_rng(4)
+    spec = {
+        "input": {"height": 6, "width": 7, "channels": 3},
+        "layers": [
+            {"name": "a", "type": "conv", "filters": 4, "size": 3, "pad": 1, "input": "image"},
+            {"name": "b", "type": "conv", "filters": 5, "size": 1, "input": "image"},
+            {"name": "cat", "type": "concat", "inputs": ["a", "b"]},
+            {"name": "r", "type": "relu"},
+        ],
+    }
+    arrays = {
+        "a.w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "a.b": rng.standard_normal(4).astype(np.float32),
+        "b.w": rng.standard_normal((5, 1, 1, 3)).astype(np.float32),
+        "b.b": rng.standard_normal(5).astype(np.float32),
+    }
+    model = Model.from_arrays(spec, arrays)
+    x = rng.standard_normal((3, 6, 7, 3)).astype(np.float32)
+    whole = model.run(x, "all")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "STEP_MACS", step)
+        stepped = model.run(x, ["cat", "r"], on_step=lambda: calls.append(1))
+    assert len(calls) > 4
+    for name in ("cat", "r"):
+        np.testing.assert_allclose(stepped[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
