@@ -158,7 +158,14 @@ def api(argv: list[str]) -> int:
     from service import gunicorn_conf  # exits 2 on an invalid CONVQ_API_KEYS
 
     args = _serve_args("api", argv, workers=gunicorn_conf.workers)
-    names = ("worker_class", "worker_connections", "timeout", "graceful_timeout", "accesslog")
+    names = (
+        "worker_class",
+        "worker_connections",
+        "timeout",
+        "graceful_timeout",
+        "accesslog",
+        "post_fork",
+    )
     settings = {name: getattr(gunicorn_conf, name) for name in names}
     settings.update(bind=f"{args.host}:{args.port}", workers=args.workers)
 

@@ -21,7 +21,6 @@ job's whole compute is ~2 ms) and 5-10% of a 32-image AlexNet job.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from rq.queue import Queue
 from rq.worker import Worker
 from rq.worker.base import WorkerStatus
 
+from .contract import heap
 from .contract.config import Settings
 
 log = logging.getLogger("convq.worker")
@@ -52,37 +52,19 @@ HAND_OVER_SECONDS = 10.0
 
 
 def _release_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it after big frees; ~0.5 ms).
+    """Hand the idle horse's freed heap back to the OS.
 
     A per-job horse gave everything back at exit; a long-lived one would otherwise sit at
     the peak of its biggest job while idle. Only once idle: trimming after every job made the
     next one fault its pages in again (16-image AlexNet job 30 -> 34 ms, ~15% throughput).
     """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-KEEP_FREED_BYTES = 1 << 30
-"""glibc thresholds a worker sets: freed blocks up to this size stay in the heap for reuse."""
+    heap.release()
 
 
 def keep_freed_memory() -> None:
-    """Let the next job reuse this one's big arrays instead of faulting fresh pages in.
-
-    glibc hands every block over its mmap threshold (at most 32 MiB) straight back to the OS, so
-    AlexNet conv1's 37 MB output at N=32 was faulted in anew on every job (~9,000 page faults).
-    With both thresholds raised the heap keeps them, and _release_memory() trims it once idle.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """Let the next job reuse this one's big arrays instead of faulting fresh pages in
+    (contract.heap); _release_memory() trims the heap once idle."""
+    heap.keep_freed(heap.WORKER_KEEP_BYTES)
 
 
 @dataclass
