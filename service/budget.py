@@ -2,8 +2,10 @@
 
 Redis keeps, per owner (the API key's id; every client shares one budget when auth is off):
 - convq:budget:<owner>:jobs, a sorted set of the key's jobs not known to be done (id -> submit
-  time); each check drops the ones rq reports finished, failed, stopped, canceled or gone, so it
-  never holds more than CONVQ_MAX_KEY_JOBS ids;
+  time); a check that finds CONVQ_MAX_KEY_JOBS ids there reads their statuses and drops the ones
+  rq reports finished, failed, stopped, canceled or gone, so it never holds many more than that
+  (below the limit a check reads no status: one round trip with 64 clients instead of 65
+  commands);
 - convq:budget:<owner>:bytes, a sorted set of the key's jobs by the time their data expires,
   with their bytes (input + predicted outputs) in convq:budget:<owner>:sizes and the running sum in
   convq:budget:<owner>:total. Expired entries are dropped at each check, at most EXPIRE_BATCH per
@@ -70,8 +72,8 @@ def check(
     pipe = redis.pipeline(transaction=False)  # what the checks read, in one round trip
     pipe.zrangebyscore(by_time, 0, time.time(), start=0, num=EXPIRE_BATCH)
     pipe.get(total)
-    pipe.zrange(jobs, 0, -1)
-    gone, raw_total, ids = pipe.execute()
+    pipe.zcard(jobs)
+    gone, raw_total, listed = pipe.execute()
     if gone:
         _drop(redis, owner, gone)
         raw_total = redis.get(total)
@@ -83,7 +85,9 @@ def check(
             "for results to expire",
             retry_after=retry_after,
         )
-    active = _active(redis, owner, ids)
+    if listed < max_jobs:  # fewer not known done than the limit: no status to read
+        return
+    active = _active(redis, owner, redis.zrange(jobs, 0, -1))
     if active >= max_jobs:
         raise TooManyRequests(
             f"this key has {active} jobs queued or running; the limit is {max_jobs} per key: "

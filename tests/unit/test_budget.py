@@ -42,3 +42,18 @@ def test_check_counts_expired_bytes_out_and_done_jobs_out():
     redis.hset("rq:job:live", "status", "finished")  # done: no longer counted, dropped
     budget.check(redis, "k", 1, max_jobs=1, max_bytes=200, retry_after=1)
     assert redis.zrange("convq:budget:k:jobs", 0, -1) == []  # old (no record) and live, done
+
+
+def test_done_jobs_are_dropped_once_the_limit_is_reached_so_the_set_stays_bounded():
+    redis = fakeredis.FakeRedis()
+    for i in range(12):
+        budget.check(redis, "k", 1, max_jobs=5, max_bytes=10**6, retry_after=1)
+        _record(redis, "k", f"j{i}", 1)
+        redis.hset(f"rq:job:j{i}", "status", "finished" if i % 3 else "started")
+        assert redis.zcard("convq:budget:k:jobs") <= 5
+    # j0, j3, j6, j9 still run: four, under the limit of five
+    budget.check(redis, "k", 1, max_jobs=5, max_bytes=10**6, retry_after=1)
+    _record(redis, "k", "j12", 1)
+    redis.hset("rq:job:j12", "status", "queued")
+    with pytest.raises(TooManyRequests, match="5 jobs queued or running"):
+        budget.check(redis, "k", 1, max_jobs=5, max_bytes=10**6, retry_after=1)
