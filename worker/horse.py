@@ -249,10 +249,6 @@ class ReusedHorseMixin(Worker):
         self.executions = {execution.id: execution for _, execution in members}
         os.environ["RQ_JOB_ID"] = members[0][0].id
         try:
-            if len(members) == 1:
-                job, execution = members[0]
-                self.perform_job(job, queue, execution)
-            else:
-                self.perform_batch(members, queue)
+            self.perform_batch(members, queue)  # a job alone too (batch_worker.run_alone)
         finally:
             self.executions = {}

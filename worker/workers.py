@@ -303,11 +303,8 @@ class ConvqThreadWorker(_ConvqMixin, SimpleWorker):
         """Run job, with the queued jobs batched with it, in this thread."""
         jobs = [job, *self.take_more(job, queue)]
         began = time.monotonic()
-        if len(jobs) == 1:
-            super().execute_job(job, queue)
-        else:
-            self.perform_batch(self.prepare_executions(jobs), queue)
-            self.set_state(WorkerStatus.IDLE)
+        self.perform_batch(self.prepare_executions(jobs), queue)  # one job too
+        self.set_state(WorkerStatus.IDLE)
         self.timed(jobs, time.monotonic() - began)
 
     def request_stop_soon(self) -> None:
