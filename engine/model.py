@@ -17,11 +17,8 @@ from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
 OnLayer = Callable[[int, int, str], object]
 OnStep = Callable[[], object]
-# A layer bigger than this many multiply-adds runs in steps when a run asks for on_step: a
-# step is 4 GFLOP (~10 ms on 2 Zen 5 cores, ~130 ms on one Zen 1 core), so a timeout or
-# cancel is seen that soon; smaller steps cost the engine (5e8: AlexNet conv1 at N=32 ran in
-# groups of 4 images, +3%).
-STEP_MACS = 2_000_000_000
+# A layer bigger than this many multiply-adds runs in steps when a run asks for on_step.
+STEP_MACS = 500_000_000
 
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
