@@ -17,8 +17,11 @@ from .weights import load_weights, read_weights, to_ohwi, to_safetensors
 
 OnLayer = Callable[[int, int, str], object]
 OnStep = Callable[[], object]
-# A layer bigger than this many multiply-adds runs in steps when a run asks for on_step.
-STEP_MACS = 500_000_000
+# A layer bigger than this many multiply-adds runs in steps when a run asks for on_step: a
+# step is 4 GFLOP (~10 ms on 2 Zen 5 cores, ~130 ms on one Zen 1 core), so a timeout or
+# cancel is seen that soon; smaller steps cost the engine (5e8: AlexNet conv1 at N=32 ran in
+# groups of 4 images, +3%).
+STEP_MACS = 2_000_000_000
 
 
 def _expected_shapes(layer: Layer, c: int, out_hw) -> dict[str, tuple]:
@@ -393,7 +396,10 @@ class Model:
         Images are grouped while a group fits a part; an image too big for one part is computed
         in bands of output rows, each from the input rows its windows read, with the real pads
         only where a band touches the top or bottom edge (Hout = (H + 2P - D(F-1) - 1)/S + 1 per
-        band, as for the whole image). Only single-input windowed layers are split.
+        band, as for the whole image). Only single-input windowed layers are split. A stepped
+        run gives the unstepped run's floats (bands aligned to Winograd's tiles; a conv on a
+        BLAS kernel steps by whole images only, see _whole_images_only), but for local layers,
+        whose sgemm per block of images gives floats that depend on the block's size.
         """
         layer = step.head
         win = layer.window
@@ -412,7 +418,14 @@ class Model:
         if out is None:
             out = np.empty((n, hout, wout, k), np.float32)
         group = max(1, STEP_MACS // per_image)
-        rows = hout if group > 1 else max(1, STEP_MACS // max(1, per_row))
+        rows = (
+            hout if group > 1 or self._whole_images_only(step, x) else STEP_MACS // max(1, per_row)
+        )
+        # Bands start on a multiple of 2 x the row dilation: Winograd pairs output rows y and
+        # y + D into one tile (engine._winograd.tile_origins), and a row's floats depend on its
+        # place in its tile, so aligned bands give every row the floats of the unstepped run.
+        if rows < hout:
+            rows = max(2 * win.dh, rows - rows % (2 * win.dh))
         for a in range(0, n, group):
             b = min(n, a + group)
             if rows >= hout:  # whole images: straight into their slice of out (a conv, no copy)
@@ -424,6 +437,19 @@ class Model:
                 on_step()
                 out[a:b, y0:y1] = self._band(step, x[a:b], y0, y1)
         return out
+
+    def _whole_images_only(self, step: Step, x: np.ndarray) -> bool:
+        """Whether step's conv runs a BLAS kernel: its tiles are cut from the rows of the whole
+        output image and sgemm's floats depend on a tile's size, so bands of rows would give
+        other floats than the unstepped run (such a layer is stepped by whole images only)."""
+        layer = step.head
+        if layer.type != "conv":
+            return False
+        win = layer.sliding_window()
+        name = ops.conv_kernel(
+            x.shape, self._conv_weights[layer.name], (win.sh, win.sw), win.pad, (win.dh, win.dw)
+        )
+        return name.endswith("-blas")
 
     def _band(self, step: Step, x: np.ndarray, y0: int, y1: int) -> np.ndarray:
         """Return output rows [y0, y1) of a windowed step on x (all rows: the whole output)."""
