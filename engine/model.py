@@ -398,8 +398,7 @@ class Model:
         only where a band touches the top or bottom edge (Hout = (H + 2P - D(F-1) - 1)/S + 1 per
         band, as for the whole image). Only single-input windowed layers are split. A stepped
         run gives the unstepped run's floats (bands aligned to Winograd's tiles; a conv on a
-        BLAS kernel steps by whole images only, see _whole_images_only), but for local layers,
-        whose sgemm per block of images gives floats that depend on the block's size.
+        BLAS kernel steps by whole images only, see _whole_images_only).
         """
         layer = step.head
         win = layer.window

@@ -48,7 +48,6 @@ MIN_TILE_ROWS = 16
 # rows alone would give the busiest thread more than SPLIT_IMBALANCE times the average work.
 COLUMN_SPLIT_TILES = 4
 SPLIT_IMBALANCE = 1.15
-LOCAL_BLOCK = 64  # images per GEMM in the locally-connected layer
 IMPLICIT_MIN_WIDTH = kernels.IMPLICIT_MIN_WIDTH  # the tallest micro-kernel block
 assert _gemm.TALLEST <= IMPLICIT_MIN_WIDTH
 # Thin inputs (C <= this) whose filter count fills few micro-kernel lanes (K=32 of a 48-lane
@@ -712,7 +711,7 @@ def local2d(x, w, b=None, stride=1, pad=0, dilation=1, relu=False) -> np.ndarray
         return out
     width = fh * fw * c
     nthreads = _threads.enter(n * hout * wout * k * width)
-    cols = _columns(nthreads, min(n, LOCAL_BLOCK), width)
+    cols = _columns(nthreads, 1, width)
     _conv.local_gemm(
         x,
         w.reshape(hout, wout, k, width),

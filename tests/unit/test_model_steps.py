@@ -73,16 +73,9 @@ def test_stepped_run_equals_the_unstepped_run(raw, h, w, c, n, step, seed):
         mp.setattr(model_module, "STEP_MACS", step)
         stepped = model.run(x, "all", on_step=lambda: calls.append(1))
     assert len(calls) >= len(raw)
-    # A local layer runs one sgemm per block of images, whose floats depend on N: from the
-    # first one on, the chain is compared within float32 rounding.
-    local = [item["type"] == "local" for item in raw]
-    after_local = {item["name"]: any(local[: i + 1]) for i, item in enumerate(raw)}
     for name, array in whole.items():
         assert stepped[name].shape == array.shape
-        if after_local[name]:
-            np.testing.assert_allclose(stepped[name], array, rtol=1e-5, atol=1e-5, err_msg=name)
-        else:
-            np.testing.assert_array_equal(stepped[name], array, err_msg=name)
+        np.testing.assert_array_equal(stepped[name], array, err_msg=name)
 
 
 def test_one_big_layer_of_one_image_is_stepped_by_rows_and_can_be_stopped(monkeypatch):

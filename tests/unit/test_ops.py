@@ -295,10 +295,15 @@ def test_local2d_matches_reference(case, relu, threads):
     assert_matches(got, want)
 
 
-def test_local2d_batch_larger_than_one_block(monkeypatch):
-    monkeypatch.setattr(ops, "LOCAL_BLOCK", 2)
-    x, wt = rand(5, 4, 4, 2, seed=19), rand(2, 2, 3, 3, 3, 2, seed=20)
-    assert_matches(ops.local2d(x, wt, stride=1), ref.local2d_reference(x, wt, stride=1))
+@pytest.mark.parametrize("c,k", [(2, 3), (37, 19), (64, 64)])
+def test_local2d_gives_an_image_the_same_floats_in_any_batch(c, k):
+    # Batched jobs share engine runs: an image's result must not depend on its companions
+    # (one GEMM over a block of images summed rows in an order that depended on the block).
+    x, wt = rand(9, 5, 5, c, seed=19), rand(3, 3, k, 3, 3, c, seed=20)
+    whole = ops.local2d(x, wt, stride=1)
+    assert_matches(whole, ref.local2d_reference(x, wt, stride=1))
+    for a, b in ((0, 1), (3, 5), (4, 9)):
+        assert np.array_equal(ops.local2d(x[a:b], wt, stride=1), whole[a:b])
 
 
 # (N, H, W, C, size, stride, pad, dilation)
