@@ -138,7 +138,6 @@ def _make_block(mr: int, nr: int, implicit: bool):
     size = mr * nr
     channel_outer = nr in CHANNEL_OUTER
 
-    @njit(fastmath={"contract"}, cache=True)
     def block(a, a0, rs, offs, b, b0, p0, p1, out, o0, ldo, m, k, bias, j0, first, last, relu):
         """Accumulate over p0..p1; store rows < m, columns < k (on the last pass + bias, ReLU)."""
         acc = _stack_block(size)
@@ -178,7 +177,22 @@ def _make_block(mr: int, nr: int, implicit: bool):
                         v = np.float32(0.0)
                 out[o0 + r * ldo + j] = v
 
-    return block
+    name = f"block_{mr}x{nr}" + ("_implicit" if implicit else "")
+    return njit(fastmath={"contract"}, cache=True)(own_name(block, name))
+
+
+def own_name(fn, name: str):
+    """Give fn, a kernel a factory builds, a name of its own before it is compiled.
+
+    Numba names a compiled function's symbol after its qualified name, its argument types and
+    a counter of the process that compiled it. The kernels one factory builds share the first
+    two, so a kernel compiled now can get the very symbol another one has in code loaded from
+    the cache (compiled by another process, whose counter ran differently): the linker then
+    calls one for the other, and a conv read past its arrays (seen: a segfault in a test
+    process that loaded the im2col kernel from the cache and compiled an implicit one).
+    """
+    fn.__name__ = fn.__qualname__ = name
+    return fn
 
 
 _block64 = _make_block(SHAPES[64], 64, False)

@@ -24,7 +24,7 @@ import types as pytypes
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import _data, _stack_block
+from ._gemm import _data, _stack_block, own_name
 
 
 @njit(cache=True, inline="always")
@@ -98,7 +98,6 @@ def _make_tile(pixels: int, kg: int, lanes: int):
     size = pixels * kg * lanes
     xsz, wsz = pixels * lanes, kg * lanes
 
-    @njit(fastmath={"contract"}, cache=True)
     def tile(xf, x0, ps, toff, taps, cg, wf, w0, bf, b0, g0, of, o0, ops, ng, kr, relu):
         """Sum `taps` taps (input offsets toff[t]) of cg channels from x0 (pixel p at x0 +
         p*ps) with the weights from w0 and bias from b0 of one block of `lanes` groups, the
@@ -141,7 +140,7 @@ def _make_tile(pixels: int, kg: int, lanes: int):
                                 v = np.float32(0.0)
                             of[o0 + p * ops + g * kr + kj] = v
 
-    return tile
+    return njit(fastmath={"contract"}, cache=True)(own_name(tile, f"tile_{pixels}x{kg}x{lanes}"))
 
 
 def tile(family: str, kg: int) -> tuple[int, int, int] | None:
@@ -238,8 +237,8 @@ def _make_driver(pixels: int, kg: int, lanes: int, tile):
     code = grouped_tiled
     own = {**globals(), "_tile_kernel": tile}
     fn = pytypes.FunctionType(code.__code__, own, code.__name__, None, code.__closure__)
-    fn.__qualname__, fn.__doc__ = code.__qualname__, code.__doc__
-    return njit(parallel=True, cache=True)(fn)
+    fn.__doc__ = code.__doc__
+    return njit(parallel=True, cache=True)(own_name(fn, f"grouped_tiled_{pixels}x{kg}x{lanes}"))
 
 
 # The tiled kernel by (family, KGp): grouped_tiled[(family, KGp)](xpad, wp, bp, toff, out, sh,

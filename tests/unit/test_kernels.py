@@ -4,6 +4,7 @@ choice and its cache file; every kernel against the reference on AVX2 and portab
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import time
 import numba
 import numpy as np
 import pytest
+from numba.core.registry import CPUDispatcher
 
 from engine import Model, _threads, kernels, ops, tuning
 from engine import reference as ref
@@ -519,3 +521,20 @@ def test_one_process_at_a_time_compiles_into_the_cache(choices_dir, monkeypatch)
             other.wait(timeout=3)  # waits while this process holds the lock
     out, _ = other.communicate(timeout=60)
     assert out.decode().strip() == "in"
+
+
+def test_every_engine_kernel_has_a_name_of_its_own():
+    # Numba names a compiled function's symbol by its qualified name, argument types and a
+    # per-process counter. Kernels built by one factory (a register block per width, a
+    # grouped tile per shape) with one name could take each other's symbol when one is loaded
+    # from the cache and another compiled in the same process: a conv then ran another
+    # block's code and crashed the process.
+    ops.warmup(tune=False)
+    names: dict[str, list] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__.startswith("engine."):
+            name = f"{obj.py_func.__module__}.{obj.py_func.__qualname__}"
+            names.setdefault(name, []).append(obj)
+    assert len(names) > 40  # every kernel module's functions are seen
+    shared = {name: len(objs) for name, objs in names.items() if len(objs) > 1}
+    assert not shared, shared
