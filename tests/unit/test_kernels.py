@@ -4,7 +4,7 @@ choice and its cache file; every kernel against the reference on AVX2 and portab
 from __future__ import annotations
 
 import functools
-import gc
+import importlib
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from numba.core.registry import CPUDispatcher
 
-from engine import Model, _threads, kernels, ops, tuning
+from engine import Model, _cache, _threads, kernels, ops, tuning
 from engine import reference as ref
 from engine.kernels import ConvShape, KernelError
 from tests import isa_check
@@ -530,9 +530,19 @@ def test_every_engine_kernel_has_a_name_of_its_own():
     # from the cache and another compiled in the same process: a conv then ran another
     # block's code and crashed the process.
     ops.warmup(tune=False)
+    seen: dict[int, CPUDispatcher] = {}
+    todo = [vars(importlib.import_module(f"engine.{m[:-3]}")) for m in _cache.KERNEL_MODULES]
+    todo.append(vars(importlib.import_module("engine._backward")))
+    while todo:  # module globals, dicts of kernels, and each kernel's own globals
+        for value in list(todo.pop().values()):
+            if isinstance(value, dict):
+                todo.append(value)
+            elif isinstance(value, CPUDispatcher) and id(value) not in seen:
+                seen[id(value)] = value
+                todo.append(value.py_func.__globals__)
     names: dict[str, list] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__.startswith("engine."):
+    for obj in seen.values():
+        if obj.py_func.__module__.startswith("engine."):
             name = f"{obj.py_func.__module__}.{obj.py_func.__qualname__}"
             names.setdefault(name, []).append(obj)
     assert len(names) > 40  # every kernel module's functions are seen
