@@ -146,6 +146,7 @@ def wait_worker_registered(redis_url: str, proc: Proc, timeout: float = 60.0) ->
         except redis.RedisError:
             pass
         time.sleep(0.1)
+    proc.kill()  # else it (and a horse still compiling) outlives the test and its Redis
     raise RuntimeError(f"worker did not register within {timeout} s:\n{proc.log()}")
 
 
