@@ -230,8 +230,9 @@ def local_gemm(x, w2d, bias, out, cols, fh, fw, sh, sw, dh, dw, top, left, relu)
     image's patch (packed into cols[t], one row) times that position's weights, one image per
     product. A product of a block of images would sum each row in an order that depends on the
     block's size (BLAS), so an image's result would depend on its batch; one image at a time
-    it does not, and it ran as fast (AMD EPYC Zen 1, 2 threads: N=32 14x14x64 K=64 3x3 13.3 vs
-    16.1 ms, N=8 7x7x256 K=256 24.6 -> 14.9 ms; N=32 25x25x16 K=16 9x9 11.9 vs 10.8 ms).
+    it does not, and it ran as fast (AMD EPYC Zen 1, 2 threads, blocks of 64 -> one image:
+    N=32 14x14x64 K=64 3x3 16.1 -> 13.3 ms, N=8 7x7x256 K=256 24.6 -> 14.9 ms, N=32 25x25x16
+    K=16 9x9 10.8 -> 11.9 ms).
     """
     n_img, hout, wout, k = out.shape
     nthreads = cols.shape[0]

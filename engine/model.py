@@ -445,10 +445,10 @@ class Model:
         if layer.type != "conv":
             return False
         win = layer.sliding_window()
-        name = ops.conv_kernel(
-            x.shape, self._conv_weights[layer.name], (win.sh, win.sw), win.pad, (win.dh, win.dw)
-        )
-        return name.endswith("-blas")
+        packed = self._conv_weights[layer.name]
+        stride, dilation = (win.sh, win.sw), (win.dh, win.dw)
+        name = ops.conv_kernel(x.shape, packed, stride, win.pad, dilation, layer=layer.name)
+        return name.endswith("-blas")  # the choice _apply makes for the same layer and input
 
     def _band(self, step: Step, x: np.ndarray, y0: int, y1: int) -> np.ndarray:
         """Return output rows [y0, y1) of a windowed step on x (all rows: the whole output)."""
